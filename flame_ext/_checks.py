@@ -1,0 +1,79 @@
+"""Argument checks shared by the decoders and the op wrappers.
+
+Every check raises where the bad value enters, with the argument's name and what was
+expected versus what was received (SPEC section 7).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float64)
+
+
+def check_tensor(
+    name: str,
+    value,
+    *,
+    ndim: Optional[int] = None,
+    shape: Optional[Sequence[Optional[int]]] = None,
+    dtype=None,
+    device: Optional[torch.device] = None,
+    floating: bool = False,
+) -> torch.Tensor:
+    """Checks that `value` is a tensor of the given rank, shape, dtype and device.
+
+    `shape` entries that are None match any size. `dtype` may be one dtype or a tuple.
+    `floating=True` requires float32 or float64. Returns the tensor unchanged.
+    """
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if shape is not None:
+        ndim = len(shape)
+    if ndim is not None and value.dim() != ndim:
+        raise ValueError(
+            f"{name} must have {ndim} dimensions, got shape {tuple(value.shape)}"
+        )
+    if shape is not None:
+        for want, got in zip(shape, value.shape):
+            if want is not None and want != got:
+                expected = tuple("*" if s is None else s for s in shape)
+                raise ValueError(
+                    f"{name} must have shape {expected}, got {tuple(value.shape)}"
+                )
+    if floating and value.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32 or float64, got {value.dtype}")
+    if dtype is not None:
+        allowed = dtype if isinstance(dtype, tuple) else (dtype,)
+        if value.dtype not in allowed:
+            names = " or ".join(str(d) for d in allowed)
+            raise TypeError(f"{name} must have dtype {names}, got {value.dtype}")
+    if device is not None and value.device != torch.device(device):
+        raise ValueError(f"{name} must be on {device}, got {value.device}")
+    return value
+
+
+def check_same(name: str, value: torch.Tensor, like: torch.Tensor, like_name: str):
+    """Checks that `value` has the dtype and device of `like`."""
+    if value.dtype != like.dtype:
+        raise TypeError(
+            f"{name} has dtype {value.dtype} but {like_name} has {like.dtype}; "
+            "they must match"
+        )
+    if value.device != like.device:
+        raise ValueError(
+            f"{name} is on {value.device} but {like_name} is on {like.device}; "
+            "they must be on the same device"
+        )
+    return value
+
+
+def check_count(name: str, value, low: int, high: int) -> int:
+    """Checks that `value` is an int with low <= value <= high."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+    return value

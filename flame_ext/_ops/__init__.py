@@ -1,0 +1,76 @@
+"""The compiled operators: loads the library, then registers fakes and autograd.
+
+`flame_ext._C` is the extension built by setup.py; `$FLAME_EXT_LIB` (a path to a shared
+library built by tools/dev_build.py) replaces it during development. When neither loads,
+`available()` is False, `load_error()` says why, and the decoders fall back to
+`flame_ext.reference`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from typing import Optional
+
+import torch
+
+_lock = threading.Lock()
+_loaded: Optional[bool] = None
+_error: Optional[str] = None
+
+OPS = (
+    "blend",
+    "blend_backward",
+    "rigid_transforms",
+    "rigid_transforms_backward",
+    "skin",
+    "skin_backward",
+    "landmarks",
+    "landmarks_backward",
+)
+
+
+def _load() -> bool:
+    global _loaded, _error
+    with _lock:
+        if _loaded is not None:
+            return _loaded
+        try:
+            path = os.environ.get("FLAME_EXT_LIB")
+            if path:
+                torch.ops.load_library(path)
+            else:
+                from flame_ext import _C  # noqa: F401  (loading registers the ops)
+            # Fakes and autograd live beside each op family's Python wrapper.
+            from flame_ext._ops import blend, landmarks, skin  # noqa: F401
+
+            _loaded = True
+        except Exception as exc:  # ImportError, OSError (undefined symbol), ...
+            _loaded, _error = False, f"{type(exc).__name__}: {exc}"
+        return _loaded
+
+
+def available() -> bool:
+    """True when the compiled ops are loaded."""
+    return _load()
+
+
+def load_error() -> Optional[str]:
+    """Why the compiled ops could not be loaded, or None."""
+    _load()
+    return _error
+
+
+def has_kernel(op: str, device_type: str) -> bool:
+    """Whether `flame_ext::<op>` has a kernel for the dispatch key ('CPU' or 'CUDA')."""
+    if not available():
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"flame_ext::{op}", device_type)
+
+
+def build_config() -> dict:
+    """What the library was built with: {'cuda': bool, 'cuda_archs': str, 'torch': str}."""
+    if not available():
+        return {"cuda": False, "cuda_archs": "", "torch": ""}
+    return json.loads(torch.ops.flame_ext.build_config())
