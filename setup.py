@@ -61,6 +61,8 @@ def _extension():
         archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "native")
         define += [("FLAME_EXT_WITH_CUDA", None), ("FLAME_EXT_CUDA_ARCHS", '"%s"' % archs)]
         nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        if os.environ.get("FLAME_EXT_PTXAS_VERBOSE") == "1":
+            nvcc.append("-Xptxas=-v")  # per-kernel registers / shared memory / spills
         return cpp_extension.CUDAExtension(
             "flame_ext._C",
             cpu_sources + cuda_sources,

@@ -1,0 +1,44 @@
+"""`build_info()`: what the compiled library holds and which path each decoder takes."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _ops
+
+# The ops each decoder calls, to tell which path `backend='auto'` resolves to.
+_DECODER_OPS = {
+    "FlameShape": ("blend", "rigid_transforms", "skin"),
+    "FlameLandmark": ("landmarks",),
+    "FlameTex": ("blend",),
+}
+
+
+def build_info() -> dict:
+    """A dict describing the build and the runtime choice of kernels.
+
+    Keys: ``extension_loaded`` and ``load_error``; ``cuda_compiled``, ``cuda_archs`` and
+    ``built_with_torch`` (from the library); ``torch`` and ``cuda_available`` (now);
+    ``kernels``: for every op, whether a CPU and a CUDA kernel is registered;
+    ``decoders``: for each decoder and device type, 'ext' or 'reference'.
+    """
+    from .decoders import resolve_backend
+
+    config = _ops.build_config()
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return {
+        "extension_loaded": _ops.available(),
+        "load_error": _ops.load_error(),
+        "cuda_compiled": bool(config["cuda"]),
+        "cuda_archs": config["cuda_archs"],
+        "built_with_torch": config["torch"],
+        "torch": torch.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "kernels": {
+            op: {key: _ops.has_kernel(op, key) for key in ("CPU", "CUDA")} for op in _ops.OPS
+        },
+        "decoders": {
+            name: {device: resolve_backend("auto", device, ops) for device in devices}
+            for name, ops in _DECODER_OPS.items()
+        },
+    }
