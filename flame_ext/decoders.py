@@ -201,6 +201,13 @@ class FlameShape(nn.Module):
             "_J_dirs", dirs.reshape(-1, dirs.shape[-1]).to(dtype), persistent=False
         )
 
+    def _apply(self, fn, *args, **kwargs):
+        # .double()/.to(): derive the joint basis again from the converted buffers, so it
+        # carries no rounding of the old dtype (float32 rounding would show in float64).
+        super()._apply(fn, *args, **kwargs)
+        self._register_joint_basis()
+        return self
+
     def get_full_pose(self) -> torch.Tensor:
         """cat([global_pose, neck_pose, jaw_pose, eye_pose], dim=1): (B, 15)."""
         return torch.cat([self.global_pose, self.neck_pose, self.jaw_pose, self.eye_pose], dim=1)
@@ -226,7 +233,10 @@ class FlameShape(nn.Module):
             if value.device != like.device:
                 raise ValueError(f"{name} is on {value.device} but the model is on {like.device}")
         if batch_size is None:
-            batch_size = next(iter(inputs.values())).shape[0]
+            # medusa takes the first input's batch size; with batch-1 inputs broadcasting,
+            # the first one that is not 1 (the same wherever medusa works).
+            sizes = [value.shape[0] for value in inputs.values()]
+            batch_size = next((size for size in sizes if size != 1), sizes[0])
         check_count("batch_size", batch_size, 0, 2**62)
         values = {}
         for name in INPUT_NAMES:

@@ -1,0 +1,27 @@
+"""flame_ext: fast drop-in replacements for medusa's FLAME decoders.
+
+    from flame_ext import FlameShape, FlameLandmark, FlameTex
+
+works wherever ``from medusa.recon.flame.decoders import ...`` did. The compiled ops
+(fused C++/CUDA kernels with hand-written backward) are used when they load; otherwise the
+decoders run on ``flame_ext.reference`` (pure PyTorch) and warn once.
+"""
+
+from . import synthetic
+from ._info import build_info
+from .decoders import DEVICE, FlameLandmark, FlameShape, FlameTex
+from .io import load_flame_model, load_landmark_embedding, load_texture_space
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEVICE",
+    "FlameLandmark",
+    "FlameShape",
+    "FlameTex",
+    "build_info",
+    "load_flame_model",
+    "load_landmark_embedding",
+    "load_texture_space",
+    "synthetic",
+]
