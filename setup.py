@@ -51,7 +51,8 @@ def _extension():
     cpu_sources = ["csrc/registration.cpp"] + sorted(glob.glob("csrc/*/*_cpu.cpp"))
     cuda_sources = sorted(glob.glob("csrc/*/*.cu"))
     with_cuda = _want_cuda()
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-fvisibility=hidden"]
+    # No -std flag: torch.utils.cpp_extension picks the standard its headers need (C++20).
+    cxx = ["-O3", "-fopenmp", "-fvisibility=hidden"]
     define = [("FLAME_EXT_TORCH_VERSION", '"%s"' % torch.__version__)]
     if with_cuda:
         if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
@@ -60,7 +61,7 @@ def _extension():
             os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
         archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "native")
         define += [("FLAME_EXT_WITH_CUDA", None), ("FLAME_EXT_CUDA_ARCHS", '"%s"' % archs)]
-        nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
         if os.environ.get("FLAME_EXT_PTXAS_VERBOSE") == "1":
             nvcc.append("-Xptxas=-v")  # per-kernel registers / shared memory / spills
         return cpp_extension.CUDAExtension(
@@ -81,20 +82,25 @@ def _extension():
     )
 
 
-setup(
-    name="flame_ext",
-    version="0.1.0",
-    description="Fast, drop-in FLAME decoders (FlameShape, FlameLandmark, FlameTex) "
-    "with fused C++/CUDA kernels",
-    long_description=open(os.path.join(ROOT, "README.md")).read()
-    if os.path.exists(os.path.join(ROOT, "README.md"))
-    else "",
-    long_description_content_type="text/markdown",
-    python_requires=">=3.9",
-    packages=find_packages(include=["flame_ext", "flame_ext.*"]),
-    install_requires=["torch>=2.4", "numpy"],
-    extras_require={"test": ["pytest", "hypothesis", "scipy"], "bench": ["matplotlib"]},
-    ext_modules=[_extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
-    zip_safe=False,
-)
+def main() -> None:
+    here = os.path.join(ROOT, "README.md")
+    setup(
+        name="flame_ext",
+        version="0.1.0",
+        description="Fast, drop-in FLAME decoders (FlameShape, FlameLandmark, FlameTex) "
+        "with fused C++/CUDA kernels",
+        long_description=open(here).read() if os.path.exists(here) else "",
+        long_description_content_type="text/markdown",
+        python_requires=">=3.9",
+        packages=find_packages(include=["flame_ext", "flame_ext.*"]),
+        install_requires=["torch>=2.4", "numpy"],
+        extras_require={"test": ["pytest", "hypothesis", "scipy"], "bench": ["matplotlib"]},
+        entry_points={"console_scripts": ["flame-ext = flame_ext.cli:main"]},
+        ext_modules=[_extension()],
+        cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+        zip_safe=False,
+    )
+
+
+if __name__ == "__main__":  # pip runs this file as __main__; tools/dev_build.py imports it
+    main()

@@ -27,6 +27,9 @@ def main() -> None:
 
     from torch.utils import cpp_extension
 
+    sys.path.insert(0, ROOT)
+    import setup  # the build's helpers (CUDA header paths); setup() itself does not run
+
     families = args.families or sorted(
         os.path.basename(d) for d in glob.glob(os.path.join(ROOT, "csrc", "*")) if os.path.isdir(d)
     )
@@ -36,15 +39,15 @@ def main() -> None:
         if args.cuda:
             sources += sorted(glob.glob(os.path.join(ROOT, "csrc", family, "*.cu")))
     os.makedirs(args.out, exist_ok=True)
-    cflags = ["-O3", "-std=c++17", "-fopenmp"]
+    cflags = ["-O3", "-fopenmp"]
     if args.cuda:
         cflags.append("-DFLAME_EXT_WITH_CUDA")
     cpp_extension.load(
         name="flame_ext_dev",
         sources=sources,
-        extra_include_paths=[os.path.join(ROOT, "csrc")],
+        extra_include_paths=[os.path.join(ROOT, "csrc")] + setup._nvidia_wheel_includes(),
         extra_cflags=cflags,
-        extra_cuda_cflags=["-O3", "-std=c++17", "--expt-relaxed-constexpr"],
+        extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr"],
         extra_ldflags=["-fopenmp"],
         build_directory=args.out,
         is_python_module=False,
