@@ -1,0 +1,120 @@
+// Landmark math shared by the CPU loops and the CUDA kernels: the Euler 'XYZ' rotation,
+// the contour-bin rule of SPEC 2 (medusa's and DECA's), the barycentric sum of one
+// landmark and its scatter (the backward). No ATen here, so g++ and nvcc both compile it.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "common.h"
+#include "rotation.h"
+
+namespace flame_ext {
+
+// Values of the `contour_rule` argument of flame_ext::landmarks.
+constexpr int64_t kContourNone = 0;
+constexpr int64_t kContourMedusa = 1;
+constexpr int64_t kContourDeca = 2;
+
+// The yaw is clamped to +39 degrees; bins 0..39 hold yaw 0..39, 40..78 hold yaw -1..-39
+// and everything below -39 shares the last one.
+constexpr int64_t kMaxContourYaw = 39;
+constexpr int64_t kLastContourBin = 78;
+
+// Explicit float/double overloads: an unqualified sin(float) can resolve to the double C
+// function on the host and to the float one on the device, and the bin must not depend
+// on which compiler built the kernel.
+FLAME_HD float lmk_sin(float x) { return sinf(x); }
+FLAME_HD double lmk_sin(double x) { return sin(x); }
+FLAME_HD float lmk_cos(float x) { return cosf(x); }
+FLAME_HD double lmk_cos(double x) { return cos(x); }
+FLAME_HD float lmk_sqrt(float x) { return sqrtf(x); }
+FLAME_HD double lmk_sqrt(double x) { return sqrt(x); }
+FLAME_HD float lmk_atan2(float y, float x) { return atan2f(y, x); }
+FLAME_HD double lmk_atan2(double y, double x) { return atan2(y, x); }
+// Round half to even under the default rounding mode, as torch.round does.
+FLAME_HD float lmk_rint(float x) { return rintf(x); }
+FLAME_HD double lmk_rint(double x) { return rint(x); }
+
+// R = Rx(a[0]) @ Ry(a[1]) @ Rz(a[2]) (pytorch3d's 'XYZ' convention, which medusa applies
+// to FLAME's axis-angle poses).
+template <typename scalar_t>
+FLAME_HD Mat3<scalar_t> euler_xyz_to_matrix(const scalar_t* a) {
+  const scalar_t cx = lmk_cos(a[0]), sx = lmk_sin(a[0]);
+  const scalar_t cy = lmk_cos(a[1]), sy = lmk_sin(a[1]);
+  const scalar_t cz = lmk_cos(a[2]), sz = lmk_sin(a[2]);
+  const scalar_t o = scalar_t(1), z = scalar_t(0);
+  const Mat3<scalar_t> rx = {{o, z, z, z, cx, -sx, z, sx, cx}};
+  const Mat3<scalar_t> ry = {{cy, z, sy, z, o, z, -sy, z, cy}};
+  const Mat3<scalar_t> rz = {{cz, -sz, z, sz, cz, z, z, z, o}};
+  return mat3_mul(mat3_mul(rx, ry), rz);
+}
+
+// Maps a yaw in degrees (already rounded) to its bin, clamped to [0, num_bins - 1] so a
+// model with fewer bins than FLAME's 79 never indexes past its table.
+FLAME_HD int64_t contour_bin_of_yaw(int64_t y, int64_t num_bins) {
+  int64_t bin;
+  if (y >= 0) {
+    bin = y;
+  } else if (y >= -kMaxContourYaw) {
+    bin = kMaxContourYaw - y;
+  } else {
+    bin = kLastContourBin;
+  }
+  return bin < num_bins ? bin : num_bins - 1;
+}
+
+// The contour bin of one sample from its pose vector (global 0:3, neck 3:6, ...).
+// rel = R_global @ R_neck; yaw = atan2(-rel[2,0], sqrt(rel[0,0]^2 + rel[1,0]^2)) in
+// degrees, negated for medusa's rule, clamped above at 39 and rounded half to even.
+// A NaN yaw (NaN or infinite pose) goes to the last bin, where medusa's eager code puts
+// it on the CPU (its int64 cast of NaN is the most negative integer): the bin stays a
+// valid row, and the landmarks stay those of the mesh.
+template <typename scalar_t>
+FLAME_HD int64_t contour_bin(const scalar_t* pose, int64_t rule, int64_t num_bins) {
+  Mat3<scalar_t> rg, rn;
+  if (rule == kContourDeca) {
+    rg = rodrigues(pose);
+    rn = rodrigues(pose + 3);
+  } else {
+    rg = euler_xyz_to_matrix(pose);
+    rn = euler_xyz_to_matrix(pose + 3);
+  }
+  // Only the first column of rel is needed: rel[:, 0] = R_global @ R_neck[:, 0].
+  scalar_t c[3];
+  for (int i = 0; i < 3; ++i)
+    c[i] = rg.m[3 * i] * rn.m[0] + rg.m[3 * i + 1] * rn.m[3] + rg.m[3 * i + 2] * rn.m[6];
+  scalar_t yaw = lmk_atan2(-c[2], lmk_sqrt(c[0] * c[0] + c[1] * c[1]));
+  if (rule != kContourDeca) yaw = -yaw;
+  // (yaw * 180) / pi in that order, as the reference writes it: next to a .5 tie the
+  // last bit decides the bin.
+  scalar_t deg = yaw * scalar_t(180) / scalar_t(3.14159265358979323846);
+  if (!(deg == deg)) return contour_bin_of_yaw(-kMaxContourYaw - 1, num_bins);
+  if (deg > scalar_t(kMaxContourYaw)) deg = scalar_t(kMaxContourYaw);
+  // |deg| <= 90 after the NaN test, so the conversion is exact and defined.
+  return contour_bin_of_yaw(static_cast<int64_t>(lmk_rint(deg)), num_bins);
+}
+
+// out = sum_k bary[k] * v[corners[k]] for one landmark: v points at one sample's (V, 3)
+// vertices, corners at the face's three vertex indices (already range-checked).
+template <typename scalar_t>
+FLAME_HD void barycentric_point(const scalar_t* v, const int64_t* corners, const scalar_t* bary,
+                                scalar_t* out) {
+  const scalar_t* p0 = v + 3 * corners[0];
+  const scalar_t* p1 = v + 3 * corners[1];
+  const scalar_t* p2 = v + 3 * corners[2];
+  for (int c = 0; c < 3; ++c) out[c] = bary[0] * p0[c] + bary[1] * p1[c] + bary[2] * p2[c];
+}
+
+// The adjoint of barycentric_point: grad_v[corners[k]] += bary[k] * grad. Not atomic:
+// callers give each sample's grad_v to a single thread, which keeps it deterministic.
+template <typename scalar_t>
+FLAME_HD void barycentric_scatter(scalar_t* grad_v, const int64_t* corners, const scalar_t* bary,
+                                  const scalar_t* grad) {
+  for (int k = 0; k < 3; ++k) {
+    scalar_t* g = grad_v + 3 * corners[k];
+    for (int c = 0; c < 3; ++c) g[c] += bary[k] * grad[c];
+  }
+}
+
+}  // namespace flame_ext

@@ -1,0 +1,483 @@
+"""Tests of the landmarks op family: flame_ext::landmarks / landmarks_backward and their
+wrapper flame_ext._ops.landmarks.landmarks.
+
+A small random model is built inline (V = 40 vertices, F = 60 faces, 7 static landmarks,
+79 bins of 5 contour landmarks); flame_ext.reference is the oracle, and the contour bins
+are also checked against the yaw of poses built to have a known yaw. Poses are drawn away
+from the .5 rounding ties of the bin rule: at a tie the bin depends on the last bit of
+the yaw, which two correct implementations may round differently.
+"""
+
+import math
+
+import pytest
+import torch
+
+from flame_ext import reference
+
+F64, F32 = torch.float64, torch.float32
+N_VERTS, N_FACES, N_STATIC, N_BINS, N_CONTOUR = 40, 60, 7, 79, 5
+RULES = ("medusa", "deca")
+# Distance (degrees) kept between a pose's yaw and the nearest rounding tie. float32 yaw
+# errors are ~1e-5 degrees (a few ulp of sin/cos/atan2 on angles up to 90), so 1e-3
+# leaves a wide margin while discarding only ~0.2% of random draws.
+TIE_MARGIN = 1e-3
+# float32 landmarks are 3-term sums of products with |v| < 5 and weights in (0, 1): the
+# op and the reference round differently by at most a few ulp of ~5.
+F32_TOL = dict(rtol=1e-6, atol=5e-6)
+F64_TOL = dict(rtol=1e-12, atol=1e-12)
+
+
+@pytest.fixture
+def lmk(ops):
+    """The wrapper module, imported once the library is known to be loaded."""
+    from flame_ext._ops import landmarks as module
+
+    return module
+
+
+def random_tables(
+    dtype=F64, device="cpu", n_bins=N_BINS, seed=0, n_static=N_STATIC, n_verts=N_VERTS
+):
+    """tris, static and dynamic tables: random valid indices, weights in (0.05, 1).
+
+    In the op's argument order, so `*tables.values()` can be passed positionally.
+    """
+    g = torch.Generator().manual_seed(seed)
+    tris = torch.randint(0, n_verts, (N_FACES, 3), generator=g)
+    faces = torch.randint(0, N_FACES, (n_static,), generator=g)
+    bary = 0.05 + 0.95 * torch.rand(n_static, 3, generator=g, dtype=F64)
+    dyn_faces = torch.randint(0, N_FACES, (n_bins, N_CONTOUR), generator=g)
+    dyn_bary = 0.05 + 0.95 * torch.rand(n_bins, N_CONTOUR, 3, generator=g, dtype=F64)
+    return dict(
+        tris=tris.to(device),
+        lmk_faces_idx=faces.to(device),
+        lmk_bary_coords=bary.to(dtype=dtype, device=device),
+        dynamic_lmk_faces_idx=dyn_faces.to(device),
+        dynamic_lmk_bary_coords=dyn_bary.to(dtype=dtype, device=device),
+    )
+
+
+def random_vertices(batch, dtype=F64, device="cpu", seed=1, n_verts=N_VERTS):
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(batch, n_verts, 3, generator=g, dtype=F64)
+    return v.to(dtype=dtype, device=device)
+
+
+def yaw_degrees(poses, rule):
+    """The continuous yaw of SPEC 2 in float64 (before clamping and rounding)."""
+    poses = poses.detach().to(device="cpu", dtype=F64)
+    to_matrix = reference.euler_xyz_to_matrix if rule == "medusa" else reference.rodrigues
+    rel = to_matrix(poses[:, 0:3]) @ to_matrix(poses[:, 3:6])
+    yaw = torch.atan2(-rel[:, 2, 0], torch.hypot(rel[:, 0, 0], rel[:, 1, 0]))
+    return torch.rad2deg(-yaw if rule == "medusa" else yaw)
+
+
+def near_tie(poses, rule):
+    yaw = yaw_degrees(poses, rule)
+    return ((yaw - yaw.floor() - 0.5).abs() < TIE_MARGIN) & (yaw < 39.5)
+
+
+def random_poses(batch, rule, dtype=F64, device="cpu", scale=0.5, seed=2):
+    """(B, 15) poses spread over many bins, none within TIE_MARGIN of a tie."""
+    g = torch.Generator().manual_seed(seed)
+    poses = scale * torch.randn(batch, 15, generator=g, dtype=F64)
+    while True:
+        bad = near_tie(poses.to(dtype), rule)
+        if not bad.any():
+            return poses.to(dtype=dtype, device=device)
+        poses[bad] += 1e-2 * torch.randn(int(bad.sum()), 15, generator=g, dtype=F64)
+
+
+def bin_of_yaw(y):
+    """The bin of an integer yaw, written from SPEC 2's words."""
+    y = min(y, 39)
+    if y >= 0:
+        return y
+    return 39 - y if y >= -39 else 78
+
+
+def reference_grad(tables, v, poses, rule):
+    v = v.detach().clone().requires_grad_(True)
+    out = reference.landmarks(v, poses, contour_rule=rule, **tables)
+    return out, v
+
+
+# --- values ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("batch", [0, 1, 3, 300])
+def test_matches_reference(lmk, device, dtype, rule, batch):
+    tables = random_tables(dtype, device)
+    v = random_vertices(batch, dtype, device)
+    poses = random_poses(batch, rule, dtype, device)
+    out, bins = lmk._op(v, poses, *tables.values(), lmk.CONTOUR_RULES[rule])
+    assert out.shape == (batch, N_CONTOUR + N_STATIC, 3) and out.dtype == dtype
+    assert bins.shape == (batch,) and bins.dtype == torch.int64
+    assert torch.equal(bins, reference.contour_bins(poses, rule))
+    expected = reference.landmarks(v, poses, contour_rule=rule, **tables)
+    torch.testing.assert_close(out, expected, **(F64_TOL if dtype == F64 else F32_TOL))
+    # The wrapper returns the same landmarks.
+    wrapped = lmk.landmarks(v, poses, contour_rule=rule, **tables)
+    assert torch.equal(wrapped, out)
+
+
+@pytest.mark.parametrize("batch", [0, 1, 3, 300])
+def test_static_only(lmk, device, dtype, batch):
+    """mp-like: no dynamic tables, no contour rule read; poses may be None or anything."""
+    tables = random_tables(dtype, device)
+    del tables["dynamic_lmk_faces_idx"], tables["dynamic_lmk_bary_coords"]
+    v = random_vertices(batch, dtype, device)
+    out = lmk.landmarks(v, None, **tables)
+    assert out.shape == (batch, N_STATIC, 3)
+    expected = reference.landmarks(v, None, **tables)
+    torch.testing.assert_close(out, expected, **(F64_TOL if dtype == F64 else F32_TOL))
+    nan_poses = torch.full((batch, 15), float("nan"), dtype=dtype, device=device)
+    assert torch.equal(lmk.landmarks(v, nan_poses, contour_rule="deca", **tables), out)
+
+
+def test_landmark_is_barycentric_sum(lmk, device):
+    """Against the formula itself, one landmark at a time (independent of reference)."""
+    tables = random_tables(F64, device)
+    v = random_vertices(2, F64, device)
+    poses = random_poses(2, "medusa", F64, device)
+    out, bins = lmk._op(v, poses, *tables.values(), 1)
+    tris = tables["tris"]
+    for b in range(2):
+        row = int(bins[b])
+        for l in range(N_CONTOUR + N_STATIC):
+            if l < N_CONTOUR:
+                face = tables["dynamic_lmk_faces_idx"][row, l]
+                w = tables["dynamic_lmk_bary_coords"][row, l]
+            else:
+                face = tables["lmk_faces_idx"][l - N_CONTOUR]
+                w = tables["lmk_bary_coords"][l - N_CONTOUR]
+            want = sum(w[k] * v[b, tris[face, k]] for k in range(3))
+            torch.testing.assert_close(out[b, l], want, **F64_TOL)
+
+
+# --- the contour bin ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_bins_sweep_yaw(lmk, device, dtype, rule):
+    """Global yaw from -90 to 90 degrees (a rotation about y, which both readings of the
+    pose agree on), no neck: the bin follows from the angle alone."""
+    # An irrational offset keeps every angle off the exact .5 ties.
+    deg = torch.linspace(-89.5, 89.5, 1001, dtype=F64) + 1 / (7 * math.pi)
+    poses = torch.zeros(deg.shape[0], 15, dtype=F64)
+    poses[:, 1] = torch.deg2rad(deg)
+    keep = ~near_tie(poses.to(dtype), rule)
+    poses, deg = poses[keep].to(dtype=dtype, device=device), deg[keep]
+    tables = random_tables(dtype, device)
+    v = random_vertices(poses.shape[0], dtype, device)
+    _, bins = lmk._op(v, poses, *tables.values(), lmk.CONTOUR_RULES[rule])
+    sign = -1 if rule == "medusa" else 1
+    want = [bin_of_yaw(round(sign * d)) for d in deg.tolist()]
+    assert bins.tolist() == want
+    assert sorted(set(want)) == list(range(N_BINS))  # the sweep covers every bin
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_bins_sweep_with_neck(lmk, device, dtype, rule):
+    """Global yaw sweep plus small random neck and other rotations: against the
+    reference's bins, which compose the global and neck rotations."""
+    g = torch.Generator().manual_seed(5)
+    deg = torch.linspace(-90, 90, 1500, dtype=F64) + 1 / (7 * math.pi)
+    poses = 0.05 * torch.randn(deg.shape[0], 15, generator=g, dtype=F64)
+    poses[:, 1] += torch.deg2rad(deg)
+    keep = ~near_tie(poses.to(dtype), rule)
+    poses = poses[keep].to(dtype=dtype, device=device)
+    tables = random_tables(dtype, device)
+    v = random_vertices(poses.shape[0], dtype, device)
+    _, bins = lmk._op(v, poses, *tables.values(), lmk.CONTOUR_RULES[rule])
+    assert torch.equal(bins, reference.contour_bins(poses, rule))
+    assert len(set(bins.tolist())) == N_BINS
+
+
+def test_rules_differ(lmk, device):
+    """The medusa rule negates the yaw: a pure +20 degree yaw is bin 59 there, 20 in DECA."""
+    tables = random_tables(F64, device)
+    poses = torch.zeros(1, 15, dtype=F64, device=device)
+    poses[0, 1] = math.radians(20.2)
+    v = random_vertices(1, F64, device)
+    assert lmk._op(v, poses, *tables.values(), 1)[1].item() == 39 + 20
+    assert lmk._op(v, poses, *tables.values(), 2)[1].item() == 20
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_nan_pose_selects_last_bin(lmk, device, dtype, rule):
+    tables = random_tables(dtype, device)
+    v = random_vertices(3, dtype, device)
+    poses = random_poses(3, rule, dtype, device)
+    poses[1, 4] = float("nan")
+    poses[2, 0] = float("inf")
+    out, bins = lmk._op(v, poses, *tables.values(), lmk.CONTOUR_RULES[rule])
+    assert bins[1:].tolist() == [78, 78]
+    assert torch.equal(bins[:1], reference.contour_bins(poses[:1], rule))
+    assert torch.isfinite(out).all()  # the pose picks rows; it never enters the values
+
+
+def test_fewer_bins_clamped(lmk, device):
+    """A variant table with NB < 79 rows: bins past its end go to the last row."""
+    n_bins = 50
+    tables = random_tables(F64, device, n_bins=n_bins)
+    poses = torch.zeros(3, 15, dtype=F64, device=device)
+    poses[:, 1] = torch.deg2rad(torch.tensor([-10.2, 15.3, 30.1], dtype=F64))
+    v = random_vertices(3, F64, device)
+    out, bins = lmk._op(v, poses, *tables.values(), 1)
+    assert bins.tolist() == [10, 49, 49]  # medusa: -yaw 10, 15 -> 54, 30 -> 69
+    row = tables["dynamic_lmk_faces_idx"][49]
+    w = tables["dynamic_lmk_bary_coords"][49]
+    want = (w[:, :, None] * v[2][tables["tris"][row]]).sum(1)
+    torch.testing.assert_close(out[2, :N_CONTOUR], want, **F64_TOL)
+
+
+# --- gradients ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rule", RULES + (None,))
+def test_gradcheck(lmk, device, rule):
+    tables = random_tables(F64, device)
+    if rule is None:
+        del tables["dynamic_lmk_faces_idx"], tables["dynamic_lmk_bary_coords"]
+    v = random_vertices(3, F64, device).requires_grad_(True)
+    poses = random_poses(3, rule or "medusa", F64, device)
+    kwargs = dict(contour_rule=rule) if rule else {}
+    assert torch.autograd.gradcheck(
+        lambda v: lmk.landmarks(v, poses, **tables, **kwargs), (v,)
+    )
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("batch", [0, 1, 3, 300])
+def test_backward_matches_reference(lmk, device, dtype, rule, batch):
+    tables = random_tables(dtype, device)
+    poses = random_poses(batch, rule, dtype, device).requires_grad_(True)
+    v = random_vertices(batch, dtype, device).requires_grad_(True)
+    grad = random_vertices(batch, dtype, device, seed=7)[:, : N_CONTOUR + N_STATIC]
+    lmk.landmarks(v, poses, contour_rule=rule, **tables).backward(grad)
+    expected, v_ref = reference_grad(tables, v, poses.detach(), rule)
+    expected.backward(grad)
+    # Each vertex receives a handful of products bary * grad (< 5 in size).
+    tol = F64_TOL if dtype == F64 else dict(rtol=1e-6, atol=2e-5)
+    torch.testing.assert_close(v.grad, v_ref.grad, **tol)
+    assert poses.grad is None  # the bin choice is piecewise constant: no gradient
+
+
+@pytest.mark.parametrize("rule", RULES + (None,))
+def test_gradgradcheck(lmk, device, rule):
+    """The backward op's own derivative (w.r.t. the incoming gradient)."""
+    tables = random_tables(F64, device)
+    if rule is None:
+        del tables["dynamic_lmk_faces_idx"], tables["dynamic_lmk_bary_coords"]
+    v = random_vertices(3, F64, device).requires_grad_(True)
+    poses = random_poses(3, rule or "medusa", F64, device)
+    kwargs = dict(contour_rule=rule) if rule else {}
+    assert torch.autograd.gradgradcheck(
+        lambda v: lmk.landmarks(v, poses, **tables, **kwargs), (v,)
+    )
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_backward_many_shared_vertices(lmk, device, dtype, rule):
+    """130 landmarks on a 10-vertex mesh: every vertex collects dozens of terms, and the
+    3 * 135 terms per sample span several tiles of the CUDA backward."""
+    n_verts, n_static = 10, 130
+    tables = random_tables(dtype, device, n_static=n_static, n_verts=n_verts)
+    poses = random_poses(5, rule, dtype, device)
+    v = random_vertices(5, dtype, device, n_verts=n_verts).requires_grad_(True)
+    grad = torch.randn(5, N_CONTOUR + n_static, 3, dtype=F64).to(dtype=dtype, device=device)
+    lmk.landmarks(v, poses, contour_rule=rule, **tables).backward(grad)
+    expected, v_ref = reference_grad(tables, v, poses, rule)
+    expected.backward(grad)
+    # ~40 terms of size < 5 per vertex: float32 sums differ by a few ulp of ~50.
+    tol = F64_TOL if dtype == F64 else dict(rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(v.grad, v_ref.grad, **tol)
+
+
+# --- dispatcher, fakes, compile ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("rule", [0, 1, 2])
+def test_opcheck(lmk, device, rule):
+    tables = random_tables(F64, device)
+    if rule == 0:
+        tables["dynamic_lmk_faces_idx"] = torch.empty(0, 0, dtype=torch.int64, device=device)
+        tables["dynamic_lmk_bary_coords"] = torch.empty(0, 0, 3, dtype=F64, device=device)
+    v = random_vertices(3, F64, device).requires_grad_(True)
+    poses = random_poses(3, "deca" if rule == 2 else "medusa", F64, device)
+    torch.library.opcheck(torch.ops.flame_ext.landmarks.default, (v, poses, *tables.values(), rule))
+    _, bins = lmk._op(v, poses, *tables.values(), rule)
+    n_lmk = (N_CONTOUR if rule else 0) + N_STATIC
+    grad = random_vertices(3, F64, device, seed=8)[:, :n_lmk].requires_grad_(True)
+    torch.library.opcheck(
+        torch.ops.flame_ext.landmarks_backward.default,
+        (grad, bins, *tables.values(), N_VERTS),
+    )
+
+
+@pytest.mark.parametrize("rule", RULES + (None,))
+def test_compile_fullgraph(lmk, device, rule):
+    tables = random_tables(F32, device)
+    if rule is None:
+        del tables["dynamic_lmk_faces_idx"], tables["dynamic_lmk_bary_coords"]
+    else:
+        tables["contour_rule"] = rule
+    v = random_vertices(4, F32, device).requires_grad_(True)
+    poses = random_poses(4, rule or "medusa", F32, device)
+
+    def f(v, poses):
+        return lmk.landmarks(v, poses, **tables).square().sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    value = compiled(v, poses)
+    (grad,) = torch.autograd.grad(value, v)
+    (want_grad,) = torch.autograd.grad(f(v, poses), v)
+    torch.testing.assert_close(value, f(v, poses))
+    torch.testing.assert_close(grad, want_grad)
+
+
+# --- robustness --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_nan_vertices_propagate(lmk, device, rule):
+    tables = random_tables(F64, device)
+    v = random_vertices(2, F64, device)
+    poses = random_poses(2, rule, F64, device)
+    clean = lmk.landmarks(v, poses, contour_rule=rule, **tables)
+    nan_vertex = int(tables["tris"][tables["lmk_faces_idx"][0], 1])
+    v[1, nan_vertex] = float("nan")
+    out = lmk.landmarks(v, poses, contour_rule=rule, **tables)
+    _, bins = lmk._op(v, poses, *tables.values(), lmk.CONTOUR_RULES[rule])
+    assert torch.equal(out[0], clean[0])
+    faces = torch.cat([tables["dynamic_lmk_faces_idx"][bins[1]], tables["lmk_faces_idx"]])
+    touched = (tables["tris"][faces] == nan_vertex).any(1)
+    assert touched[N_CONTOUR]
+    assert torch.isnan(out[1][touched]).all()
+    assert torch.equal(out[1][~touched], clean[1][~touched])
+
+
+def test_deterministic(lmk, device):
+    tables = random_tables(F32, device)
+    v = random_vertices(300, F32, device).requires_grad_(True)
+    poses = random_poses(300, "medusa", F32, device)
+    grad = random_vertices(300, F32, device, seed=9)[:, : N_CONTOUR + N_STATIC]
+    results = []
+    for _ in range(2):
+        out = lmk.landmarks(v, poses, **tables)
+        (g,) = torch.autograd.grad(out, v, grad)
+        results.append((out, g))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
+
+
+def test_non_contiguous_inputs(lmk, device):
+    tables = random_tables(F64, device)
+    v = random_vertices(6, F64, device)
+    poses = random_poses(6, "medusa", F64, device)
+    want = lmk.landmarks(v[::2], poses[::2], **tables)
+    v_t = v.transpose(1, 2).contiguous().transpose(1, 2)
+    noncontig = {k: t.t().contiguous().t() if t.dim() == 2 else t for k, t in tables.items()}
+    got = lmk.landmarks(v_t[::2], torch.cat([poses, poses], 1)[::2, :15], **noncontig)
+    torch.testing.assert_close(got, want, **F64_TOL)
+
+
+def test_bad_index_raises_on_cpu(lmk):
+    tables = random_tables(F64, "cpu")
+    v = random_vertices(2, F64, "cpu")
+    poses = random_poses(2, "medusa", F64, "cpu")
+    cases = {
+        "lmk_faces_idx": (N_FACES, "lmk_faces_idx"),
+        "dynamic_lmk_faces_idx": (-1, "dynamic_lmk_faces_idx"),
+        "tris": (N_VERTS, "tris"),
+    }
+    for key, (bad, message) in cases.items():
+        broken = dict(tables)
+        broken[key] = tables[key].clone()
+        broken[key].view(-1)[:] = bad  # every entry, so whichever row is read is bad
+        with pytest.raises(RuntimeError, match=message):
+            lmk.landmarks(v, poses, **broken)
+    _, bins = lmk._op(v, poses, *tables.values(), 1)
+    grad = random_vertices(2, F64, "cpu")[:, : N_CONTOUR + N_STATIC]
+    with pytest.raises(RuntimeError, match="bins"):
+        torch.ops.flame_ext.landmarks_backward(
+            grad, torch.full_like(bins, N_BINS), *tables.values(), N_VERTS
+        )
+    with pytest.raises(RuntimeError, match="contour_rule"):
+        lmk._op(v, poses, *tables.values(), 3)
+
+
+def _argument_cases(device):
+    """(override of the good arguments, exception, message fragment) triples."""
+    t = random_tables(F64, device)
+    v = random_vertices(2, F64, device)
+    p = random_poses(2, "medusa", F64, device)
+    faces, bary = t["lmk_faces_idx"], t["lmk_bary_coords"]
+    dyn_faces, dyn_bary = t["dynamic_lmk_faces_idx"], t["dynamic_lmk_bary_coords"]
+    cases = [
+        (dict(v=v[0]), ValueError, "v must have 3 dimensions"),
+        (dict(v=v[..., :2]), ValueError, "v must have shape"),
+        (dict(v=v.long()), TypeError, "v must be float32 or float64"),
+        (dict(v=v.tolist()), TypeError, "v must be a torch.Tensor"),
+        (dict(tris=t["tris"][:, :2]), ValueError, "tris must have shape"),
+        (dict(tris=t["tris"].int()), TypeError, "tris must have dtype"),
+        (dict(tris=t["tris"].to("meta")), ValueError, "tris is on"),
+        (dict(lmk_faces_idx=faces.int()), TypeError, "lmk_faces_idx must have dtype"),
+        (dict(lmk_bary_coords=bary[:-1]), ValueError, "lmk_bary_coords must have shape"),
+        (dict(lmk_bary_coords=bary.float()), TypeError, "lmk_bary_coords has dtype"),
+        (dict(dynamic_lmk_bary_coords=None), ValueError, "together"),
+        (dict(dynamic_lmk_faces_idx=dyn_faces[None]), ValueError, "dynamic_lmk_faces_idx"),
+        (
+            dict(dynamic_lmk_faces_idx=dyn_faces[:0], dynamic_lmk_bary_coords=dyn_bary[:0]),
+            ValueError,
+            "at least one bin",
+        ),
+        (dict(dynamic_lmk_bary_coords=dyn_bary[:, :-1]), ValueError, "dynamic_lmk_bary"),
+        (dict(dynamic_lmk_bary_coords=dyn_bary.float()), TypeError, "dynamic_lmk_bary"),
+        (dict(poses=None), ValueError, "poses is required"),
+        (dict(poses=p[:1]), ValueError, "poses must have shape"),
+        (dict(poses=p[:, :4]), ValueError, "poses must have shape"),
+        (dict(poses=p.float()), TypeError, "poses has dtype"),
+        (dict(poses=p.to("meta")), ValueError, "poses is on"),
+        (dict(contour_rule="euler"), ValueError, "contour_rule must be one of"),
+        (dict(contour_rule=1), TypeError, "contour_rule must be a str"),
+    ]
+    return cases, dict(v=v, poses=p, **t)
+
+
+def test_argument_errors(lmk, device):
+    cases, good = _argument_cases(device)
+    lmk.landmarks(**good)
+    for override, exc, message in cases:
+        with pytest.raises(exc, match=message):
+            lmk.landmarks(**{**good, **override})
+
+
+def test_cuda_graph_capture(lmk, device):
+    """Forward and backward ops run inside a CUDA graph: no host-device sync in either."""
+    if device.type != "cuda":
+        pytest.skip("CUDA graphs need a GPU")
+    tables = random_tables(F32, device)
+    v = random_vertices(8, F32, device)
+    poses = random_poses(8, "medusa", F32, device)
+    grad = random_vertices(8, F32, device, seed=3)[:, : N_CONTOUR + N_STATIC].contiguous()
+    args = tuple(tables.values())
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):  # warm-up off the default stream, as capture wants
+        out, bins = lmk._op(v, poses, *args, 1)
+        lmk._backward_op(grad, bins, *args, N_VERTS)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, bins = lmk._op(v, poses, *args, 1)
+        grad_v = lmk._backward_op(grad, bins, *args, N_VERTS)
+    v.copy_(random_vertices(8, F32, device, seed=11))
+    graph.replay()
+    torch.testing.assert_close(out, reference.landmarks(v, poses, **tables), **F32_TOL)
+    want_bins = reference.contour_bins(poses, "medusa")
+    assert torch.equal(bins, want_bins)
+    assert torch.equal(grad_v, lmk._backward_op(grad, want_bins, *args, N_VERTS))
