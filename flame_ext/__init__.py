@@ -11,6 +11,7 @@ from . import synthetic
 from ._info import build_info
 from .decoders import DEVICE, FlameLandmark, FlameShape, FlameTex
 from .io import load_flame_model, load_landmark_embedding, load_texture_space
+from .medusa_patch import patch_medusa, patched_medusa, unpatch_medusa
 
 __version__ = "0.1.0"
 
@@ -23,5 +24,8 @@ __all__ = [
     "load_flame_model",
     "load_landmark_embedding",
     "load_texture_space",
+    "patch_medusa",
+    "patched_medusa",
     "synthetic",
+    "unpatch_medusa",
 ]
