@@ -2,6 +2,7 @@
 // the CPU loops and the CUDA kernels both call, and the input checks of the launchers.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
@@ -11,6 +12,18 @@
 #endif
 
 namespace flame_ext {
+
+// Explicit float/double overloads of the math functions: on the host an unqualified
+// sin(float) can resolve to the double C function, which would round differently from the
+// device's float version (and from torch's float32 CPU path).
+FLAME_HD float hd_sin(float x) { return sinf(x); }
+FLAME_HD double hd_sin(double x) { return sin(x); }
+FLAME_HD float hd_cos(float x) { return cosf(x); }
+FLAME_HD double hd_cos(double x) { return cos(x); }
+FLAME_HD float hd_sqrt(float x) { return sqrtf(x); }
+FLAME_HD double hd_sqrt(double x) { return sqrt(x); }
+FLAME_HD float hd_atan2(float y, float x) { return atan2f(y, x); }
+FLAME_HD double hd_atan2(double y, double x) { return atan2(y, x); }
 
 // Joint counts are fixed per model but small; kernels keep per-joint state in registers or
 // on the stack, so they are compiled for an upper bound. FLAME has 5 joints.

@@ -16,9 +16,9 @@ template <typename scalar_t>
 FLAME_HD Mat3<scalar_t> rodrigues(const scalar_t* aa) {
   const scalar_t eps = scalar_t(1e-8);
   const scalar_t ex = aa[0] + eps, ey = aa[1] + eps, ez = aa[2] + eps;
-  const scalar_t angle = sqrt(ex * ex + ey * ey + ez * ez);
+  const scalar_t angle = hd_sqrt(ex * ex + ey * ey + ez * ez);
   const scalar_t x = aa[0] / angle, y = aa[1] / angle, z = aa[2] / angle;
-  const scalar_t s = sin(angle), c1 = scalar_t(1) - cos(angle);
+  const scalar_t s = hd_sin(angle), c1 = scalar_t(1) - hd_cos(angle);
   // K = [[0,-z,y],[z,0,-x],[-y,x,0]]; K^2 = u u^T - |u|^2 I with u = (x,y,z).
   const scalar_t n2 = x * x + y * y + z * z;
   Mat3<scalar_t> r;
@@ -32,6 +32,45 @@ FLAME_HD Mat3<scalar_t> rodrigues(const scalar_t* aa) {
   r.m[7] = s * x + c1 * y * z;
   r.m[8] = scalar_t(1) + c1 * (z * z - n2);
   return r;
+}
+
+// Reverse mode of rodrigues(): grad_aa = (dR/daa)^T grad_R, exact for the epsilon formula
+// above (the angle is the norm of aa + 1e-8 while the axis divides aa itself, so the two
+// paths are differentiated separately, as autograd would through the reference).
+template <typename scalar_t>
+FLAME_HD void rodrigues_backward(const scalar_t* aa, const Mat3<scalar_t>& grad_R,
+                                 scalar_t* grad_aa) {
+  const scalar_t eps = scalar_t(1e-8);
+  const scalar_t ex = aa[0] + eps, ey = aa[1] + eps, ez = aa[2] + eps;
+  const scalar_t angle = hd_sqrt(ex * ex + ey * ey + ez * ez);
+  const scalar_t inv_angle = scalar_t(1) / angle;
+  const scalar_t x = aa[0] * inv_angle, y = aa[1] * inv_angle, z = aa[2] * inv_angle;
+  const scalar_t s = hd_sin(angle), c = hd_cos(angle), c1 = scalar_t(1) - c;
+  const scalar_t n2 = x * x + y * y + z * z;
+  const scalar_t* g = grad_R.m;
+
+  // R = I + s K(u) + c1 (u u^T - n2 I). <G, K(u)> = u . k with k the skew part of G.
+  const scalar_t kx = g[7] - g[5], ky = g[2] - g[6], kz = g[3] - g[1];
+  const scalar_t trace = g[0] + g[4] + g[8];
+  // (G + G^T) u, for d(u^T G u)/du.
+  const scalar_t sx = 2 * g[0] * x + (g[1] + g[3]) * y + (g[2] + g[6]) * z;
+  const scalar_t sy = (g[1] + g[3]) * x + 2 * g[4] * y + (g[5] + g[7]) * z;
+  const scalar_t sz = (g[2] + g[6]) * x + (g[5] + g[7]) * y + 2 * g[8] * z;
+  const scalar_t uGu = scalar_t(0.5) * (x * sx + y * sy + z * sz);
+
+  const scalar_t grad_s = x * kx + y * ky + z * kz;
+  const scalar_t grad_c1 = uGu - n2 * trace;
+  const scalar_t gux = s * kx + c1 * (sx - 2 * trace * x);
+  const scalar_t guy = s * ky + c1 * (sy - 2 * trace * y);
+  const scalar_t guz = s * kz + c1 * (sz - 2 * trace * z);
+
+  // u = aa / angle; angle = |aa + eps|.
+  const scalar_t grad_angle =
+      grad_s * c + grad_c1 * s - (gux * x + guy * y + guz * z) * inv_angle;
+  const scalar_t ga = grad_angle * inv_angle;
+  grad_aa[0] = gux * inv_angle + ga * ex;
+  grad_aa[1] = guy * inv_angle + ga * ey;
+  grad_aa[2] = guz * inv_angle + ga * ez;
 }
 
 }  // namespace flame_ext

@@ -39,9 +39,10 @@ def check_tensor(
     if shape is not None:
         for want, got in zip(shape, value.shape):
             if want is not None and want != got:
-                expected = tuple("*" if s is None else s for s in shape)
+                expected = ", ".join("*" if s is None else str(s) for s in shape)
+                expected += "," if len(shape) == 1 else ""
                 raise ValueError(
-                    f"{name} must have shape {expected}, got {tuple(value.shape)}"
+                    f"{name} must have shape ({expected}), got {tuple(value.shape)}"
                 )
     if floating and value.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32 or float64, got {value.dtype}")

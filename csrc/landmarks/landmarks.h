@@ -21,17 +21,6 @@ constexpr int64_t kContourDeca = 2;
 constexpr int64_t kMaxContourYaw = 39;
 constexpr int64_t kLastContourBin = 78;
 
-// Explicit float/double overloads: an unqualified sin(float) can resolve to the double C
-// function on the host and to the float one on the device, and the bin must not depend
-// on which compiler built the kernel.
-FLAME_HD float lmk_sin(float x) { return sinf(x); }
-FLAME_HD double lmk_sin(double x) { return sin(x); }
-FLAME_HD float lmk_cos(float x) { return cosf(x); }
-FLAME_HD double lmk_cos(double x) { return cos(x); }
-FLAME_HD float lmk_sqrt(float x) { return sqrtf(x); }
-FLAME_HD double lmk_sqrt(double x) { return sqrt(x); }
-FLAME_HD float lmk_atan2(float y, float x) { return atan2f(y, x); }
-FLAME_HD double lmk_atan2(double y, double x) { return atan2(y, x); }
 // Round half to even under the default rounding mode, as torch.round does.
 FLAME_HD float lmk_rint(float x) { return rintf(x); }
 FLAME_HD double lmk_rint(double x) { return rint(x); }
@@ -40,9 +29,9 @@ FLAME_HD double lmk_rint(double x) { return rint(x); }
 // to FLAME's axis-angle poses).
 template <typename scalar_t>
 FLAME_HD Mat3<scalar_t> euler_xyz_to_matrix(const scalar_t* a) {
-  const scalar_t cx = lmk_cos(a[0]), sx = lmk_sin(a[0]);
-  const scalar_t cy = lmk_cos(a[1]), sy = lmk_sin(a[1]);
-  const scalar_t cz = lmk_cos(a[2]), sz = lmk_sin(a[2]);
+  const scalar_t cx = hd_cos(a[0]), sx = hd_sin(a[0]);
+  const scalar_t cy = hd_cos(a[1]), sy = hd_sin(a[1]);
+  const scalar_t cz = hd_cos(a[2]), sz = hd_sin(a[2]);
   const scalar_t o = scalar_t(1), z = scalar_t(0);
   const Mat3<scalar_t> rx = {{o, z, z, z, cx, -sx, z, sx, cx}};
   const Mat3<scalar_t> ry = {{cy, z, sy, z, o, z, -sy, z, cy}};
@@ -84,7 +73,7 @@ FLAME_HD int64_t contour_bin(const scalar_t* pose, int64_t rule, int64_t num_bin
   scalar_t c[3];
   for (int i = 0; i < 3; ++i)
     c[i] = rg.m[3 * i] * rn.m[0] + rg.m[3 * i + 1] * rn.m[3] + rg.m[3 * i + 2] * rn.m[6];
-  scalar_t yaw = lmk_atan2(-c[2], lmk_sqrt(c[0] * c[0] + c[1] * c[1]));
+  scalar_t yaw = hd_atan2(-c[2], hd_sqrt(c[0] * c[0] + c[1] * c[1]));
   if (rule != kContourDeca) yaw = -yaw;
   // (yaw * 180) / pi in that order, as the reference writes it: next to a .5 tie the
   // last bit decides the bin.
