@@ -10,6 +10,7 @@ decoders run on ``flame_ext.reference`` (pure PyTorch) and warn once.
 from . import synthetic
 from ._info import build_info
 from .decoders import DEVICE, FlameLandmark, FlameShape, FlameTex
+from .fitting import FlameShapeLandmark
 from .io import load_flame_model, load_landmark_embedding, load_texture_space
 from .medusa_patch import patch_medusa, patched_medusa, unpatch_medusa
 
@@ -19,6 +20,7 @@ __all__ = [
     "DEVICE",
     "FlameLandmark",
     "FlameShape",
+    "FlameShapeLandmark",
     "FlameTex",
     "build_info",
     "load_flame_model",

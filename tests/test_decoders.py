@@ -211,7 +211,8 @@ def test_gradcheck_every_input(backend, shared):
         return v, R
 
     values = tuple(t.requires_grad_(True) for t in inputs.values())
-    assert torch.autograd.gradcheck(fn, values, eps=1e-6, atol=1e-7)
+    # fast_mode checks random projections of the Jacobian (the op tests do full checks)
+    assert torch.autograd.gradcheck(fn, values, eps=1e-6, atol=1e-7, fast_mode=True)
 
 
 def test_gradients_reach_trainable_parameters():
