@@ -1,0 +1,115 @@
+// Argument checks and layout helpers of the blend ops, shared by the CPU and CUDA
+// launchers (host code only), so both backends accept and reject exactly the same inputs.
+#pragma once
+
+#include <cstdint>
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+namespace flame_ext {
+namespace blend {
+
+struct Sizes {
+  int64_t B, N, K, P;
+};
+
+// A (rows, cols) matrix the kernels can read: unit column stride, any row stride (a column
+// slice of a wider matrix is read in place; expanded rows, stride 0, read fine too). Any
+// other layout is copied.
+inline at::Tensor rows_readable(const at::Tensor& x) {
+  if (x.size(1) <= 1 || x.stride(1) == 1) return x;
+  return x.contiguous();
+}
+
+inline int64_t row_stride(const at::Tensor& x) {
+  return x.size(0) <= 1 ? x.size(1) : x.stride(0);
+}
+
+// P: pose_dirs is (P, N), or any empty tensor for "no pose correctives".
+inline int64_t pose_count(const at::Tensor& pose_dirs, int64_t N) {
+  if (pose_dirs.dim() == 2 && pose_dirs.size(1) == N) return pose_dirs.size(0);
+  TORCH_CHECK(pose_dirs.numel() == 0, "blend: pose_dirs must have shape (P, ", N,
+              ") or be empty (P = 0), got ", pose_dirs.sizes());
+  return 0;
+}
+
+inline void check_float(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, "blend: ", name,
+              " must be float32 or float64, got ", x.scalar_type());
+}
+
+inline void check_like(const at::Tensor& x, const char* name, const at::Tensor& like,
+                       const char* like_name) {
+  TORCH_CHECK(x.scalar_type() == like.scalar_type(), "blend: ", name, " has dtype ",
+              x.scalar_type(), " but ", like_name, " has ", like.scalar_type());
+  TORCH_CHECK(x.device() == like.device(), "blend: ", name, " is on ", x.device(), " but ",
+              like_name, " is on ", like.device());
+}
+
+// blend(base, dirs, coeffs, pose_dirs, pose_coeffs): base (N,), (1, N) or (B, N); dirs
+// (N, K); coeffs (B, K); pose_dirs (P, N) and pose_coeffs (B, P), or both empty.
+inline Sizes check_forward(const at::Tensor& base, const at::Tensor& dirs,
+                           const at::Tensor& coeffs, const at::Tensor& pose_dirs,
+                           const at::Tensor& pose_coeffs) {
+  check_float(coeffs, "coeffs");
+  check_like(base, "base", coeffs, "coeffs");
+  check_like(dirs, "dirs", coeffs, "coeffs");
+  check_like(pose_dirs, "pose_dirs", coeffs, "coeffs");
+  check_like(pose_coeffs, "pose_coeffs", coeffs, "coeffs");
+  TORCH_CHECK(coeffs.dim() == 2, "blend: coeffs must be (B, K), got ", coeffs.sizes());
+  TORCH_CHECK(dirs.dim() == 2, "blend: dirs must be (N, K), got ", dirs.sizes());
+  Sizes s;
+  s.B = coeffs.size(0);
+  s.K = coeffs.size(1);
+  s.N = dirs.size(0);
+  TORCH_CHECK(dirs.size(1) == s.K, "blend: dirs must be (N, ", s.K, ") to match coeffs ",
+              coeffs.sizes(), ", got ", dirs.sizes());
+  TORCH_CHECK((base.dim() == 1 && base.size(0) == s.N) ||
+                  (base.dim() == 2 && base.size(1) == s.N &&
+                   (base.size(0) == 1 || base.size(0) == s.B)),
+              "blend: base must be (", s.N, ",), (1, ", s.N, ") or (", s.B, ", ", s.N,
+              "), got ", base.sizes());
+  s.P = pose_count(pose_dirs, s.N);
+  if (s.P > 0) {
+    TORCH_CHECK(pose_coeffs.dim() == 2 && pose_coeffs.size(0) == s.B &&
+                    pose_coeffs.size(1) == s.P,
+                "blend: pose_coeffs must be (", s.B, ", ", s.P, "), got ", pose_coeffs.sizes());
+  } else {
+    TORCH_CHECK(pose_coeffs.numel() == 0,
+                "blend: pose_coeffs must be empty when pose_dirs is, got ", pose_coeffs.sizes());
+  }
+  return s;
+}
+
+// blend_backward(grad_out, dirs, pose_dirs, ...): grad_out (B, N); dirs (N, K); pose_dirs
+// (P, N) or empty.
+inline Sizes check_backward(const at::Tensor& grad_out, const at::Tensor& dirs,
+                            const at::Tensor& pose_dirs) {
+  check_float(grad_out, "grad_out");
+  check_like(dirs, "dirs", grad_out, "grad_out");
+  check_like(pose_dirs, "pose_dirs", grad_out, "grad_out");
+  TORCH_CHECK(grad_out.dim() == 2, "blend_backward: grad_out must be (B, N), got ",
+              grad_out.sizes());
+  TORCH_CHECK(dirs.dim() == 2 && dirs.size(0) == grad_out.size(1),
+              "blend_backward: dirs must be (", grad_out.size(1), ", K), got ", dirs.sizes());
+  Sizes s;
+  s.B = grad_out.size(0);
+  s.N = grad_out.size(1);
+  s.K = dirs.size(1);
+  s.P = pose_count(pose_dirs, s.N);
+  return s;
+}
+
+// The outputs of blend_backward before any kernel runs: (B, K) / (B, P) when asked for,
+// else (0,) as the schema promises.
+inline std::tuple<at::Tensor, at::Tensor> backward_outputs(const at::Tensor& grad_out,
+                                                           const Sizes& s, bool need_coeffs,
+                                                           bool need_pose_coeffs) {
+  const auto options = grad_out.options();
+  return {need_coeffs ? at::empty({s.B, s.K}, options) : at::empty({0}, options),
+          need_pose_coeffs ? at::empty({s.B, s.P}, options) : at::empty({0}, options)};
+}
+
+}  // namespace blend
+}  // namespace flame_ext

@@ -1,0 +1,471 @@
+// The CPU hand loops of the blend op family, included by blend_cpu.cpp once per
+// instruction set: each inclusion sits in its own namespace (FLAME_BLEND_ISA) under its own
+// `#pragma GCC target`, with vectors of FLAME_BLEND_VECTOR_BYTES (64 for AVX-512, 32 for
+// AVX2, 16 for the x86-64 baseline SSE2), so each build keeps its vectors in registers.
+// No include guard on purpose. The per-element steps come from blend.h.
+//
+// Vectors are GCC/Clang vector extensions; without them (other compilers) the loops run on
+// scalars, one lane.
+
+namespace FLAME_BLEND_ISA {
+
+#if defined(__GNUC__)
+template <typename T>
+struct Simd;
+template <>
+struct Simd<float> {
+  typedef float type __attribute__((vector_size(FLAME_BLEND_VECTOR_BYTES)));
+  typedef int32_t lane_bits;
+  typedef lane_bits bits __attribute__((vector_size(FLAME_BLEND_VECTOR_BYTES)));
+};
+template <>
+struct Simd<double> {
+  typedef double type __attribute__((vector_size(FLAME_BLEND_VECTOR_BYTES)));
+  typedef int64_t lane_bits;
+  typedef lane_bits bits __attribute__((vector_size(FLAME_BLEND_VECTOR_BYTES)));
+};
+#else
+template <typename T>
+struct Simd {
+  typedef T type;
+  typedef int64_t lane_bits;
+  typedef lane_bits bits;
+};
+#endif
+
+// Register budget: AVX-512 has 32 vector registers, AVX2 and SSE 16. Tiles keep at most
+// 16 (resp. 8) accumulators so that they and their operands fit.
+constexpr int kTileSamples = FLAME_BLEND_VECTOR_BYTES >= 64 ? 4 : 2;
+
+template <typename T>
+using Vec = typename Simd<T>::type;
+template <typename T>
+using Bits = typename Simd<T>::bits;
+template <typename T>
+constexpr int kLanes = int(sizeof(Vec<T>) / sizeof(T));
+
+template <typename T>
+FLAME_CPU_INLINE void load(Vec<T>& v, const T* p) {
+  std::memcpy(&v, p, sizeof(Vec<T>));
+}
+template <typename T>
+FLAME_CPU_INLINE void store(T* p, const Vec<T>& v) {
+  std::memcpy(p, &v, sizeof(Vec<T>));
+}
+// The k tail of a row when K is not a multiple of the lane count: the last full vector of
+// the row (k = K - W, overlapping the vector loop) with the lanes already counted zeroed,
+// so every load stays inside the row. Zeroing is a bit mask (exact, unlike multiplying by
+// 0, which would turn an inf into a NaN); both factors are masked so 0 * 0 is added.
+template <typename T>
+struct KTail {
+  int64_t vector_end;  // k covered by full vectors
+  bool masked;         // K % W != 0 and K >= W: one masked vector at K - W
+  Bits<T> mask;
+};
+
+template <typename T>
+KTail<T> make_tail(int64_t K) {
+  constexpr int W = kLanes<T>;
+  KTail<T> tail;
+  tail.vector_end = K - K % W;
+  tail.masked = K >= W && K % W != 0;
+  typedef typename Simd<T>::lane_bits Int;
+  Int lanes[W];
+  FLAME_UNROLL
+  for (int i = 0; i < W; ++i) lanes[i] = i >= W - K % W ? Int(-1) : Int(0);
+  std::memcpy(&tail.mask, lanes, sizeof(lanes));
+  return tail;
+}
+
+template <typename T>
+FLAME_CPU_INLINE void load_masked(Vec<T>& v, const T* p, const Bits<T>& mask) {
+  static_assert(sizeof(Bits<T>) == sizeof(Vec<T>), "mask and vector must have one size");
+  Bits<T> bits;
+  std::memcpy(&bits, p, sizeof(bits));
+  bits &= mask;
+  std::memcpy(&v, &bits, sizeof(v));
+}
+
+// Lanes of `yes` where mask is set, of `no` elsewhere (bitwise, exact).
+template <typename T>
+FLAME_CPU_INLINE Vec<T> select(const Bits<T>& mask, const Vec<T>& yes, const Vec<T>& no) {
+  Bits<T> y, n;
+  std::memcpy(&y, &yes, sizeof(y));
+  std::memcpy(&n, &no, sizeof(n));
+  y = (y & mask) | (n & ~mask);
+  Vec<T> out;
+  std::memcpy(&out, &y, sizeof(out));
+  return out;
+}
+
+// Horizontal sums of M accumulators of W lanes at once: a fixed tree that halves the lanes
+// per accumulator at each level and packs two accumulators per vector, so M sums cost
+// about M shuffle pairs instead of M log2(W). sums[m] is the total of acc[m]; acc is
+// clobbered.
+#ifdef FLAME_BLEND_SHUFFLE
+// Output lane i of folding x, y (each holding accumulators of L lanes, y's after x's): the
+// (i % (L/2))-th lane of accumulator i / (L/2), from its low (Hi false) or high half.
+template <int L, bool Hi>
+constexpr int fold_index(int i) {
+  return (i / (L / 2)) * L + i % (L / 2) + (Hi ? L / 2 : 0);
+}
+template <typename T, int L, int... I>
+FLAME_CPU_INLINE void fold(Vec<T>& out, const Vec<T>& x, const Vec<T>& y,
+                           std::integer_sequence<int, I...>) {
+  out = __builtin_shufflevector(x, y, fold_index<L, false>(I)...) +
+        __builtin_shufflevector(x, y, fold_index<L, true>(I)...);
+}
+template <typename T, int L, int Count>
+FLAME_CPU_INLINE void fold_levels(Vec<T>* acc) {
+  if constexpr (L > 1) {
+    constexpr auto lanes = std::make_integer_sequence<int, kLanes<T>>{};
+    if constexpr (Count > 1) {
+      FLAME_UNROLL
+      for (int i = 0; i < Count / 2; ++i) fold<T, L>(acc[i], acc[2 * i], acc[2 * i + 1], lanes);
+      fold_levels<T, L / 2, Count / 2>(acc);
+    } else {
+      fold<T, L>(acc[0], acc[0], acc[0], lanes);
+      fold_levels<T, L / 2, 1>(acc);
+    }
+  }
+}
+template <typename T, int M>
+FLAME_CPU_INLINE void sum_lanes(Vec<T> (&acc)[M], T (&sums)[M]) {
+  static_assert((M & (M - 1)) == 0, "accumulator count must be a power of two");
+  fold_levels<T, kLanes<T>, M>(acc);
+  T flat[M > kLanes<T> ? M : kLanes<T>];
+  std::memcpy(flat, acc, sizeof(flat));
+  FLAME_UNROLL
+  for (int m = 0; m < M; ++m) sums[m] = flat[m];
+}
+#else
+template <typename T, int M>
+FLAME_CPU_INLINE void sum_lanes(Vec<T> (&acc)[M], T (&sums)[M]) {
+  FLAME_UNROLL
+  for (int m = 0; m < M; ++m) {
+    T lanes[kLanes<T>];
+    std::memcpy(lanes, &acc[m], sizeof(lanes));
+    sums[m] = blend::lane_sum<kLanes<T>>(lanes);
+  }
+}
+#endif
+
+// ---------------------------------------------------------------------------------------
+// Dot products of short rows, the inner loop of the forward (rows of dirs with rows of
+// coeffs, over k) and of grad_pose_coeffs (rows of pose_dirs with rows of grad_out, over a
+// chunk of n). Lanes run along the rows; R x S accumulators stay in registers.
+
+// sums[s * R + r] = sum_i x[r * ldx + i] * y[s * ldy + i] for i in [0, length), where
+// tail = make_tail(length).
+template <typename T, int R, int S>
+FLAME_CPU_INLINE void dot_tile(const T* x, int64_t ldx, const T* y, int64_t ldy, int64_t length,
+                               const KTail<T>& tail, T (&sums)[S * R]) {
+  constexpr int W = kLanes<T>;
+  // acc[s][r], sample-major: after the lane sums each sample's R results are adjacent.
+  Vec<T> acc[S][R];
+  FLAME_UNROLL
+  for (int s = 0; s < S; ++s) {
+    FLAME_UNROLL
+    for (int r = 0; r < R; ++r) acc[s][r] = Vec<T>{};
+  }
+  for (int64_t i = 0; i < tail.vector_end; i += W) {
+    Vec<T> vx[R], vy[S];
+    FLAME_UNROLL
+    for (int r = 0; r < R; ++r) load(vx[r], x + r * ldx + i);
+    FLAME_UNROLL
+    for (int s = 0; s < S; ++s) load(vy[s], y + s * ldy + i);
+    blend::outer_step(vy, vx, acc);
+  }
+  if (tail.masked) {
+    const int64_t i = length - W;
+    Vec<T> vx[R], vy[S];
+    FLAME_UNROLL
+    for (int r = 0; r < R; ++r) load_masked(vx[r], x + r * ldx + i, tail.mask);
+    FLAME_UNROLL
+    for (int s = 0; s < S; ++s) load_masked(vy[s], y + s * ldy + i, tail.mask);
+    blend::outer_step(vy, vx, acc);
+  }
+  sum_lanes(reinterpret_cast<Vec<T>(&)[S * R]>(acc), sums);
+  if (!tail.masked && tail.vector_end < length) {
+    // length < W: the rest one by one.
+    FLAME_UNROLL
+    for (int r = 0; r < R; ++r) {
+      T row_sums[S];
+      FLAME_UNROLL
+      for (int s = 0; s < S; ++s) row_sums[s] = sums[s * R + r];
+      blend::row_dots(x + r * ldx, y, ldy, tail.vector_end, length, row_sums);
+      FLAME_UNROLL
+      for (int s = 0; s < S; ++s) sums[s * R + r] = row_sums[s];
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Forward, small B.
+
+// out[b0..b0+S, n..n+R] = base + R rows of dirs dotted with S rows of coeffs.
+template <typename T, int R, int S>
+FLAME_CPU_INLINE void forward_tile(const ForwardArgs<T>& a, const KTail<T>& tail, int64_t n,
+                                   int64_t b0) {
+  T sums[S * R];
+  dot_tile<T, R, S>(a.dirs + n * a.dirs_stride, a.dirs_stride, a.coeffs + b0 * a.K, a.K, a.K,
+                    tail, sums);
+  FLAME_UNROLL
+  for (int s = 0; s < S; ++s) {
+    const int64_t b = b0 + s;
+    T* out = a.out + b * a.N + n;
+    const T* base = a.base + b * a.base_stride + n;
+    FLAME_UNROLL
+    for (int r = 0; r < R; ++r) out[r] = base[r] + sums[s * R + r];
+  }
+}
+
+template <typename T, int R>
+FLAME_CPU_INLINE void forward_rows_all_samples(const ForwardArgs<T>& a, const KTail<T>& tail,
+                                               int64_t n) {
+  int64_t b = 0;
+  for (; b + kTileSamples <= a.B; b += kTileSamples)
+    forward_tile<T, R, kTileSamples>(a, tail, n, b);
+  if constexpr (kTileSamples > 2) {
+    if (b + 2 <= a.B) {
+      forward_tile<T, R, 2>(a, tail, n, b);
+      b += 2;
+    }
+  }
+  if (b < a.B) forward_tile<T, R, 1>(a, tail, n, b);
+}
+
+// out[b0..b0+S, n0:n1] += pose_coeffs @ pose_dirs[:, n0:n1], in order of p for each element:
+// U vectors of n times S samples per step, so each pose_dirs load feeds S FMAs.
+template <typename T, int S>
+FLAME_CPU_INLINE void forward_pose_tile(const ForwardArgs<T>& a, int64_t n0, int64_t n1,
+                                        int64_t b0) {
+  constexpr int W = kLanes<T>;
+  constexpr int U = 4;
+  T* out = a.out + b0 * a.N;
+  const T* pc = a.pose_coeffs + b0 * a.P;
+  int64_t n = n0;
+  for (; n + U * W <= n1; n += U * W) {
+    Vec<T> acc[S][U];
+    FLAME_UNROLL
+    for (int s = 0; s < S; ++s) {
+      FLAME_UNROLL
+      for (int u = 0; u < U; ++u) load(acc[s][u], out + s * a.N + n + u * W);
+    }
+    for (int64_t p = 0; p < a.P; ++p) {
+      const T* row = a.pose_dirs + p * a.pose_stride + n;
+      Vec<T> d[U];
+      T c[S];
+      FLAME_UNROLL
+      for (int u = 0; u < U; ++u) load(d[u], row + u * W);
+      FLAME_UNROLL
+      for (int s = 0; s < S; ++s) c[s] = pc[s * a.P + p];
+      blend::scaled_step(c, d, acc);
+    }
+    FLAME_UNROLL
+    for (int s = 0; s < S; ++s) {
+      FLAME_UNROLL
+      for (int u = 0; u < U; ++u) store(out + s * a.N + n + u * W, acc[s][u]);
+    }
+  }
+  for (; n < n1; ++n) {
+    FLAME_UNROLL
+    for (int s = 0; s < S; ++s)
+      out[s * a.N + n] =
+          blend::pose_sum(out[s * a.N + n], pc + s * a.P, a.pose_dirs + n, a.pose_stride, a.P);
+  }
+}
+
+template <typename T>
+FLAME_CPU_INLINE void forward_pose(const ForwardArgs<T>& a, int64_t n0, int64_t n1) {
+  int64_t b = 0;
+  for (; b + kTileSamples <= a.B; b += kTileSamples)
+    forward_pose_tile<T, kTileSamples>(a, n0, n1, b);
+  for (; b < a.B; ++b) forward_pose_tile<T, 1>(a, n0, n1, b);
+}
+
+template <typename T>
+FLAME_CPU_INLINE void forward_range(const ForwardArgs<T>& a, int64_t n0, int64_t n1) {
+  constexpr int R = 4;
+  const KTail<T> tail = make_tail<T>(a.K);
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) forward_rows_all_samples<T, R>(a, tail, n);
+  for (; n < n1; ++n) forward_rows_all_samples<T, 1>(a, tail, n);
+  if (a.P > 0) forward_pose(a, n0, n1);
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward, small B: per-chunk partial sums into a workspace, reduced in chunk order.
+
+// partial[b0..b0+S, columns] (+)= sum over n in [m0, m1) of grad_out[b, n] * dirs[n, columns]
+// for U vectors of columns starting at k; with LastMasked the last vector is the row's
+// final one (at K - W) and only its lanes from vector_end on are written (the others
+// belong to the vector before it). The S x U accumulators stay in registers over the rows.
+// `accumulate` adds to what an earlier row block stored.
+template <typename T, int S, int U, bool LastMasked>
+FLAME_CPU_INLINE void adjoint_tile(const BackwardArgs<T>& a, const KTail<T>& tail, T* partial,
+                                   int64_t m0, int64_t m1, int64_t b0, int64_t k,
+                                   bool accumulate) {
+  constexpr int W = kLanes<T>;
+  int64_t column[U];
+  FLAME_UNROLL
+  for (int u = 0; u < U; ++u) column[u] = k + u * W;
+  if (LastMasked) column[U - 1] = a.K - W;
+  Vec<T> acc[S][U];
+  FLAME_UNROLL
+  for (int s = 0; s < S; ++s) {
+    FLAME_UNROLL
+    for (int u = 0; u < U; ++u) acc[s][u] = Vec<T>{};
+  }
+  const T* g = a.grad_out + b0 * a.N;
+  for (int64_t n = m0; n < m1; ++n) {
+    const T* row = a.dirs + n * a.dirs_stride;
+    Vec<T> d[U];
+    T gs[S];
+    FLAME_UNROLL
+    for (int u = 0; u < U; ++u) load(d[u], row + column[u]);
+    FLAME_UNROLL
+    for (int s = 0; s < S; ++s) gs[s] = g[s * a.N + n];
+    blend::scaled_step(gs, d, acc);
+  }
+  FLAME_UNROLL
+  for (int s = 0; s < S; ++s) {
+    FLAME_UNROLL
+    for (int u = 0; u < U; ++u) {
+      T* dst = partial + (b0 + s) * a.K + column[u];
+      Vec<T> value = acc[s][u];
+      const bool masked = LastMasked && u == U - 1;
+      if (accumulate || masked) {
+        Vec<T> old;
+        load(old, dst);
+        if (accumulate) value += old;
+        if (masked) value = select<T>(tail.mask, value, old);
+      }
+      store(dst, value);
+    }
+  }
+}
+
+template <typename T, int S, int U>
+FLAME_CPU_INLINE void adjoint_tile(const BackwardArgs<T>& a, const KTail<T>& tail, T* partial,
+                                   int64_t m0, int64_t m1, int64_t b0, int64_t k,
+                                   bool masked, bool accumulate) {
+  if (masked)
+    adjoint_tile<T, S, U, true>(a, tail, partial, m0, m1, b0, k, accumulate);
+  else
+    adjoint_tile<T, S, U, false>(a, tail, partial, m0, m1, b0, k, accumulate);
+}
+
+// One column block of adjoint_tile with a run-time vector count (1 to 4).
+template <typename T, int S>
+FLAME_CPU_INLINE void adjoint_block(const BackwardArgs<T>& a, const KTail<T>& tail, T* partial,
+                                    int64_t m0, int64_t m1, int64_t b0, int64_t k, int vectors,
+                                    bool masked, bool accumulate) {
+  switch (vectors) {
+    case 1:
+      adjoint_tile<T, S, 1>(a, tail, partial, m0, m1, b0, k, masked, accumulate);
+      break;
+    case 2:
+      adjoint_tile<T, S, 2>(a, tail, partial, m0, m1, b0, k, masked, accumulate);
+      break;
+    case 3:
+      adjoint_tile<T, S, 3>(a, tail, partial, m0, m1, b0, k, masked, accumulate);
+      break;
+    default:
+      adjoint_tile<T, S, 4>(a, tail, partial, m0, m1, b0, k, masked, accumulate);
+      break;
+  }
+}
+
+// partial[b, c] (+)= sum over n in [m0, m1) of grad_out[b, n] * dirs[n, c], one column at a
+// time: the K < W case.
+template <typename T>
+FLAME_CPU_INLINE void adjoint_columns(const BackwardArgs<T>& a, T* partial, int64_t m0,
+                                      int64_t m1, bool accumulate) {
+  for (int64_t b = 0; b < a.B; ++b) {
+    const T* g = a.grad_out + b * a.N;
+    for (int64_t c = 0; c < a.K; ++c) {
+      T sum = accumulate ? partial[b * a.K + c] : T(0);
+      for (int64_t n = m0; n < m1; ++n) sum += g[n] * a.dirs[n * a.dirs_stride + c];
+      partial[b * a.K + c] = sum;
+    }
+  }
+}
+
+
+template <typename T, int R, int S>
+FLAME_CPU_INLINE void pose_adjoint_tile(const BackwardArgs<T>& a, const KTail<T>& tail,
+                                        T* partial, int64_t n0, int64_t n1, int64_t p,
+                                        int64_t b) {
+  T sums[S * R];
+  dot_tile<T, R, S>(a.pose_dirs + p * a.pose_stride + n0, a.pose_stride,
+                    a.grad_out + b * a.N + n0, a.N, n1 - n0, tail, sums);
+  FLAME_UNROLL
+  for (int s = 0; s < S; ++s) {
+    FLAME_UNROLL
+    for (int r = 0; r < R; ++r) partial[(b + s) * a.P + p + r] = sums[s * R + r];
+  }
+}
+
+template <typename T>
+FLAME_CPU_INLINE void backward_chunk(const BackwardArgs<T>& a, int64_t chunk, int64_t n0,
+                                     int64_t n1) {
+  constexpr int W = kLanes<T>;
+  if (a.partial_coeffs != nullptr) {
+    T* partial = a.partial_coeffs + chunk * a.B * a.K;
+    const KTail<T> tail = make_tail<T>(a.K);
+    for (int64_t m0 = n0; m0 < n1; m0 += kAdjointRows) {
+      const int64_t m1 = std::min(n1, m0 + kAdjointRows);
+      const bool accumulate = m0 > n0;
+      if (a.K < W) {
+        adjoint_columns(a, partial, m0, m1, accumulate);
+        continue;
+      }
+      // Column blocks of up to 4 vectors; a block reaching past K ends with the masked
+      // tail vector. Samples inside, so the block's slab of rows is reused from L1.
+      for (int64_t k = 0; k < a.K; k += 4 * W) {
+        const int vectors = int(std::min<int64_t>(4, (a.K - k + W - 1) / W));
+        const bool masked = k + vectors * W > a.K;
+        int64_t b = 0;
+        for (; b + kTileSamples <= a.B; b += kTileSamples)
+          adjoint_block<T, kTileSamples>(a, tail, partial, m0, m1, b, k, vectors, masked,
+                                         accumulate);
+        for (; b < a.B; ++b)
+          adjoint_block<T, 1>(a, tail, partial, m0, m1, b, k, vectors, masked, accumulate);
+      }
+    }
+  }
+  if (a.partial_pose_coeffs != nullptr) {
+    // partial[b, p] = dot(pose_dirs[p, n0:n1], grad_out[b, n0:n1]): the forward's dot tile
+    // with pose rows for dirs rows and grad_out rows for coeffs.
+    T* partial = a.partial_pose_coeffs + chunk * a.B * a.P;
+    const KTail<T> tail = make_tail<T>(n1 - n0);
+    int64_t b = 0;
+    for (; b + kTileSamples <= a.B; b += kTileSamples) {
+      int64_t p = 0;
+      for (; p + 4 <= a.P; p += 4)
+        pose_adjoint_tile<T, 4, kTileSamples>(a, tail, partial, n0, n1, p, b);
+      for (; p < a.P; ++p) pose_adjoint_tile<T, 1, kTileSamples>(a, tail, partial, n0, n1, p, b);
+    }
+    for (; b < a.B; ++b) {
+      int64_t p = 0;
+      for (; p + 4 <= a.P; p += 4) pose_adjoint_tile<T, 4, 1>(a, tail, partial, n0, n1, p, b);
+      for (; p < a.P; ++p) pose_adjoint_tile<T, 1, 1>(a, tail, partial, n0, n1, p, b);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Entry points (their addresses are what blend_cpu.cpp dispatches to).
+
+template <typename T>
+void forward_rows(const ForwardArgs<T>& a, int64_t n0, int64_t n1) {
+  forward_range(a, n0, n1);
+}
+
+template <typename T>
+void backward_rows(const BackwardArgs<T>& a, int64_t chunk, int64_t n0, int64_t n1) {
+  backward_chunk(a, chunk, n0, n1);
+}
+
+}  // namespace FLAME_BLEND_ISA

@@ -1,0 +1,197 @@
+"""Python side of the blend op family: the linear basis blend and its adjoint.
+
+`blend(base, dirs, coeffs, pose_dirs=None, pose_coeffs=None)` checks its arguments
+(ValueError / TypeError naming the argument) and calls `torch.ops.flame_ext.blend`:
+out = base + coeffs @ dirs.T + pose_coeffs @ pose_dirs, the shape/expression blend with
+the pose correctives (SPEC 3 steps 1 and 4) and the texture blend.
+
+This module also registers the fake kernels of `blend` and `blend_backward` (so
+`torch.compile(fullgraph=True)` traces them) and their autograd. Gradients reach every
+tensor argument: coeffs and pose_coeffs through the `blend_backward` op, base by summing
+over the broadcast batch, dirs and pose_dirs through plain matrix products (they are model
+constants in the decoders, so that path is never hot). `blend` is linear in coeffs, so the
+backward of `blend_backward` is again a blend: double backward (and higher) works.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .._checks import check_same, check_tensor
+
+_ops = torch.ops.flame_ext
+
+# Device types with compiled kernels, read once: a lookup here keeps the wrapper traceable.
+_HAS_KERNEL = {
+    device: torch._C._dispatch_has_kernel_for_dispatch_key("flame_ext::blend", key)
+    for device, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+}
+
+
+def blend(
+    base: torch.Tensor,
+    dirs: torch.Tensor,
+    coeffs: torch.Tensor,
+    pose_dirs: Optional[torch.Tensor] = None,
+    pose_coeffs: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Linear basis blend, as flame_ext.reference.blend.
+
+    base (N,), (1, N) or (B, N); dirs (N, K); coeffs (B, K); pose_dirs (P, N) and
+    pose_coeffs (B, P), both or neither (P may be 0). One dtype (float32 or float64) and
+    device. Returns out (B, N) = base + coeffs @ dirs.T + pose_coeffs @ pose_dirs.
+
+    dirs may be a column slice of a wider matrix (row stride > K, unit column stride): it
+    is read in place, never copied. Any other layout works too (copied once per call).
+    Differentiable w.r.t. every tensor argument, to any order.
+    """
+    check_tensor("coeffs", coeffs, ndim=2, floating=True)
+    batch, n_components = coeffs.shape
+    check_tensor("dirs", dirs, ndim=2)
+    check_tensor("dirs", dirs, shape=(None, n_components))
+    check_same("dirs", dirs, coeffs, "coeffs")
+    n = dirs.shape[0]
+    check_tensor("base", base)
+    if not (
+        (base.dim() == 1 and base.shape[0] == n)
+        or (base.dim() == 2 and base.shape[1] == n and base.shape[0] in (1, batch))
+    ):
+        raise ValueError(
+            f"base must have shape ({n},), (1, {n}) or ({batch}, {n}) to match dirs "
+            f"{tuple(dirs.shape)} and coeffs {tuple(coeffs.shape)}, got {tuple(base.shape)}"
+        )
+    check_same("base", base, coeffs, "coeffs")
+    if (pose_dirs is None) != (pose_coeffs is None):
+        raise ValueError("pose_dirs and pose_coeffs must be given together or not at all")
+    if pose_dirs is None:
+        pose_dirs = coeffs.new_empty((0, n))
+        pose_coeffs = coeffs.new_empty((batch, 0))
+    else:
+        check_tensor("pose_dirs", pose_dirs, ndim=2)
+        check_tensor("pose_dirs", pose_dirs, shape=(None, n))
+        check_tensor("pose_coeffs", pose_coeffs, shape=(batch, pose_dirs.shape[0]))
+        check_same("pose_dirs", pose_dirs, coeffs, "coeffs")
+        check_same("pose_coeffs", pose_coeffs, coeffs, "coeffs")
+    if not _HAS_KERNEL.get(coeffs.device.type, False):
+        raise RuntimeError(
+            f"flame_ext::blend has no kernel for {coeffs.device.type} tensors in this build "
+            "(see flame_ext.build_info())"
+        )
+    return _ops.blend(base, dirs, coeffs, pose_dirs, pose_coeffs)
+
+
+def _pose_count(pose_dirs: torch.Tensor, n: int) -> int:
+    """P as the kernels read it: pose_dirs (P, N), or any empty tensor for P = 0."""
+    if pose_dirs.dim() == 2 and pose_dirs.shape[1] == n:
+        return pose_dirs.shape[0]
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# Fake kernels: output shapes only, for tracing.
+
+
+@torch.library.register_fake("flame_ext::blend")
+def _blend_fake(base, dirs, coeffs, pose_dirs, pose_coeffs):
+    return coeffs.new_empty((coeffs.shape[0], dirs.shape[0]))
+
+
+@torch.library.register_fake("flame_ext::blend_backward")
+def _blend_backward_fake(grad_out, dirs, pose_dirs, need_coeffs, need_pose_coeffs):
+    batch, n = grad_out.shape
+    grad_coeffs = grad_out.new_empty((batch, dirs.shape[1]) if need_coeffs else (0,))
+    n_pose = _pose_count(pose_dirs, n)
+    grad_pose = grad_out.new_empty((batch, n_pose) if need_pose_coeffs else (0,))
+    return grad_coeffs, grad_pose
+
+
+# ---------------------------------------------------------------------------------------
+# Autograd.
+
+
+def _blend_setup_context(ctx, inputs, output):
+    base, dirs, coeffs, pose_dirs, pose_coeffs = inputs
+    ctx.save_for_backward(dirs, coeffs, pose_dirs, pose_coeffs)
+    ctx.base_dim = base.dim()
+    ctx.base_rows = base.shape[0] if base.dim() == 2 else 0
+
+
+def _blend_backward(ctx, grad):
+    dirs, coeffs, pose_dirs, pose_coeffs = ctx.saved_tensors
+    need_base, need_dirs, need_coeffs, need_pose_dirs, need_pose_coeffs = ctx.needs_input_grad
+    grad_base = grad_dirs = grad_coeffs = grad_pose_dirs = grad_pose_coeffs = None
+    if need_coeffs or need_pose_coeffs:
+        grad_coeffs, grad_pose_coeffs = _ops.blend_backward(
+            grad, dirs, pose_dirs, need_coeffs, need_pose_coeffs
+        )
+        grad_coeffs = grad_coeffs if need_coeffs else None
+        grad_pose_coeffs = grad_pose_coeffs if need_pose_coeffs else None
+    if need_base:
+        if ctx.base_dim == 1:
+            grad_base = grad.sum(0)
+        elif ctx.base_rows == 1:
+            grad_base = grad.sum(0, keepdim=True)
+        else:
+            grad_base = grad
+    # Matrix products in torch: dirs and pose_dirs are model constants in the decoders, so
+    # these only run when a caller fits the bases themselves.
+    if need_dirs:
+        grad_dirs = grad.mT @ coeffs
+    if need_pose_dirs:
+        grad_pose_dirs = pose_coeffs.mT @ grad
+    return grad_base, grad_dirs, grad_coeffs, grad_pose_dirs, grad_pose_coeffs
+
+
+def _blend_backward_setup_context(ctx, inputs, output):
+    grad_out, dirs, pose_dirs, need_coeffs, need_pose_coeffs = inputs
+    ctx.save_for_backward(grad_out, dirs, pose_dirs)
+    ctx.need_coeffs = need_coeffs
+    ctx.need_pose_coeffs = need_pose_coeffs
+
+
+def _blend_backward_backward(ctx, grad_grad_coeffs, grad_grad_pose):
+    """Backward of (grad_coeffs, grad_pose) = (grad_out @ dirs, grad_out @ pose_dirs.T).
+
+    Both are linear in grad_out, so its gradient is a blend with zero base; the dirs and
+    pose_dirs gradients are the transposed products.
+    """
+    grad_out, dirs, pose_dirs = ctx.saved_tensors
+    need_grad_out, need_dirs, need_pose_dirs = ctx.needs_input_grad[:3]
+    batch, n = grad_out.shape
+    # An output that was not asked for is (0,); one that was not used may come back as
+    # None: both contribute nothing.
+    use_coeffs = ctx.need_coeffs and grad_grad_coeffs is not None
+    use_pose = ctx.need_pose_coeffs and grad_grad_pose is not None
+    d_grad_out = d_dirs = d_pose_dirs = None
+    if need_grad_out:
+        if use_coeffs:
+            blend_dirs, blend_coeffs = dirs, grad_grad_coeffs
+        else:
+            blend_dirs, blend_coeffs = dirs[:, :0], grad_out.new_zeros((batch, 0))
+        if use_pose and _pose_count(pose_dirs, n) > 0:
+            blend_pose_dirs, blend_pose_coeffs = pose_dirs, grad_grad_pose
+        else:
+            blend_pose_dirs, blend_pose_coeffs = (
+                grad_out.new_empty((0, n)),
+                grad_out.new_zeros((batch, 0)),
+            )
+        d_grad_out = _ops.blend(
+            grad_out.new_zeros((n,)), blend_dirs, blend_coeffs, blend_pose_dirs, blend_pose_coeffs
+        )
+    if need_dirs and use_coeffs:
+        d_dirs = grad_out.mT @ grad_grad_coeffs
+    if need_pose_dirs and use_pose and _pose_count(pose_dirs, n) > 0:
+        d_pose_dirs = grad_grad_pose.mT @ grad_out
+    return d_grad_out, d_dirs, d_pose_dirs, None, None
+
+
+torch.library.register_autograd(
+    "flame_ext::blend", _blend_backward, setup_context=_blend_setup_context
+)
+torch.library.register_autograd(
+    "flame_ext::blend_backward",
+    _blend_backward_backward,
+    setup_context=_blend_backward_setup_context,
+)

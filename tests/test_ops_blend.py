@@ -1,0 +1,535 @@
+"""Tests of the blend op family: blend and blend_backward, forward, backward, double backward.
+
+The compiled ops are compared with flame_ext.reference.blend evaluated in float64 (the
+oracle), with an error bound derived from the dot-product lengths; gradients with
+torch.autograd.gradcheck / gradgradcheck in float64; then the registrations (opcheck,
+torch.compile), argument errors, NaN/inf propagation and determinism.
+
+Sizes are chosen to reach every code path of the CPU kernels: batches on both sides of the
+hand-loop / BLAS threshold (16), N spanning several row chunks (256 rows forward, 256 to
+N/64 backward, 64-row blocks), and K below, at and between multiples of the SIMD width (16
+float32 or 8 float64 lanes), including the masked tail vector.
+"""
+
+import pytest
+import torch
+
+from flame_ext import reference
+
+N = 613  # 3 forward chunks, 3 backward chunks of 10 row blocks; odd, so every loop has a tail
+SMALL_BATCHES = (1, 3, 8)
+LARGE_BATCH = 40  # above the hand-loop threshold: the BLAS path
+
+
+def _blend_mod():
+    from flame_ext._ops import blend
+
+    return blend
+
+
+def _inputs(batch, n, k, p, dtype, device, *, base_kind="shared", column_offset=3, seed=0):
+    """Random inputs (never zeros); dirs is a column slice of a wider matrix, as in the decoder."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        values = torch.randn(*shape, generator=gen, dtype=torch.float64)
+        return values.to(dtype=dtype, device=device)
+
+    wide = rand(n, k + column_offset + 5)
+    dirs = wide[:, column_offset : column_offset + k]
+    coeffs = rand(batch, k)
+    base = {"flat": rand(n), "shared": rand(1, n), "batched": rand(batch, n)}[base_kind]
+    pose_dirs = rand(p, n) if p else None
+    pose_coeffs = rand(batch, p) if p else None
+    return base, dirs, coeffs, pose_dirs, pose_coeffs
+
+
+def _eps(dtype):
+    return torch.finfo(dtype).eps
+
+
+def _assert_blend_close(out, base, dirs, coeffs, pose_dirs, pose_coeffs):
+    """|out - exact| <= 2 n eps (|base| + |coeffs| |dirs|^T + |pose_coeffs| |pose_dirs|).
+
+    With n = K + P + 1 terms: the classical worst-case rounding bound of a sum of n terms
+    in any order, FMA or not, is about n u |terms| with u = eps / 2; this allows four times
+    that. `exact` is the float64 reference of the same inputs; its own error is negligible
+    next to the float32 bound and inside the slack of the float64 one.
+    """
+    d64 = lambda x: None if x is None else x.double()  # noqa: E731
+    exact = reference.blend(d64(base), d64(dirs), d64(coeffs), d64(pose_dirs), d64(pose_coeffs))
+    magnitude = base.double().abs() + coeffs.double().abs() @ dirs.double().abs().mT
+    terms = dirs.shape[1] + 1
+    if pose_dirs is not None:
+        magnitude = magnitude + pose_coeffs.double().abs() @ pose_dirs.double().abs()
+        terms += pose_dirs.shape[0]
+    bound = 2 * terms * _eps(out.dtype) * magnitude
+    assert out.shape == exact.shape
+    assert out.dtype == coeffs.dtype and out.device == coeffs.device
+    assert out.is_contiguous()
+    err = (out.double() - exact).abs()
+    assert bool((err <= bound).all()), f"max error {err.max().item():.3e} over the bound"
+
+
+def _assert_adjoint_close(result, grad_out, dirs):
+    """result = grad_out @ dirs, with the same bound over the N summed products."""
+    exact = grad_out.double() @ dirs.double()
+    bound = 2 * (grad_out.shape[1] + 1) * _eps(result.dtype) * (
+        grad_out.double().abs() @ dirs.double().abs()
+    )
+    assert result.shape == exact.shape and result.dtype == grad_out.dtype
+    err = (result.double() - exact).abs()
+    assert bool((err <= bound).all()), f"max error {err.max().item():.3e} over the bound"
+
+
+# ---------------------------------------------------------------------------------------
+# Forward
+
+
+@pytest.mark.parametrize("batch", SMALL_BATCHES + (16, 17, LARGE_BATCH))
+@pytest.mark.parametrize("k", [5, 16, 37, 100])
+@pytest.mark.parametrize("p", [0, 9])
+def test_blend_matches_reference(ops, device, dtype, batch, k, p):
+    args = _inputs(batch, N, k, p, dtype, device)
+    out = _blend_mod().blend(*args)
+    _assert_blend_close(out, *args)
+
+
+@pytest.mark.parametrize("base_kind", ["flat", "shared", "batched"])
+@pytest.mark.parametrize("batch", [3, LARGE_BATCH])
+def test_blend_base_shapes(ops, device, dtype, base_kind, batch):
+    args = _inputs(batch, N, 37, 4, dtype, device, base_kind=base_kind)
+    _assert_blend_close(_blend_mod().blend(*args), *args)
+
+
+@pytest.mark.parametrize("batch", [3, LARGE_BATCH])
+def test_blend_layouts(ops, device, batch):
+    """Contiguous dirs, a transposed (column-major) dirs, an expanded base, strided coeffs."""
+    base, dirs, coeffs, pose_dirs, pose_coeffs = _inputs(batch, N, 37, 6, torch.float64, device)
+    blend = _blend_mod().blend
+    expected = blend(base, dirs.contiguous(), coeffs, pose_dirs, pose_coeffs)
+    column_major = dirs.mT.contiguous().mT
+    assert column_major.stride(1) != 1
+    torch.testing.assert_close(blend(base, column_major, coeffs, pose_dirs, pose_coeffs), expected)
+    # A column slice is read in place: same answer as its contiguous copy.
+    torch.testing.assert_close(blend(base, dirs, coeffs, pose_dirs, pose_coeffs), expected)
+    expanded = base.expand(batch, N)
+    torch.testing.assert_close(blend(expanded, dirs, coeffs, pose_dirs, pose_coeffs), expected)
+    strided = torch.stack([coeffs, coeffs], dim=2)[..., 0]  # column stride 2
+    assert not strided.is_contiguous()
+    torch.testing.assert_close(blend(base, dirs, strided, pose_dirs, pose_coeffs), expected)
+    pose_t = pose_dirs.mT.contiguous().mT
+    torch.testing.assert_close(blend(base, dirs, coeffs, pose_t, pose_coeffs), expected)
+
+
+@pytest.mark.parametrize("batch", [0, 1, 3, 300])
+def test_blend_batch_sizes(ops, device, dtype, batch):
+    args = _inputs(batch, N, 37, 9, dtype, device, base_kind="flat")
+    _assert_blend_close(_blend_mod().blend(*args), *args)
+
+
+def test_blend_degenerate_sizes(ops, device, dtype):
+    blend = _blend_mod().blend
+    # K = 0: out = base (+ pose).
+    base, dirs, coeffs, pose_dirs, pose_coeffs = _inputs(3, N, 0, 4, dtype, device)
+    _assert_blend_close(blend(base, dirs, coeffs, pose_dirs, pose_coeffs), base, dirs, coeffs,
+                        pose_dirs, pose_coeffs)
+    # N = 0.
+    args = _inputs(3, 0, 7, 2, dtype, device)
+    assert blend(*args).shape == (3, 0)
+    # Explicit empty pose tensors are the same as none.
+    base, dirs, coeffs, _, _ = _inputs(3, N, 7, 0, dtype, device)
+    empty = blend(base, dirs, coeffs, dirs.new_empty((0, N)), coeffs.new_empty((3, 0)))
+    torch.testing.assert_close(empty, blend(base, dirs, coeffs), rtol=0, atol=0)
+
+
+def test_blend_flame_sizes(ops, device):
+    """The decoder's call: 15069 rows, the 100 expression columns of a 400-wide matrix, P = 36."""
+    n = 3 * 5023
+    for batch in (1, 16):
+        args = _inputs(batch, n, 100, 36, torch.float32, device, column_offset=300)
+        assert args[1].stride() == (405, 1)  # a view into the wide matrix
+        _assert_blend_close(_blend_mod().blend(*args), *args)
+
+
+# ---------------------------------------------------------------------------------------
+# Backward op
+
+
+@pytest.mark.parametrize("batch", SMALL_BATCHES + (16, 17, LARGE_BATCH))
+@pytest.mark.parametrize("k", [5, 16, 37, 100])
+def test_blend_backward_matches_reference(ops, device, dtype, batch, k):
+    _, dirs, _, pose_dirs, _ = _inputs(batch, N, k, 9, dtype, device)
+    grad_out = torch.randn(batch, N, dtype=torch.float64).to(dtype=dtype, device=device)
+    grad_coeffs, grad_pose = ops.blend_backward(grad_out, dirs, pose_dirs, True, True)
+    _assert_adjoint_close(grad_coeffs, grad_out, dirs)
+    _assert_adjoint_close(grad_pose, grad_out, pose_dirs.mT)
+
+
+@pytest.mark.parametrize("need", [(True, False), (False, True), (False, False)])
+def test_blend_backward_outputs_not_needed_are_empty(ops, device, need):
+    _, dirs, _, pose_dirs, _ = _inputs(3, N, 37, 9, torch.float64, device)
+    grad_out = torch.randn(3, N, dtype=torch.float64, device=device)
+    grad_coeffs, grad_pose = ops.blend_backward(grad_out, dirs, pose_dirs, *need)
+    assert grad_coeffs.shape == ((3, 37) if need[0] else (0,))
+    assert grad_pose.shape == ((3, 9) if need[1] else (0,))
+
+
+@pytest.mark.parametrize("batch", [0, 1, 3, 300])
+def test_blend_backward_batch_sizes_and_no_pose(ops, device, batch):
+    _, dirs, _, _, _ = _inputs(batch, N, 37, 0, torch.float64, device)
+    grad_out = torch.randn(batch, N, dtype=torch.float64, device=device)
+    grad_coeffs, grad_pose = ops.blend_backward(
+        grad_out, dirs, dirs.new_empty((0, N)), True, True
+    )
+    _assert_adjoint_close(grad_coeffs, grad_out, dirs)
+    assert grad_pose.shape == (batch, 0)
+
+
+def test_blend_backward_degenerate_sizes(ops, device):
+    # N = 0: the sums are empty, so the gradients are zero.
+    grad_out = torch.randn(3, 0, dtype=torch.float64, device=device)
+    grad_coeffs, grad_pose = ops.blend_backward(
+        grad_out, grad_out.new_empty((0, 7)), grad_out.new_empty((2, 0)), True, True
+    )
+    assert torch.equal(grad_coeffs, grad_out.new_zeros((3, 7)))
+    assert torch.equal(grad_pose, grad_out.new_zeros((3, 2)))
+
+
+# ---------------------------------------------------------------------------------------
+# Autograd
+
+
+def _gradcheck_inputs(batch, base_kind, p=3, k=11, n=13):
+    args = _inputs(batch, n, k, p, torch.float64, "cpu", base_kind=base_kind)
+    return [None if a is None else a.detach().clone().requires_grad_() for a in args]
+
+
+@pytest.mark.parametrize("batch", [3, 20])  # hand loop and BLAS
+@pytest.mark.parametrize("base_kind", ["flat", "shared", "batched"])
+def test_blend_gradcheck(ops, device, batch, base_kind):
+    inputs = [None if a is None else a.to(device).detach().requires_grad_()
+              for a in _gradcheck_inputs(batch, base_kind)]
+    assert torch.autograd.gradcheck(_blend_mod().blend, inputs)
+
+
+@pytest.mark.parametrize("batch", [3, 20])
+def test_blend_gradgradcheck(ops, device, batch):
+    inputs = [a.to(device).detach().requires_grad_() for a in _gradcheck_inputs(batch, "shared")]
+    assert torch.autograd.gradgradcheck(_blend_mod().blend, inputs)
+
+
+def test_blend_gradcheck_without_pose_and_partial_requires_grad(ops, device):
+    base, dirs, coeffs, _, _ = _gradcheck_inputs(3, "shared", p=0)
+    base, dirs, coeffs = (a.to(device).detach() for a in (base, dirs, coeffs))
+    coeffs.requires_grad_()
+    blend = _blend_mod().blend
+    assert torch.autograd.gradcheck(lambda c: blend(base, dirs, c), (coeffs,))
+    assert torch.autograd.gradgradcheck(lambda c: blend(base, dirs, c), (coeffs,))
+    # Only base: no kernel call in backward.
+    base.requires_grad_()
+    assert torch.autograd.gradcheck(lambda b: blend(b, dirs, coeffs.detach()), (base,))
+
+
+def test_blend_backward_gradcheck(ops, device):
+    """The backward op differentiated directly, with each output asked for or not."""
+    _, dirs, _, pose_dirs, _ = _gradcheck_inputs(3, "shared")
+    grad_out = torch.randn(3, dirs.shape[0], dtype=torch.float64, device=device, requires_grad=True)
+    dirs = dirs.to(device).detach().requires_grad_()
+    pose_dirs = pose_dirs.to(device).detach().requires_grad_()
+    for need in [(True, True), (True, False), (False, True)]:
+
+        def first_only(g, d, pd, need=need):
+            gc, gp = ops.blend_backward(g, d, pd, *need)
+            return gc if need[0] else gp
+
+        assert torch.autograd.gradcheck(first_only, (grad_out, dirs, pose_dirs))
+        assert torch.autograd.gradgradcheck(first_only, (grad_out, dirs, pose_dirs))
+
+
+def test_blend_grad_matches_reference_autograd(ops, device, dtype):
+    """float32 gradients of the op vs autograd through the reference, on decoder-like sizes."""
+    args = _inputs(5, N, 37, 9, dtype, device)
+    ours = [a.detach().clone().requires_grad_() for a in args]
+    theirs = [a.detach().double().requires_grad_() for a in args]
+    weight = torch.randn(5, N, dtype=torch.float64)
+    (_blend_mod().blend(*ours).double() * weight.to(device)).sum().backward()
+    (reference.blend(*theirs) * weight.to(device)).sum().backward()
+    # Each gradient is a sum of at most N products of O(1) terms: N * eps relative to the
+    # sum of magnitudes, which for randn data is ~sqrt(N) times the value: rtol below.
+    rtol = 2e-4 if dtype == torch.float32 else 1e-10
+    for mine, exact in zip(ours, theirs):
+        torch.testing.assert_close(mine.grad.double(), exact.grad, rtol=rtol, atol=rtol * 10)
+
+
+# ---------------------------------------------------------------------------------------
+# Registrations
+
+
+def test_opcheck(ops, device):
+    for batch, p in [(3, 4), (20, 4), (3, 0)]:
+        base, dirs, coeffs, pose_dirs, pose_coeffs = _gradcheck_inputs(batch, "shared", p=p)
+        if pose_dirs is None:
+            pose_dirs = torch.empty(0, dirs.shape[0], dtype=torch.float64)
+            pose_coeffs = torch.empty(batch, 0, dtype=torch.float64)
+        args = [a.to(device).detach() for a in (base, dirs, coeffs, pose_dirs, pose_coeffs)]
+        torch.library.opcheck(ops.blend.default, tuple(args))
+        with_grad = [a.clone().requires_grad_() for a in args]
+        torch.library.opcheck(ops.blend.default, tuple(with_grad))
+        grad_out = torch.randn(batch, dirs.shape[0], dtype=torch.float64, device=device)
+        for need in [(True, True), (True, False), (False, False)]:
+            torch.library.opcheck(ops.blend_backward.default, (grad_out, args[1], args[3], *need))
+        torch.library.opcheck(
+            ops.blend_backward.default,
+            (grad_out.clone().requires_grad_(), with_grad[1], with_grad[3], True, True),
+        )
+
+
+def test_torch_compile_fullgraph(ops, device):
+    blend = _blend_mod().blend
+    base, dirs, coeffs, pose_dirs, pose_coeffs = (
+        a.to(device) for a in _inputs(3, N, 37, 9, torch.float32, device)
+    )
+
+    def fn(base, dirs, coeffs, pose_dirs, pose_coeffs):
+        return (blend(base, dirs, coeffs, pose_dirs, pose_coeffs) * 2).square().sum()
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    c1 = coeffs.clone().requires_grad_()
+    c2 = coeffs.clone().requires_grad_()
+    p1 = pose_coeffs.clone().requires_grad_()
+    p2 = pose_coeffs.clone().requires_grad_()
+    eager = fn(base, dirs, c1, pose_dirs, p1)
+    traced = compiled(base, dirs, c2, pose_dirs, p2)
+    torch.testing.assert_close(traced, eager)
+    eager.backward()
+    traced.backward()
+    torch.testing.assert_close(c2.grad, c1.grad)
+    torch.testing.assert_close(p2.grad, p1.grad)
+    # No pose: the wrapper builds the empty tensors inside the graph.
+    compiled_no_pose = torch.compile(
+        lambda b, d, c: blend(b, d, c), fullgraph=True, backend="aot_eager"
+    )
+    torch.testing.assert_close(compiled_no_pose(base, dirs, coeffs), blend(base, dirs, coeffs))
+
+
+# ---------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_blend_argument_errors(ops, device):
+    blend = _blend_mod().blend
+    base, dirs, coeffs, pose_dirs, pose_coeffs = _inputs(3, 10, 4, 2, torch.float32, device)
+    with pytest.raises(TypeError, match="coeffs must be a torch.Tensor"):
+        blend(base, dirs, [[1.0] * 4] * 3)
+    with pytest.raises(TypeError, match="coeffs must be float32 or float64"):
+        blend(base, dirs, coeffs.to(torch.int64))
+    with pytest.raises(ValueError, match="coeffs must have 2 dimensions"):
+        blend(base, dirs, coeffs[0])
+    with pytest.raises(ValueError, match=r"dirs must have shape .*4.*got \(10, 3\)"):
+        blend(base, dirs[:, :3], coeffs)
+    with pytest.raises(ValueError, match="dirs must have 2 dimensions"):
+        blend(base, dirs[None], coeffs)
+    with pytest.raises(TypeError, match="dirs has dtype torch.float64 but coeffs"):
+        blend(base, dirs.double(), coeffs)
+    with pytest.raises(ValueError, match="dirs is on meta but coeffs"):
+        blend(base, dirs.to("meta"), coeffs)
+    with pytest.raises(ValueError, match=r"base must have shape \(10,\), \(1, 10\) or \(3, 10\)"):
+        blend(base[:, :9], dirs, coeffs)
+    with pytest.raises(ValueError, match="base must have shape"):
+        blend(torch.randn(2, 10, device=device), dirs, coeffs)
+    with pytest.raises(ValueError, match="base must have shape"):
+        blend(torch.randn(1, 1, 10, device=device), dirs, coeffs)
+    with pytest.raises(TypeError, match="base has dtype torch.float64"):
+        blend(base.double(), dirs, coeffs)
+    with pytest.raises(ValueError, match="given together"):
+        blend(base, dirs, coeffs, pose_dirs)
+    with pytest.raises(ValueError, match="given together"):
+        blend(base, dirs, coeffs, pose_coeffs=pose_coeffs)
+    with pytest.raises(ValueError, match=r"pose_dirs must have shape .*10.*got \(2, 9\)"):
+        blend(base, dirs, coeffs, pose_dirs[:, :9], pose_coeffs)
+    with pytest.raises(ValueError, match=r"pose_coeffs must have shape \(3, 2\)"):
+        blend(base, dirs, coeffs, pose_dirs, pose_coeffs[:, :1])
+    with pytest.raises(ValueError, match=r"pose_coeffs must have shape \(3, 2\)"):
+        blend(base, dirs, coeffs, pose_dirs, pose_coeffs[:2])
+    with pytest.raises(TypeError, match="pose_coeffs has dtype"):
+        blend(base, dirs, coeffs, pose_dirs, pose_coeffs.double())
+
+
+def test_kernels_check_their_inputs(ops):
+    """Direct torch.ops calls (no wrapper) get a RuntimeError, never a crash."""
+    base, dirs, coeffs, pose_dirs, pose_coeffs = _inputs(3, 10, 4, 2, torch.float32, "cpu")
+    bad_calls = [
+        lambda: ops.blend(base, dirs[:, :3], coeffs, pose_dirs, pose_coeffs),
+        lambda: ops.blend(base[:, :9], dirs, coeffs, pose_dirs, pose_coeffs),
+        lambda: ops.blend(base, dirs, coeffs, pose_dirs[:, :9], pose_coeffs),
+        lambda: ops.blend(base, dirs, coeffs, pose_dirs, pose_coeffs[:, :1]),
+        lambda: ops.blend(base, dirs, coeffs, pose_dirs[:0], pose_coeffs),
+        lambda: ops.blend(base, dirs, coeffs.double(), pose_dirs, pose_coeffs),
+        lambda: ops.blend(base, dirs, coeffs.long(), pose_dirs, pose_coeffs),
+        lambda: ops.blend_backward(torch.randn(3, 9), dirs, pose_dirs, True, True),
+        lambda: ops.blend_backward(torch.randn(3, 10), dirs, pose_dirs[:, :9], True, True),
+        lambda: ops.blend_backward(
+            torch.randn(3, 10, dtype=torch.float64), dirs, pose_dirs, True, True
+        ),
+    ]
+    for call in bad_calls:
+        with pytest.raises(RuntimeError):
+            call()
+
+
+# ---------------------------------------------------------------------------------------
+# NaN / inf
+
+
+@pytest.mark.parametrize("batch", [3, LARGE_BATCH])
+def test_nan_propagates(ops, device, dtype, batch):
+    blend = _blend_mod().blend
+    base, dirs, coeffs, pose_dirs, pose_coeffs = _inputs(batch, N, 37, 9, dtype, device)
+    coeffs = coeffs.clone()
+    coeffs[1, 36] = float("nan")  # the last column: inside the masked tail vector
+    out = blend(base, dirs, coeffs, pose_dirs, pose_coeffs)
+    assert bool(out[1].isnan().all())
+    assert not bool(out[0].isnan().any()) and not bool(out[2].isnan().any())
+
+    dirs = dirs.clone()
+    dirs[300, 0] = float("nan")
+    out = blend(base, dirs, coeffs.nan_to_num(), pose_dirs, pose_coeffs)
+    assert bool(out[:, 300].isnan().all())
+    assert int(out.isnan().sum()) == batch
+
+    pose_dirs = pose_dirs.clone()
+    pose_dirs[2, 612] = float("nan")  # the last row: the scalar tail of the pose loop
+    out = blend(base, dirs.nan_to_num(), coeffs.nan_to_num(), pose_dirs, pose_coeffs)
+    assert bool(out[:, 612].isnan().all()) and int(out.isnan().sum()) == batch
+
+    grad_out = torch.randn(batch, N, dtype=dtype, device=device)
+    grad_out[0, 5] = float("nan")
+    grad_coeffs, grad_pose = ops.blend_backward(
+        grad_out, dirs.nan_to_num(), pose_dirs.nan_to_num(), True, True
+    )
+    assert bool(grad_coeffs[0].isnan().all()) and bool(grad_pose[0].isnan().all())
+    assert not bool(grad_coeffs[1:].isnan().any()) and not bool(grad_pose[1:].isnan().any())
+
+
+@pytest.mark.parametrize("batch", [3, LARGE_BATCH])
+def test_inf_stays_inf_in_the_tail(ops, device, dtype, batch):
+    """An inf in the columns that the masked tail vector re-reads must not become NaN."""
+    gen = torch.Generator().manual_seed(3)
+    k = 37  # float32: vectors at 0, 16, then the masked one at 21 (lanes 21..31 zeroed)
+    dirs = torch.rand(N, k, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
+    coeffs = torch.rand(batch, k, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
+    base = torch.rand(N, dtype=dtype, device=device)
+    dirs[7, 25] = float("inf")
+    coeffs[0, 30] = float("inf")
+    out = _blend_mod().blend(base, dirs, coeffs)
+    assert not bool(out.isnan().any())
+    assert bool((out[:, 7] == float("inf")).all()) and bool((out[0] == float("inf")).all())
+
+    grad_out = torch.rand(batch, N, generator=gen, dtype=torch.float64)
+    grad_out = grad_out.to(dtype=dtype, device=device)
+    grad_coeffs, _ = ops.blend_backward(grad_out, dirs, dirs.new_empty((0, N)), True, False)
+    assert not bool(grad_coeffs.isnan().any())
+    assert bool((grad_coeffs[:, 25] == float("inf")).all())
+    assert bool(grad_coeffs[:, :25].isfinite().all())
+
+
+# ---------------------------------------------------------------------------------------
+# Determinism
+
+
+@pytest.mark.parametrize("batch", [3, LARGE_BATCH])
+def test_deterministic(ops, device, batch):
+    args = _inputs(batch, 3000, 100, 36, torch.float32, device)
+    base, dirs, coeffs, pose_dirs, pose_coeffs = args
+    grad_out = torch.randn(batch, 3000, device=device)
+    first = ops.blend(base, dirs, coeffs, pose_dirs, pose_coeffs)
+    first_grads = ops.blend_backward(grad_out, dirs, pose_dirs, True, True)
+    for _ in range(3):
+        assert torch.equal(ops.blend(base, dirs, coeffs, pose_dirs, pose_coeffs), first)
+        grads = ops.blend_backward(grad_out, dirs, pose_dirs, True, True)
+        assert torch.equal(grads[0], first_grads[0]) and torch.equal(grads[1], first_grads[1])
+
+
+def test_small_batch_is_independent_of_thread_count(ops):
+    """The hand loops reduce over fixed row chunks, not per-thread ones."""
+    base, dirs, coeffs, pose_dirs, pose_coeffs = _inputs(3, 20000, 100, 36, torch.float32, "cpu")
+    grad_out = torch.randn(3, 20000)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            results.append(
+                (ops.blend(base, dirs, coeffs, pose_dirs, pose_coeffs),)
+                + tuple(ops.blend_backward(grad_out, dirs, pose_dirs, True, True))
+            )
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------
+# Instruction-set variants of the CPU hand loops
+
+_ISA_SCRIPT = r"""
+import importlib.util, sys, torch
+from flame_ext import _ops
+assert _ops.available(), _ops.load_error()
+spec = importlib.util.spec_from_file_location("t", sys.argv[1])
+t = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(t)
+ops = torch.ops.flame_ext
+for dtype in (torch.float32, torch.float64):
+    for k in (5, 16, 37, 100):
+        for batch in (1, 2, 3):
+            args = t._inputs(batch, t.N, k, 9, dtype, "cpu")
+            t._assert_blend_close(ops.blend(*args), *args)
+            grad_out = torch.randn(batch, t.N, dtype=dtype)
+            grad_coeffs, grad_pose = ops.blend_backward(grad_out, args[1], args[3], True, True)
+            t._assert_adjoint_close(grad_coeffs, grad_out, args[1])
+            t._assert_adjoint_close(grad_pose, grad_out, args[3].mT)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+def test_cpu_isa_variants(ops, isa):
+    """The AVX2 and baseline builds of the hand loops (this machine picks its widest one)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, FLAME_EXT_CPU_ISA=isa)
+    result = subprocess.run(
+        [sys.executable, "-c", _ISA_SCRIPT, __file__],
+        env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+@pytest.mark.parametrize("batch", [3, LARGE_BATCH])
+def test_cuda_graph_capture(ops, batch):
+    """No host-device synchronisation in forward or backward: both capture into a graph."""
+    base, dirs, coeffs, pose_dirs, pose_coeffs = _inputs(batch, N, 37, 9, torch.float32, "cuda")
+    grad_out = torch.randn(batch, N, device="cuda")
+    expected = ops.blend(base, dirs, coeffs, pose_dirs, pose_coeffs)
+    expected_grads = ops.blend_backward(grad_out, dirs, pose_dirs, True, True)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up outside the graph, as capture requires
+        ops.blend(base, dirs, coeffs, pose_dirs, pose_coeffs)
+        ops.blend_backward(grad_out, dirs, pose_dirs, True, True)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ops.blend(base, dirs, coeffs, pose_dirs, pose_coeffs)
+        grads = ops.blend_backward(grad_out, dirs, pose_dirs, True, True)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, expected)
+    assert torch.equal(grads[0], expected_grads[0]) and torch.equal(grads[1], expected_grads[1])
