@@ -15,12 +15,10 @@
 #endif
 
 // `import flame_ext._C` loads this library (and so runs the registrations below); the
-// module itself is empty.
-extern "C" {
-PyObject* PyInit__C(void) {
+// module itself is empty. PyMODINIT_FUNC exports the symbol despite -fvisibility=hidden.
+PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module_def);
-}
 }
 
 namespace flame_ext {
