@@ -1,0 +1,229 @@
+"""The physical floor of each benchmark case: minimum bytes and FLOPs, and the device rates.
+
+floor time = max(bytes / copy bandwidth, flops / matmul rate), both rates measured on the
+same device in the same run (`measure_rates`). The byte and FLOP models below are the
+only place where they are defined; every number the benchmark reports against "the
+floor" comes from here.
+
+Counting rules (a lower bound, not a model of any implementation):
+- every input and every model array the computation needs is read once per call, every
+  output is written once; intermediates cost nothing (a perfect fusion keeps them in
+  registers). Index arrays are int64, everything else `itemsize` (4 for float32).
+- forward+backward is two calls (autograd runs them apart): the backward reads the
+  output gradients and the model arrays again and writes the input gradients once. It
+  saves nothing from the forward (whatever it needs is counted as recomputed for free),
+  so the floor stays below any real implementation.
+- FLOPs count multiply and add separately (a multiply-add is 2). Work that is a tiny
+  fraction of the total (Rodrigues, the 5-joint chain, the contour bin) is left out and
+  said so next to each model.
+- The floor uses DRAM bandwidth: at small batches the model arrays (FLAME's shape_dirs is
+  24 MB in float32) can stay in a GPU's L2 or a CPU's L3 between calls, so a measured
+  time may beat the floor there. The benchmark reports the ratio, never asserts it.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Dict
+
+import torch
+
+from . import timing
+
+INDEX_BYTES = 8  # int64 face and landmark indices
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Minimum traffic of one call: bytes read + written, and floating-point operations."""
+
+    bytes: float
+    flops: float
+
+    def __add__(self, other: "Cost") -> "Cost":
+        return Cost(self.bytes + other.bytes, self.flops + other.flops)
+
+    def as_dict(self) -> Dict[str, float]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ShapeDims:
+    """FlameShape's sizes: vertices, shape/expression components, pose features, joints."""
+
+    V: int
+    n_shape: int
+    n_expr: int
+    P: int
+    J: int
+
+    @property
+    def K(self) -> int:
+        return self.n_shape + self.n_expr
+
+
+# Per-vertex FLOPs of linear blend skinning: blending the 3x4 non-trivial part of J
+# transforms (12 entries x J joints x multiply-add) and applying it to a point (3 rows of
+# 3 multiply-adds plus the translation). Writing R adds no arithmetic (the blended 4x4 is
+# the same numbers), only bytes.
+def _skin_flops_per_vertex(J: int) -> int:
+    return 2 * 12 * J + 3 * (2 * 3 + 1)
+
+
+def shape_cost(d: ShapeDims, batch: int, *, shared: bool, backward: bool, with_R: bool,
+               itemsize: int = 4) -> Cost:
+    """FlameShape forward (and backward) for `batch` samples.
+
+    Forward reads: shape_dirs (3V x K), pose_dirs (P x 3V), v_template (3V), lbs_weights
+    (V x J), the joint basis (3J x K + 3J), the inputs (per-sample: B x (K + 3J);
+    shared identity: n_shape + B x (n_expr + 3J)). Writes v (B x 3V) and, with R,
+    the per-vertex transforms (B x 16V).
+    Forward FLOPs: the blend 2 B 3V K (shared: 2 3V n_shape once + 2 B 3V n_expr), the
+    pose correctives 2 B 3V P, the joints 2 B 3J K, skinning B V (24J + 21).
+    Backward reads grad v (and grad R) and the same model arrays, writes the input
+    gradients; FLOPs mirror the forward (the transposed blends, the skinning adjoint,
+    and with R the 16-entry per-joint accumulation 2 B V 16 J; shared: the batch sum of
+    grad v_shaped, B 3V, before one 2 3V n_shape product).
+    Left out: Rodrigues and the joint chain (~300 FLOPs per sample).
+    """
+    V3, K, B = 3 * d.V, d.K, batch
+    model_bytes = (V3 * K + d.P * V3 + V3 + d.V * d.J + 3 * d.J * K + 3 * d.J) * itemsize
+    if shared:
+        input_floats = d.n_shape + B * (d.n_expr + 3 * d.J)
+        blend_flops = 2 * V3 * d.n_shape + 2 * B * V3 * d.n_expr
+    else:
+        input_floats = B * (K + 3 * d.J)
+        blend_flops = 2 * B * V3 * K
+    output_floats = B * V3 + (B * 16 * d.V if with_R else 0)
+    per_sample_flops = 2 * V3 * d.P + 2 * 3 * d.J * K + d.V * _skin_flops_per_vertex(d.J)
+    forward = Cost(
+        bytes=model_bytes + (input_floats + output_floats) * itemsize,
+        flops=blend_flops + B * per_sample_flops,
+    )
+    if not backward:
+        return forward
+    grad_flops = blend_flops + (B * V3 if shared else 0) + B * per_sample_flops
+    if with_R:
+        grad_flops += B * d.V * 2 * 16 * d.J
+    back = Cost(
+        bytes=model_bytes + (output_floats + input_floats) * itemsize,
+        flops=grad_flops,
+    )
+    return forward + back
+
+
+def landmark_cost(V: int, L: int, batch: int, *, backward: bool, dynamic: int = 0,
+                  itemsize: int = 4) -> Cost:
+    """FlameLandmark forward (and backward): L landmarks, `dynamic` of them contour points.
+
+    Forward reads the 3 vertices of each landmark's face (B L 9 floats), the barycentric
+    coordinates and face indices (per sample for the contour points, which depend on the
+    bin: B x dynamic; once for the static ones) and the poses when there is a contour
+    (B x 15); writes B L 3. FLOPs: 15 per landmark (3 coordinates x (3 mul + 2 add)).
+    Backward reads grad (B L 3) and the same indices and weights, and writes the dense
+    grad v (B x 3V): every vertex gets a gradient entry, zero or not, so at any batch the
+    backward floor is the B 3V write. FLOPs: 9 multiply-adds per landmark.
+    Left out: the contour bin (~60 FLOPs per sample).
+    """
+    B, static = batch, L - dynamic
+    index_bytes = (static + B * dynamic) * (4 * INDEX_BYTES + 3 * itemsize)
+    pose_bytes = B * 15 * itemsize if dynamic else 0
+    forward = Cost(
+        bytes=(B * L * 9 + B * L * 3) * itemsize + index_bytes + pose_bytes,
+        flops=B * L * 15,
+    )
+    if not backward:
+        return forward
+    back = Cost(bytes=(B * L * 3 + B * 3 * V) * itemsize + index_bytes, flops=B * L * 18)
+    return forward + back
+
+
+def texture_cost(N: int, K: int, batch: int, itemsize: int = 4) -> Cost:
+    """FlameTex forward: the output reads only N = 3 x 256 x 256 texels of the basis.
+
+    Reads the gathered basis (N x K) and mean (N) once and the codes (B x K); writes the
+    images (B x N). FLOPs: 2 B N K.
+    """
+    return Cost(bytes=(N * K + N + batch * K + batch * N) * itemsize, flops=2 * batch * N * K)
+
+
+def floor_time(cost: Cost, rates: Dict[str, float]) -> Dict[str, float]:
+    """The floor of one call, and which resource bounds it ('memory' or 'compute')."""
+    memory_s = cost.bytes / rates["copy_bytes_per_s"]
+    compute_s = cost.flops / rates["matmul_flops_per_s"]
+    return {
+        "bytes": cost.bytes,
+        "flops": cost.flops,
+        "memory_s": memory_s,
+        "compute_s": compute_s,
+        "time_s": max(memory_s, compute_s),
+        "bound": "memory" if memory_s >= compute_s else "compute",
+    }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _best_of(fn, device: torch.device, repeats: int) -> list:
+    fn()  # warm-up: first-touch page faults on the CPU, allocator and cuBLAS heuristics
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def measure_rates(device: torch.device, quick: bool = False) -> Dict[str, float]:
+    """Copy bandwidth and fp32 matmul rate of `device`, measured now.
+
+    Copy: `dst.copy_(src)` of a tensor larger than the last-level cache (at least twice
+    its size, GPU >= 1 GB, CPU 256 MB to 2 GB; --quick: 256 MB / 64 MB, which a big
+    cache may flatter), counted as bytes read + written. Matmul: an n x n fp32 product
+    (CPU n=2048, GPU n=8192; --quick 512) at full fp32 precision (TF32 off: the decoders
+    compute in fp32), 2 n^3 FLOPs. The rate is the best of the repeats: a floor must
+    use the fastest the device was seen to go (on a shared machine the median is lower);
+    the median is kept too.
+    """
+    cache = timing.last_level_cache_bytes(device)
+    if device.type == "cuda":
+        copy_bytes = 2**28 if quick else max(2**30, 2 * cache)
+        n, repeats = (1024, 5) if quick else (8192, 10)
+    else:
+        copy_bytes = 2**26 if quick else min(2**31, max(2**28, 2 * cache))
+        n, repeats = (512, 3) if quick else (2048, 5)
+    elements = copy_bytes // 4
+    src = torch.rand(elements, device=device)
+    dst = torch.empty_like(src)
+    copy_times = _best_of(lambda: dst.copy_(src), device, repeats)
+    del src, dst
+
+    a = torch.rand(n, n, device=device)
+    b = torch.rand(n, n, device=device)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        matmul_times = _best_of(lambda: torch.mm(a, b), device, repeats)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    copy_bytes, flops = 2 * elements * 4, 2 * n**3
+    return {
+        "copy_bytes_per_s": copy_bytes / min(copy_times),
+        "copy_bytes_per_s_median": copy_bytes / statistics.median(copy_times),
+        "copy_tensor_bytes": elements * 4,
+        "matmul_flops_per_s": flops / min(matmul_times),
+        "matmul_flops_per_s_median": flops / statistics.median(matmul_times),
+        "matmul_n": n,
+        "repeats": repeats,
+    }
+
+
+def describe_rates(rates: Dict[str, float]) -> str:
+    return (f"copy {rates['copy_bytes_per_s'] / 1e9:.1f} GB/s, "
+            f"fp32 matmul {rates['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s")

@@ -1,0 +1,186 @@
+"""Smoke test of the benchmark suite (bench/): the --quick run end to end on the small
+synthetic model, the JSON it writes, the plot, and the byte/FLOP models of the floor.
+
+No timing is asserted: only that every number is there, positive and consistent.
+"""
+
+import json
+import os
+import statistics
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from bench import floor, run, timing  # noqa: E402
+
+from flame_ext import _ops  # noqa: E402
+
+CASES = {
+    "shape_fwd", "shape_fwd_R", "shape_fwdbwd", "shape_fwdbwd_R",
+    "shared_fwd", "shared_fwd_R", "shared_fwdbwd", "shared_fwdbwd_R",
+    "lmk68_fwd", "lmk68_fwdbwd", "lmkmp_fwd", "lmkmp_fwdbwd", "tex_fwd",
+}
+IMPLS = ["medusa", "reference", "flame_ext"]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    code = run.main(["--quick", "--device", "cpu", "--model-path", "synthetic-small",
+                     "--impls", *IMPLS, "--no-progress", "--out", str(out)])
+    assert code == 0
+    files = sorted(os.listdir(out))
+    jsons = [f for f in files if f.endswith(".json")]
+    assert len(jsons) == 1, files
+    with open(out / jsons[0]) as f:
+        return out, files, json.load(f)
+
+
+def test_quick_run_writes_the_environment(quick_run):
+    _, files, data = quick_run
+    assert data["schema"] == run.SCHEMA
+    env = data["environment"]
+    for key in ("device", "device_type", "torch", "cuda", "git_sha", "date", "python",
+                "threads", "build_info"):
+        assert key in env, key
+    assert env["device_type"] == "cpu"
+    assert env["torch"] == torch.__version__
+    # The file name carries the device and the date.
+    assert files[0].startswith("bench_cpu-") and env["date"][:4] in files[0]
+    assert data["impls"] == IMPLS
+    assert data["args"]["batch_sizes"] == run.QUICK_BATCHES
+    rates = data["device_rates"]
+    assert rates["copy_bytes_per_s"] > 0 and rates["matmul_flops_per_s"] > 0
+
+
+def test_quick_run_measures_every_case(quick_run):
+    _, _, data = quick_run
+    assert {c["name"] for c in data["cases"]} == CASES
+    rows = {(r["case"], r["batch"]): r for r in data["results"]}
+    assert set(rows) == {(c, b) for c in CASES for b in run.QUICK_BATCHES}
+    for (case, batch), row in rows.items():
+        fl = row["floor"]
+        assert fl["bytes"] > 0 and fl["flops"] > 0, case
+        assert fl["time_s"] == max(fl["memory_s"], fl["compute_s"])
+        assert fl["bound"] in ("memory", "compute")
+        assert set(row["impls"]) == set(IMPLS)
+        # The baselines always run; every timed cell carries its statistics.
+        for impl in ("medusa", "reference"):
+            cell = row["impls"][impl]
+            assert "median_s" in cell, (case, batch, impl, cell)
+            assert 0 < cell["min_s"] <= cell["q1_s"] <= cell["median_s"] <= cell["q3_s"]
+            assert cell["q3_s"] <= cell["max_s"] and cell["repeats"] >= 3
+            assert cell["GBps"] == pytest.approx(fl["bytes"] / cell["median_s"] / 1e9)
+            assert cell["x_floor"] == pytest.approx(cell["median_s"] / fl["time_s"])
+        assert row["impls"]["reference"]["speedup_vs_medusa"] == pytest.approx(
+            row["impls"]["medusa"]["median_s"] / row["impls"]["reference"]["median_s"])
+        ext = row["impls"]["flame_ext"]
+        if _ops.available():
+            assert "median_s" in ext, ext
+        else:  # reported per cell, and the run went on
+            assert "flame_ext" in ext["error"] and "median_s" not in ext
+
+
+def test_quick_run_fits_landmarks(quick_run):
+    _, _, data = quick_run
+    fit = data["fit"]
+    assert fit["frames"] == run.FIT_SIZE["quick"][0]
+    results = {r["impl"]: r for r in fit["results"]}
+    # flame_ext brings FlameShapeLandmark (the landmark-only decoder) into the fit.
+    assert set(results) == set(IMPLS) | {"flame_ext_lmk"}
+    for impl in ("medusa", "reference"):
+        r = results[impl]
+        assert r["frames_iters_per_s"] > 0 and r["seconds"] > 0
+        assert r["final_lmk_error"] < r["initial_lmk_error"]
+    # Same model, targets, start and optimiser: the two paths optimise the same thing.
+    # Not bitwise (float32 sums in another order; Adam's first steps are lr * sign(g)),
+    # hence a few percent.
+    assert results["reference"]["final_lmk_error"] == pytest.approx(
+        results["medusa"]["final_lmk_error"], rel=0.05)
+
+
+def test_quick_run_writes_the_plot(quick_run):
+    out, files, data = quick_run
+    pytest.importorskip("matplotlib")
+    png = data["files"]["png"]
+    assert png is not None and os.path.basename(png) in files
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_shape_floor_counts_each_array_once():
+    d = floor.ShapeDims(V=2, n_shape=1, n_expr=2, P=9, J=2)
+    # model: shape_dirs 6x3, pose_dirs 9x6, v_template 6, lbs_weights 2x2, joints 6x3 + 6
+    model = 18 + 54 + 6 + 4 + 18 + 6
+    fwd = floor.shape_cost(d, 4, shared=False, backward=False, with_R=False)
+    assert fwd.bytes == 4 * (model + 4 * (3 + 6) + 4 * 6)
+    skin = 24 * 2 + 21
+    assert fwd.flops == 2 * 4 * 6 * 3 + 4 * (2 * 6 * 9 + 2 * 6 * 3 + 2 * skin)
+    with_R = floor.shape_cost(d, 4, shared=False, backward=False, with_R=True)
+    assert with_R.bytes - fwd.bytes == 4 * 4 * 16 * 2 and with_R.flops == fwd.flops
+    shared = floor.shape_cost(d, 4, shared=True, backward=False, with_R=False)
+    assert shared.bytes == 4 * (model + 1 + 4 * (2 + 6) + 4 * 6)
+    both = floor.shape_cost(d, 4, shared=False, backward=True, with_R=False)
+    assert both.bytes == 2 * fwd.bytes and both.flops == 2 * fwd.flops
+
+
+def test_landmark_and_texture_floors():
+    lmk = floor.landmark_cost(V=10, L=5, batch=2, backward=False)
+    assert lmk.bytes == 4 * (2 * 5 * 9 + 2 * 5 * 3) + 5 * (4 * 8 + 3 * 4)
+    back = floor.landmark_cost(V=10, L=5, batch=2, backward=True)
+    # The backward writes the dense vertex gradient.
+    assert back.bytes - lmk.bytes == 4 * (2 * 5 * 3 + 2 * 3 * 10) + 5 * (4 * 8 + 3 * 4)
+    tex = floor.texture_cost(N=100, K=3, batch=2)
+    assert tex.bytes == 4 * (300 + 100 + 6 + 200) and tex.flops == 2 * 2 * 100 * 3
+
+
+def test_floor_time_takes_the_binding_resource():
+    rates = {"copy_bytes_per_s": 1e9, "matmul_flops_per_s": 1e10}
+    memory = floor.floor_time(floor.Cost(bytes=2e9, flops=1e9), rates)
+    assert memory["time_s"] == pytest.approx(2.0) and memory["bound"] == "memory"
+    compute = floor.floor_time(floor.Cost(bytes=1e6, flops=5e10), rates)
+    assert compute["time_s"] == pytest.approx(5.0) and compute["bound"] == "compute"
+
+
+def test_summarize_and_rotation():
+    stats = timing.summarize([5.0, 1.0, 4.0, 2.0, 3.0])
+    assert stats["median_s"] == 3.0 and (stats["q1_s"], stats["q3_s"]) == (2.0, 4.0)
+    assert stats["spread"] == pytest.approx(2 / 3) and stats["repeats"] == 5
+    assert stats["median_s"] == statistics.median([1, 2, 3, 4, 5])
+    nxt = timing.rotating(["a", "b", "c"])
+    assert [nxt() for _ in range(5)] == ["a", "b", "c", "a", "b"]
+    cpu = torch.device("cpu")
+    assert timing.input_set_count(10, cpu) == 8
+    assert timing.input_set_count(2**40, cpu) == 2
+
+
+def test_measure_interleaves_and_reports_failures():
+    calls = []
+
+    def fast():
+        calls.append("fast")
+
+    def slow():
+        calls.append("slow")
+        sum(range(2000))
+
+    def broken():
+        raise RuntimeError("no kernel")
+
+    results = timing.measure({"fast": fast, "broken": broken, "slow": slow},
+                             torch.device("cpu"), repeats=3, budget_s=0.01)
+    assert list(results) == ["fast", "broken", "slow"]
+    assert results["broken"] == {"error": "RuntimeError: no kernel"}
+    for name in ("fast", "slow"):
+        assert results[name]["repeats"] == 3 and results[name]["median_s"] > 0
+        assert results[name]["first_call_s"] > 0 and results[name]["calls_per_sample"] >= 1
+    # Sampling alternates between the steps instead of finishing one before the other.
+    sampled = calls[-(results["fast"]["calls_per_sample"] * 3
+                      + results["slow"]["calls_per_sample"] * 3):]
+    switches = sum(a != b for a, b in zip(sampled, sampled[1:]))
+    assert switches >= 3
