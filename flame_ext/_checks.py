@@ -30,6 +30,12 @@ def check_tensor(
     """
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    # Sparse and nested tensors have no kernels here; caught before their shape is read
+    # (a nested tensor's raises an internal error).
+    if value.is_nested:
+        raise TypeError(f"{name} must be a dense tensor, got a nested tensor")
+    if value.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {value.layout}")
     if shape is not None:
         ndim = len(shape)
     if ndim is not None and value.dim() != ndim:

@@ -231,6 +231,12 @@ class FlameShape(_ParametricDecoder):
         self.transforms = transforms
 
         model = load_flame_model(model_path)
+        if model.parents.shape[0] != len(POSE_NAMES) + 1:
+            # medusa's pose parameters (global, neck, jaw, two eyes) address FLAME's joints
+            raise ValueError(
+                f"{model.source}: FlameShape needs FLAME's 5 joints (global, neck, jaw, "
+                f"eyes), the model has {model.parents.shape[0]} joints"
+            )
         self.n_shape = check_count("n_shape", n_shape, 0, model.n_shape)
         self.n_expr = check_count("n_expr", n_expr, 0, model.n_expr)
         self.parameters_ = [] if parameters is None else list(parameters)
@@ -286,7 +292,7 @@ class FlameShape(_ParametricDecoder):
         dtype = self.v_template.dtype
         self.register_buffer("_J_template", template.reshape(-1).to(dtype), persistent=False)
         self.register_buffer(
-            "_J_dirs", dirs.reshape(-1, dirs.shape[-1]).to(dtype), persistent=False
+            "_J_dirs", dirs.reshape(dirs.shape[0] * 3, dirs.shape[-1]).to(dtype), persistent=False
         )
 
     def _apply(self, fn, *args, **kwargs):

@@ -99,6 +99,12 @@ _MP_KEYS = ("lmk_face_idx", "lmk_b_coords", "landmark_indices")
 _MAX_NPY_HEADER = 1 << 16
 # Densifying a sparse matrix is bounded so a forged shape cannot ask for terabytes.
 _MAX_DENSE_ELEMENTS = 1 << 28
+# Nested lists are accepted as arrays up to this many elements (FLAME files hold arrays;
+# a list is at most a small table). Pickled lists can share structure through the memo:
+# three levels of 1000 references to one list are 1e9 elements from a 28 KB file.
+_MAX_LIST_ELEMENTS = 1 << 20
+# The largest float32: model values beyond it would become inf in the float32 decoders.
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 # Texture bases are converted in chunks of about this many source bytes.
 _CHUNK_BYTES = 1 << 26
 
@@ -142,6 +148,15 @@ def _expect_finite(source: str, name: str, value: np.ndarray) -> None:
         bad = value.size - int(np.count_nonzero(finite))
         first = tuple(int(i) for i in np.argwhere(~finite)[0])
         raise _fail(source, f"{name} holds {bad} non-finite values (NaN or inf), first at {first}")
+    # The decoders compute in float32 by default, where these would be inf.
+    huge = np.abs(value) > _FLOAT32_MAX
+    if huge.any():
+        first = tuple(int(i) for i in np.argwhere(huge)[0])
+        raise _fail(
+            source,
+            f"{name} holds {int(np.count_nonzero(huge))} values beyond the float32 range "
+            f"(|x| > {_FLOAT32_MAX:.4g}), first {value[first]!r} at {first}",
+        )
 
 
 def _expect_indices(source: str, name: str, value: np.ndarray, upper: Optional[int], what: str):
@@ -689,9 +704,30 @@ def _to_numpy(value, source: str, key: str, depth: int = 0):
         if value.dtype in (torch.bfloat16, torch.float16):  # numpy has no bfloat16
             value = value.double()
         return value.numpy()
-    if isinstance(value, (np.generic, int, float, list, tuple)):
+    if isinstance(value, (list, tuple)):
+        _check_list_size(value, source, key)
+        return np.asarray(value)
+    if isinstance(value, (np.generic, int, float)):
         return np.asarray(value)
     raise TypeError(f"{source}: {key} must be an array, got {type(value).__name__}")
+
+
+def _check_list_size(value, source: str, key: str) -> None:
+    """Refuses nested lists of more than _MAX_LIST_ELEMENTS items before numpy expands
+    them; the walk stops as soon as the count passes the limit, so shared sub-lists (a
+    memo bomb) cost at most that many steps."""
+    count, stack = 0, [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, (list, tuple)):
+            count += len(item)
+            if count > _MAX_LIST_ELEMENTS:
+                raise _fail(
+                    source,
+                    f"{key} is a nested list of more than {_MAX_LIST_ELEMENTS} items; FLAME "
+                    "files hold arrays (a corrupt or hostile file?)",
+                )
+            stack.extend(item)
 
 
 def _numeric(value, source: str, key: str, kinds: str, dtype) -> np.ndarray:
@@ -873,10 +909,24 @@ class _NpzMember:
 
     def __init__(self, archive: zipfile.ZipFile, member: str, source: str, key: str):
         self.archive, self.member, self.where = archive, member, f"{source}[{key}]"
-        with _archive_errors(self.where), archive.open(member) as fp:
-            self.shape, self.fortran_order, self.dtype = _read_npy_header(fp, self.where)
+        with _archive_errors(self.where):
+            info = archive.getinfo(member)
+            with archive.open(member) as fp:
+                self.shape, self.fortran_order, self.dtype = _read_npy_header(fp, self.where)
+                header_bytes = fp.tell()
         if self.dtype.hasobject:
             raise _fail(self.where, "is an object array (pickled data); refusing to load it")
+        _check_member_size(info, self.where)
+        # numpy allocates the declared shape before reading: a forged header must not get
+        # that far.
+        declared = math.prod(self.shape) * self.dtype.itemsize
+        present = info.file_size - header_bytes
+        if declared > present:
+            raise _fail(
+                self.where,
+                f"declares an array of shape {self.shape} and dtype {self.dtype} "
+                f"({declared} bytes) but holds {present} bytes of data: truncated or corrupt",
+            )
 
     def read(self) -> np.ndarray:
         with _archive_errors(self.where), self.archive.open(self.member) as fp:
@@ -894,6 +944,29 @@ class _NpzMember:
                 n = min(rows, self.shape[0] - start)
                 data = _read_exact(fp, n * row_bytes, self.where, "array data")
                 yield np.frombuffer(data, dtype=self.dtype).reshape((n,) + row_shape)
+
+
+# Deflate expands at most 1032:1, so a member's stated size is bounded by its compressed
+# one (numpy's savez stores, savez_compressed deflates; it never uses other methods).
+_DEFLATE_MAX_RATIO = 1032
+
+
+def _check_member_size(info: zipfile.ZipInfo, where: str) -> None:
+    """The uncompressed size an archive member states must be one its bytes can yield:
+    it bounds what numpy allocates for the member before reading it."""
+    if info.compress_type == zipfile.ZIP_STORED:
+        ok = info.file_size == info.compress_size
+    elif info.compress_type == zipfile.ZIP_DEFLATED:
+        ok = info.file_size <= _DEFLATE_MAX_RATIO * info.compress_size + 1024
+    else:
+        raise _fail(where, f"compressed with zip method {info.compress_type}, which numpy "
+                    "never writes; refusing to read it")
+    if not ok:
+        raise _fail(
+            where,
+            f"states {info.file_size} bytes uncompressed from {info.compress_size} stored "
+            "bytes: corrupt archive",
+        )
 
 
 def _array_source(value, source: str, key: str):
@@ -938,7 +1011,7 @@ def _texture_grid(mean_shape, basis_shape, source, keys) -> Tuple[int, int, int]
 def parse_texture_space(raw: Mapping, source: str, n_tex: int = 50) -> TextureSpace:
     """Parses a texture archive's arrays: MU / PC (0..1) or mean / tex_dir (0..255).
 
-    Values of the mapping may be ndarrays or lazy npz members (see `_TextureArchive`).
+    Values of the mapping may be ndarrays or lazy npz members (see `_NpzArchive`).
     """
     if not isinstance(raw, Mapping):
         raise _fail(source, f"expected a dict of texture arrays, got {type(raw).__name__}")
@@ -1019,8 +1092,8 @@ def _read_npy_header(fp, source: str):
     reader = fmt.read_array_header_1_0 if major == 1 else fmt.read_array_header_2_0
     try:
         return reader(header, max_header_size=_MAX_NPY_HEADER)
-    except (ValueError, SyntaxError) as e:
-        raise _fail(source, f"malformed .npy header ({e})") from e
+    except Exception as e:  # ValueError, SyntaxError, tokenize.TokenError, ...: all malformed
+        raise _fail(source, f"malformed .npy header ({type(e).__name__}: {e})") from e
 
 
 def _check_file(path: Path) -> str:
@@ -1061,7 +1134,10 @@ def _archive_errors(source: str):
     except _FormatError:
         raise
     except (
-        zipfile.BadZipFile, zlib.error, EOFError, OSError, KeyError, ValueError, struct.error
+        zipfile.BadZipFile, zlib.error, EOFError, OSError, KeyError, ValueError, struct.error,
+        # zipfile: NotImplementedError for a damaged compression method or version field,
+        # RuntimeError for a member flagged as encrypted.
+        RuntimeError,
     ) as e:
         raise _fail(
             source, f"cannot read the archive (truncated or corrupt?): {type(e).__name__}: {e}"
@@ -1069,16 +1145,17 @@ def _archive_errors(source: str):
 
 
 def _read_npz(path: Path) -> dict:
+    # Member by member through _NpzMember, which checks each header against the bytes
+    # present before numpy allocates anything.
     source = _check_file(path)
     with _archive_errors(source):
-        archive = np.load(path, allow_pickle=False)
-        if not isinstance(archive, np.lib.npyio.NpzFile):
-            raise _fail(source, "expected an .npz archive, found a single .npy array")
-        with archive:
-            return {key: archive[key] for key in archive.files}
+        archive = zipfile.ZipFile(path)
+    with archive:
+        members = _NpzArchive(archive, source)
+        return {key: members[key].read() for key in members}
 
 
-class _TextureArchive(Mapping):
+class _NpzArchive(Mapping):
     """Lazy view of an .npz archive's arrays, each an `_NpzMember`."""
 
     def __init__(self, archive: zipfile.ZipFile, source: str):
@@ -1102,7 +1179,7 @@ def _load_texture_file(path: Path, n_tex) -> TextureSpace:
     with _archive_errors(source):
         archive = zipfile.ZipFile(path)
     with archive:  # member errors are named by _NpzMember; n_tex errors pass through
-        return parse_texture_space(_TextureArchive(archive, source), source, n_tex)
+        return parse_texture_space(_NpzArchive(archive, source), source, n_tex)
 
 
 # --------------------------------------------------------------------------------------
@@ -1145,7 +1222,10 @@ def _synthetic_raw(where: _Synthetic, names, n_tex: Optional[int] = None) -> Any
     _warn_synthetic(where.size)
     if not (isinstance(n_tex, int) and not isinstance(n_tex, bool) and 1 <= n_tex <= 200):
         n_tex = None
-    assets = synthetic.build_assets(size=where.size, seed=0, n_tex=n_tex)
+    try:
+        assets = synthetic.build_assets(size=where.size, seed=0, n_tex=n_tex)
+    except ValueError:  # more components than this size has: the parser says how many
+        assets = synthetic.build_assets(size=where.size, seed=0)
     for name in names:
         if name in assets:
             return assets[name]
@@ -1316,7 +1396,7 @@ def load_landmark_embedding(
     A .pkl `model_path` means the embedding beside that model; `num_faces`, when given,
     is the face count every landmark face index must stay below.
     """
-    if lm_type not in LANDMARK_FILE_NAMES:
+    if not isinstance(lm_type, str) or lm_type not in LANDMARK_FILE_NAMES:
         raise ValueError(f"lm_type must be one of {sorted(LANDMARK_FILE_NAMES)}, got {lm_type!r}")
     num_faces = _check_num_faces(num_faces)
     name = LANDMARK_FILE_NAMES[lm_type]

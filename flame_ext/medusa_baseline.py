@@ -46,9 +46,10 @@ def _batch_rigid_transform(rot, joints, parents):
     joints = joints.unsqueeze(-1)
     rel_joints = joints.clone()
     rel_joints[:, 1:] -= joints[:, parents[1:]]
-    n_joints = joints.shape[1]
+    batch, n_joints = joints.shape[:2]
     local = _transform_mat(rot.reshape(-1, 3, 3), rel_joints.reshape(-1, 3, 1))
-    local = local.reshape(-1, n_joints, 4, 4)
+    # Explicit sizes rather than -1 (as elsewhere below): a batch of 0 leaves -1 ambiguous.
+    local = local.reshape(batch, n_joints, 4, 4)
     chain = [local[:, 0]]
     for i in range(1, parents.shape[0]):
         # Indexing a Python list with a tensor element reads it back to the host, as
@@ -64,24 +65,23 @@ def lbs(beta, pose, v_template, shape_dirs, pose_dirs, J_regressor, parents, lbs
     """medusa's linear blend skinning. beta (B, K) or (1, K), pose (B, 3J), v_template
     (V, 3), shape_dirs (V, 3, K), pose_dirs (P, 3V), J_regressor (J, V), parents (J,),
     lbs_weights (V, J). Returns (v (B, V, 3), T (B, V, 4, 4)); T is always materialised."""
-    batch = pose.shape[0]
+    batch, n_joints, n_verts = pose.shape[0], J_regressor.shape[0], v_template.shape[0]
     # medusa's FlameShape expands every parameter to the batch before calling lbs.
     beta = beta.expand(batch, -1)
     v_shaped = v_template + torch.einsum("bl,mkl->bmk", beta, shape_dirs)
     joints = torch.einsum("bik,ji->bjk", v_shaped, J_regressor)
 
     eye = torch.eye(3, dtype=pose.dtype, device=pose.device)
-    rot = _batch_rodrigues(pose.reshape(-1, 3)).view(batch, -1, 3, 3)
-    pose_feature = (rot[:, 1:, :, :] - eye).view(batch, -1)
-    pose_offsets = torch.matmul(pose_feature, pose_dirs).view(batch, -1, 3)
+    rot = _batch_rodrigues(pose.reshape(-1, 3)).view(batch, n_joints, 3, 3)
+    pose_feature = (rot[:, 1:, :, :] - eye).view(batch, 9 * (n_joints - 1))
+    pose_offsets = torch.matmul(pose_feature, pose_dirs).view(batch, n_verts, 3)
     v_posed = v_shaped + pose_offsets
 
     rel_transforms = _batch_rigid_transform(rot, joints, parents)
 
     weights = lbs_weights.unsqueeze(dim=0).expand(batch, -1, -1)
-    n_joints = J_regressor.shape[0]
     vertex_transforms = torch.matmul(weights, rel_transforms.view(batch, n_joints, 16))
-    vertex_transforms = vertex_transforms.view(batch, -1, 4, 4)
+    vertex_transforms = vertex_transforms.view(batch, n_verts, 4, 4)
     ones = torch.ones(
         [batch, v_posed.shape[1], 1], dtype=v_posed.dtype, device=v_posed.device
     )
@@ -143,8 +143,11 @@ def _find_dynamic_lmk_idx_and_bcoords(poses, dynamic_lmk_faces_idx, dynamic_lmk_
     )
     neck_kin_chain = _neck_kin_chain(poses.device)
     with torch.no_grad():
-        chain_6d = torch.index_select(pose_6d.view(batch, -1, 6), 1, neck_kin_chain)
-        rot = _rotation_6d_to_matrix(chain_6d.reshape(-1, 6)).view(batch, -1, 3, 3)
+        chain_6d = torch.index_select(pose_6d.view(batch, poses.shape[1] // 3, 6), 1,
+                                      neck_kin_chain)
+        rot = _rotation_6d_to_matrix(chain_6d.reshape(-1, 6)).view(
+            batch, len(_NECK_KIN_CHAIN), 3, 3
+        )
         rel = torch.eye(3, dtype=poses.dtype, device=poses.device).unsqueeze(0)
         rel = rel.expand(batch, -1, -1)
         for k in range(len(neck_kin_chain)):
@@ -163,10 +166,11 @@ def _find_dynamic_lmk_idx_and_bcoords(poses, dynamic_lmk_faces_idx, dynamic_lmk_
 def _vertices2landmarks(v, tris, lmk_faces_idx, lmk_bary_coords):
     """v (B, V, 3), lmk_faces_idx (B, L), lmk_bary_coords (B, L, 3) -> (B, L, 3)."""
     batch, n_verts = v.shape[:2]
-    lmk_faces = torch.index_select(tris, 0, lmk_faces_idx.reshape(-1)).view(batch, -1, 3)
+    n_lmk = lmk_faces_idx.shape[1]
+    lmk_faces = torch.index_select(tris, 0, lmk_faces_idx.reshape(-1)).view(batch, n_lmk, 3)
     offsets = torch.arange(batch, dtype=torch.long, device=v.device).view(-1, 1, 1)
     lmk_faces = lmk_faces + offsets * n_verts
-    lmk_vertices = v.reshape(-1, 3)[lmk_faces].view(batch, -1, 3, 3)
+    lmk_vertices = v.reshape(-1, 3)[lmk_faces].view(batch, n_lmk, 3, 3)
     return torch.einsum("blfi,blf->bli", [lmk_vertices, lmk_bary_coords])
 
 
