@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .reference import euler_xyz_to_matrix  # pytorch3d's Euler "XYZ", as medusa calls it
+
 # medusa's FlameLandmark buffer: the neck joint, then the root.
 _NECK_KIN_CHAIN = (1, 0)
 
@@ -90,24 +92,6 @@ def lbs(beta, pose, v_template, shape_dirs, pose_dirs, J_regressor, parents, lbs
     return v_homo[:, :, :3, 0], vertex_transforms
 
 
-def _axis_angle_rotation(axis: str, angle: torch.Tensor) -> torch.Tensor:
-    cos, sin = torch.cos(angle), torch.sin(angle)
-    one, zero = torch.ones_like(angle), torch.zeros_like(angle)
-    if axis == "X":
-        flat = (one, zero, zero, zero, cos, -sin, zero, sin, cos)
-    elif axis == "Y":
-        flat = (cos, zero, sin, zero, one, zero, -sin, zero, cos)
-    else:
-        flat = (cos, -sin, zero, sin, cos, zero, zero, zero, one)
-    return torch.stack(flat, -1).reshape(angle.shape + (3, 3))
-
-
-def _euler_angles_to_matrix(angles: torch.Tensor) -> torch.Tensor:
-    """pytorch3d's euler_angles_to_matrix with convention 'XYZ'."""
-    mats = [_axis_angle_rotation(c, e) for c, e in zip("XYZ", torch.unbind(angles, -1))]
-    return torch.matmul(torch.matmul(mats[0], mats[1]), mats[2])
-
-
 def _matrix_to_rotation_6d(matrix: torch.Tensor) -> torch.Tensor:
     """pytorch3d's convention: the first two rows."""
     return matrix[..., :2, :].clone().reshape(matrix.shape[:-2] + (6,))
@@ -138,7 +122,7 @@ def _neck_kin_chain(device: torch.device) -> torch.Tensor:
 def _find_dynamic_lmk_idx_and_bcoords(poses, dynamic_lmk_faces_idx, dynamic_lmk_bary_coords):
     batch = poses.shape[0]
     pose_6d = torch.cat(
-        [_matrix_to_rotation_6d(_euler_angles_to_matrix(p)) for p in poses.split(3, dim=1)],
+        [_matrix_to_rotation_6d(euler_xyz_to_matrix(p)) for p in poses.split(3, dim=1)],
         dim=1,
     )
     neck_kin_chain = _neck_kin_chain(poses.device)
