@@ -15,6 +15,7 @@ missing.
 
 from __future__ import annotations
 
+import functools
 import threading
 import warnings
 from types import SimpleNamespace
@@ -81,8 +82,9 @@ def resolve_backend(backend: str, device_type: str, ops=("blend",)) -> str:
     return "reference"
 
 
+@functools.lru_cache(maxsize=None)
 def _kernels(path: str) -> SimpleNamespace:
-    """The step functions of a path, all with the reference's signatures."""
+    """The step functions of a path, all with the reference's signatures (built once)."""
     if path == "ext":
         from ._ops import blend, landmarks, skin
 

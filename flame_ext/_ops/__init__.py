@@ -8,6 +8,7 @@ library built by tools/dev_build.py) replaces it during development. When neithe
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
@@ -62,8 +63,12 @@ def load_error() -> Optional[str]:
     return _error
 
 
+@functools.lru_cache(maxsize=None)
 def has_kernel(op: str, device_type: str) -> bool:
-    """Whether `flame_ext::<op>` has a kernel for the dispatch key ('CPU' or 'CUDA')."""
+    """Whether `flame_ext::<op>` has a kernel for the dispatch key ('CPU' or 'CUDA').
+
+    Cached: the decoders ask on every call, and registrations do not change once loaded.
+    """
     if not available():
         return False
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"flame_ext::{op}", device_type)
