@@ -15,7 +15,6 @@ missing.
 
 from __future__ import annotations
 
-import functools
 import threading
 import warnings
 from types import SimpleNamespace
@@ -66,6 +65,8 @@ def _check_backend(backend: str) -> str:
         raise RuntimeError(
             f"backend='ext' asked for, but the compiled ops did not load: {_ops.load_error()}"
         )
+    if backend in ("auto", "ext"):
+        _prepare_ext_steps()
     return backend
 
 
@@ -82,24 +83,40 @@ def resolve_backend(backend: str, device_type: str, ops=("blend",)) -> str:
     return "reference"
 
 
-@functools.lru_cache(maxsize=None)
-def _kernels(path: str) -> SimpleNamespace:
-    """The step functions of a path, all with the reference's signatures (built once)."""
-    if path == "ext":
-        from ._ops import blend, landmarks, skin
-
-        return SimpleNamespace(
-            blend=blend.blend,
-            rigid_transforms=skin.rigid_transforms,
-            skin=skin.skin,
-            landmarks=landmarks.landmarks,
-        )
-    return SimpleNamespace(
+# The step functions of each path, all with the reference's signatures. Looked up in a
+# plain dict that is filled before any forward runs (by _check_backend, in every
+# decoder's constructor): torch.compile then reads a constant instead of tracing the
+# construction, which would break the graph.
+_STEPS = {
+    "reference": SimpleNamespace(
+        lbs=lambda *args: None,  # no fused form: the reference runs the steps
         blend=reference.blend,
         rigid_transforms=reference.rigid_transforms,
         skin=reference.skin,
         landmarks=reference.landmarks,
     )
+}
+
+
+def _prepare_ext_steps() -> None:
+    if "ext" in _STEPS or not _ops.available():
+        return
+    from ._ops import blend, landmarks, lbs, skin
+
+    # Unchecked entries: the decoders check what enters them, and the rest are their
+    # own buffers (the checks would cost as much as the kernels at B=1 on a GPU).
+    _STEPS["ext"] = SimpleNamespace(
+        lbs=lbs.lbs,
+        blend=blend.blend_unchecked,
+        rigid_transforms=skin.rigid_transforms_unchecked,
+        skin=skin.skin_unchecked,
+        landmarks=landmarks.landmarks_unchecked,
+    )
+
+
+def _kernels(path: str) -> SimpleNamespace:
+    """The step functions of path 'ext' or 'reference'."""
+    return _STEPS[path]
 
 
 def _as_tensor(array: np.ndarray, dtype=torch.float32) -> torch.Tensor:
@@ -178,18 +195,24 @@ class _ParametricDecoder(nn.Module):
             coeffs = torch.cat(
                 [shape.expand(batch_size, -1), expr.expand(batch_size, -1)], dim=1
             )
-        joints = k.blend(j_base, j_dirs, coeffs).view(batch_size, num_joints, 3)
-        transforms, pose_feature = k.rigid_transforms(
-            pose.view(batch_size, num_joints, 3), joints, self.parents
-        )
-        v_posed = k.blend(v_base, v_dirs, coeffs, self.pose_dirs, pose_feature)
-        v, vertex_transforms = k.skin(
-            v_posed.view(batch_size, num_vertices, 3),
-            transforms,
-            self.lbs_weights,
-            self.transforms == "vertex",
-        )
-        if self.transforms == "vertex":
+        pose = pose.view(batch_size, num_joints, 3)
+        tables = (self.pose_dirs, self.parents, self.lbs_weights)
+        want_vertex_transforms = self.transforms == "vertex"
+        # The compiled ops' single autograd node where it applies, else the four steps.
+        fused = k.lbs(v_base, v_dirs, j_base, j_dirs, coeffs, pose, *tables, want_vertex_transforms)
+        if fused is not None:
+            v, vertex_transforms, transforms = fused
+        else:
+            joints = k.blend(j_base, j_dirs, coeffs).view(batch_size, num_joints, 3)
+            transforms, pose_feature = k.rigid_transforms(pose, joints, self.parents)
+            v_posed = k.blend(v_base, v_dirs, coeffs, self.pose_dirs, pose_feature)
+            v, vertex_transforms = k.skin(
+                v_posed.view(batch_size, num_vertices, 3),
+                transforms,
+                self.lbs_weights,
+                want_vertex_transforms,
+            )
+        if want_vertex_transforms:
             return v, vertex_transforms
         return v, transforms if self.transforms == "joint" else None
 

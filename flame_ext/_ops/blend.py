@@ -65,10 +65,7 @@ def blend(
     check_same("base", base, coeffs, "coeffs")
     if (pose_dirs is None) != (pose_coeffs is None):
         raise ValueError("pose_dirs and pose_coeffs must be given together or not at all")
-    if pose_dirs is None:
-        pose_dirs = coeffs.new_empty((0, n))
-        pose_coeffs = coeffs.new_empty((batch, 0))
-    else:
+    if pose_dirs is not None:
         check_tensor("pose_dirs", pose_dirs, ndim=2)
         check_tensor("pose_dirs", pose_dirs, shape=(None, n))
         check_tensor("pose_coeffs", pose_coeffs, shape=(batch, pose_dirs.shape[0]))
@@ -79,6 +76,19 @@ def blend(
             f"flame_ext::blend has no kernel for {coeffs.device.type} tensors in this build "
             "(see flame_ext.build_info())"
         )
+    return blend_unchecked(base, dirs, coeffs, pose_dirs, pose_coeffs)
+
+
+def blend_unchecked(base, dirs, coeffs, pose_dirs=None, pose_coeffs=None) -> torch.Tensor:
+    """`blend` without the Python argument checks, for the decoders' hot path.
+
+    Their arguments are checked where they enter (the decoder's inputs) or are the
+    module's own buffers, and the C++ op validates shapes again; at batch size 1 on a GPU
+    the Python checks would cost about as much as the kernels.
+    """
+    if pose_dirs is None:
+        pose_dirs = coeffs.new_empty((0, dirs.shape[0]))
+        pose_coeffs = coeffs.new_empty((coeffs.shape[0], 0))
     return _ops.blend(base, dirs, coeffs, pose_dirs, pose_coeffs)
 
 

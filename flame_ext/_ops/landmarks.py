@@ -113,12 +113,32 @@ def landmarks(
             "dynamic_lmk_faces_idx and dynamic_lmk_bary_coords must be given together "
             "or not at all"
         )
+    if dynamic_lmk_faces_idx is not None:
+        _check_contour(v, poses, dynamic_lmk_faces_idx, dynamic_lmk_bary_coords)
+    return landmarks_unchecked(
+        v, poses, tris, lmk_faces_idx, lmk_bary_coords,
+        dynamic_lmk_faces_idx, dynamic_lmk_bary_coords, contour_rule,
+    )
+
+
+def landmarks_unchecked(
+    v,
+    poses,
+    tris,
+    lmk_faces_idx,
+    lmk_bary_coords,
+    dynamic_lmk_faces_idx=None,
+    dynamic_lmk_bary_coords=None,
+    contour_rule="medusa",
+):
+    """`landmarks` without the Python argument checks, for the decoders' hot path (their
+    inputs are checked where they enter, the tables are their buffers; the C++ op checks
+    shapes again)."""
+    rule = CONTOUR_RULES[contour_rule]
     if dynamic_lmk_faces_idx is None:
         # No contour: the op reads neither the pose nor the dynamic tables.
         rule = 0
         poses = dynamic_lmk_faces_idx = dynamic_lmk_bary_coords = v.new_empty(0)
-    else:
-        _check_contour(v, poses, dynamic_lmk_faces_idx, dynamic_lmk_bary_coords)
     lmk, _ = _op(
         v,
         poses,

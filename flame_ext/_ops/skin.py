@@ -93,6 +93,16 @@ def skin(
             "write_vertex_transforms must be a bool, got "
             f"{type(write_vertex_transforms).__name__}"
         )
+    return skin_unchecked(v_posed, transforms, lbs_weights, write_vertex_transforms)
+
+
+# The decoders' hot path: their arguments are checked where they enter or are the
+# module's buffers, and the C++ ops validate shapes again (see blend.blend_unchecked).
+rigid_transforms_unchecked = _ops.rigid_transforms
+
+
+def skin_unchecked(v_posed, transforms, lbs_weights, write_vertex_transforms=True):
+    """`skin` without the Python argument checks."""
     v, vertex_transforms = _ops.skin(v_posed, transforms, lbs_weights, write_vertex_transforms)
     return v, (vertex_transforms if write_vertex_transforms else None)
 

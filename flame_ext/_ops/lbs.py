@@ -1,0 +1,144 @@
+"""FlameShape's four ops as one autograd node: the decoders' eager hot path.
+
+FlameShape on the compiled ops is blend (joints) -> rigid_transforms -> blend (shape,
+expression and pose correctives) -> skin. Each op has its autograd registered through
+`torch.library.register_autograd` (flame_ext/_ops/{blend,skin}.py), which is what
+`torch.compile` traces and what opcheck checks. In eager mode that registration costs a
+trip through Python per op and per direction: at batch size 1 on a GPU, where each kernel
+takes a few microseconds, it is most of the time of a decode. `FusedLbs` calls the same
+ops below the autograd dispatch key, saves what their backward ops need, and runs those
+backward ops in one Python backward: the same kernels, one autograd node.
+
+`lbs(...)` takes this path when it can (eager mode, model tables that need no gradient)
+and otherwise returns None, telling the caller to run the four ops one by one.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch.autograd.function import once_differentiable
+
+_ops = torch.ops.flame_ext
+_below_autograd = torch._C._AutoDispatchBelowAutograd
+
+
+def _sum_to(grad: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """The gradient of a blend base (N,), (1, N) or (B, N) from the (B, N) output's."""
+    if base.dim() == 1:
+        return grad.sum(0)
+    if base.shape[0] == 1:
+        return grad.sum(0, keepdim=True)
+    return grad
+
+
+class FusedLbs(torch.autograd.Function):
+    """(v, vertex_transforms, transforms) of the FLAME chain; arguments as `lbs`."""
+
+    @staticmethod
+    def forward(
+        ctx, v_base, v_dirs, j_base, j_dirs, coeffs, pose, pose_dirs, parents, lbs_weights,
+        want_vertex_transforms,
+    ):
+        batch, n_joints = pose.shape[:2]
+        n_verts = lbs_weights.shape[0]
+        with _below_autograd():
+            no_pose_dirs = coeffs.new_empty((0, j_dirs.shape[0]))
+            joints = _ops.blend.default(
+                j_base, j_dirs, coeffs, no_pose_dirs, coeffs.new_empty((batch, 0))
+            ).view(batch, n_joints, 3)
+            transforms, pose_feature = _ops.rigid_transforms.default(pose, joints, parents)
+            v_posed = _ops.blend.default(v_base, v_dirs, coeffs, pose_dirs, pose_feature)
+            v_posed = v_posed.view(batch, n_verts, 3)
+            v, vertex_transforms = _ops.skin.default(
+                v_posed, transforms, lbs_weights, want_vertex_transforms
+            )
+        ctx.save_for_backward(
+            v_base, j_base, v_dirs, j_dirs, pose, joints, transforms, v_posed, pose_dirs,
+            no_pose_dirs, parents, lbs_weights,
+        )
+        ctx.want_vertex_transforms = want_vertex_transforms
+        ctx.set_materialize_grads(False)
+        if not want_vertex_transforms:
+            ctx.mark_non_differentiable(vertex_transforms)
+        return v, vertex_transforms, transforms
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_v, grad_vertex_transforms, grad_transforms):
+        (
+            v_base, j_base, v_dirs, j_dirs, pose, joints, transforms, v_posed, pose_dirs,
+            no_pose_dirs, parents, lbs_weights,
+        ) = ctx.saved_tensors
+        need_v_base, _, need_j_base, _, need_coeffs, need_pose = ctx.needs_input_grad[:6]
+        need_chain = need_pose or need_coeffs or need_j_base
+        batch = pose.shape[0]
+        if not ctx.want_vertex_transforms:
+            grad_vertex_transforms = None
+        if grad_v is None:
+            grad_v = torch.zeros_like(v_posed)
+        grad_v_base = grad_j_base = grad_coeffs = grad_pose = None
+        with _below_autograd():
+            grad_v_posed, grad_from_skin = _ops.skin_backward.default(
+                grad_v, grad_vertex_transforms, v_posed, transforms, lbs_weights
+            )
+            grad_v_posed = grad_v_posed.view(batch, -1)
+            if need_v_base:
+                grad_v_base = _sum_to(grad_v_posed, v_base)
+            if need_chain:
+                grad_coeffs, grad_pose_feature = _ops.blend_backward.default(
+                    grad_v_posed, v_dirs, pose_dirs, need_coeffs, True
+                )
+                if grad_transforms is not None:
+                    grad_from_skin = grad_from_skin + grad_transforms
+                grad_pose, grad_joints = _ops.rigid_transforms_backward.default(
+                    grad_from_skin, grad_pose_feature, pose, joints, parents
+                )
+                grad_joints = grad_joints.view(batch, -1)
+                if need_j_base:
+                    grad_j_base = _sum_to(grad_joints, j_base)
+                if need_coeffs:
+                    grad_coeffs = grad_coeffs + _ops.blend_backward.default(
+                        grad_joints, j_dirs, no_pose_dirs, True, False
+                    )[0]
+        return (
+            grad_v_base, None, grad_j_base, None, grad_coeffs if need_coeffs else None,
+            grad_pose if need_pose else None, None, None, None, None,
+        )
+
+
+def lbs(
+    v_base: torch.Tensor,
+    v_dirs: torch.Tensor,
+    j_base: torch.Tensor,
+    j_dirs: torch.Tensor,
+    coeffs: torch.Tensor,
+    pose: torch.Tensor,
+    pose_dirs: torch.Tensor,
+    parents: torch.Tensor,
+    lbs_weights: torch.Tensor,
+    want_vertex_transforms: bool,
+) -> Optional[Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]]:
+    """The FLAME chain in one autograd node, or None where the caller must run the steps.
+
+    v_base (N,) or (1, N) with N = 3V, v_dirs (N, K), j_base (3J,) or (1, 3J), j_dirs
+    (3J, K), coeffs (B, K), pose (B, J, 3), pose_dirs (P, N), parents (J,), lbs_weights
+    (V, J): the decoders' tables and checked inputs (no Python checks here; the ops check
+    shapes). Returns (v (B, V, 3), vertex_transforms (B, V, 4, 4) or None, transforms
+    (B, J, 4, 4)). Gradients reach v_base, j_base, coeffs and pose; double backward is
+    not supported (nor is it through the skin op). None under torch.compile (which traces
+    the ops' own registrations) and when a model table needs a gradient.
+    """
+    if torch.compiler.is_compiling():
+        return None
+    if torch.is_grad_enabled() and (
+        v_dirs.requires_grad or j_dirs.requires_grad or pose_dirs.requires_grad
+        or lbs_weights.requires_grad
+    ):
+        return None
+    v, vertex_transforms, transforms = FusedLbs.apply(
+        v_base, v_dirs, j_base, j_dirs, coeffs, pose, pose_dirs, parents, lbs_weights,
+        want_vertex_transforms,
+    )
+    return v, (vertex_transforms if want_vertex_transforms else None), transforms

@@ -1,0 +1,143 @@
+"""The fused FLAME chain (flame_ext/_ops/lbs.py) and the decoders under torch.compile.
+
+FusedLbs runs the four ops of FlameShape (blend, rigid_transforms, blend, skin) as one
+autograd node. Its forward calls the same kernels as the op-by-op path, so outputs must
+be bitwise equal; its backward chains the backward ops by hand, so gradients are checked
+with float64 gradcheck and against the op-by-op path (whose backward is the ops' own
+registered autograd) for every subset of inputs that needs a gradient.
+"""
+
+import itertools
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from flame_ext import FlameLandmark, FlameShape, FlameShapeLandmark, FlameTex, load_flame_model
+from flame_ext.decoders import INPUT_NAMES, _kernels
+
+SMALL = "synthetic-small"
+
+
+def _shape(device, transforms="vertex", **kwargs):
+    model = load_flame_model(SMALL)
+    return FlameShape(model.n_shape, model.n_expr, device=device, model_path=SMALL,
+                      backend="ext", transforms=transforms, **kwargs).double()
+
+
+def _inputs(module, batch, seed, shared):
+    gen = torch.Generator().manual_seed(seed)
+    values = {
+        name: (0.4 * torch.randn(batch, getattr(module, name).shape[1], generator=gen,
+                                 dtype=torch.float64)).to(module.v_template.device)
+        for name in INPUT_NAMES
+    }
+    if shared:
+        values["shape"] = values["shape"][:1]
+    return values
+
+
+def _decode_both(module, values):
+    """(fused, op-by-op) outputs of module's decode on the same inputs."""
+    batch, gathered = module._gather_inputs(None, values)
+    pose = torch.cat([gathered[n].expand(batch, -1) for n in INPUT_NAMES[2:]], dim=1)
+    ext = _kernels("ext")
+    steps = SimpleNamespace(**{**vars(ext), "lbs": lambda *args: None})
+    return (
+        module._decode(ext, gathered["shape"], gathered["expr"], pose),
+        module._decode(steps, gathered["shape"], gathered["expr"], pose),
+    )
+
+
+@pytest.mark.parametrize("transforms", ["vertex", "joint", "none"])
+@pytest.mark.parametrize("shared", [False, True])
+def test_fused_matches_op_by_op(ops, device, transforms, shared):
+    module = _shape(device, transforms)
+    values = _inputs(module, 3, 0, shared)
+    # every non-empty subset of the inputs needing a gradient (the backward skips the
+    # chain pieces nobody needs: each subset takes a different branch)
+    for names in itertools.chain.from_iterable(
+        itertools.combinations(INPUT_NAMES, r) for r in (1, 2, len(INPUT_NAMES))
+    ):
+        leaves = {n: v.clone().requires_grad_(n in names) for n, v in values.items()}
+        (v, R), (v_ref, R_ref) = _decode_both(module, leaves)
+        torch.testing.assert_close(v, v_ref, rtol=0, atol=0)
+        if R is not None:
+            torch.testing.assert_close(R, R_ref, rtol=0, atol=0)
+        gen = torch.Generator().manual_seed(1)
+        weight = torch.randn(v.shape, generator=gen, dtype=v.dtype).to(device)
+        outputs = [(v * weight).sum() + (R.sum() if R is not None else 0)]
+        outputs_ref = [(v_ref * weight).sum() + (R_ref.sum() if R_ref is not None else 0)]
+        wrt = [leaves[n] for n in names]
+        got = torch.autograd.grad(outputs, wrt)
+        want = torch.autograd.grad(outputs_ref, wrt)
+        for name, g, w in zip(names, got, want):
+            # same kernels, different summation order of the two coeff contributions
+            torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("transforms", ["vertex", "joint"])
+@pytest.mark.parametrize("shared", [False, True])
+def test_fused_gradcheck(ops, device, transforms, shared):
+    module = _shape(device, transforms)
+    values = _inputs(module, 2, 2, shared)
+    names = list(values)
+
+    def decode(*leaves):
+        (v, R), _ = _decode_both(module, dict(zip(names, leaves)))
+        return v, R
+
+    leaves = tuple(v.requires_grad_(True) for v in values.values())
+    assert torch.autograd.gradcheck(decode, leaves, eps=1e-6, atol=1e-7)
+
+
+def test_fused_only_where_it_applies(ops):
+    module = _shape("cpu")
+    values = _inputs(module, 2, 3, False)
+    v, R = module(**values)
+    assert type(v.grad_fn).__name__ == "FusedLbsBackward" or v.grad_fn is None
+    leaf = values["expr"].clone().requires_grad_(True)
+    v, _ = module(**{**values, "expr": leaf})
+    assert type(v.grad_fn).__name__ == "FusedLbsBackward"
+    # a model table that needs a gradient: the op-by-op path, which has that gradient
+    module.lbs_weights.requires_grad_(True)
+    v, _ = module(**values)
+    assert type(v.grad_fn).__name__ != "FusedLbsBackward"
+    (grad,) = torch.autograd.grad(v.sum(), module.lbs_weights)
+    assert torch.count_nonzero(grad) > 0
+
+
+def test_fused_double_backward_raises(ops):
+    module = _shape("cpu")
+    leaf = _inputs(module, 2, 4, False)["expr"].requires_grad_(True)
+    v, _ = module(expr=leaf)
+    (grad,) = torch.autograd.grad(v.square().sum(), leaf, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        grad.sum().backward()
+
+
+def test_decoders_compile_without_graph_breaks(ops, device):
+    """fullgraph=True fails on any graph break; 'aot_eager' traces forward and backward
+    (the ops' fake kernels and registered autograd) without code generation."""
+    torch._dynamo.reset()
+    compile_ = lambda m: torch.compile(m, fullgraph=True, backend="aot_eager")  # noqa: E731
+    model = load_flame_model(SMALL)
+    kwargs = dict(device=device, model_path=SMALL, backend="ext")
+    shape = FlameShape(model.n_shape, model.n_expr, **kwargs).double()
+    values = _inputs(shape, 3, 5, shared=True)
+    leaf = values["expr"].requires_grad_(True)
+    for module in (shape, FlameShapeLandmark(model.n_shape, model.n_expr, **kwargs).double()):
+        got, want = compile_(module)(**values), module(**values)
+        got, want = (got[0], want[0]) if isinstance(got, tuple) else (got, want)
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(
+            torch.autograd.grad(got.square().sum(), leaf)[0],
+            torch.autograd.grad(want.square().sum(), leaf)[0],
+        )
+    v, _ = shape(**values)
+    landmark = FlameLandmark(**kwargs).double()
+    poses = shape.get_full_pose().expand(3, -1).contiguous()
+    torch.testing.assert_close(compile_(landmark)(v, poses), landmark(v, poses))
+    texture = FlameTex(SMALL, n_tex=5, backend="ext").double().to(device)
+    code = torch.randn(2, 5, dtype=torch.float64, device=device)
+    torch.testing.assert_close(compile_(texture)(code), texture(code))
