@@ -1,7 +1,7 @@
 """The `flame-ext` command (also `python -m flame_ext`).
 
     flame-ext info [--json] [--model-path P]   build, kernels per decoder, model files found
-    flame-ext bench [ARGS...]                  the benchmark (bench/run.py; its own --help)
+    flame-ext bench [ARGS...]                  the benchmark (its own --help; as python bench/run.py)
     flame-ext synth --out DIR [--size small]   the synthetic FLAME asset set, as files
     flame-ext render --out face.png [...]      a shaded mesh with its landmarks, as a PNG
 
@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import pickle
@@ -24,8 +23,6 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 PROG = "flame-ext"
-# bench/ sits beside the package in a source checkout (and an editable install)
-BENCH_SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "run.py"
 
 # Errors a user can act on (a missing or unsafe file, a bad value): one line, exit
 # status 1. Anything else is a bug and keeps its traceback; so do these with
@@ -177,29 +174,9 @@ def _cmd_info(args) -> int:
 
 
 def _cmd_bench(argv: Sequence[str]) -> int:
-    if not BENCH_SCRIPT.is_file():
-        raise FileNotFoundError(
-            f"the benchmark script is not installed with the package (looked for "
-            f"{BENCH_SCRIPT}); run it from a source checkout: python bench/run.py"
-        )
-    name = "_flame_ext_bench_run"
-    module = sys.modules.get(name)
-    if module is None:
-        spec = importlib.util.spec_from_file_location(name, BENCH_SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up there
-        try:
-            spec.loader.exec_module(module)
-        except BaseException:
-            del sys.modules[name]
-            raise
-    # the benchmark's argparse names itself after argv[0] in usage and errors
-    saved = sys.argv[0]
-    sys.argv[0] = f"{PROG} bench"
-    try:
-        status = module.main(list(argv))
-    finally:
-        sys.argv[0] = saved
+    from ._bench import run
+
+    status = run.main(list(argv), prog=f"{PROG} bench")
     return 0 if status is None else int(status)
 
 
@@ -303,8 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "('synthetic' / 'synthetic-small' for the synthetic model)")
 
     commands.add_parser(
-        "bench", help="the benchmark (bench/run.py; 'bench --help' lists its options)",
-        description="Forwards every argument to the benchmark, bench/run.py.",
+        "bench", help="the benchmark ('bench --help' lists its options)",
+        description="Forwards every argument to the benchmark (flame_ext/_bench/run.py).",
         add_help=False,
     )
 

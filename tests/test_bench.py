@@ -1,4 +1,4 @@
-"""Smoke test of the benchmark suite (bench/): the --quick run end to end on the small
+"""Smoke test of the benchmark suite (flame_ext/_bench, run as bench/run.py): the --quick run end to end on the small
 synthetic model, the JSON it writes, the plot, and the byte/FLOP models of the floor.
 
 No timing is asserted: only that every number is there, positive and consistent.
@@ -7,18 +7,12 @@ No timing is asserted: only that every number is there, positive and consistent.
 import json
 import os
 import statistics
-import sys
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-from bench import floor, run, timing  # noqa: E402
-
-from flame_ext import _ops  # noqa: E402
+from flame_ext import _ops
+from flame_ext._bench import floor, run, timing
 
 CASES = {
     "shape_fwd", "shape_fwd_R", "shape_fwdbwd", "shape_fwdbwd_R",

@@ -1,7 +1,7 @@
 """Markdown tables of a results JSON (as written by bench/run.py), for the README.
 
-    python bench/report.py bench/results/bench_cpu-....json
-    python bench/report.py RESULTS.json --cases shape_fwd shared_fwdbwd --batches 1 64 256
+    python -m flame_ext._bench.report bench/results/bench_cpu-....json
+    python -m flame_ext._bench.report RESULTS.json --cases shape_fwd shared_fwdbwd --batches 1 64 256
 
 Prints the machine, the command, the floor rates, one row per (case, batch) with every
 implementation's median time and spread, the floor, the headline implementation's ratio
@@ -13,15 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import List, Optional
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-from bench.run import format_time  # noqa: E402
+from .run import format_time
 
 
 def _cell(cell: dict) -> str:

@@ -1,11 +1,11 @@
 """The benchmark figure: time per call against batch size, one panel per case.
 
 Log-log axes, one line per implementation (the band is the interquartile range of the
-repeats), the floor of bench/floor.py as a dashed black line; a last panel with the
+repeats), the floor of floor.py as a dashed black line; a last panel with the
 fitting loop's throughput when it ran. Written with matplotlib's Agg backend (no
 display needed).
 
-    python bench/plot.py bench/results/bench_cpu-....json      # rewrites the .png beside it
+    python -m flame_ext._bench.plot bench/results/bench_cpu-....json      # rewrites the .png beside it
 """
 
 from __future__ import annotations

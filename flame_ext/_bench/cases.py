@@ -54,7 +54,7 @@ class Case:
 
     name: str
     description: str
-    # batch -> the minimum bytes/FLOPs of one step (bench/floor.py)
+    # batch -> the minimum bytes/FLOPs of one step (floor.py)
     cost: Callable[[int], floor.Cost]
     # batch -> the input sets to rotate through, shared by every implementation
     inputs: Callable[[int], List[dict]]
