@@ -410,6 +410,38 @@ def test_bad_index_raises_on_cpu(lmk):
         lmk._op(v, poses, *tables.values(), 3)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+def test_bad_index_gives_nan_on_cuda(lmk):
+    """Device tables cannot be read on the host without a sync: a landmark whose face or
+    corner index is out of range is NaN and gets no gradient; the kernel reads nothing
+    out of bounds, does not trap, and the other landmarks and gradients are exact."""
+    tables = random_tables(F64, "cuda")
+    v = random_vertices(2, F64, "cuda")
+    poses = random_poses(2, "medusa", F64, "cuda")
+    broken = dict(tables)
+    # static landmark 1: a face index past the table; static landmark 3: a face of its
+    # own (appended) with a corner index past the vertices
+    bad_face = torch.tensor([[0, 1, N_VERTS + 5]], device="cuda")
+    broken["tris"] = torch.cat([tables["tris"], bad_face])
+    broken["lmk_faces_idx"] = tables["lmk_faces_idx"].clone()
+    broken["lmk_faces_idx"][1] = N_FACES + 1
+    broken["lmk_faces_idx"][3] = N_FACES
+    leaf = v.clone().requires_grad_(True)
+    got = lmk.landmarks(leaf, poses, **broken)
+    want_leaf = v.clone().requires_grad_(True)
+    want = lmk.landmarks(want_leaf, poses, **tables)
+    bad = [N_CONTOUR + 1, N_CONTOUR + 3]
+    good = [i for i in range(got.shape[1]) if i not in bad]
+    assert got[:, bad].isnan().all()
+    torch.testing.assert_close(got[:, good], want[:, good], rtol=0, atol=0)
+    grad = torch.randn_like(got)
+    grad[:, bad] = 0
+    (got.nan_to_num() * grad).sum().backward()
+    (want * grad).sum().backward()
+    torch.testing.assert_close(leaf.grad, want_leaf.grad, rtol=0, atol=0)
+    torch.cuda.synchronize()  # a trapped kernel would surface here
+
+
 def _argument_cases(device):
     """(override of the good arguments, exception, message fragment) triples."""
     t = random_tables(F64, device)

@@ -12,7 +12,11 @@
 //   (chunks, B, K); grad_pose_coeffs: the forward's warp dots over a chunk of n, into
 //   (chunks, B, P); then one thread per output adds the chunks in order.
 // Large batches: the product is a real GEMM and cuBLAS (at::addmm / at::mm) is the right
-// tool; a hand-written kernel would be a slower GEMM.
+// tool; a hand-written kernel would be a slower GEMM. Two exceptions keep the hand
+// kernels (deterministic, full fp32 at any batch): torch.use_deterministic_algorithms
+// (ATen's CUDA GEMM raises there unless CUBLAS_WORKSPACE_CONFIG is set), and a batch
+// too large for one launch's grid.y (the GEMM handles any size). With TF32 enabled
+// (torch.backends.cuda.matmul.allow_tf32, off by default) the cuBLAS path follows it.
 //
 // Every launch is asynchronous on the current stream, allocates through the caching
 // allocator and never reads device memory on the host: CUDA-graph capturable.
@@ -22,6 +26,7 @@
 #include <tuple>
 #include <type_traits>
 
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -48,10 +53,13 @@ constexpr int kWarp = 32;
 constexpr int kForwardWarps = 8;    // warps per block, forward and grad_pose kernels
 constexpr int kAdjointThreads = 128;  // threads (columns) per block, grad_coeffs kernel
 constexpr int kReduceThreads = 256;
-// Backward chunks: at least kMinChunkRows rows, at most kMaxChunks chunks (bounds the
-// workspace to kMaxChunks * B * K values).
+// Backward chunks: at least kMinChunkRows rows, at most kMaxChunks chunks, and at most
+// kMaxWorkspace values in the (chunks, B, max(K, P)) workspace (large batches reach the
+// hand kernels in deterministic mode only: fewer, longer chunks there).
 constexpr int64_t kMinChunkRows = 32;
 constexpr int64_t kMaxChunks = 256;
+constexpr int64_t kMaxWorkspace = int64_t(1) << 22;
+constexpr int64_t kMaxGridY = 65535;  // also the limit of grid.z
 
 // Rows of dirs per warp for a tile of S samples: R * S = M <= 32 partial dots per lane.
 template <int S>
@@ -234,6 +242,13 @@ int tile_samples(int64_t B) {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Whether batch B goes to cuBLAS rather than the hand kernels (see the file comment).
+bool use_gemm(int64_t B) {
+  if (B <= kSmallBatch) return false;
+  const bool fits_grid = ceil_div(B, kMaxTileSamples) <= kMaxGridY;
+  return !(at::globalContext().deterministicAlgorithms() && fits_grid);
+}
+
 // Calls f(std::integral_constant<int, S>) for the run-time tile size S in {1, 2, 4, 8}.
 template <typename F>
 void with_tile_samples(int s, F&& f) {
@@ -263,7 +278,7 @@ at::Tensor blend_cuda(const at::Tensor& base_in, const at::Tensor& dirs_in,
   auto stream = at::cuda::getCurrentCUDAStream();
   if (B == 0 || N == 0) return at::empty({B, N}, coeffs_in.options());
 
-  if (B > kSmallBatch) {
+  if (use_gemm(B)) {
     at::Tensor out = at::addmm(base_in, coeffs_in, dirs_in.t());
     if (P > 0) out.addmm_(pose_coeffs_in, pose_dirs_in);
     return out;
@@ -322,7 +337,7 @@ std::tuple<at::Tensor, at::Tensor> blend_backward_cuda(const at::Tensor& grad_ou
     return {grad_coeffs, grad_pose};
   }
 
-  if (B > kSmallBatch) {
+  if (use_gemm(B)) {
     if (do_coeffs) at::mm_out(grad_coeffs, grad_out_in, dirs_in);
     if (do_pose) at::mm_out(grad_pose, grad_out_in, pose_dirs_in.t());
     return {grad_coeffs, grad_pose};
@@ -331,7 +346,9 @@ std::tuple<at::Tensor, at::Tensor> blend_backward_cuda(const at::Tensor& grad_ou
   const at::Tensor grad_out = grad_out_in.contiguous();
   const at::Tensor dirs = blend::rows_readable(dirs_in);
   const at::Tensor pose_dirs = P > 0 ? blend::rows_readable(pose_dirs_in) : pose_dirs_in;
-  const int64_t chunk_rows = std::max(kMinChunkRows, ceil_div(N, kMaxChunks));
+  const int64_t max_chunks =
+      std::clamp<int64_t>(kMaxWorkspace / (B * std::max(K, P)), 1, kMaxChunks);
+  const int64_t chunk_rows = std::max(kMinChunkRows, ceil_div(N, max_chunks));
   const int64_t chunks = ceil_div(N, chunk_rows);
   const auto options = grad_out.options();
   const at::Tensor partial_coeffs =

@@ -26,7 +26,9 @@
 namespace flame_ext {
 namespace {
 
-constexpr int kChainThreads = 128;
+// One sample per thread, each walking the chain in local memory: small blocks spread a
+// batch over more SMs (B = 4096 is 128 blocks here, 32 at 128 threads).
+constexpr int kChainThreads = 32;
 constexpr int kSkinThreads = 256;
 // Tiles of kSkinThreads vertices per backward block: fewer partial sums to reduce.
 constexpr int kBackwardTiles = 4;
