@@ -51,9 +51,10 @@ def _decode_both(module, values):
 
 @pytest.mark.parametrize("transforms", ["vertex", "joint", "none"])
 @pytest.mark.parametrize("shared", [False, True])
-def test_fused_matches_op_by_op(ops, device, transforms, shared):
+@pytest.mark.parametrize("batch", [0, 1, 3])
+def test_fused_matches_op_by_op(ops, device, transforms, shared, batch):
     module = _shape(device, transforms)
-    values = _inputs(module, 3, 0, shared)
+    values = _inputs(module, batch, 0, shared and batch > 0)
     # every non-empty subset of the inputs needing a gradient (the backward skips the
     # chain pieces nobody needs: each subset takes a different branch)
     for names in itertools.chain.from_iterable(

@@ -83,7 +83,7 @@ class FusedLbs(torch.autograd.Function):
             grad_v_posed, grad_from_skin = _ops.skin_backward.default(
                 grad_v, grad_vertex_transforms, v_posed, transforms, lbs_weights
             )
-            grad_v_posed = grad_v_posed.view(batch, -1)
+            grad_v_posed = grad_v_posed.view(batch, v_dirs.shape[0])
             if need_v_base:
                 grad_v_base = _sum_to(grad_v_posed, v_base)
             if need_chain:
@@ -95,7 +95,7 @@ class FusedLbs(torch.autograd.Function):
                 grad_pose, grad_joints = _ops.rigid_transforms_backward.default(
                     grad_from_skin, grad_pose_feature, pose, joints, parents
                 )
-                grad_joints = grad_joints.view(batch, -1)
+                grad_joints = grad_joints.view(batch, j_dirs.shape[0])
                 if need_j_base:
                     grad_j_base = _sum_to(grad_joints, j_base)
                 if need_coeffs:
