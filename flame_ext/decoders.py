@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from . import _ops, medusa_baseline, reference
-from ._checks import check_count, check_tensor
+from ._checks import FLOAT_DTYPES, check_count, check_tensor
 from .io import load_flame_model, load_landmark_embedding, load_texture_space
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -116,7 +116,20 @@ def _prepare_ext_steps() -> None:
 
 def _kernels(path: str) -> SimpleNamespace:
     """The step functions of path 'ext' or 'reference'."""
-    return _STEPS[path]
+    steps = _STEPS.get(path)
+    if steps is None:
+        # a decoder whose constructor did not run in this process (unpickled, sent to a
+        # spawned worker) or whose backend was changed after construction
+        _prepare_ext_steps()
+        steps = _STEPS[path]
+    return steps
+
+
+def _rebuild_derived_buffers(module, _incompatible_keys) -> None:
+    """load_state_dict post-hook: derive the non-persistent buffers from the loaded ones.
+
+    A module-level function (not a lambda), so the decoders can be pickled."""
+    module._register_derived()
 
 
 def _as_tensor(array: np.ndarray, dtype=torch.float32) -> torch.Tensor:
@@ -147,6 +160,11 @@ class _ParametricDecoder(nn.Module):
             if name in inputs and name in self.parameters_:
                 raise ValueError(f"Parameter {name} is also part of inputs!")
         like = self.v_template
+        if like.dtype not in FLOAT_DTYPES:
+            raise TypeError(
+                f"the model is {like.dtype}; {type(self).__name__} computes in float32 or "
+                "float64 (convert it with .float() or .double())"
+            )
         for name, value in inputs.items():
             dim = getattr(self, name).shape[1]
             check_tensor(name, value, shape=(None, dim), floating=True)
@@ -171,6 +189,12 @@ class _ParametricDecoder(nn.Module):
                 raise ValueError(
                     f"{source} {name} has batch size {value.shape[0]} but the batch size is "
                     f"{batch_size}; it must be {batch_size} or 1"
+                )
+            if name not in inputs and (value.dtype != like.dtype or value.device != like.device):
+                # a parameter replaced or converted apart from the buffers
+                raise TypeError(
+                    f"parameter {name} is {value.dtype} on {value.device} but the model's "
+                    f"buffers are {like.dtype} on {like.device}; convert the whole module"
                 )
             values[name] = value
         return batch_size, values
@@ -283,8 +307,8 @@ class FlameShape(_ParametricDecoder):
         self.register_buffer("J_regressor", _as_tensor(model.J_regressor))
         self.register_buffer("parents", torch.from_numpy(model.parents.astype(np.int64)))
         self.register_buffer("lbs_weights", _as_tensor(model.lbs_weights))
-        self._register_joint_basis()
-        self.register_load_state_dict_post_hook(lambda module, _keys: module._register_joint_basis())
+        self._register_derived()
+        self.register_load_state_dict_post_hook(_rebuild_derived_buffers)
 
         sizes = {"shape": n_shape, "expr": n_expr, "eye_pose": 6}
         for name in INPUT_NAMES:
@@ -305,7 +329,7 @@ class FlameShape(_ParametricDecoder):
         check_tensor(name, value, shape=(None, dim), floating=True)
         return value.detach().clone()
 
-    def _register_joint_basis(self) -> None:
+    def _register_derived(self) -> None:
         """Precomputes joints = J_template + J_dirs . beta (SPEC 3 step 2, second form).
 
         Derived from the buffers, so it is recomputed after load_state_dict; computed in
@@ -324,7 +348,7 @@ class FlameShape(_ParametricDecoder):
         # .double()/.to(): derive the joint basis again from the converted buffers, so it
         # carries no rounding of the old dtype (float32 rounding would show in float64).
         super()._apply(fn, *args, **kwargs)
-        self._register_joint_basis()
+        self._register_derived()
         return self
 
     def forward(self, batch_size: Optional[int] = None, **inputs):
@@ -485,10 +509,10 @@ class FlameTex(nn.Module):
         self.height, self.width = space.height, space.width
         self.register_buffer("texture_mean", torch.from_numpy(space.mean).view(1, 1, -1))
         self.register_buffer("texture_basis", torch.from_numpy(space.basis).unsqueeze(0))
-        self._register_gathered()
-        self.register_load_state_dict_post_hook(lambda module, _keys: module._register_gathered())
+        self._register_derived()
+        self.register_load_state_dict_post_hook(_rebuild_derived_buffers)
 
-    def _register_gathered(self) -> None:
+    def _register_derived(self) -> None:
         index = reference.texture_gather_index(self.height, self.width, TEXTURE_SIZE)
         index = index.to(self.texture_mean.device)
         self.register_buffer("_gathered_mean", self.texture_mean[0, 0, index], persistent=False)

@@ -178,3 +178,8 @@ def test_measure_interleaves_and_reports_failures():
                       + results["slow"]["calls_per_sample"] * 3):]
     switches = sum(a != b for a, b in zip(sampled, sampled[1:]))
     assert switches >= 3
+
+
+def test_unknown_case_names_the_cases(capsys):
+    with pytest.raises(SystemExit, match="match no case.*shape_fwd"):
+        run.main(["--cases", "bogus", "--model-path", "synthetic-small", "--no-fit"])

@@ -241,6 +241,40 @@ def test_state_dict_round_trip_recomputes_joint_basis():
     torch.testing.assert_close(v, v0, rtol=1e-4, atol=1e-5)
 
 
+def test_decoders_pickle_and_run_where_no_constructor_ran(monkeypatch):
+    """torch.save of a whole module, or a module sent to a spawned worker, arrives in a
+    process where no decoder constructor prepared the compiled-op step table."""
+    import pickle
+
+    from flame_ext import FlameShapeLandmark, decoders
+
+    modules = [_shape("ext"), _landmark(backend="ext"), FlameTex(SMALL, n_tex=3, backend="ext"),
+               FlameShapeLandmark(6, 4, model_path=SMALL, backend="ext", device="cpu")]
+    blobs = [pickle.dumps(m) for m in modules]
+    monkeypatch.setattr(decoders, "_STEPS", {"reference": decoders._STEPS["reference"]})
+    shape, landmark, texture, fit = (pickle.loads(b) for b in blobs)
+    gen = torch.Generator().manual_seed(8)
+    inputs = _random_inputs(shape, 2, gen)
+    v, R = shape(**inputs)
+    torch.testing.assert_close(v, modules[0](**inputs)[0])
+    assert landmark(v, shape.get_full_pose().expand(2, -1)).shape == (2, 68, 3)
+    assert texture(torch.randn(2, 3)).shape == (2, 3, 256, 256)
+    assert fit(**inputs).shape == (2, 68, 3)
+    # the derived buffers come back with load_state_dict on the unpickled module too
+    shape.load_state_dict(modules[0].state_dict())
+    torch.testing.assert_close(shape(**inputs)[0], v)
+
+
+def test_module_in_an_unsupported_dtype_is_named():
+    m = _shape("ext").half()
+    with pytest.raises(TypeError, match="float32 or float64"):
+        m(batch_size=1)
+    m = _shape("ext")
+    m.jaw_pose = torch.nn.Parameter(torch.zeros(1, 3, dtype=torch.float64))
+    with pytest.raises(TypeError, match="parameter jaw_pose"):
+        m(batch_size=2)
+
+
 def test_zero_batch():
     m = _shape("ext")
     v, R = m(batch_size=0)

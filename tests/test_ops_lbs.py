@@ -142,3 +142,17 @@ def test_decoders_compile_without_graph_breaks(ops, device):
     texture = FlameTex(SMALL, n_tex=5, backend="ext").double().to(device)
     code = torch.randn(2, 5, dtype=torch.float64, device=device)
     torch.testing.assert_close(compile_(texture)(code), texture(code))
+
+
+def test_vmap_runs_the_ops_one_by_one(ops):
+    """torch.func.vmap refuses an autograd.Function without a vmap rule: under functorch
+    transforms the decoders take the op-by-op path (functorch's batching fallback)."""
+    import warnings
+
+    module = _shape("cpu")
+    expr = _inputs(module, 3, 6, False)["expr"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback's "no batching rule" notice
+        got = torch.func.vmap(lambda e: module(expr=e[None])[0][0])(expr)
+    torch.testing.assert_close(got, module(expr=expr)[0], rtol=1e-12, atol=1e-12)
+

@@ -462,6 +462,12 @@ def main(argv=None, prog: str = "python bench/run.py") -> int:
     selected = [c for c in all_cases if not args.cases or _selected(c.name, args.cases,
                                                                  [c.name for c in all_cases])]
     run_fit = not args.no_fit and (not args.cases or "fit" in args.cases)
+    names = [c.name for c in all_cases]
+    unmatched = [p for p in args.cases or () if p != "fit" and not any(
+        _selected(name, [p], names) for name in names)]
+    if unmatched:
+        raise SystemExit(f"--cases: {unmatched} match no case; the cases are "
+                         f"{', '.join(names)} and fit (--list describes them)")
     fit_impls = [i for i in impls if i in bench_fit.FIT_IMPLS]
     if "flame_ext" in fit_impls:
         fit_impls.append("flame_ext_lmk")

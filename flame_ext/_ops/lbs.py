@@ -128,9 +128,12 @@ def lbs(
     shapes). Returns (v (B, V, 3), vertex_transforms (B, V, 4, 4) or None, transforms
     (B, J, 4, 4)). Gradients reach v_base, j_base, coeffs and pose; double backward is
     not supported (nor is it through the skin op). None under torch.compile (which traces
-    the ops' own registrations) and when a model table needs a gradient.
+    the ops' own registrations), under torch.func transforms, and when a model table needs
+    a gradient.
     """
-    if torch.compiler.is_compiling():
+    # torch.func transforms (vmap) accept only autograd.Functions with setup_context and a
+    # vmap rule; the ops one by one work there through functorch's fallbacks.
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return None
     if torch.is_grad_enabled() and (
         v_dirs.requires_grad or j_dirs.requires_grad or pose_dirs.requires_grad
