@@ -121,6 +121,14 @@ class Models:
         return self._get(("lmk", backend, lm_type), lambda: FlameLandmark(
             lm_type, device=self.device, model_path=self.model_path, backend=backend))
 
+    def shape_landmark(self, backend: str) -> torch.nn.Module:
+        """FlameShapeLandmark '68' (parameters -> landmarks on the landmark-face vertices)."""
+        from flame_ext.fitting import FlameShapeLandmark
+
+        return self._get(("shape_lmk", backend), lambda: FlameShapeLandmark(
+            self.n_shape, self.n_expr, "68", device=self.device, model_path=self.model_path,
+            backend=backend))
+
     def texture(self, backend: str) -> FlameTex:
         return self._get(("tex", backend), lambda: FlameTex(
             model_path=self.model_path, n_tex=self.n_tex, backend=backend).to(self.device))
@@ -254,6 +262,57 @@ def _landmark_case(models: Models, lm_type: str, backward: bool) -> Case:
                 inputs, runner)
 
 
+def _fit_case(models: Models) -> Case:
+    """The fitting step: FLAME parameters -> 68 landmarks, forward+backward, shared
+    identity. medusa has no landmark-only path: its column is FlameShape (with R, as
+    medusa computes it) + FlameLandmark; the others are FlameShapeLandmark, which
+    evaluates only the vertices of the landmark faces, on each backend."""
+    probe = models.shape_landmark("reference")
+    subset = probe.lmk_vertex_idx.shape[0]
+    dynamic = probe.dynamic_lmk_faces_idx.shape[1]
+    num_landmarks = probe.lmk_faces_idx.shape[0] + dynamic
+    description = (f"parameters -> {num_landmarks} landmarks forward+backward, shared "
+                   f"identity: FlameShapeLandmark ({subset} of {models.shape_dims().V} "
+                   "vertices); medusa: FlameShape + FlameLandmark")
+
+    def inputs(batch: int) -> List[dict]:
+        generator = _generator(models, 4000 + batch)
+
+        def make_one() -> dict:
+            values = models.random_inputs(batch, True, generator)
+            return {"inputs": {k: v.requires_grad_(True) for k, v in values.items()},
+                    "grad": torch.randn(batch, num_landmarks, 3, generator=generator,
+                                        device=models.device)}
+        return _input_sets(make_one, models.device)
+
+    def runner(impl: str, batch: int) -> Callable[[dict], object]:
+        if BACKEND[impl] == "medusa":
+            shape = models.shape("medusa", "vertex")
+            landmark = models.landmark("medusa", "68")
+
+            def forward(**inputs):
+                v, _ = shape(**inputs)
+                poses = torch.cat([inputs[n].expand(v.shape[0], -1) for n in POSE_NAMES], 1)
+                return landmark(v, poses)
+        else:
+            forward = models.forward(impl, models.shape_landmark(BACKEND[impl]))
+
+        def run(s):
+            return torch.autograd.grad(forward(**s["inputs"]), list(s["inputs"].values()),
+                                       s["grad"])
+        return run
+
+    dims = models.shape_dims()
+    subset_dims = floor.ShapeDims(V=subset, n_shape=dims.n_shape, n_expr=dims.n_expr,
+                                  P=dims.P, J=dims.J)
+    return Case("fit68_fwdbwd", description,
+                lambda batch: floor.shape_cost(subset_dims, batch, shared=True, backward=True,
+                                               with_R=False)
+                + floor.landmark_cost(subset, num_landmarks, batch, backward=True,
+                                      dynamic=dynamic),
+                inputs, runner)
+
+
 def _texture_case(models: Models) -> Case:
     probe = models.texture("reference")
     texels, n_tex = probe._gathered_basis.shape
@@ -287,7 +346,7 @@ def _texture_case(models: Models) -> Case:
 
 
 def build_cases(models: Models) -> List[Case]:
-    """Every case, in the order of the table: FlameShape, landmarks, texture."""
+    """Every case, in the order of the table: FlameShape, landmarks, texture, fitting step."""
     cases = []
     for shared in (False, True):
         for backward in (False, True):
@@ -297,6 +356,7 @@ def build_cases(models: Models) -> List[Case]:
         for backward in (False, True):
             cases.append(_landmark_case(models, lm_type, backward))
     cases.append(_texture_case(models))
+    cases.append(_fit_case(models))
     return cases
 
 
