@@ -12,13 +12,24 @@ namespace flame_ext {
 // component before the norm, as medusa/smplx do) and K the cross-product matrix of
 // aa / a. The epsilon keeps a = 0 from dividing by zero and is part of the numerics users
 // see, so it is reproduced exactly.
+//
+// 1 - cos(a) is evaluated as 2 sin^2(a / 2): the same number, without the cancellation
+// that costs float32 most of its digits at small angles (a = 1e-3: cos(a) rounds to within
+// 6e-8 of 1, so 1 - cos(a) = 5e-7 carries a 12% error). R hardly notices (the term is
+// O(a^2)), but the pose gradient divides by a and did, by ~1e-4 absolute.
+template <typename scalar_t>
+FLAME_HD scalar_t one_minus_cos(scalar_t angle) {
+  const scalar_t h = hd_sin(scalar_t(0.5) * angle);
+  return scalar_t(2) * h * h;
+}
+
 template <typename scalar_t>
 FLAME_HD Mat3<scalar_t> rodrigues(const scalar_t* aa) {
   const scalar_t eps = scalar_t(1e-8);
   const scalar_t ex = aa[0] + eps, ey = aa[1] + eps, ez = aa[2] + eps;
   const scalar_t angle = hd_sqrt(ex * ex + ey * ey + ez * ez);
   const scalar_t x = aa[0] / angle, y = aa[1] / angle, z = aa[2] / angle;
-  const scalar_t s = hd_sin(angle), c1 = scalar_t(1) - hd_cos(angle);
+  const scalar_t s = hd_sin(angle), c1 = one_minus_cos(angle);
   // K = [[0,-z,y],[z,0,-x],[-y,x,0]]; K^2 = u u^T - |u|^2 I with u = (x,y,z).
   const scalar_t n2 = x * x + y * y + z * z;
   Mat3<scalar_t> r;
@@ -45,7 +56,7 @@ FLAME_HD void rodrigues_backward(const scalar_t* aa, const Mat3<scalar_t>& grad_
   const scalar_t angle = hd_sqrt(ex * ex + ey * ey + ez * ez);
   const scalar_t inv_angle = scalar_t(1) / angle;
   const scalar_t x = aa[0] * inv_angle, y = aa[1] * inv_angle, z = aa[2] * inv_angle;
-  const scalar_t s = hd_sin(angle), c = hd_cos(angle), c1 = scalar_t(1) - c;
+  const scalar_t s = hd_sin(angle), c = hd_cos(angle), c1 = one_minus_cos(angle);
   const scalar_t n2 = x * x + y * y + z * z;
   const scalar_t* g = grad_R.m;
 

@@ -1238,7 +1238,9 @@ def _explicit(model_path) -> Union[None, _Synthetic, Path]:
     if isinstance(model_path, str) and model_path in _SYNTHETIC_SIZES:
         return _Synthetic(_SYNTHETIC_SIZES[model_path])
     if isinstance(model_path, (str, os.PathLike)):
-        return Path(os.fspath(model_path)).expanduser()
+        # os.path.expanduser leaves an unknown user's '~name' as it is (then not found);
+        # Path.expanduser would raise a RuntimeError that names nothing.
+        return Path(os.path.expanduser(os.fspath(model_path)))
     raise TypeError(
         f"model_path must be a str, a Path, 'synthetic' or 'synthetic-small', got "
         f"{type(model_path).__name__}"
@@ -1251,7 +1253,7 @@ def _env_dir() -> Union[None, _Synthetic, Path]:
         return None
     if value in _SYNTHETIC_SIZES:
         return _Synthetic(_SYNTHETIC_SIZES[value])
-    path = Path(value).expanduser()
+    path = Path(os.path.expanduser(value))
     if not path.is_dir():
         raise FileNotFoundError(
             f"${ENV_VAR}={value!r} is not a directory: point it at the directory holding "
@@ -1261,7 +1263,7 @@ def _env_dir() -> Union[None, _Synthetic, Path]:
 
 
 def _home_dir() -> Path:
-    return Path.home() / ".medusa_ext_data" / "FLAME"
+    return Path(os.path.expanduser("~")) / ".medusa_ext_data" / "FLAME"
 
 
 def _medusa_data_dir() -> Optional[Path]:

@@ -155,8 +155,12 @@ def assert_matches(actual, exact, magnitude, terms, what, **kwargs):
     assert_within(actual, exact, bound, what, **kwargs)
 
 
-def assert_within(actual, exact, bound, what, finite=None, exact_nan=True, keep_sample_nan=True):
+def assert_within(actual, exact, bound, what, finite=None, exact_nan=True, keep_sample_nan=True,
+                  ignore=None):
     """|actual - exact| <= bound where both are finite, and a matching non-finite pattern.
+
+    `ignore` (a mask) leaves entries unchecked: where an intermediate of the computation
+    is past the dtype's range (inf in float32) while the float64 output is not.
 
     `finite` (default: where `exact` is finite) is where the op must give finite values.
     With exact_nan, it must give non-finite values everywhere else; without, it may give
@@ -172,6 +176,9 @@ def assert_within(actual, exact, bound, what, finite=None, exact_nan=True, keep_
     representable = finite & (exact.abs() < torch.finfo(actual.dtype).max / 2)
     mismatch = (got.isfinite() != finite) if exact_nan else (finite & ~got.isfinite())
     mismatch &= ~(finite & ~representable)
+    if ignore is not None:
+        mismatch &= ~ignore
+        representable = representable & ~ignore
     assert not mismatch.any(), (
         f"{what}: finite where the reference is not (or the reverse) at "
         f"{mismatch.nonzero()[:3].tolist()}: got {got[mismatch][:3].tolist()}, "
@@ -399,9 +406,15 @@ def test_skin_matches_reference(k, device, case):
     exact_v, exact_t = reference.skin(*map(d64, leaves), True)
     mag_v, mag_t = reference.skin(*map(a64, leaves), True)
     terms = case["num_joints"] + 4
-    assert_matches(v, exact_v, mag_v, terms, "v")
+    # T_v = sum_j w[v, j] A_j is formed before it is applied: in float32 an entry past the
+    # range is inf, and the row of v that reads it is not finite (inf * 0, inf - inf) even
+    # where the float64 v is representable (1e30 weights and transforms, a zero point).
+    big = torch.finfo(case["dtype"]).max / 2
+    t_overflow = mag_t.nan_to_num(nan=0.0) >= big
+    v_overflow = t_overflow[..., :3, :].any(-1)
+    assert_matches(v, exact_v, mag_v, terms, "v", ignore=v_overflow)
     if case["write"]:
-        assert_matches(vt, exact_t, mag_t, terms, "vertex_transforms")
+        assert_matches(vt, exact_t, mag_t, terms, "vertex_transforms", ignore=t_overflow)
     if v.numel() == 0:
         return
     outputs, grads = [v], [random_values(case["seed"] + 7, v.shape).to(v)]
@@ -422,10 +435,13 @@ def test_skin_matches_reference(k, device, case):
                                    [convert(g) for g in grads])
 
     want, mags = reference_grads(d64), reference_grads(a64)
-    # Gradients of transforms and weights sum over the vertices (and the batch).
+    # Gradients of transforms and weights sum over the vertices (and the batch); that of
+    # v_posed is T_v^T grad, which reads the overflowing entries of T_v (above).
     terms = max(case["num_verts"], 1) * max(case["batch"], 1) + case["num_joints"] + 4
-    for a, e, m in zip(got, want, mags):
-        assert_matches(a, e, m, terms, "skin gradient")
+    ignores = [t_overflow[..., :3, :3].any(-2), None, None]
+    for a, e, m, ignore in zip(got, want, mags, [i for i, x in zip(ignores, leaves)
+                                                  if x.requires_grad]):
+        assert_matches(a, e, m, terms, "skin gradient", ignore=ignore)
 
 
 # --------------------------------------------------------------------------------------
