@@ -154,23 +154,19 @@ def run_fit(impl: str, problem: Problem, iterations: int, *, model_path, device,
         (data + prior).backward()
         optimizer.step()
 
-    params, optimizer = fresh()
-    timing.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(warmup):
-        step(params, optimizer)
-    timing.synchronize(device)
-    warmup_s = time.perf_counter() - start
+    def timed_steps(params, optimizer, count) -> float:
+        timing.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(count):
+            step(params, optimizer)
+        timing.synchronize(device)
+        return time.perf_counter() - start
 
+    warmup_s = timed_steps(*fresh(), warmup)
     params, optimizer = fresh()
     with torch.no_grad():
         initial = _landmark_error(landmarks(params), target, spread)
-    timing.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(iterations):
-        step(params, optimizer)
-    timing.synchronize(device)
-    seconds = time.perf_counter() - start
+    seconds = timed_steps(params, optimizer, iterations)
     with torch.no_grad():
         final = _landmark_error(landmarks(params), target, spread)
     return {
