@@ -174,13 +174,11 @@ __global__ void __launch_bounds__(kBackwardThreads)
 }
 
 template <typename scalar_t>
-LandmarkTables<scalar_t> tables_of(const at::Tensor& tris, const at::Tensor& lmk_faces_idx,
-                                   const at::Tensor& lmk_bary_coords, const at::Tensor& dyn_faces,
-                                   const at::Tensor& dyn_bary, bool contour) {
-  return {tris.data_ptr<int64_t>(), lmk_faces_idx.data_ptr<int64_t>(),
-          lmk_bary_coords.data_ptr<scalar_t>(),
-          contour ? dyn_faces.data_ptr<int64_t>() : nullptr,
-          contour ? dyn_bary.data_ptr<scalar_t>() : nullptr};
+LandmarkTables<scalar_t> tables_of(const LandmarkTableTensors& t, bool contour) {
+  return {t.tris.data_ptr<int64_t>(), t.lmk_faces_idx.data_ptr<int64_t>(),
+          t.lmk_bary_coords.data_ptr<scalar_t>(),
+          contour ? t.dyn_faces.data_ptr<int64_t>() : nullptr,
+          contour ? t.dyn_bary.data_ptr<scalar_t>() : nullptr};
 }
 
 std::tuple<at::Tensor, at::Tensor> landmarks_cuda(
@@ -200,15 +198,11 @@ std::tuple<at::Tensor, at::Tensor> landmarks_cuda(
   if (s.batch == 0) return {lmk, bins};
 
   const at::Tensor v = v_in.contiguous();
-  const at::Tensor tris = tris_in.contiguous();
-  const at::Tensor lmk_faces_idx = lmk_faces_idx_in.contiguous();
-  const at::Tensor lmk_bary_coords = lmk_bary_coords_in.contiguous();
-  // Without a contour rule these are never read (and may be empty placeholders).
+  // Without a contour rule the pose is never read (and may be an empty placeholder).
   const at::Tensor poses = contour ? poses_in.contiguous() : poses_in;
-  const at::Tensor dyn_faces =
-      contour ? dynamic_lmk_faces_idx_in.contiguous() : dynamic_lmk_faces_idx_in;
-  const at::Tensor dyn_bary =
-      contour ? dynamic_lmk_bary_coords_in.contiguous() : dynamic_lmk_bary_coords_in;
+  const LandmarkTableTensors t =
+      contiguous_tables(tris_in, lmk_faces_idx_in, lmk_bary_coords_in,
+                        dynamic_lmk_faces_idx_in, dynamic_lmk_bary_coords_in, contour);
   constexpr int64_t kSamplesPerBlock = kForwardThreads / kWarpSize;
   const int64_t blocks = (s.batch + kSamplesPerBlock - 1) / kSamplesPerBlock;
   TORCH_CHECK(blocks <= INT32_MAX, "flame_ext::landmarks: batch ", s.batch, " is too large");
@@ -218,8 +212,7 @@ std::tuple<at::Tensor, at::Tensor> landmarks_cuda(
                                          stream>>>(
         v.data_ptr<scalar_t>(), contour ? poses.data_ptr<scalar_t>() : nullptr,
         contour ? poses.size(1) : 0, contour_rule,
-        tables_of<scalar_t>(tris, lmk_faces_idx, lmk_bary_coords, dyn_faces, dyn_bary,
-                            contour),
+        tables_of<scalar_t>(t, contour),
         s, lmk.data_ptr<scalar_t>(), bins.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -246,21 +239,16 @@ at::Tensor landmarks_backward_cuda(const at::Tensor& grad_lmk_in, const at::Tens
   if (s.batch == 0) return grad_v;
 
   const at::Tensor grad_lmk = grad_lmk_in.contiguous();
-  const at::Tensor tris = tris_in.contiguous();
-  const at::Tensor lmk_faces_idx = lmk_faces_idx_in.contiguous();
-  const at::Tensor lmk_bary_coords = lmk_bary_coords_in.contiguous();
   const at::Tensor bins = contour ? bins_in.contiguous() : bins_in;
-  const at::Tensor dyn_faces =
-      contour ? dynamic_lmk_faces_idx_in.contiguous() : dynamic_lmk_faces_idx_in;
-  const at::Tensor dyn_bary =
-      contour ? dynamic_lmk_bary_coords_in.contiguous() : dynamic_lmk_bary_coords_in;
+  const LandmarkTableTensors t =
+      contiguous_tables(tris_in, lmk_faces_idx_in, lmk_bary_coords_in,
+                        dynamic_lmk_faces_idx_in, dynamic_lmk_bary_coords_in, contour);
 
   AT_DISPATCH_FLOATING_TYPES(grad_lmk.scalar_type(), "flame_ext::landmarks_backward", [&] {
     landmarks_backward_kernel<scalar_t><<<static_cast<unsigned>(s.batch), kBackwardThreads, 0,
                                           stream>>>(
         grad_lmk.data_ptr<scalar_t>(), contour ? bins.data_ptr<int64_t>() : nullptr,
-        tables_of<scalar_t>(tris, lmk_faces_idx, lmk_bary_coords, dyn_faces, dyn_bary,
-                            contour),
+        tables_of<scalar_t>(t, contour),
         s, grad_v.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

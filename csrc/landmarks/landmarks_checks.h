@@ -14,6 +14,23 @@
 
 namespace flame_ext {
 
+// The index and weight tables of one call, contiguous, as every launcher reads them.
+// Without contour landmarks the dynamic tables are never read (and may be empty
+// placeholders): they are kept as given.
+struct LandmarkTableTensors {
+  at::Tensor tris, lmk_faces_idx, lmk_bary_coords, dyn_faces, dyn_bary;
+};
+
+inline LandmarkTableTensors contiguous_tables(const at::Tensor& tris,
+                                              const at::Tensor& lmk_faces_idx,
+                                              const at::Tensor& lmk_bary_coords,
+                                              const at::Tensor& dyn_faces,
+                                              const at::Tensor& dyn_bary, bool contour) {
+  return {tris.contiguous(), lmk_faces_idx.contiguous(), lmk_bary_coords.contiguous(),
+          contour ? dyn_faces.contiguous() : dyn_faces,
+          contour ? dyn_bary.contiguous() : dyn_bary};
+}
+
 // The sizes a launcher needs once the arguments are known to be consistent.
 struct LandmarkSizes {
   int64_t batch;

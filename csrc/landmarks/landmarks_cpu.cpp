@@ -68,27 +68,23 @@ std::tuple<at::Tensor, at::Tensor> landmarks_cpu(
   if (s.batch == 0) return {lmk, bins};
 
   const at::Tensor v = v_in.contiguous();
-  const at::Tensor tris = tris_in.contiguous();
-  const at::Tensor lmk_bary_coords = lmk_bary_coords_in.contiguous();
-  // Without a contour rule these are never read (and may be empty placeholders).
+  // Without a contour rule the pose is never read (and may be an empty placeholder).
   const at::Tensor poses = contour ? poses_in.contiguous() : poses_in;
-  const at::Tensor dyn_faces =
-      contour ? dynamic_lmk_faces_idx_in.contiguous() : dynamic_lmk_faces_idx_in;
-  const at::Tensor dyn_bary =
-      contour ? dynamic_lmk_bary_coords_in.contiguous() : dynamic_lmk_bary_coords_in;
-  const int64_t* tris_p = tris.data_ptr<int64_t>();
-  const at::Tensor lmk_faces_idx = lmk_faces_idx_in.contiguous();
+  const LandmarkTableTensors t =
+      contiguous_tables(tris_in, lmk_faces_idx_in, lmk_bary_coords_in,
+                        dynamic_lmk_faces_idx_in, dynamic_lmk_bary_coords_in, contour);
+  const int64_t* tris_p = t.tris.data_ptr<int64_t>();
   const std::vector<int64_t> corners = static_corners(
-      tris_p, lmk_faces_idx.data_ptr<int64_t>(), s.n_static, s.num_faces, s.num_vertices);
+      tris_p, t.lmk_faces_idx.data_ptr<int64_t>(), s.n_static, s.num_faces, s.num_vertices);
   int64_t* bins_p = bins.data_ptr<int64_t>();
 
   AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "flame_ext::landmarks", [&] {
     const scalar_t* v_p = v.data_ptr<scalar_t>();
-    const scalar_t* bary_p = lmk_bary_coords.data_ptr<scalar_t>();
+    const scalar_t* bary_p = t.lmk_bary_coords.data_ptr<scalar_t>();
     const scalar_t* poses_p = contour ? poses.data_ptr<scalar_t>() : nullptr;
     const int64_t pose_stride = contour ? poses.size(1) : 0;
-    const int64_t* dyn_faces_p = contour ? dyn_faces.data_ptr<int64_t>() : nullptr;
-    const scalar_t* dyn_bary_p = contour ? dyn_bary.data_ptr<scalar_t>() : nullptr;
+    const int64_t* dyn_faces_p = contour ? t.dyn_faces.data_ptr<int64_t>() : nullptr;
+    const scalar_t* dyn_bary_p = contour ? t.dyn_bary.data_ptr<scalar_t>() : nullptr;
     scalar_t* out_p = lmk.data_ptr<scalar_t>();
     at::parallel_for(0, s.batch, kSamplesPerTask, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
@@ -129,24 +125,20 @@ at::Tensor landmarks_backward_cpu(const at::Tensor& grad_lmk_in, const at::Tenso
   if (s.batch == 0) return grad_v;
 
   const at::Tensor grad_lmk = grad_lmk_in.contiguous();
-  const at::Tensor tris = tris_in.contiguous();
-  const at::Tensor lmk_bary_coords = lmk_bary_coords_in.contiguous();
   const at::Tensor bins = contour ? bins_in.contiguous() : bins_in;
-  const at::Tensor dyn_faces =
-      contour ? dynamic_lmk_faces_idx_in.contiguous() : dynamic_lmk_faces_idx_in;
-  const at::Tensor dyn_bary =
-      contour ? dynamic_lmk_bary_coords_in.contiguous() : dynamic_lmk_bary_coords_in;
-  const int64_t* tris_p = tris.data_ptr<int64_t>();
-  const at::Tensor lmk_faces_idx = lmk_faces_idx_in.contiguous();
+  const LandmarkTableTensors t =
+      contiguous_tables(tris_in, lmk_faces_idx_in, lmk_bary_coords_in,
+                        dynamic_lmk_faces_idx_in, dynamic_lmk_bary_coords_in, contour);
+  const int64_t* tris_p = t.tris.data_ptr<int64_t>();
   const std::vector<int64_t> corners = static_corners(
-      tris_p, lmk_faces_idx.data_ptr<int64_t>(), s.n_static, s.num_faces, s.num_vertices);
+      tris_p, t.lmk_faces_idx.data_ptr<int64_t>(), s.n_static, s.num_faces, s.num_vertices);
   const int64_t* bins_p = contour ? bins.data_ptr<int64_t>() : nullptr;
 
   AT_DISPATCH_FLOATING_TYPES(grad_lmk.scalar_type(), "flame_ext::landmarks_backward", [&] {
     const scalar_t* g_p = grad_lmk.data_ptr<scalar_t>();
-    const scalar_t* bary_p = lmk_bary_coords.data_ptr<scalar_t>();
-    const int64_t* dyn_faces_p = contour ? dyn_faces.data_ptr<int64_t>() : nullptr;
-    const scalar_t* dyn_bary_p = contour ? dyn_bary.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* bary_p = t.lmk_bary_coords.data_ptr<scalar_t>();
+    const int64_t* dyn_faces_p = contour ? t.dyn_faces.data_ptr<int64_t>() : nullptr;
+    const scalar_t* dyn_bary_p = contour ? t.dyn_bary.data_ptr<scalar_t>() : nullptr;
     scalar_t* out_p = grad_v.data_ptr<scalar_t>();
     // Each sample's gradient is zeroed and scattered by one thread, in landmark order:
     // no atomics, the same bits on every run.
