@@ -30,7 +30,9 @@
 
 // The op library and dispatch key the launchers register under.
 #if defined(FLAME_EXT_SIMT)
+#ifndef FLAME_EXT_KERNEL_LIB  // the planted-defect builds choose their own
 #define FLAME_EXT_KERNEL_LIB flame_ext_simt
+#endif
 #define FLAME_EXT_KERNEL_KEY CPU
 #else
 #define FLAME_EXT_KERNEL_LIB flame_ext

@@ -1,0 +1,154 @@
+"""The blend CUDA kernels (csrc/blend/blend_kernels.cuh) executed by the SIMT runtime.
+
+Forward: blend_forward_kernel for every tile size S in {1, 2, 4, 8} (batch 1, 2, 3-4,
+5+), several batch tiles, K = 0 and K not a multiple of the warp, odd N, pose correctives
+or none, base shared / per-sample / flat, dirs a column slice of a wider matrix.
+Backward: adjoint_coeffs_kernel, adjoint_pose_kernel and sum_chunks_kernel, each output
+alone and together, one and several row chunks. Large batches: under
+use_deterministic_algorithms the hand kernels serve any batch; with the grid limits
+scaled down, the batch spreads over several launches. Every result is compared with the
+float64 reference within a rounding bound, and is bitwise the same under every schedule.
+"""
+
+import pytest
+import torch
+
+from _simt import DTYPES, F64, assert_within, launches, rand, sum_bound, under_every_schedule
+
+FORWARD = "blend_forward_kernel"
+BACKWARD = ("adjoint_coeffs_kernel", "adjoint_pose_kernel", "sum_chunks_kernel")
+
+
+def _inputs(batch, n, k, p, dtype, base_kind="shared", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    wide = rand(g, n, k + 8, dtype=dtype)
+    dirs = wide[:, 3 : 3 + k]  # row stride k + 8: read in place
+    coeffs = rand(g, batch, k, dtype=dtype)
+    base = {"flat": rand(g, n, dtype=dtype), "shared": rand(g, 1, n, dtype=dtype),
+            "batched": rand(g, batch, n, dtype=dtype)}[base_kind]
+    pose_dirs = rand(g, p, n, dtype=dtype)
+    pose_coeffs = rand(g, batch, p, dtype=dtype)
+    return base, dirs, coeffs, pose_dirs, pose_coeffs
+
+
+def _forward_exact(base, dirs, coeffs, pose_dirs, pose_coeffs):
+    d = [x.double() for x in (base, dirs, coeffs, pose_dirs, pose_coeffs)]
+    exact = d[0] + d[2] @ d[1].T + d[4] @ d[3]
+    magnitude = d[0].abs() + d[2].abs() @ d[1].abs().T + d[4].abs() @ d[3].abs()
+    return exact, magnitude
+
+
+def _check_forward(simt, args, dtype):
+    out = under_every_schedule(lambda: simt.blend(*args))
+    exact, magnitude = _forward_exact(*args)
+    k, p = args[1].shape[1], args[3].shape[0]
+    assert_within(out, exact.expand_as(out), sum_bound(k + p + 1, magnitude, dtype), "blend")
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "batch, n, k, p, base_kind",
+    [
+        (1, 61, 37, 36, "shared"),    # S = 1, FLAME-like P
+        (2, 61, 37, 5, "batched"),    # S = 2
+        (3, 61, 70, 0, "flat"),       # S = 4, tail tile, no pose correctives
+        (4, 33, 1, 36, "batched"),    # S = 4, K = 1
+        (5, 61, 33, 36, "shared"),    # S = 8, one partial tile
+        (8, 17, 0, 36, "shared"),     # S = 8, K = 0: pose correctives only
+        (13, 61, 40, 7, "batched"),   # two tiles of 8
+        (16, 129, 64, 36, "shared"),  # the largest hand-kernel batch, K = 2 warps
+        (3, 1, 5, 2, "shared"),       # one row
+    ],
+)
+def test_forward_matches_reference(simt, batch, n, k, p, base_kind, dtype):
+    args = _inputs(batch, n, k, p, dtype, base_kind)
+    with launches(FORWARD, exactly=True):
+        _check_forward(simt, args, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forward_batch_zero_launches_nothing(simt, dtype):
+    args = _inputs(0, 61, 37, 36, dtype)
+    with launches(exactly=True):
+        out = simt.blend(*args)
+    assert out.shape == (0, 61)
+
+
+def _backward_exact(grad, dirs, pose_dirs):
+    g, d, pd = grad.double(), dirs.double(), pose_dirs.double()
+    return (g @ d, g.abs() @ d.abs()), (g @ pd.T, g.abs() @ pd.abs().T)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("need", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize(
+    "batch, n, k, p",
+    [
+        (1, 61, 37, 36),    # one row chunk
+        (3, 613, 70, 36),   # several chunks, S = 4
+        (6, 200, 33, 5),    # S = 8, partial tile
+        (16, 97, 129, 36),  # K over one block of columns
+    ],
+)
+def test_backward_matches_reference(simt, batch, n, k, p, need, dtype):
+    _, dirs, _, pose_dirs, _ = _inputs(batch, n, k, p, dtype, seed=1)
+    g = torch.Generator().manual_seed(2)
+    grad = rand(g, batch, n, dtype=dtype)
+    expected = [name for name, on in zip(BACKWARD[:2], need) if on] + [BACKWARD[2]]
+    with launches(*expected, exactly=True):
+        grad_coeffs, grad_pose = under_every_schedule(
+            lambda: simt.blend_backward(grad, dirs, pose_dirs, *need))
+    (gc, gc_mag), (gp, gp_mag) = _backward_exact(grad, dirs, pose_dirs)
+    if need[0]:
+        assert_within(grad_coeffs, gc, sum_bound(n, gc_mag, dtype), "grad_coeffs")
+    if need[1]:
+        assert_within(grad_pose, gp, sum_bound(n, gp_mag, dtype), "grad_pose_coeffs")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward_k_zero(simt, dtype):
+    _, dirs, _, pose_dirs, _ = _inputs(3, 61, 0, 36, dtype)
+    grad = rand(torch.Generator().manual_seed(3), 3, 61, dtype=dtype)
+    grad_coeffs, grad_pose = simt.blend_backward(grad, dirs, pose_dirs, True, True)
+    assert grad_coeffs.shape == (3, 0)
+    (_, _), (gp, gp_mag) = _backward_exact(grad, dirs, pose_dirs)
+    assert_within(grad_pose, gp, sum_bound(61, gp_mag, dtype), "grad_pose_coeffs")
+
+
+@pytest.fixture
+def deterministic():
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(before)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("max_grid", [(0, 0, 0), (0, 2, 2)])
+def test_large_batch_deterministic_hand_kernels(simt, deterministic, max_grid, dtype):
+    """B = 40 > 16 under use_deterministic_algorithms: the hand kernels, not a GEMM; with
+    grid.y / grid.z limited to 2 tiles the batch needs several launches."""
+    from _simt import configure
+
+    batch, n, k, p = 40, 61, 37, 36
+    args = _inputs(batch, n, k, p, dtype, "batched", seed=4)
+    configure(max_grid=max_grid)
+    with launches(FORWARD):
+        out = simt.blend(*args)
+    exact, magnitude = _forward_exact(*args)
+    assert_within(out, exact, sum_bound(k + p + 1, magnitude, dtype), "blend")
+    grad = rand(torch.Generator().manual_seed(5), batch, n, dtype=dtype)
+    with launches(*BACKWARD):
+        grad_coeffs, grad_pose = simt.blend_backward(grad, args[1], args[3], True, True)
+    (gc, gc_mag), (gp, gp_mag) = _backward_exact(grad, args[1], args[3])
+    assert_within(grad_coeffs, gc, sum_bound(n, gc_mag, dtype), "grad_coeffs")
+    assert_within(grad_pose, gp, sum_bound(n, gp_mag, dtype), "grad_pose_coeffs")
+
+
+def test_large_batch_uses_the_gemm_outside_deterministic_mode(simt):
+    args = _inputs(40, 61, 37, 36, F64, "batched")
+    with launches(exactly=True):  # at::addmm: no hand kernel
+        out = simt.blend(*args)
+    exact, _ = _forward_exact(*args)
+    torch.testing.assert_close(out, exact, rtol=1e-12, atol=1e-12)
