@@ -2,7 +2,7 @@
 //
 // The very `__global__` functions of csrc/<family>/<family>_kernels.cuh compile with g++
 // against this header (FLAME_EXT_SIMT) and run on CPU tensors. Each CUDA thread of a block
-// is a fiber (ucontext) with its own stack; blocks run one after the other on the calling
+// is a fiber with its own stack; blocks run one after the other on the calling
 // thread. A fiber runs until it reaches a block barrier (__syncthreads), a warp
 // operation (__syncwarp, __shfl_*_sync) or its end; the scheduler then resumes the others.
 // Between two barriers the threads of a block run one after the other, in an order the
@@ -123,8 +123,75 @@ constexpr size_t kSlotBytes = 16;  // the widest value a shuffle moves
 
 enum class State { kReady, kAtBarrier, kAtWarp, kDone };
 
+// Switching between fibers. On x86-64 a hand-written switch (the callee-saved registers,
+// the stack pointer and the floating-point control words, like boost.context): glibc's
+// swapcontext also saves the signal mask, a system call per switch that made the
+// emulated kernels several times slower. Elsewhere, ucontext.
+#if defined(__x86_64__) && !defined(FLAME_SIMT_UCONTEXT)
+#define FLAME_SIMT_FAST_SWITCH 1
+struct Context {
+  void* sp = nullptr;
+};
+
+// Saves the current context into *from and resumes `to`.
+[[gnu::naked, gnu::noinline]] inline void switch_stack(void** /*from*/, void* /*to*/) {
+  asm volatile(
+      "pushq %rbp\n\t"
+      "pushq %rbx\n\t"
+      "pushq %r12\n\t"
+      "pushq %r13\n\t"
+      "pushq %r14\n\t"
+      "pushq %r15\n\t"
+      "subq $8, %rsp\n\t"
+      "stmxcsr (%rsp)\n\t"
+      "fnstcw 4(%rsp)\n\t"
+      "movq %rsp, (%rdi)\n\t"
+      "movq %rsi, %rsp\n\t"
+      "ldmxcsr (%rsp)\n\t"
+      "fldcw 4(%rsp)\n\t"
+      "addq $8, %rsp\n\t"
+      "popq %r15\n\t"
+      "popq %r14\n\t"
+      "popq %r13\n\t"
+      "popq %r12\n\t"
+      "popq %rbx\n\t"
+      "popq %rbp\n\t"
+      "ret\n\t");
+}
+
+inline void switch_context(Context* from, const Context* to) { switch_stack(&from->sp, to->sp); }
+
+// A context that starts `entry` (which must never return) on the given stack.
+inline void make_context(Context* c, void* stack, size_t size, void (*entry)()) {
+  uintptr_t top = (reinterpret_cast<uintptr_t>(stack) + size) & ~uintptr_t(15);
+  uint64_t* sp = reinterpret_cast<uint64_t*>(top);
+  *--sp = 0;                                   // entry's own return address: never used
+  *--sp = reinterpret_cast<uint64_t>(entry);  // where switch_stack's ret goes
+  for (int i = 0; i < 6; ++i) *--sp = 0;       // rbp rbx r12 r13 r14 r15
+  --sp;
+  uint32_t* control = reinterpret_cast<uint32_t*>(sp);
+  control[0] = 0x1f80;  // MXCSR: all exceptions masked, round to nearest
+  control[1] = 0x037f;  // x87 control word, likewise
+  c->sp = sp;
+}
+#else
+struct Context {
+  ucontext_t uc;
+};
+
+inline void switch_context(Context* from, const Context* to) { swapcontext(&from->uc, &to->uc); }
+
+inline void make_context(Context* c, void* stack, size_t size, void (*entry)()) {
+  getcontext(&c->uc);
+  c->uc.uc_stack.ss_sp = stack;
+  c->uc.uc_stack.ss_size = size;
+  c->uc.uc_link = nullptr;
+  makecontext(&c->uc, entry, 0);
+}
+#endif
+
 struct Fiber {
-  ucontext_t context;
+  Context context;
   State state = State::kReady;
   uint3 thread_idx{0, 0, 0};
   int linear = 0;   // x + y X + z X Y
@@ -154,7 +221,7 @@ struct BlockRun {
   const std::function<void()>* body = nullptr;
   std::vector<Fiber>* fibers = nullptr;
   int current = -1;
-  ucontext_t scheduler;
+  Context scheduler;
 #ifdef FLAME_SIMT_ASAN
   const void* scheduler_stack = nullptr;
   size_t scheduler_stack_size = 0;
@@ -201,7 +268,7 @@ inline void yield_to_scheduler() {
 #ifdef FLAME_SIMT_ASAN
   __sanitizer_start_switch_fiber(&f.fake_stack, r.scheduler_stack, r.scheduler_stack_size);
 #endif
-  swapcontext(&f.context, &r.scheduler);
+  switch_context(&f.context, &r.scheduler);
 #ifdef FLAME_SIMT_ASAN
   __sanitizer_finish_switch_fiber(f.fake_stack, &r.scheduler_stack, &r.scheduler_stack_size);
 #endif
@@ -224,7 +291,9 @@ inline void fiber_main() {
 #ifdef FLAME_SIMT_ASAN
   __sanitizer_start_switch_fiber(nullptr, r.scheduler_stack, r.scheduler_stack_size);
 #endif
-  setcontext(&r.scheduler);
+  Context dead;  // this fiber is never resumed
+  switch_context(&dead, &r.scheduler);
+  __builtin_unreachable();
 }
 
 // Fiber stacks, kept for the process and reused (with a guard page below each).
@@ -280,7 +349,7 @@ inline void resume(BlockRun& r, int i) {
   void* fake = nullptr;
   __sanitizer_start_switch_fiber(&fake, f.stack, f.stack_size);
 #endif
-  swapcontext(&r.scheduler, &f.context);
+  switch_context(&r.scheduler, &f.context);
 #ifdef FLAME_SIMT_ASAN
   __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
 #endif
@@ -351,11 +420,7 @@ inline void run_block(BlockRun& r, uint64_t block_linear) {
 #ifdef FLAME_SIMT_ASAN
     ASAN_UNPOISON_MEMORY_REGION(f.stack, f.stack_size);
 #endif
-    getcontext(&f.context);
-    f.context.uc_stack.ss_sp = f.stack;
-    f.context.uc_stack.ss_size = f.stack_size;
-    f.context.uc_link = nullptr;
-    makecontext(&f.context, fiber_main, 0);
+    make_context(&f.context, f.stack, f.stack_size, fiber_main);
   }
   r.static_shared = 0;
   for (void* p : r.shared) std::free(p);
