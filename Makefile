@@ -18,7 +18,7 @@ SIMT_DIR := build/simt-asan
 SIMT_LIB := $(SIMT_DIR)/flame_ext_simt_asan.so
 SIMT_SOURCES := tools/build_simt.py $(wildcard csrc/*.h csrc/simt/* csrc/*/*.h csrc/*/*.cuh csrc/*/*.cu)
 # The sanitizer runtime must be the first library of the test process.
-SIMT_ENV = LD_PRELOAD=$$($(PY) tools/build_simt.py --print-asan-runtime) \
+SIMT_ENV = LD_PRELOAD="$$($(PY) tools/build_simt.py --print-preload)" \
 	ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1 \
 	FLAME_EXT_SIMT_LIB=$(abspath $(SIMT_LIB))
 

@@ -143,17 +143,22 @@ def build(out: str, sanitize: bool, verbose: bool = False) -> str:
     return os.path.join(out, name + ".so")
 
 
-def asan_runtime() -> str:
-    """The compiler's AddressSanitizer runtime, to preload into a process that loads the
-    sanitizer build."""
+def sanitizer_preload() -> str:
+    """LD_PRELOAD for a process that loads the sanitizer build: the compiler's ASan runtime
+    first, then its C++ runtime (ASan finds the functions it wraps, such as __cxa_throw,
+    when it starts: in a Python process libstdc++ would only arrive later, with torch)."""
     import subprocess
 
     cxx = os.environ.get("CXX", "c++")
-    path = subprocess.run([cxx, "-print-file-name=libasan.so"], capture_output=True, text=True,
-                          check=True).stdout.strip()
-    if not os.path.isabs(path):
-        raise SystemExit(f"{cxx} has no AddressSanitizer runtime (libasan.so)")
-    return os.path.realpath(path)
+
+    def library(name):
+        path = subprocess.run([cxx, f"-print-file-name={name}"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        if not os.path.isabs(path):
+            raise SystemExit(f"{cxx} has no {name}")
+        return os.path.realpath(path)
+
+    return f"{library('libasan.so')} {library('libstdc++.so.6')}"
 
 
 def main() -> int:
@@ -161,16 +166,16 @@ def main() -> int:
     parser.add_argument("--out", default=os.path.join(ROOT, "build", "simt"))
     parser.add_argument("--sanitize", action="store_true", help="ASan + UBSan")
     parser.add_argument("--verbose", action="store_true")
-    parser.add_argument("--print-asan-runtime", action="store_true",
-                        help="print the ASan runtime's path and exit")
+    parser.add_argument("--print-preload", action="store_true",
+                        help="print the LD_PRELOAD the sanitizer build needs and exit")
     args = parser.parse_args()
-    if args.print_asan_runtime:
-        print(asan_runtime())
+    if args.print_preload:
+        print(sanitizer_preload())
         return 0
     if args.sanitize and "libasan" not in os.environ.get("LD_PRELOAD", ""):
         # The build loads the library it made, which needs the ASan runtime loaded first:
         # run again with it preloaded.
-        env = dict(os.environ, LD_PRELOAD=asan_runtime(), ASAN_OPTIONS="detect_leaks=0")
+        env = dict(os.environ, LD_PRELOAD=sanitizer_preload(), ASAN_OPTIONS="detect_leaks=0")
         os.execve(sys.executable, [sys.executable] + sys.argv, env)
     os.environ.pop("LD_PRELOAD", None)  # the compiler processes need no sanitizer runtime
     print(build(os.path.abspath(args.out), args.sanitize, args.verbose))

@@ -68,7 +68,8 @@ def test_missing_barrier_is_caught(simt):
 
 
 def test_wrong_shuffle_partner_is_caught(simt):
-    args = _blend_inputs()
+    # Batch 1: tiles of 8 dots per warp, whose last butterfly steps are the planted ones.
+    args = _blend_inputs(batch=1)
     exact = reference.blend(*args)
     torch.testing.assert_close(simt.blend(*args), exact)
     out = planted("wrong_shuffle_partner").blend(*args)
@@ -77,7 +78,7 @@ def test_wrong_shuffle_partner_is_caught(simt):
 
 def test_wrong_shuffle_mask_is_a_launch_error(simt):
     with pytest.raises(RuntimeError, match=r"blend_forward_kernel.*lane 31.*does not name it"):
-        planted("wrong_shuffle_mask").blend(*_blend_inputs())
+        planted("wrong_shuffle_mask").blend(*_blend_inputs(batch=1))
 
 
 def test_oversized_block_is_a_launch_error(simt):
