@@ -26,14 +26,42 @@ def load_simt():
     return torch.ops.flame_ext_simt
 
 
+# Where the kernels of the current test run: 'simt' (the emulation, CPU tensors) or 'cuda'
+# (the real kernels on a GPU, through torch.ops.flame_ext with the inputs moved there).
+_target = "simt"
+
+
+def set_target(name):
+    global _target
+    _target = name
+
+
 def configure(order="in_order", seed=SEED, max_grid=(0, 0, 0)):
-    """Sets the schedule and (0: CUDA's) grid limits of the runtime."""
-    load_simt().simt_configure(order, seed, *max_grid)
+    """Sets the schedule and (0: CUDA's) grid limits of the runtime; nothing on a GPU."""
+    if _target == "simt":
+        load_simt().simt_configure(order, seed, *max_grid)
 
 
 def kernel_stats():
     """{kernel name: (launches, blocks, threads, barriers, warp ops)} so far."""
     return {k: tuple(v) for k, v in json.loads(load_simt().simt_stats()).items()}
+
+
+def _to(x, device):
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to(y, device) for y in x)
+    return x
+
+
+class OnCuda:
+    """torch.ops.flame_ext with CPU tensors in and out: the test's inputs go to the GPU,
+    the real CUDA kernels run, the results come back for the same comparisons."""
+
+    def __getattr__(self, name):
+        op = getattr(torch.ops.flame_ext, name)
+        return lambda *args: _to(op(*_to(args, "cuda")), "cpu")
 
 
 F32, F64 = torch.float32, torch.float64
@@ -52,6 +80,9 @@ def rand(gen, *shape, dtype=F64, scale=1.0, low=None):
 @contextlib.contextmanager
 def launches(*kernels, exactly=False):
     """Asserts that the block launched each kernel at least once (exactly: only these)."""
+    if _target != "simt":  # a GPU keeps no such record
+        yield
+        return
     before = kernel_stats()
     yield
     after = kernel_stats()
@@ -64,7 +95,8 @@ def launches(*kernels, exactly=False):
 
 def under_every_schedule(call):
     """Runs call() under each schedule; asserts the outputs are bitwise equal (the kernels
-    claim results independent of thread order) and returns the first."""
+    claim results independent of thread order) and returns the first. On a GPU: three
+    runs, bitwise equal (the kernels claim run-to-run determinism)."""
     outs = []
     for order in ("in_order", "reversed", "random"):
         configure(order)

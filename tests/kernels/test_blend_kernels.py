@@ -38,8 +38,8 @@ def _forward_exact(base, dirs, coeffs, pose_dirs, pose_coeffs):
     return exact, magnitude
 
 
-def _check_forward(simt, args, dtype):
-    out = under_every_schedule(lambda: simt.blend(*args))
+def _check_forward(kernels, args, dtype):
+    out = under_every_schedule(lambda: kernels.blend(*args))
     exact, magnitude = _forward_exact(*args)
     k, p = args[1].shape[1], args[3].shape[0]
     assert_within(out, exact.expand_as(out), sum_bound(k + p + 1, magnitude, dtype), "blend")
@@ -61,17 +61,17 @@ def _check_forward(simt, args, dtype):
         (3, 1, 5, 2, "shared"),       # one row
     ],
 )
-def test_forward_matches_reference(simt, batch, n, k, p, base_kind, dtype):
+def test_forward_matches_reference(kernels, batch, n, k, p, base_kind, dtype):
     args = _inputs(batch, n, k, p, dtype, base_kind)
     with launches(FORWARD, exactly=True):
-        _check_forward(simt, args, dtype)
+        _check_forward(kernels, args, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_forward_batch_zero_launches_nothing(simt, dtype):
+def test_forward_batch_zero_launches_nothing(kernels, dtype):
     args = _inputs(0, 61, 37, 36, dtype)
     with launches(exactly=True):
-        out = simt.blend(*args)
+        out = kernels.blend(*args)
     assert out.shape == (0, 61)
 
 
@@ -91,14 +91,14 @@ def _backward_exact(grad, dirs, pose_dirs):
         (16, 97, 129, 36),  # K over one block of columns
     ],
 )
-def test_backward_matches_reference(simt, batch, n, k, p, need, dtype):
+def test_backward_matches_reference(kernels, batch, n, k, p, need, dtype):
     _, dirs, _, pose_dirs, _ = _inputs(batch, n, k, p, dtype, seed=1)
     g = torch.Generator().manual_seed(2)
     grad = rand(g, batch, n, dtype=dtype)
     expected = [name for name, on in zip(BACKWARD[:2], need) if on] + [BACKWARD[2]]
     with launches(*expected, exactly=True):
         grad_coeffs, grad_pose = under_every_schedule(
-            lambda: simt.blend_backward(grad, dirs, pose_dirs, *need))
+            lambda: kernels.blend_backward(grad, dirs, pose_dirs, *need))
     (gc, gc_mag), (gp, gp_mag) = _backward_exact(grad, dirs, pose_dirs)
     if need[0]:
         assert_within(grad_coeffs, gc, sum_bound(n, gc_mag, dtype), "grad_coeffs")
@@ -107,10 +107,10 @@ def test_backward_matches_reference(simt, batch, n, k, p, need, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_backward_k_zero(simt, dtype):
+def test_backward_k_zero(kernels, dtype):
     _, dirs, _, pose_dirs, _ = _inputs(3, 61, 0, 36, dtype)
     grad = rand(torch.Generator().manual_seed(3), 3, 61, dtype=dtype)
-    grad_coeffs, grad_pose = simt.blend_backward(grad, dirs, pose_dirs, True, True)
+    grad_coeffs, grad_pose = kernels.blend_backward(grad, dirs, pose_dirs, True, True)
     assert grad_coeffs.shape == (3, 0)
     (_, _), (gp, gp_mag) = _backward_exact(grad, dirs, pose_dirs)
     assert_within(grad_pose, gp, sum_bound(61, gp_mag, dtype), "grad_pose_coeffs")
@@ -126,7 +126,7 @@ def deterministic():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("max_grid", [(0, 0, 0), (0, 2, 2)])
-def test_large_batch_deterministic_hand_kernels(simt, deterministic, max_grid, dtype):
+def test_large_batch_deterministic_hand_kernels(kernels, deterministic, max_grid, dtype):
     """B = 40 > 16 under use_deterministic_algorithms: the hand kernels, not a GEMM; with
     grid.y / grid.z limited to 2 tiles the batch needs several launches."""
     from _simt import configure
@@ -135,20 +135,20 @@ def test_large_batch_deterministic_hand_kernels(simt, deterministic, max_grid, d
     args = _inputs(batch, n, k, p, dtype, "batched", seed=4)
     configure(max_grid=max_grid)
     with launches(FORWARD):
-        out = simt.blend(*args)
+        out = kernels.blend(*args)
     exact, magnitude = _forward_exact(*args)
     assert_within(out, exact, sum_bound(k + p + 1, magnitude, dtype), "blend")
     grad = rand(torch.Generator().manual_seed(5), batch, n, dtype=dtype)
     with launches(*BACKWARD):
-        grad_coeffs, grad_pose = simt.blend_backward(grad, args[1], args[3], True, True)
+        grad_coeffs, grad_pose = kernels.blend_backward(grad, args[1], args[3], True, True)
     (gc, gc_mag), (gp, gp_mag) = _backward_exact(grad, args[1], args[3])
     assert_within(grad_coeffs, gc, sum_bound(n, gc_mag, dtype), "grad_coeffs")
     assert_within(grad_pose, gp, sum_bound(n, gp_mag, dtype), "grad_pose_coeffs")
 
 
-def test_large_batch_uses_the_gemm_outside_deterministic_mode(simt):
+def test_large_batch_uses_the_gemm_outside_deterministic_mode(kernels):
     args = _inputs(40, 61, 37, 36, F64, "batched")
     with launches(exactly=True):  # at::addmm: no hand kernel
-        out = simt.blend(*args)
+        out = kernels.blend(*args)
     exact, _ = _forward_exact(*args)
     torch.testing.assert_close(out, exact, rtol=1e-12, atol=1e-12)

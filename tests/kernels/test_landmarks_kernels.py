@@ -48,12 +48,12 @@ def _call(simt_or_cpu, v, poses, tables, rule):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rule", tuple(RULES))
 @pytest.mark.parametrize("batch", [1, 3, 4, 9])
-def test_forward_matches_reference_and_cpu(simt, batch, rule, dtype):
+def test_forward_matches_reference_and_cpu(kernels, batch, rule, dtype):
     tables = _tables(dtype)
     v = rand(torch.Generator().manual_seed(2), batch, N_VERTS, 3, dtype=dtype)
     poses = _poses(batch, dtype)
     with launches(FORWARD, exactly=True):
-        lmk, bins = under_every_schedule(lambda: _call(simt, v, poses, tables, rule))
+        lmk, bins = under_every_schedule(lambda: _call(kernels, v, poses, tables, rule))
     cpu_lmk, cpu_bins = _call(torch.ops.flame_ext, v, poses, tables, rule)
     assert_bitwise(lmk, cpu_lmk, "landmarks vs the CPU kernel")
     if rule != "none":
@@ -68,14 +68,14 @@ def test_forward_matches_reference_and_cpu(simt, batch, rule, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rule", ("medusa", "deca"))
-def test_float32_bins_match_the_cpu_kernel_over_many_poses(simt, rule, dtype):
+def test_float32_bins_match_the_cpu_kernel_over_many_poses(kernels, rule, dtype):
     """Every bin of 512 poses swept through the yaw range, the same as the CPU kernel."""
     tables = _tables(dtype)
     v = rand(torch.Generator().manual_seed(3), 512, N_VERTS, 3, dtype=dtype)
     g = torch.Generator().manual_seed(4)
     poses = rand(g, 512, 15, dtype=dtype, scale=0.3)
     poses[:, 1] = torch.linspace(-1.4, 1.4, 512, dtype=F64).to(dtype)
-    _, bins = _call(simt, v, poses, tables, rule)
+    _, bins = _call(kernels, v, poses, tables, rule)
     _, cpu_bins = _call(torch.ops.flame_ext, v, poses, tables, rule)
     assert_bitwise(bins, cpu_bins, "bins")
     assert len(set(bins.tolist())) > 40  # the sweep reaches most bins
@@ -84,7 +84,7 @@ def test_float32_bins_match_the_cpu_kernel_over_many_poses(simt, rule, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rule", tuple(RULES))
 @pytest.mark.parametrize("batch, n_static", [(1, 7), (3, 51), (2, 90)])
-def test_backward_matches_cpu_bitwise(simt, batch, n_static, rule, dtype):
+def test_backward_matches_cpu_bitwise(kernels, batch, n_static, rule, dtype):
     """n_static 90 with 5 contour points: 285 terms, more than one tile of 256."""
     tables = _tables(dtype, n_static=n_static, seed=5)
     v = rand(torch.Generator().manual_seed(6), batch, N_VERTS, 3, dtype=dtype)
@@ -98,7 +98,7 @@ def test_backward_matches_cpu_bitwise(simt, batch, n_static, rule, dtype):
     else:
         args = (grad, bins, *tables, N_VERTS)
     with launches(BACKWARD, exactly=True):
-        grad_v = under_every_schedule(lambda: simt.landmarks_backward(*args))
+        grad_v = under_every_schedule(lambda: kernels.landmarks_backward(*args))
     assert_bitwise(grad_v, torch.ops.flame_ext.landmarks_backward(*args), "grad_v vs CPU")
     # And against autograd of the reference.
     v64 = v.double().requires_grad_()
@@ -113,22 +113,22 @@ def test_backward_matches_cpu_bitwise(simt, batch, n_static, rule, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_batch_zero_launches_nothing(simt, dtype):
+def test_batch_zero_launches_nothing(kernels, dtype):
     tables = _tables(dtype)
     v = torch.empty(0, N_VERTS, 3, dtype=dtype)
     with launches(exactly=True):
-        lmk, bins = _call(simt, v, torch.empty(0, 15, dtype=dtype), tables, "medusa")
+        lmk, bins = _call(kernels, v, torch.empty(0, 15, dtype=dtype), tables, "medusa")
     assert lmk.shape == (0, 12, 3) and bins.shape == (0,)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_bad_table_index_gives_nan_not_a_read(simt, dtype):
+def test_bad_table_index_gives_nan_not_a_read(kernels, dtype):
     """A face index past the table is never followed (the sanitizer build would report
     the read): its landmark is NaN, the others are unchanged."""
     tris, faces, bary, dyn_faces, dyn_bary = _tables(dtype)
     faces = faces.clone()
     faces[2] = N_FACES + 5
     v = rand(torch.Generator().manual_seed(9), 2, N_VERTS, 3, dtype=dtype)
-    lmk, _ = simt.landmarks(v, _poses(2, dtype), tris, faces, bary, dyn_faces, dyn_bary, 1)
+    lmk, _ = kernels.landmarks(v, _poses(2, dtype), tris, faces, bary, dyn_faces, dyn_bary, 1)
     assert bool(torch.isnan(lmk[:, N_CONTOUR + 2]).all())
     assert bool(torch.isfinite(lmk[:, N_CONTOUR + 3 :]).all())

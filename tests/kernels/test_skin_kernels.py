@@ -31,10 +31,10 @@ CASES = [(1, 37, 5), (3, 256, 5), (2, 300, 1), (3, 1, 16), (1, 1100, 5), (2, 204
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("write_t", [True, False])
 @pytest.mark.parametrize("batch, num_verts, num_joints", CASES)
-def test_forward_matches_reference(simt, batch, num_verts, num_joints, write_t, dtype):
+def test_forward_matches_reference(kernels, batch, num_verts, num_joints, write_t, dtype):
     v_posed, transforms, weights = _inputs(batch, num_verts, num_joints, dtype)
     with launches(FORWARD, exactly=True):
-        v, vt = under_every_schedule(lambda: simt.skin(v_posed, transforms, weights, write_t))
+        v, vt = under_every_schedule(lambda: kernels.skin(v_posed, transforms, weights, write_t))
     exact_v, exact_t = reference.skin(v_posed.double(), transforms.double(), weights.double())
     # v = sum_j w_j (A_j [x; 1]): 4 J products per coordinate, |terms| <= |A| (|x| + 1).
     magnitude = reference.skin(v_posed.double().abs(), transforms.double().abs(),
@@ -49,7 +49,7 @@ def test_forward_matches_reference(simt, batch, num_verts, num_joints, write_t, 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_grad_t", [True, False])
 @pytest.mark.parametrize("batch, num_verts, num_joints", CASES)
-def test_backward_matches_reference_autograd(simt, batch, num_verts, num_joints, with_grad_t,
+def test_backward_matches_reference_autograd(kernels, batch, num_verts, num_joints, with_grad_t,
                                              dtype):
     v_posed, transforms, weights = _inputs(batch, num_verts, num_joints, dtype, seed=1)
     g = torch.Generator().manual_seed(2)
@@ -59,7 +59,7 @@ def test_backward_matches_reference_autograd(simt, batch, num_verts, num_joints,
     expected = (BACKWARD, REDUCE) if chunks > 1 else (BACKWARD,)
     with launches(*expected, exactly=True):
         grad_p, grad_a = under_every_schedule(
-            lambda: simt.skin_backward(grad_v, grad_t, v_posed, transforms, weights))
+            lambda: kernels.skin_backward(grad_v, grad_t, v_posed, transforms, weights))
     p64 = v_posed.double().requires_grad_()
     a64 = transforms.double().requires_grad_()
     v, vt = reference.skin(p64, a64, weights.double())
@@ -76,24 +76,24 @@ def test_backward_matches_reference_autograd(simt, batch, num_verts, num_joints,
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_backward_matches_the_cpu_kernel_closely(simt, dtype):
+def test_backward_matches_the_cpu_kernel_closely(kernels, dtype):
     v_posed, transforms, weights = _inputs(3, 300, 5, dtype, seed=4)
     grad_v = rand(torch.Generator().manual_seed(5), 3, 300, 3, dtype=dtype)
     cpu = torch.ops.flame_ext.skin_backward(grad_v, None, v_posed, transforms, weights)
-    emulated = simt.skin_backward(grad_v, None, v_posed, transforms, weights)
+    emulated = kernels.skin_backward(grad_v, None, v_posed, transforms, weights)
     eps = torch.finfo(dtype).eps
     torch.testing.assert_close(emulated[0], cpu[0], rtol=16 * eps, atol=16 * eps)
     torch.testing.assert_close(emulated[1], cpu[1], rtol=1e3 * eps, atol=1e3 * eps)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_empty_inputs(simt, dtype):
+def test_empty_inputs(kernels, dtype):
     v_posed, transforms, weights = _inputs(0, 37, 5, dtype)
     with launches(exactly=True):
-        v, vt = simt.skin(v_posed, transforms, weights, True)
+        v, vt = kernels.skin(v_posed, transforms, weights, True)
     assert v.shape == (0, 37, 3) and vt.shape == (0, 37, 4, 4)
     v_posed, transforms, weights = _inputs(2, 0, 5, dtype)
     with launches(exactly=True):
-        grad_p, grad_a = simt.skin_backward(v_posed, None, v_posed, transforms, weights)
+        grad_p, grad_a = kernels.skin_backward(v_posed, None, v_posed, transforms, weights)
     assert grad_p.shape == (2, 0, 3)
     assert bool((grad_a == 0).all())
