@@ -173,7 +173,7 @@ def test_texture_sampling_is_bilinear_with_obj_convention():
     rows, cols = np.mgrid[0:h, 0:w]
     texture = np.stack([cols / (w - 1), rows / (h - 1), np.full((h, w), 0.5)], -1)
     uv = np.random.default_rng(1).uniform(size=(50, 2))
-    colours = render._sample_bilinear(texture, uv)
+    colours = render.raster._sample_bilinear(texture, uv)
     np.testing.assert_allclose(colours[:, 0], uv[:, 0], atol=1e-12)
     np.testing.assert_allclose(colours[:, 1], 1 - uv[:, 1], atol=1e-12)  # v = 1: top row
 
