@@ -25,8 +25,8 @@ from scipy.special import expit as _sigmoid
 import torch
 
 from .mesh import (
-    _STREAM_EXPR, _STREAM_MEDIAPIPE, _STREAM_POSE, _STREAM_SHAPE, _STREAM_TEMPLATE,
-    _PSI_PER_X, _THETA_MAX, _face_to_param, _locate, _mesh, _profile, _rng, _size_spec, _smoothstep,
+    _PSI_PER_X, _STREAM_EXPR, _STREAM_MEDIAPIPE, _STREAM_POSE, _STREAM_SHAPE, _STREAM_TEMPLATE,
+    _THETA_MAX, _face_to_param, _locate, _mesh, _profile, _rng, _size_spec, _smoothstep,
     _surface,
 )
 
