@@ -59,7 +59,7 @@ def test_landmark_face_index_out_of_range(tmp_path):
     path = write_lmk68(tmp_path / "landmark_embedding.npy", raw)
     fio.load_landmark_embedding("68", path)  # fine without a mesh to check against
     message = f"{path}: a landmark sits on face 10, but the model has only 10"
-    with pytest.raises(ValueError, match=re.escape(message)):
+    with pytest.raises(fio.ModelFileError, match=re.escape(message)):
         fio.load_landmark_embedding("68", path, num_faces=10)
     fio.load_landmark_embedding("68", path, num_faces=11)
 
@@ -76,15 +76,17 @@ def test_landmark_face_index_out_of_range(tmp_path):
 def test_bad_landmark_embedding(tmp_path, key, value, match):
     raw = dict(lmk68_raw(27), **{key: value})
     path = write_lmk68(tmp_path / "landmark_embedding.npy", raw)
-    with pytest.raises((ValueError, TypeError), match=match):
+    with pytest.raises(fio.ModelFileError, match=match):
         fio.load_landmark_embedding("68", path)
 
 
 def test_float_face_indices_refused(tmp_path):
     raw = dict(lmk68_raw(28), static_lmk_faces_idx=np.ones(6))
     path = write_lmk68(tmp_path / "landmark_embedding.npy", raw)
-    with pytest.raises(TypeError, match="static_lmk_faces_idx must be an integer array, got dtype float64"):
+    message = "static_lmk_faces_idx must be an integer array, got dtype float64"
+    with pytest.raises(TypeError, match=message) as info:
         fio.load_landmark_embedding("68", path)
+    assert isinstance(info.value, fio.ModelFileError)  # and a TypeError
 
 
 def test_mediapipe_embedding(tmp_path):
@@ -97,10 +99,10 @@ def test_mediapipe_embedding(tmp_path):
     np.testing.assert_array_equal(emb.lmk_bary_coords, raw["lmk_b_coords"])
     np.testing.assert_array_equal(emb.landmark_indices, raw["landmark_indices"])
     assert emb.lmk_faces_idx.dtype == np.int64 and emb.landmark_indices.dtype == np.int64
-    with pytest.raises(ValueError, match="sits on face"):
+    with pytest.raises(fio.ModelFileError, match="sits on face"):
         fio.load_landmark_embedding("mp", path, num_faces=int(raw["lmk_face_idx"].max()))
     np.savez(path, **dict(raw, landmark_indices=raw["landmark_indices"][:3]))
-    with pytest.raises(ValueError, match=r"landmark_indices must have shape"):
+    with pytest.raises(fio.ModelFileError, match=r"landmark_indices must have shape"):
         fio.load_landmark_embedding("mp", path)
 
 
@@ -110,7 +112,7 @@ def test_landmark_arguments(tmp_path):
         fio.load_landmark_embedding("dense", tmp_path)
     with pytest.raises(TypeError, match="num_faces must be an int"):
         fio.load_landmark_embedding("68", tmp_path, num_faces=9.0)
-    with pytest.raises(ValueError, match=r"lm_type='mp' reads an \.npz file"):
+    with pytest.raises(fio.ModelFileError, match=r"lm_type='mp' reads an \.npz file"):
         fio.load_landmark_embedding("mp", tmp_path / "landmark_embedding.npy")
-    with pytest.raises(ValueError, match=r"\.npy file .*points to .*mediapipe"):
+    with pytest.raises(fio.ModelFileError, match=r"\.npy file .*points to .*mediapipe"):
         fio.load_landmark_embedding("68", tmp_path / "mediapipe_landmark_embedding.npz")

@@ -130,7 +130,7 @@ def test_sparse_index_out_of_shape(tmp_path):
     bad.indices[0] = 99
     path = tmp_path / "m.pkl"
     path.write_bytes(py2_pickle(dict(raw, J_regressor=bad)))
-    with pytest.raises(ValueError, match="J_regressor.*outside its shape"):
+    with pytest.raises(fio.ModelFileError, match="J_regressor.*outside its shape"):
         fio.load_flame_model(path)
 
 
@@ -140,8 +140,9 @@ def test_chumpy_expression_without_value(tmp_path):
     del ch.x  # a chumpy expression (e.g. ch_ops.add) stores terms, not 'x'
     path = tmp_path / "m.pkl"
     path.write_bytes(py2_pickle(dict(raw, shapedirs=ch)))
-    with pytest.raises(TypeError, match=r"m\.pkl: shapedirs is a chumpy expression"):
+    with pytest.raises(TypeError, match=r"m\.pkl: shapedirs is a chumpy expression") as info:
         fio.load_flame_model(path)
+    assert isinstance(info.value, fio.ModelFileError)  # and a TypeError
 
 
 @pytest.mark.parametrize("name", fio.MODEL_FILE_NAMES)
@@ -186,7 +187,7 @@ def test_bad_values_name_file_and_array(tmp_path, key, change, match):
     raw = model_raw(11)
     change(raw[key])
     path = _write(tmp_path, raw)
-    with pytest.raises(ValueError, match=re.escape(str(path)) + ": " + match):
+    with pytest.raises(fio.ModelFileError, match=re.escape(str(path)) + ": " + match):
         fio.load_flame_model(path)
 
 
@@ -194,7 +195,7 @@ def test_negative_face_index(tmp_path):
     raw = model_raw(12)
     raw["f"] = raw["f"].astype(np.int64)
     raw["f"][0, 0] = -1
-    with pytest.raises(ValueError, match=r"faces \(f\) holds a negative index"):
+    with pytest.raises(fio.ModelFileError, match=r"faces \(f\) holds a negative index"):
         fio.load_flame_model(_write(tmp_path, raw))
 
 
@@ -220,33 +221,35 @@ def test_negative_face_index(tmp_path):
 def test_inconsistent_model(tmp_path, key, value, match):
     raw = model_raw(13)
     raw[key] = value
-    with pytest.raises((ValueError, TypeError), match=match):
+    with pytest.raises(fio.ModelFileError, match=match):
         fio.load_flame_model(_write(tmp_path, raw))
 
 
 def test_missing_keys_listed(tmp_path):
     raw = model_raw(14)
     del raw["posedirs"], raw["weights"]
-    with pytest.raises(ValueError, match=r"lacks \['posedirs', 'weights'\]"):
+    with pytest.raises(fio.ModelFileError, match=r"lacks \['posedirs', 'weights'\]"):
         fio.load_flame_model(_write(tmp_path, raw))
 
 
 def test_not_a_dict(tmp_path):
-    with pytest.raises(ValueError, match="expected the FLAME model"):
+    with pytest.raises(fio.ModelFileError, match="expected the FLAME model"):
         fio.load_flame_model(_write(tmp_path, [1, 2, 3]))
 
 
 def test_n_shape_defaults_to_300_and_bounds(tmp_path):
     raw = model_raw(15, n_shape_key=False)  # 7 columns: a FLAME file must hold 300+
-    with pytest.raises(ValueError, match="declares 300 shape components"):
+    with pytest.raises(fio.ModelFileError, match="declares 300 shape components"):
         fio.load_flame_model(_write(tmp_path, raw))
 
 
 def test_dataclass_validates_direct_construction():
     model = fio.parse_flame_model(model_raw(16), "mem")
-    with pytest.raises(TypeError, match="mem: shapedirs must have dtype float64, got float32"):
+    message = "mem: shapedirs must have dtype float64, got float32"
+    with pytest.raises(TypeError, match=message) as info:
         dataclasses.replace(model, shapedirs=model.shapedirs.astype(np.float32))
-    with pytest.raises(ValueError, match=r"mem: n_shape must be in \[0, 7\], got 8"):
+    assert isinstance(info.value, fio.ModelFileError)  # and a TypeError
+    with pytest.raises(fio.ModelFileError, match=r"mem: n_shape must be in \[0, 7\], got 8"):
         dataclasses.replace(model, n_shape=8)
     with pytest.raises(AttributeError):
         model.n_shape = 1  # frozen

@@ -21,15 +21,15 @@ def test_truncated_and_empty_model(tmp_path):
     for cut in (1, len(data) // 3, len(data) - 1):
         path = tmp_path / f"cut{cut}.pkl"
         path.write_bytes(data[:cut])
-        with pytest.raises(ValueError, match=f"{path}: cannot read the pickled data"):
+        with pytest.raises(fio.ModelFileError, match=f"{path}: cannot read the pickled data"):
             fio.load_flame_model(path)
     empty = tmp_path / "empty.pkl"
     empty.write_bytes(b"")
-    with pytest.raises(ValueError, match=f"{empty}: file is empty"):
+    with pytest.raises(fio.ModelFileError, match=f"{empty}: file is empty"):
         fio.load_flame_model(empty)
     text = tmp_path / "text.pkl"
     text.write_text("this is not a pickle\n")
-    with pytest.raises(ValueError, match=f"{text}: cannot read"):
+    with pytest.raises(fio.ModelFileError, match=f"{text}: cannot read"):
         fio.load_flame_model(text)
 
 
@@ -38,21 +38,21 @@ def test_truncated_landmark_npy(tmp_path):
     data = path.read_bytes()
     for cut in (4, 60, len(data) // 2, len(data) - 1):
         path.write_bytes(data[:cut])
-        with pytest.raises(ValueError, match=str(path)):
+        with pytest.raises(fio.ModelFileError, match=str(path)):
             fio.load_landmark_embedding("68", path)
 
 
 def test_huge_npy_header_is_not_read(tmp_path):
     path = tmp_path / "landmark_embedding.npy"
     path.write_bytes(b"\x93NUMPY\x02\x00" + struct.pack("<I", 0xFFFFFFF0) + b"{'descr': '|O'")
-    with pytest.raises(ValueError, match=r"header claims 4294967280 bytes"):
+    with pytest.raises(fio.ModelFileError, match=r"header claims 4294967280 bytes"):
         fio.load_landmark_embedding("68", path)
 
 
 def test_landmark_npy_must_be_object_array(tmp_path):
     path = tmp_path / "landmark_embedding.npy"
     np.save(path, np.arange(5.0))
-    with pytest.raises(ValueError, match=r"expected a pickled dict.*float64"):
+    with pytest.raises(fio.ModelFileError, match=r"expected a pickled dict.*float64"):
         fio.load_landmark_embedding("68", path)
 
 
@@ -64,7 +64,7 @@ def test_truncated_npz(tmp_path, which):
     data = path.read_bytes()
     for cut in (10, len(data) // 2, len(data) - 30):
         path.write_bytes(data[:cut])
-        with pytest.raises(ValueError, match=f"{path}.*cannot read the archive"):
+        with pytest.raises(fio.ModelFileError, match=f"{path}.*cannot read the archive"):
             if which == "mp":
                 fio.load_landmark_embedding("mp", path)
             else:
@@ -79,7 +79,7 @@ def test_corrupt_npz_member_data(tmp_path):
     offset = data.index(b"PC.npy") + 200  # inside PC's array data (stored uncompressed)
     data[offset] ^= 0xFF
     path.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match=r"FLAME_albedo_from_BFM\.npz\[PC\].*cannot read"):
+    with pytest.raises(fio.ModelFileError, match=r"FLAME_albedo_from_BFM\.npz\[PC\].*cannot read"):
         fio.load_texture_space(path, n_tex=2)
 
 
@@ -89,9 +89,9 @@ def test_object_arrays_in_npz_refused(tmp_path, which):
     if which == "mp":
         raw = dict(mp_raw(), landmark_indices=np.array([{"a": 1}], dtype=object))
         np.savez(path, **raw)
-        with pytest.raises(ValueError, match=f"{path}.*(pickle|object)"):
+        with pytest.raises(fio.ModelFileError, match=f"{path}.*(pickle|object)"):
             fio.load_landmark_embedding("mp", path)
     else:
         np.savez(path, MU=np.zeros(12), PC=np.array([[{"a": 1}]] * 12, dtype=object))
-        with pytest.raises(ValueError, match=r"x\.npz\[PC\]: is an object array"):
+        with pytest.raises(fio.ModelFileError, match=r"x\.npz\[PC\]: is an object array"):
             fio.load_texture_space(path, n_tex=1)

@@ -104,7 +104,7 @@ def test_n_tex_bounds_inclusive(tmp_path):
 def test_bad_texture(tmp_path, arrays, match):
     path = tmp_path / "bad.npz"
     np.savez(path, **arrays)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(fio.ModelFileError, match=match):
         fio.load_texture_space(path, n_tex=1)
 
 

@@ -48,7 +48,7 @@ def test_hostile_model_pickle_refused(tmp_path, kind, protocol):
     raw = dict(model_raw(20), f=_payloads(marker)[kind])
     path = tmp_path / "generic_model.pkl"
     path.write_bytes(pickle.dumps(raw, protocol=protocol))
-    with pytest.raises(pickle.UnpicklingError, match=f"{path}: refused to load.*references"):
+    with pytest.raises(fio.UnsafePickleError, match=f"{path}: refused to load.*references"):
         fio.load_flame_model(path)
     assert not marker.exists()
 
@@ -85,7 +85,7 @@ def test_allowed_globals_cannot_be_modified(tmp_path):
     data = _raw_pickle(b"cnumpy\ndtype\n", b"N}X\x08\x00\x00\x00__call__K\x01s\x86", b"b")
     path = tmp_path / "m.pkl"
     path.write_bytes(data)
-    with pytest.raises(pickle.UnpicklingError, match="tried to modify numpy.dtype"):
+    with pytest.raises(fio.UnsafePickleError, match="tried to modify numpy.dtype"):
         fio.load_flame_model(path)
     assert fio.unpickle._ALLOWED["numpy", "dtype"]("f8") == np.float64
 
@@ -95,7 +95,7 @@ def test_ndarray_class_cannot_be_called(tmp_path):
     data = _raw_pickle(b"cnumpy\nndarray\n", b"\x8a\x06\x00\x00\x00\x00\x00\x01\x85\x85R")
     path = tmp_path / "m.pkl"
     path.write_bytes(data)
-    with pytest.raises(pickle.UnpicklingError, match="numpy.ndarray may only appear as an arg"):
+    with pytest.raises(fio.UnsafePickleError, match="numpy.ndarray may only appear as an arg"):
         fio.load_flame_model(path)
 
 
@@ -120,7 +120,7 @@ class ForgedArray:
 def test_forged_array_state_refused_before_allocation(tmp_path, state, match):
     path = tmp_path / "m.pkl"
     path.write_bytes(pickle.dumps({"f": ForgedArray(state)}, protocol=2))
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(fio.ModelFileError, match=match):
         fio.load_flame_model(path)
 
 
@@ -137,7 +137,7 @@ def test_forged_tensor_refused(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TypedStorage deprecation while writing the fixture
         path = write_lmk68(tmp_path / "landmark_embedding.npy", raw)
-    with pytest.raises(ValueError, match="reaches element 999999999 of a storage of 4"):
+    with pytest.raises(fio.ModelFileError, match="reaches element 999999999 of a storage of 4"):
         fio.load_landmark_embedding("68", path)
 
 

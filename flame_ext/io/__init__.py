@@ -33,7 +33,7 @@ from .discovery import (
     _Synthetic,
     find_data_dir,
 )
-from .errors import UnsafePickleError
+from .errors import ModelFileError, UnsafePickleError
 from .formats import FlameModel, LandmarkEmbedding68, MediapipeEmbedding, TextureSpace
 from . import parsers as _parsers
 from .parsers import (
@@ -64,6 +64,7 @@ __all__ = [
     "FlameModel",
     "LandmarkEmbedding68",
     "MediapipeEmbedding",
+    "ModelFileError",
     "TextureSpace",
     "UnsafePickleError",
     "find_data_dir",
@@ -158,7 +159,7 @@ def load_landmark_embedding(
         source = str(where)
         want = Path(name).suffix
         if where.suffix.lower() != want:
-            raise ValueError(
+            raise ModelFileError(
                 f"lm_type={lm_type!r} reads an {want} file like {name}; model_path points "
                 f"to {source}"
             )

@@ -13,7 +13,7 @@ from typing import Optional
 
 import numpy as np
 
-from .errors import _fail
+from .errors import _fail, _fail_type
 
 # The largest float32: model values beyond it would become inf in the float32 decoders.
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -21,9 +21,9 @@ _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 def _expect_array(source: str, name: str, value, dtype, ndim: int) -> None:
     if not isinstance(value, np.ndarray):
-        raise TypeError(f"{source}: {name} must be a numpy array, got {type(value).__name__}")
+        raise _fail_type(source, f"{name} must be a numpy array, got {type(value).__name__}")
     if value.dtype != dtype:
-        raise TypeError(f"{source}: {name} must have dtype {np.dtype(dtype)}, got {value.dtype}")
+        raise _fail_type(source, f"{name} must have dtype {np.dtype(dtype)}, got {value.dtype}")
     if value.ndim != ndim:
         raise _fail(source, f"{name} must have {ndim} dimensions, got shape {value.shape}")
 
@@ -67,7 +67,7 @@ def _expect_indices(source: str, name: str, value: np.ndarray, upper: Optional[i
 
 def _expect_int(source: str, name: str, value, low: int, high: int) -> int:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{source}: {name} must be an int, got {type(value).__name__}")
+        raise _fail_type(source, f"{name} must be an int, got {type(value).__name__}")
     if not low <= value <= high:
         raise _fail(source, f"{name} must be in [{low}, {high}], got {value}")
     return int(value)

@@ -14,7 +14,7 @@ from typing import Mapping, Optional, Tuple
 
 import numpy as np
 
-from .errors import _fail
+from .errors import _fail, _fail_type
 from .formats import FlameModel, LandmarkEmbedding68, MediapipeEmbedding, TextureSpace
 from .readers import _InMemoryArray, _NpzMember, _unwrap_object_array
 from .unpickle import _ChumpyStandIn, _SparseStandIn
@@ -115,9 +115,10 @@ def _to_numpy(value, source: str, key: str, depth: int = 0):
     if isinstance(value, _ChumpyStandIn):
         state = getattr(value, "_state", None)
         if not isinstance(state, dict) or "x" not in state or depth > 8:
-            raise TypeError(
-                f"{source}: {key} is a chumpy expression ({value.origin}) without a stored "
-                "value; re-save the model with plain numpy arrays"
+            raise _fail_type(
+                source,
+                f"{key} is a chumpy expression ({value.origin}) without a stored value; "
+                "re-save the model with plain numpy arrays",
             )
         return _to_numpy(state["x"], source, key, depth + 1)
     if isinstance(value, _SparseStandIn):
@@ -136,7 +137,7 @@ def _to_numpy(value, source: str, key: str, depth: int = 0):
         return np.asarray(value)
     if isinstance(value, (np.generic, int, float)):
         return np.asarray(value)
-    raise TypeError(f"{source}: {key} must be an array, got {type(value).__name__}")
+    raise _fail_type(source, f"{key} must be an array, got {type(value).__name__}")
 
 
 def _check_list_size(value, source: str, key: str) -> None:
@@ -161,7 +162,7 @@ def _numeric(value, source: str, key: str, kinds: str, dtype) -> np.ndarray:
     arr = _to_numpy(value, source, key)
     if arr.dtype.kind not in kinds:
         what = "an integer" if kinds == "iu" else "a numeric"
-        raise TypeError(f"{source}: {key} must be {what} array, got dtype {arr.dtype}")
+        raise _fail_type(source, f"{key} must be {what} array, got dtype {arr.dtype}")
     # Always a private, writable copy: in-memory assets are shared caches, and
     # torch.from_numpy warns on the read-only arrays np.frombuffer gives.
     return np.array(arr, dtype=dtype, order="C")
@@ -219,7 +220,7 @@ def parse_flame_model(raw: Mapping, source: str) -> FlameModel:
     if isinstance(n_shape, np.ndarray) and n_shape.shape == ():
         n_shape = n_shape[()]
     if isinstance(n_shape, (bool, np.bool_)) or not isinstance(n_shape, (int, np.integer)):
-        raise TypeError(f"{source}: {N_SHAPE_KEY} must be an int, got {type(n_shape).__name__}")
+        raise _fail_type(source, f"{N_SHAPE_KEY} must be an int, got {type(n_shape).__name__}")
     shapedirs = _floats(raw["shapedirs"], source, "shapedirs")
     if shapedirs.ndim == 3 and not 0 <= n_shape <= shapedirs.shape[2]:
         raise _fail(
@@ -359,7 +360,7 @@ def parse_texture_space(raw: Mapping, source: str, n_tex: int = 50) -> TextureSp
     mean_src, basis_src = (_array_source(raw[k], source, k) for k in keys)
     for key, src in zip(keys, (mean_src, basis_src)):
         if src.dtype.kind not in "fiu":
-            raise TypeError(f"{source}: {key} must be a numeric array, got dtype {src.dtype}")
+            raise _fail_type(source, f"{key} must be a numeric array, got dtype {src.dtype}")
     height, width, P = _texture_grid(mean_src.shape, basis_src.shape, source, keys)
     if isinstance(n_tex, (bool, np.bool_)) or not isinstance(n_tex, (int, np.integer)):
         raise TypeError(f"n_tex must be an int, got {type(n_tex).__name__} ({source} has P = {P})")

@@ -23,7 +23,7 @@ from typing import Iterator, Mapping
 
 import numpy as np
 
-from .errors import _fail, _FormatError
+from .errors import ModelFileError, _fail
 from .unpickle import _restricted_load
 
 # A real .npy header is a few hundred bytes; the cap keeps a corrupt length field from
@@ -100,7 +100,7 @@ def _archive_errors(source: str):
     """Turns zip / zlib / numpy errors from a damaged archive into one naming the file."""
     try:
         yield
-    except _FormatError:
+    except ModelFileError:
         raise
     except (
         zipfile.BadZipFile, zlib.error, EOFError, OSError, KeyError, ValueError, struct.error,

@@ -188,7 +188,17 @@ def _torch_load_from_bytes(data):
     if not isinstance(data, (bytes, bytearray)):
         raise pickle.UnpicklingError("torch storage without bytes")
     # torch's own restricted loader reads the storage bytes.
-    return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    try:
+        return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as e:
+        # Only the line that names the refused global: the rest of torch's message
+        # suggests loading with weights_only=False, which would run the payload.
+        refused = [line for line in str(e).splitlines() if "GLOBAL" in line]
+        if refused:
+            raise UnsafePickleError(
+                f"torch storage bytes refused by torch's weights-only loader: {refused[0].strip()}"
+            ) from None
+        raise pickle.UnpicklingError("torch storage bytes that torch cannot read") from None
 
 
 def _torch_rebuild_tensor(storage, storage_offset, size, stride, *rest):
