@@ -116,3 +116,43 @@ def test_landmark_arguments(tmp_path):
         fio.load_landmark_embedding("mp", tmp_path / "landmark_embedding.npy")
     with pytest.raises(fio.ModelFileError, match=r"\.npy file .*points to .*mediapipe"):
         fio.load_landmark_embedding("68", tmp_path / "mediapipe_landmark_embedding.npz")
+
+
+# --------------------------------------------------------------------------------------
+# The contour table: exactly 79 yaw bins
+
+
+@pytest.mark.parametrize("bins", [0, 1, 4, 78, 80, 158])
+def test_contour_table_must_have_79_bins(tmp_path, bins):
+    """Both contour-bin rules (medusa's and DECA's) map every pose to a bin in 0..78: with
+    a table of another size most poses would get another pose's contour (or none), so the
+    file is refused at load time, naming the file and both sizes."""
+    raw = lmk68_raw(40, NB=bins)
+    path = write_lmk68(tmp_path / "landmark_embedding.npy", raw)
+    message = (rf"{re.escape(str(path))}: the contour table dynamic_lmk_faces_idx has "
+               rf"{bins} yaw bins \(shape \({bins}, 3\)\); it must have 79")
+    with pytest.raises(fio.ModelFileError, match=message):
+        fio.load_landmark_embedding("68", path)
+    with pytest.raises(fio.ModelFileError, match="must have 79"):
+        fio.parse_landmark_embedding_68(raw, "mem")
+
+
+def test_contour_table_of_79_bins_loads(tmp_path):
+    path = write_lmk68(tmp_path / "landmark_embedding.npy", lmk68_raw(41, NB=79, Ld=17))
+    emb = fio.load_landmark_embedding("68", path, num_faces=10)
+    assert emb.dynamic_lmk_faces_idx.shape == (79, 17)
+    assert emb.dynamic_lmk_bary_coords.shape == (79, 17, 3)
+
+
+def test_contour_table_checks_keep_their_order(tmp_path):
+    """A bin count that is right does not excuse the other checks: barycentrics must
+    match the faces, and faces must lie on the mesh."""
+    raw = dict(lmk68_raw(42, NB=79), dynamic_lmk_bary_coords=torch.ones(79, 2, 3))
+    path = write_lmk68(tmp_path / "landmark_embedding.npy", raw)
+    with pytest.raises(fio.ModelFileError, match="dynamic_lmk_bary_coords must have shape"):
+        fio.load_landmark_embedding("68", path)
+    raw = lmk68_raw(43, NB=79)
+    raw["dynamic_lmk_faces_idx"][78, 2] = 10
+    path = write_lmk68(tmp_path / "landmark_embedding.npy", raw)
+    with pytest.raises(fio.ModelFileError, match="sits on face 10, but the model has only 10"):
+        fio.load_landmark_embedding("68", path, num_faces=10)

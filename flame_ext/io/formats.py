@@ -17,6 +17,9 @@ from .errors import _fail, _fail_type
 
 # The largest float32: model values beyond it would become inf in the float32 decoders.
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
+# Rows of the contour table of landmark_embedding.npy: medusa's and DECA's yaw-bin rules
+# map every pose to a bin in 0..78, so a table of any other size does not fit them.
+_NUM_YAW_BINS = 79
 
 
 def _expect_array(source: str, name: str, value, dtype, ndim: int) -> None:
@@ -147,8 +150,8 @@ class LandmarkEmbedding68:
 
     static_lmk_faces_idx: np.ndarray  # (L,) int64
     static_lmk_bary_coords: np.ndarray  # (L, 3) float64
-    dynamic_lmk_faces_idx: np.ndarray  # (NB, Ld) int64
-    dynamic_lmk_bary_coords: np.ndarray  # (NB, Ld, 3) float64
+    dynamic_lmk_faces_idx: np.ndarray  # (79, Ld) int64: one row per yaw bin
+    dynamic_lmk_bary_coords: np.ndarray  # (79, Ld, 3) float64
     full_lmk_faces_idx: np.ndarray  # (68,) int64
     full_lmk_bary_coords: np.ndarray  # (68, 3) float64
     source: str
@@ -158,6 +161,14 @@ class LandmarkEmbedding68:
             faces = getattr(self, f"{prefix}_faces_idx")
             bary = getattr(self, f"{prefix}_bary_coords")
             _check_embedding(self.source, prefix, faces, bary, ndim)
+        bins = self.dynamic_lmk_faces_idx.shape[0]
+        if bins != _NUM_YAW_BINS:
+            raise _fail(
+                self.source,
+                f"the contour table dynamic_lmk_faces_idx has {bins} yaw bins (shape "
+                f"{self.dynamic_lmk_faces_idx.shape}); it must have {_NUM_YAW_BINS}, one per "
+                f"bin 0..{_NUM_YAW_BINS - 1} of the contour-bin rules",
+            )
 
     def max_face_index(self) -> int:
         arrays = (self.static_lmk_faces_idx, self.dynamic_lmk_faces_idx, self.full_lmk_faces_idx)
