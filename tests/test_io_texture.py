@@ -1,9 +1,12 @@
 """flame_ext.io on the albedo texture spaces: FLAME_albedo_from_BFM.npz (MU / PC) and
 FLAME_texture.npz (mean / tex_dir), flat and image-shaped, n_tex bounds, validation."""
 
+import re
+
 import numpy as np
 import pytest
 
+import flame_ext
 from flame_ext import io as fio
 from io_builders import texture_arrays, write_asset_dir
 
@@ -115,6 +118,69 @@ def test_texture_directory_prefers_bfm(tmp_path):
     assert fio.load_texture_space(tmp_path, n_tex=1).source.endswith("FLAME_albedo_from_BFM.npz")
     (tmp_path / "FLAME_albedo_from_BFM.npz").unlink()
     assert fio.load_texture_space(tmp_path, n_tex=1).source.endswith("FLAME_texture.npz")
-    # a model .pkl path means "the directory it sits in"
-    beside_model = fio.load_texture_space(tmp_path / "generic_model.pkl", 1)
-    assert beside_model.source.endswith("FLAME_texture.npz")
+    # a model .pkl path is not a texture file, even with one beside it
+    model = tmp_path / "generic_model.pkl"
+    with pytest.raises(fio.ModelFileError, match=rf"{re.escape(str(model))}: not a texture"):
+        fio.load_texture_space(model, 1)
+
+
+# --------------------------------------------------------------------------------------
+# A path that names a file is that file: never a texture found beside it
+
+
+# What a test names -> a file that is not a texture space, in a directory that holds one.
+NOT_TEXTURES = {
+    "the FLAME model pickle": "generic_model.pkl",
+    "another pickle": "anything.pkl",
+    "the MediaPipe embedding": "mediapipe_landmark_embedding.npz",
+    "an npz without MU/PC or mean/tex_dir": "other.npz",
+    "the 68-landmark embedding": "landmark_embedding.npy",
+}
+
+
+@pytest.fixture
+def beside_a_texture(tmp_path):
+    write_asset_dir(tmp_path)
+    (tmp_path / "anything.pkl").write_bytes((tmp_path / "generic_model.pkl").read_bytes())
+    np.savez(tmp_path / "other.npz", a=np.zeros(3))
+    return tmp_path
+
+
+@pytest.mark.parametrize("what", sorted(NOT_TEXTURES))
+def test_texture_path_naming_another_file_is_refused(beside_a_texture, what):
+    path = beside_a_texture / NOT_TEXTURES[what]
+    for load in (lambda: fio.load_texture_space(path, n_tex=1),
+                 lambda: flame_ext.FlameTex(model_path=path, n_tex=1),
+                 lambda: flame_ext.FlameTex(model_path=str(path), n_tex=1)):
+        with pytest.raises(fio.ModelFileError, match=re.escape(str(path))) as info:
+            load()
+        assert "FLAME_albedo_from_BFM.npz:" not in str(info.value)
+
+
+def test_texture_path_refusal_says_what_to_pass(beside_a_texture):
+    model = beside_a_texture / "generic_model.pkl"
+    with pytest.raises(fio.ModelFileError) as info:
+        flame_ext.FlameTex(model_path=model, n_tex=1)
+    message = str(info.value)
+    assert message.startswith(f"{model}: not a texture model")
+    assert "FLAME_albedo_from_BFM.npz" in message and "directory" in message
+
+
+def test_texture_path_naming_a_texture_or_directory_loads(beside_a_texture):
+    bfm = beside_a_texture / "FLAME_albedo_from_BFM.npz"
+    assert fio.load_texture_space(bfm, n_tex=2).source == str(bfm)
+    assert flame_ext.FlameTex(model_path=beside_a_texture, n_tex=2).n_tex == 2
+    with pytest.raises(FileNotFoundError, match=re.escape(str(beside_a_texture / "no.npz"))):
+        flame_ext.FlameTex(model_path=beside_a_texture / "no.npz", n_tex=1)
+
+
+def test_texture_beside_a_model_is_found_through_its_directory(beside_a_texture):
+    """Callers that hold a FLAME model path (render, bench) ask for the texture in the
+    model's directory explicitly."""
+    model = beside_a_texture / "generic_model.pkl"
+    where = fio.discovery._texture_location(model)
+    assert where == beside_a_texture
+    assert fio.load_texture_space(where, n_tex=1).source == str(
+        beside_a_texture / "FLAME_albedo_from_BFM.npz")
+    for other in (None, "synthetic-small", beside_a_texture):
+        assert fio.discovery._texture_location(other) == other

@@ -276,6 +276,16 @@ def test_render_flame_texture_without_uvs_says_so(tmp_path):
         render.render_flame(tmp_path, size=32, texture=True, n_tex=2)
 
 
+def test_render_flame_texture_beside_a_model_file(tmp_path):
+    """render_flame's model_path names the model; its texture is the one in the model's
+    directory, whether the path is the directory or the model file."""
+    synthetic.write_assets(tmp_path, "small", model_name="flame2023.pkl")
+    by_file = render.render_flame(tmp_path / "flame2023.pkl", size=32, texture=True, n_tex=2)
+    by_dir = render.render_flame(tmp_path, size=32, texture=True, n_tex=2)
+    np.testing.assert_array_equal(by_file.image, by_dir.image)
+    assert by_file.image.std() > 0.05
+
+
 def test_render_flame_rejects_bad_arguments():
     with pytest.raises(ValueError, match="lm_type"):
         render.render_flame("synthetic-small", lm_type="5")

@@ -120,8 +120,24 @@ def _synthetic_raw(where: _Synthetic, names, n_tex: Optional[int] = None) -> Any
     raise FileNotFoundError(f"the synthetic asset set ({where.size}) has none of {list(names)}")
 
 
+# What every zip archive (and so every .npz) starts with: a local file header, or the end
+# record of an empty archive.
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+
+
 def _load_texture_file(path: Path, n_tex) -> TextureSpace:
     source = _check_file(path)
+    with open(path, "rb") as fp:
+        magic = fp.read(4)
+    if magic not in _ZIP_MAGIC:
+        hint = ""
+        if path.suffix.lower() == ".pkl":
+            hint = (" (a FLAME model pickle? for the texture beside it, pass the texture "
+                    "file or the directory)")
+        raise ModelFileError(
+            f"{source}: not a texture model: texture spaces are .npz archives "
+            f"({' or '.join(TEXTURE_FILE_NAMES)}) and this file is not one{hint}"
+        )
     with _archive_errors(source):
         archive = zipfile.ZipFile(path)
     with archive:  # member errors are named by _NpzMember; n_tex errors pass through
@@ -170,8 +186,13 @@ def load_landmark_embedding(
 
 
 def load_texture_space(model_path: Optional[PathLike] = None, n_tex: int = 50) -> TextureSpace:
-    """Loads the albedo texture space, keeping its first `n_tex` components as float32."""
-    where = _locate(TEXTURE_FILE_NAMES, model_path, pkl_means_directory=True)
+    """Loads the albedo texture space, keeping its first `n_tex` components as float32.
+
+    `model_path` names the texture: a file (read as it is: a file that is not a texture
+    space is refused, never swapped for one beside it), a directory holding one,
+    'synthetic...', or None for discovery.
+    """
+    where = _locate(TEXTURE_FILE_NAMES, model_path, pkl_means_directory=False)
     if isinstance(where, _Synthetic):
         raw = _synthetic_raw(where, TEXTURE_FILE_NAMES, n_tex)
         return parse_texture_space(raw, where.source, n_tex)

@@ -84,6 +84,20 @@ def _medusa_data_dir() -> Optional[Path]:
     return Path(list(spec.submodule_search_locations)[0]) / "data" / "flame"
 
 
+def _texture_location(model_path):
+    """Where the texture that goes with the FLAME model at `model_path` is looked for: a
+    model file's directory; None, a directory or a synthetic size as given.
+
+    For callers whose model_path names the model (render_flame, the benchmark). FlameTex's
+    model_path names the texture itself: a file there is read as it is, never swapped for
+    one beside it.
+    """
+    explicit = _explicit(model_path)
+    if isinstance(explicit, Path) and explicit.is_file():
+        return explicit.parent
+    return model_path
+
+
 def _first_in(directory: Path, names) -> Optional[Path]:
     for name in names:
         if (directory / name).is_file():

@@ -354,7 +354,8 @@ def parse_texture_space(raw: Mapping, source: str, n_tex: int = 50) -> TextureSp
     else:
         raise _fail(
             source,
-            "a texture space needs MU and PC (FLAME_albedo_from_BFM.npz) or mean and tex_dir "
+            "not a texture model: a texture space needs MU and PC (FLAME_albedo_from_BFM.npz) "
+            "or mean and tex_dir "
             f"(FLAME_texture.npz); it holds {sorted(raw.keys())}",
         )
     mean_src, basis_src = (_array_source(raw[k], source, k) for k in keys)

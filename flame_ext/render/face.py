@@ -191,6 +191,7 @@ def render_flame(
     """
     from ..decoders import FlameLandmark, FlameShape, FlameTex
     from ..io import load_flame_model
+    from ..io.discovery import _texture_location
 
     if lm_type not in LANDMARK_TYPES:
         raise ValueError(f"lm_type must be one of {LANDMARK_TYPES}, got {lm_type!r}")
@@ -233,7 +234,8 @@ def render_flame(
             landmarks = lmk(v, poses)
         albedo = None
         if texture:
-            tex = FlameTex(model_path, n_tex, backend=backend)
+            # model_path names the model; the texture is the one beside it
+            tex = FlameTex(_texture_location(model_path), n_tex, backend=backend)
             code = torch.randn(1, tex.n_tex, generator=generator) * tex_scale
             albedo = tex(code)[0].permute(1, 2, 0).clamp(0, 1).double().numpy()
     vertices = v[0].double().numpy()
