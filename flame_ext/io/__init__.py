@@ -1,4 +1,4 @@
-"""FLAME model files: discovery, safe reading, parsing and validation (SPEC sections 4, 7).
+"""FLAME model files: discovery, safe reading, parsing and validation.
 
 The public loaders live here; each layer of the work has its own module, so that files on
 disk and the in-memory synthetic assets go through the same checks:

@@ -1,4 +1,4 @@
-"""Discovery: which FLAME file a loader reads (SPEC section 4's order), or the synthetic set.
+"""Discovery: which FLAME file a loader reads, or the in-memory synthetic asset set.
 
 First hit wins: an explicit `model_path` (a file, a directory, or 'synthetic' /
 'synthetic-small'); $FLAME_EXT_DATA (a directory, or a synthetic size);
@@ -116,7 +116,7 @@ def _how_to_point() -> str:
 
 
 def _locate(names, model_path, *, pkl_means_directory: bool, landmarks: bool = False):
-    """The file to read (first hit of SPEC 4's order), or _Synthetic."""
+    """The file to read (the first hit, in the order above), or _Synthetic."""
     explicit = _explicit(model_path)
     if isinstance(explicit, _Synthetic):
         return explicit
@@ -168,7 +168,7 @@ _ALL_ASSET_NAMES = MODEL_FILE_NAMES + TEXTURE_FILE_NAMES + tuple(LANDMARK_FILE_N
 
 
 def find_data_dir(model_path: Optional[PathLike] = None) -> Path:
-    """The directory the FLAME files are read from (SPEC 4's discovery order).
+    """The directory the FLAME files are read from (the discovery order of this module).
 
     An explicit `model_path` (a directory, or a file whose directory is meant) wins, then
     $FLAME_EXT_DATA, then ~/.medusa_ext_data/FLAME/ when it holds any FLAME file.

@@ -1,4 +1,4 @@
-"""Seeded synthetic FLAME asset set (SPEC section 4): the licensed FLAME files, faked.
+"""Seeded synthetic FLAME asset set: the licensed FLAME files, faked.
 
 `build_assets(size, seed)` returns the objects exactly as the real files load
 (`generic_model.pkl`, `landmark_embedding.npy`, `mediapipe_landmark_embedding.npz`,
