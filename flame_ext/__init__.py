@@ -4,14 +4,22 @@
 
 works wherever ``from medusa.recon.flame.decoders import ...`` did. The compiled ops
 (fused C++/CUDA kernels with hand-written backward) are used when they load; otherwise the
-decoders run on ``flame_ext.reference`` (pure PyTorch) and warn once.
+decoders run on ``flame_ext.reference`` (pure PyTorch) and warn once. A model file the
+loaders refuse raises ``ModelFileError`` (a ValueError), ``UnsafePickleError`` when a
+pickle names a global outside the allow-list.
 """
 
 from . import synthetic
 from ._info import build_info
 from .decoders import DEVICE, FlameLandmark, FlameShape, FlameTex
 from .fitting import FlameShapeLandmark
-from .io import load_flame_model, load_landmark_embedding, load_texture_space
+from .io import (
+    ModelFileError,
+    UnsafePickleError,
+    load_flame_model,
+    load_landmark_embedding,
+    load_texture_space,
+)
 from .medusa_patch import patch_medusa, patched_medusa, unpatch_medusa
 
 __version__ = "0.1.0"
@@ -22,6 +30,8 @@ __all__ = [
     "FlameShape",
     "FlameShapeLandmark",
     "FlameTex",
+    "ModelFileError",
+    "UnsafePickleError",
     "build_info",
     "load_flame_model",
     "load_landmark_embedding",

@@ -173,7 +173,7 @@ def test_texture_sampling_is_bilinear_with_obj_convention():
     rows, cols = np.mgrid[0:h, 0:w]
     texture = np.stack([cols / (w - 1), rows / (h - 1), np.full((h, w), 0.5)], -1)
     uv = np.random.default_rng(1).uniform(size=(50, 2))
-    colours = render._sample_bilinear(texture, uv)
+    colours = render.raster._sample_bilinear(texture, uv)
     np.testing.assert_allclose(colours[:, 0], uv[:, 0], atol=1e-12)
     np.testing.assert_allclose(colours[:, 1], 1 - uv[:, 1], atol=1e-12)  # v = 1: top row
 
@@ -274,6 +274,16 @@ def test_render_flame_texture_without_uvs_says_so(tmp_path):
     (tmp_path / "FLAME_texture.npz").unlink()
     with pytest.raises(FileNotFoundError, match="texture coordinates"):
         render.render_flame(tmp_path, size=32, texture=True, n_tex=2)
+
+
+def test_render_flame_texture_beside_a_model_file(tmp_path):
+    """render_flame's model_path names the model; its texture is the one in the model's
+    directory, whether the path is the directory or the model file."""
+    synthetic.write_assets(tmp_path, "small", model_name="flame2023.pkl")
+    by_file = render.render_flame(tmp_path / "flame2023.pkl", size=32, texture=True, n_tex=2)
+    by_dir = render.render_flame(tmp_path, size=32, texture=True, n_tex=2)
+    np.testing.assert_array_equal(by_file.image, by_dir.image)
+    assert by_file.image.std() > 0.05
 
 
 def test_render_flame_rejects_bad_arguments():

@@ -460,7 +460,7 @@ def test_bad_arguments(tmp_path):
 
 def test_command_line(tmp_path):
     out = tmp_path / 'cli'
-    root = pathlib.Path(synthetic.__file__).resolve().parents[1]
+    root = pathlib.Path(synthetic.__file__).resolve().parents[2]
     proc = subprocess.run(
         [sys.executable, '-m', 'flame_ext.synthetic', '--out', str(out), '--size', 'small',
          '--seed', '2', '--chumpy'],

@@ -26,6 +26,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from flame_ext import FlameLandmark, FlameShape, FlameTex, load_flame_model
+from flame_ext.io.discovery import _texture_location
 
 from . import floor, timing
 
@@ -131,7 +132,8 @@ class Models:
 
     def texture(self, backend: str) -> FlameTex:
         return self._get(("tex", backend), lambda: FlameTex(
-            model_path=self.model_path, n_tex=self.n_tex, backend=backend).to(self.device))
+            model_path=_texture_location(self.model_path), n_tex=self.n_tex,
+            backend=backend).to(self.device))
 
     def forward(self, impl: str, module: torch.nn.Module) -> Callable:
         """module.forward, or its torch.compile for impl 'compile' (one per module)."""
