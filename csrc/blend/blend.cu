@@ -1,5 +1,5 @@
 // CUDA implementation of flame_ext::blend and flame_ext::blend_backward (schemas in
-// csrc/registration.cpp, math in blend.h, argument checks in blend_args.h).
+// csrc/registration.cpp, math in blend.h, argument checks in blend_checks.h).
 //
 // Small batches (the per-frame decoder call, B <= kSmallBatch): dirs is read once for all
 // samples of a batch tile.
@@ -38,7 +38,7 @@
 #include <torch/library.h>
 
 #include "blend/blend.h"
-#include "blend/blend_args.h"
+#include "blend/blend_checks.h"
 
 namespace flame_ext {
 namespace {

@@ -35,10 +35,6 @@ constexpr int kWarpSize = 32;
 constexpr int kForwardThreads = 128;  // 4 samples per block
 constexpr int kBackwardThreads = 256;  // >= 3 * 68 terms: FLAME's '68' set in one tile
 
-__device__ __forceinline__ bool in_range(int64_t i, int64_t n) {
-  return static_cast<uint64_t>(i) < static_cast<uint64_t>(n);
-}
-
 // Tables of one call, as the kernels read them.
 template <typename scalar_t>
 struct LandmarkTables {

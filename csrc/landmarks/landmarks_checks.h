@@ -78,11 +78,6 @@ inline void check_dynamic_landmark_tables(const at::Tensor& ref,
   FLAME_CHECK_SAME_DEVICE(dynamic_lmk_bary_coords, ref);
 }
 
-inline void check_float(const at::Tensor& x, const char* name) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, name,
-              " must be float32 or float64, got ", x.scalar_type());
-}
-
 // flame_ext::landmarks. Without a contour rule the pose and the dynamic tables are not
 // read, so they are not checked either (the wrapper passes empty tensors).
 inline LandmarkSizes check_landmarks_args(const at::Tensor& v, const at::Tensor& poses,

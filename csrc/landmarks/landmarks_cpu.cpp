@@ -22,11 +22,6 @@ namespace {
 // saves.
 constexpr int64_t kSamplesPerTask = 32;
 
-// Unsigned compare: catches negative indices too.
-inline bool in_range(int64_t i, int64_t n) {
-  return static_cast<uint64_t>(i) < static_cast<uint64_t>(n);
-}
-
 // The three vertex indices of face `face`, after checking that the face and its corners
 // exist: a bad index is an error, never a read out of bounds.
 inline const int64_t* checked_corners(const int64_t* tris, int64_t face, int64_t num_faces,

@@ -6,19 +6,10 @@
 #include <ATen/core/Tensor.h>
 #include <optional>
 
+#include "common.h"
 #include "skin/skin.h"
 
 namespace flame_ext {
-
-inline void check_num_joints(int64_t num_joints) {
-  TORCH_CHECK(num_joints >= 1 && num_joints <= kMaxJoints,
-              "the number of joints must be in [1, ", kMaxJoints, "], got ", num_joints);
-}
-
-inline void check_float(const at::Tensor& x, const char* name) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, name,
-              " must be float32 or float64, got ", x.scalar_type());
-}
 
 // pose (B, J, 3) and joints of the same shape, dtype and device, on `device_type`.
 inline void check_chain_inputs(const at::Tensor& pose, const at::Tensor& joints,

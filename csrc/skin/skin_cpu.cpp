@@ -12,6 +12,7 @@
 #include <cstring>
 #include <tuple>
 
+#include "cpu_isa.h"
 #include "skin/skin.h"
 #include "skin/skin_checks.h"
 
@@ -114,15 +115,10 @@ struct CpuRow<double> {
 };
 
 // The vertex loops are compiled twice: for the baseline ISA of the build, and for
-// AVX2 + FMA, chosen at run time (a wheel cannot assume AVX2; ~1.3x here, mostly from FMA).
-// -DFLAME_EXT_NO_AVX2 builds only the baseline path (to test it on an AVX2 machine).
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && !defined(FLAME_EXT_NO_AVX2)
+// AVX2 + FMA, chosen at run time (cpu_isa.h; ~1.3x here, mostly from FMA).
+#if defined(FLAME_EXT_ISA_TARGET_ATTRIBUTE)
 #define FLAME_SKIN_AVX2 1
-#define FLAME_TARGET_AVX2 __attribute__((target("avx2,fma")))
-bool cpu_has_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-}
+bool use_avx2() { return cpu_isa() >= Isa::kAvx2; }
 #else
 #define FLAME_SKIN_AVX2 0
 #endif
@@ -198,7 +194,7 @@ FLAME_TARGET_AVX2 void skin_backward_run_avx2(const scalar_t* gv, const scalar_t
 template <int kRows, typename scalar_t>
 auto pick_skin_run() {
 #if FLAME_SKIN_AVX2
-  if (cpu_has_avx2()) return &skin_run_avx2<kRows, scalar_t>;
+  if (use_avx2()) return &skin_run_avx2<kRows, scalar_t>;
 #endif
   return &skin_run<kRows, scalar_t>;
 }
@@ -206,7 +202,7 @@ auto pick_skin_run() {
 template <bool kHasGradT, typename scalar_t>
 auto pick_skin_backward_run() {
 #if FLAME_SKIN_AVX2
-  if (cpu_has_avx2()) return &skin_backward_run_avx2<kHasGradT, scalar_t>;
+  if (use_avx2()) return &skin_backward_run_avx2<kHasGradT, scalar_t>;
 #endif
   return &skin_backward_run<kHasGradT, scalar_t>;
 }
