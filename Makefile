@@ -11,7 +11,7 @@ TORCH ?= torch==2.13.0
 CUDA_HOME ?= /usr/local/cuda
 PY := $(VENV)/bin/python
 BUILT := $(VENV)/.flame_ext-built
-SOURCES := setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/*/*.h csrc/*/*.cpp csrc/*/*.cu)
+SOURCES := setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/*/*.h csrc/*/*.cuh csrc/*/*.cpp csrc/*/*.cu)
 
 .PHONY: bench test install clean
 
