@@ -5,6 +5,10 @@ when FORCE_CUDA=1; otherwise the extension is CPU-only. Build with
 `pip install --no-build-isolation .` so the extension compiles against the torch that is
 already installed (an isolated build would fetch another torch and produce a binary that
 does not load).
+
+The flag lists, sources and definitions below are the build's single source:
+CMakeLists.txt and tools/dev_build.py import this file for them (setup() runs only when
+this file is the main script).
 """
 
 import glob
@@ -24,6 +28,78 @@ except ImportError:  # pragma: no cover - the message is the point
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CUDA_ARCHS = "7.0;7.5;8.0;8.6;8.9;9.0+PTX"
+
+# The compile and link flags of every build of the op library: this file,
+# CMakeLists.txt (which reads them through write_cmake_flags at configure time) and
+# tools/dev_build.py. No -std flag: torch.utils.cpp_extension picks the standard its
+# headers need (C++20), and CMakeLists.txt sets the same.
+CXX_FLAGS = ["-O3", "-fopenmp", "-fvisibility=hidden"]
+# -lineinfo maps kernel code to source lines for profilers and compute-sanitizer at no
+# run-time cost; the host side of the .cu files hides its symbols as the C++ side does.
+NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-Xcompiler=-fvisibility=hidden"]
+LINK_FLAGS = ["-fopenmp"]
+
+
+def defines(torch_version: str, cuda_archs=None) -> list:
+    """The preprocessor definitions, (name, value or None), that registration.cpp reports
+    through build_config(): the torch built against and, when the CUDA sources are
+    compiled (cuda_archs not None), the CUDA architectures."""
+    macros = [("FLAME_EXT_TORCH_VERSION", '"%s"' % torch_version)]
+    if cuda_archs is not None:
+        macros += [("FLAME_EXT_WITH_CUDA", None), ("FLAME_EXT_CUDA_ARCHS", '"%s"' % cuda_archs)]
+    return macros
+
+
+def families() -> list:
+    """The op families: one folder of csrc/ each."""
+    return sorted(
+        name for name in os.listdir(os.path.join(ROOT, "csrc"))
+        if os.path.isdir(os.path.join(ROOT, "csrc", name))
+    )
+
+
+def sources(with_cuda: bool, only=None) -> list:
+    """The translation units, relative to the repository root: the op schemas
+    (registration.cpp), each family's CPU sources and, with_cuda, each family's CUDA
+    launchers. `only` restricts them to some families."""
+
+    def matching(pattern):
+        found = []
+        for family in families() if only is None else only:
+            found += glob.glob(os.path.join(ROOT, "csrc", family, pattern))
+        return sorted(os.path.relpath(f, ROOT) for f in found)
+
+    cuda = matching("*.cu") if with_cuda else []
+    return ["csrc/registration.cpp"] + matching("*_cpu.cpp") + cuda
+
+
+def headers() -> list:
+    """The headers the sources include (shared ones, each family's math, checks and
+    kernels): a change to one rebuilds the extension."""
+    found = []
+    for pattern in ("csrc/*.h", "csrc/*/*.h", "csrc/*/*.cuh"):
+        found += glob.glob(os.path.join(ROOT, pattern))
+    return sorted(os.path.relpath(f, ROOT) for f in found)
+
+
+def write_cmake_flags(path: str) -> None:
+    """Writes the flag lists and the sources as CMake variables (CMakeLists.txt includes
+    the file), so that the CMake build compiles the same files with the same flags."""
+
+    def cmake_list(values):
+        return '"%s"' % ";".join(values)
+
+    lines = [
+        "# Generated from setup.py at configure time; do not edit.",
+        "set(FLAME_EXT_CXX_FLAGS %s)" % cmake_list(CXX_FLAGS),
+        "set(FLAME_EXT_CUDA_FLAGS %s)" % cmake_list(NVCC_FLAGS),
+        "set(FLAME_EXT_LINK_FLAGS %s)" % cmake_list(LINK_FLAGS),
+        "set(FLAME_EXT_CPU_SOURCES %s)" % cmake_list(sources(False)),
+        "set(FLAME_EXT_CUDA_SOURCES %s)"
+        % cmake_list([f for f in sources(True) if f.endswith(".cu")]),
+    ]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 def _want_cuda() -> bool:
@@ -48,37 +124,33 @@ def _nvidia_wheel_includes() -> list:
 
 
 def _extension():
-    cpu_sources = ["csrc/registration.cpp"] + sorted(glob.glob("csrc/*/*_cpu.cpp"))
-    cuda_sources = sorted(glob.glob("csrc/*/*.cu"))
     with_cuda = _want_cuda()
-    # No -std flag: torch.utils.cpp_extension picks the standard its headers need (C++20).
-    cxx = ["-O3", "-fopenmp", "-fvisibility=hidden"]
-    define = [("FLAME_EXT_TORCH_VERSION", '"%s"' % torch.__version__)]
-    if with_cuda:
-        if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
-            # No GPU to read the arch from: build for the usual data-centre/desktop
-            # generations rather than torch's full list (each arch adds build time).
-            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
-        archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "native")
-        define += [("FLAME_EXT_WITH_CUDA", None), ("FLAME_EXT_CUDA_ARCHS", '"%s"' % archs)]
-        nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
-        if os.environ.get("FLAME_EXT_PTXAS_VERBOSE") == "1":
-            nvcc.append("-Xptxas=-v")  # per-kernel registers / shared memory / spills
-        return cpp_extension.CUDAExtension(
+    if not with_cuda:
+        return cpp_extension.CppExtension(
             "flame_ext._C",
-            cpu_sources + cuda_sources,
-            include_dirs=[os.path.join(ROOT, "csrc")] + _nvidia_wheel_includes(),
-            define_macros=define,
-            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
-            extra_link_args=["-fopenmp"],
+            sources(False),
+            include_dirs=[os.path.join(ROOT, "csrc")],
+            depends=headers(),
+            define_macros=defines(torch.__version__),
+            extra_compile_args={"cxx": list(CXX_FLAGS)},
+            extra_link_args=list(LINK_FLAGS),
         )
-    return cpp_extension.CppExtension(
+    if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
+        # No GPU to read the arch from: build for the usual data-centre/desktop
+        # generations rather than torch's full list (each arch adds build time).
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "native")
+    nvcc = list(NVCC_FLAGS)
+    if os.environ.get("FLAME_EXT_PTXAS_VERBOSE") == "1":
+        nvcc.append("-Xptxas=-v")  # per-kernel registers / shared memory / spills
+    return cpp_extension.CUDAExtension(
         "flame_ext._C",
-        cpu_sources,
-        include_dirs=[os.path.join(ROOT, "csrc")],
-        define_macros=define,
-        extra_compile_args={"cxx": cxx},
-        extra_link_args=["-fopenmp"],
+        sources(True),
+        include_dirs=[os.path.join(ROOT, "csrc")] + _nvidia_wheel_includes(),
+        depends=headers(),
+        define_macros=defines(torch.__version__, archs),
+        extra_compile_args={"cxx": list(CXX_FLAGS), "nvcc": nvcc},
+        extra_link_args=list(LINK_FLAGS),
     )
 
 
@@ -102,5 +174,5 @@ def main() -> None:
     )
 
 
-if __name__ == "__main__":  # pip runs this file as __main__; tools/dev_build.py imports it
+if __name__ == "__main__":  # pip runs this file; tools/dev_build.py and CMake import it
     main()

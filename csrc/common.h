@@ -1,9 +1,13 @@
 // Shared by every op family: the host/device function macro, small fixed-size math that
-// the CPU loops and the CUDA kernels both call, and the input checks of the launchers.
+// the CPU loops and the CUDA kernels both call, and the argument checks of the launchers
+// (host code, ATen), so that every family words the same rejection the same way.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define FLAME_HD __host__ __device__ __forceinline__
@@ -50,11 +54,33 @@ FLAME_HD Mat3<T> mat3_mul(const Mat3<T>& a, const Mat3<T>& b) {
   return c;
 }
 
+// 0 <= i < n, as one unsigned compare (a negative index wraps to a huge one).
+FLAME_HD bool in_range(int64_t i, int64_t n) {
+  return static_cast<uint64_t>(i) < static_cast<uint64_t>(n);
+}
+
+constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Launcher checks, shared by every family's <family>_checks.h. TORCH_CHECK raises
+// c10::Error, which Python sees as RuntimeError with the message; the Python wrappers
+// check first and raise ValueError/TypeError, these are the last line of defence for
+// direct torch.ops calls.
+
+// `name` names the argument in the message (with its op's prefix where the family's
+// messages carry one, e.g. "blend: coeffs").
+inline void check_float(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, name,
+              " must be float32 or float64, got ", x.scalar_type());
+}
+
+inline void check_num_joints(int64_t num_joints) {
+  TORCH_CHECK(num_joints >= 1 && num_joints <= kMaxJoints,
+              "the number of joints must be in [1, ", kMaxJoints, "], got ", num_joints);
+}
+
 }  // namespace flame_ext
 
-// Launcher checks. TORCH_CHECK raises c10::Error, which Python sees as RuntimeError with
-// the message; the Python wrappers check first and raise ValueError/TypeError, these are
-// the last line of defence for direct torch.ops calls.
+// The same kind of checks as macros, naming the argument by its expression.
 #define FLAME_CHECK_DIM(x, d) \
   TORCH_CHECK((x).dim() == (d), #x " must have " #d " dimensions, got ", (x).sizes())
 #define FLAME_CHECK_CONTIGUOUS(x) \

@@ -1,5 +1,5 @@
-// Rotation math shared by the skinning and landmark families, host and device:
-// Rodrigues with medusa/smplx numerics (and, in skin, its derivative).
+// Rotation math shared by the rigid_transforms and landmarks families, host and device:
+// Rodrigues with medusa/smplx numerics, and its derivative (for rigid_transforms).
 #pragma once
 
 #include <cmath>

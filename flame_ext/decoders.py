@@ -101,14 +101,14 @@ _STEPS = {
 def _prepare_ext_steps() -> None:
     if "ext" in _STEPS or not _ops.available():
         return
-    from ._ops import blend, landmarks, lbs, skin
+    from ._ops import blend, landmarks, lbs, rigid_transforms, skin
 
     # Unchecked entries: the decoders check what enters them, and the rest are their
     # own buffers (the checks would cost as much as the kernels at B=1 on a GPU).
     _STEPS["ext"] = SimpleNamespace(
         lbs=lbs.lbs,
         blend=blend.blend_unchecked,
-        rigid_transforms=skin.rigid_transforms_unchecked,
+        rigid_transforms=rigid_transforms.rigid_transforms_unchecked,
         skin=skin.skin_unchecked,
         landmarks=landmarks.landmarks_unchecked,
     )

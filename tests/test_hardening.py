@@ -303,7 +303,7 @@ def deterministic():
 def _op_cases(device, dtype):
     """(name, function of leaves, leaves) for every op, over sizes that take each path:
     several reduction chunks, empty dimensions, the blend hand loop and BLAS."""
-    from flame_ext._ops import blend, landmarks, skin
+    from flame_ext._ops import blend, landmarks, rigid_transforms, skin
 
     gen = torch.Generator().manual_seed(0)
 
@@ -323,7 +323,7 @@ def _op_cases(device, dtype):
     cases.append(("blend K=0", blend.blend, [rand(50), rand(50, 0), rand(3, 0)]))
     for batch in (0, 5):
         cases.append((f"rigid_transforms B={batch}",
-                      lambda p, j: skin.rigid_transforms(p, j, parents),
+                      lambda p, j: rigid_transforms.rigid_transforms(p, j, parents),
                       [rand(batch, 5, 3), rand(batch, 5, 3)]))
     for n_verts in (0, 1100):
         for write in (True, False):
@@ -898,11 +898,11 @@ def test_more_joints_than_the_kernels_hold(tmp_path):
     path = _write_pickle(tmp_path / "generic_model.pkl", _model_raw(J=17))
     assert fio.load_flame_model(path).parents.shape == (17,)
     if _ops.available():
-        from flame_ext._ops import skin
+        from flame_ext._ops import rigid_transforms
 
         pose = torch.zeros(2, 17, 3)
         with pytest.raises(ValueError, match="pose must have 1 to 16 joints"):
-            skin.rigid_transforms(pose, pose, torch.tensor([-1] + list(range(16))))
+            rigid_transforms.rigid_transforms(pose, pose, torch.tensor([-1] + list(range(16))))
 
 
 # --------------------------------------------------------------------------------------

@@ -22,9 +22,11 @@ F32_SKIN_TOL = 1e-5
 
 
 def _ops():
-    from flame_ext._ops import skin
+    from types import SimpleNamespace
 
-    return skin
+    from flame_ext._ops import rigid_transforms, skin
+
+    return SimpleNamespace(rigid_transforms=rigid_transforms.rigid_transforms, skin=skin.skin)
 
 
 def _parents(values, device="cpu"):

@@ -87,11 +87,11 @@ def needs_kernels(device, *ops):
 @pytest.fixture(scope="module")
 def k(ops):
     """The checked op wrappers, imported once the library is known to be loaded."""
-    from flame_ext._ops import blend, landmarks, skin
+    from flame_ext._ops import blend, landmarks, rigid_transforms, skin
 
     return SimpleNamespace(
         blend=blend.blend,
-        rigid_transforms=skin.rigid_transforms,
+        rigid_transforms=rigid_transforms.rigid_transforms,
         skin=skin.skin,
         landmarks=landmarks.landmarks,
     )

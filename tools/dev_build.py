@@ -7,15 +7,42 @@ written:
     FLAME_EXT_LIB=/tmp/fe_blend/flame_ext_dev.so python -m pytest tests/test_ops_blend.py
 
 `--cuda` adds the family's .cu files (needs a CUDA build of torch and CUDA_HOME).
-The shipped build is setup.py; this only saves rebuilding unrelated families.
+The shipped build is setup.py; this only saves rebuilding unrelated families, with the
+same flags and definitions (imported from setup.py).
 """
 
 import argparse
-import glob
 import os
+import shlex
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_arguments(families, cuda: bool, out: str) -> dict:
+    """The keyword arguments of torch.utils.cpp_extension.load for these families."""
+    import torch
+
+    sys.path.insert(0, ROOT)
+    import setup  # the build's flags, sources and helpers; setup() itself does not run
+
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "native") if cuda else None
+    # load() hands the flags to a shell unquoted: quote the string-valued definitions.
+    define_flags = [
+        shlex.quote("-D%s" % name if value is None else "-D%s=%s" % (name, value))
+        for name, value in setup.defines(torch.__version__, archs)
+    ]
+    return dict(
+        name="flame_ext_dev",
+        sources=[os.path.join(ROOT, f) for f in setup.sources(cuda, families or None)],
+        extra_include_paths=[os.path.join(ROOT, "csrc")] + setup._nvidia_wheel_includes(),
+        extra_cflags=list(setup.CXX_FLAGS) + define_flags,
+        extra_cuda_cflags=list(setup.NVCC_FLAGS),
+        extra_ldflags=list(setup.LINK_FLAGS),
+        build_directory=out,
+        is_python_module=False,
+        verbose=False,
+    )
 
 
 def main() -> None:
@@ -27,32 +54,8 @@ def main() -> None:
 
     from torch.utils import cpp_extension
 
-    sys.path.insert(0, ROOT)
-    import setup  # the build's helpers (CUDA header paths); setup() itself does not run
-
-    families = args.families or sorted(
-        os.path.basename(d) for d in glob.glob(os.path.join(ROOT, "csrc", "*")) if os.path.isdir(d)
-    )
-    sources = [os.path.join(ROOT, "csrc", "registration.cpp")]
-    for family in families:
-        sources += sorted(glob.glob(os.path.join(ROOT, "csrc", family, "*_cpu.cpp")))
-        if args.cuda:
-            sources += sorted(glob.glob(os.path.join(ROOT, "csrc", family, "*.cu")))
     os.makedirs(args.out, exist_ok=True)
-    cflags = ["-O3", "-fopenmp"]
-    if args.cuda:
-        cflags.append("-DFLAME_EXT_WITH_CUDA")
-    cpp_extension.load(
-        name="flame_ext_dev",
-        sources=sources,
-        extra_include_paths=[os.path.join(ROOT, "csrc")] + setup._nvidia_wheel_includes(),
-        extra_cflags=cflags,
-        extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr"],
-        extra_ldflags=["-fopenmp"],
-        build_directory=args.out,
-        is_python_module=False,
-        verbose=False,
-    )
+    cpp_extension.load(**load_arguments(args.families, args.cuda, args.out))
     print(os.path.join(args.out, "flame_ext_dev.so"))
 
 

@@ -13,12 +13,10 @@
 //
 // The hand loops (blend_cpu_kernels.h) use GCC/Clang vector extensions and are compiled
 // three times, for AVX-512 (64-byte vectors), AVX2+FMA (32) and the x86-64 baseline (16),
-// one picked at run time: the extension is built without -march flags so that it runs on
-// any x86-64 CPU. Every reduction runs in a fixed order over fixed row chunks (independent
-// of the thread count), so repeated runs are bit-identical.
+// one picked at run time (cpu_isa.h). Every reduction runs in a fixed order over fixed row
+// chunks (independent of the thread count), so repeated runs are bit-identical.
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <tuple>
 #include <utility>
@@ -32,7 +30,8 @@
 #include <torch/library.h>
 
 #include "blend/blend.h"
-#include "blend/blend_args.h"
+#include "blend/blend_checks.h"
+#include "cpu_isa.h"
 
 namespace flame_ext {
 namespace {
@@ -112,11 +111,9 @@ struct BackwardArgs {
 #undef FLAME_BLEND_ISA
 #undef FLAME_BLEND_VECTOR_BYTES
 
-// g++ on x86-64 only: the wider builds need `#pragma GCC target` (other compilers get the
-// baseline build).
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define FLAME_BLEND_X86_DISPATCH 1
-
+// The wider builds need `#pragma GCC target` (cpu_isa.h): g++ on x86-64 only; other
+// compilers get the baseline build.
+#if defined(FLAME_EXT_ISA_TARGET_PRAGMA)
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 #define FLAME_BLEND_ISA avx2
@@ -144,26 +141,10 @@ using ForwardFn = void (*)(const ForwardArgs<T>&, int64_t, int64_t);
 template <typename T>
 using BackwardFn = void (*)(const BackwardArgs<T>&, int64_t, int64_t, int64_t);
 
-enum class Isa { kBaseline, kAvx2, kAvx512 };
-
-// The widest ISA the CPU has, or a narrower one named by $FLAME_EXT_CPU_ISA ("avx2" or
-// "baseline"; never a wider one), so that tests can run every variant on one machine.
-Isa detect_isa() {
-#ifdef FLAME_BLEND_X86_DISPATCH
-  static const Isa isa = [] {
-    __builtin_cpu_init();
-    Isa best = Isa::kBaseline;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = Isa::kAvx2;
-    if (best == Isa::kAvx2 && __builtin_cpu_supports("avx512f") &&
-        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
-      best = Isa::kAvx512;
-    const char* forced = std::getenv("FLAME_EXT_CPU_ISA");
-    if (forced != nullptr && std::strcmp(forced, "baseline") == 0) return Isa::kBaseline;
-    if (forced != nullptr && std::strcmp(forced, "avx2") == 0 && best == Isa::kAvx512)
-      return Isa::kAvx2;
-    return best;
-  }();
-  return isa;
+// The build of the hand loops to run: cpu_isa() among the ones compiled here.
+Isa blend_isa() {
+#if defined(FLAME_EXT_ISA_TARGET_PRAGMA)
+  return cpu_isa();
 #else
   return Isa::kBaseline;
 #endif
@@ -171,8 +152,8 @@ Isa detect_isa() {
 
 template <typename T>
 ForwardFn<T> forward_kernel() {
-#ifdef FLAME_BLEND_X86_DISPATCH
-  switch (detect_isa()) {
+#if defined(FLAME_EXT_ISA_TARGET_PRAGMA)
+  switch (blend_isa()) {
     case Isa::kAvx512:
       return &avx512::forward_rows<T>;
     case Isa::kAvx2:
@@ -186,8 +167,8 @@ ForwardFn<T> forward_kernel() {
 
 template <typename T>
 BackwardFn<T> backward_kernel() {
-#ifdef FLAME_BLEND_X86_DISPATCH
-  switch (detect_isa()) {
+#if defined(FLAME_EXT_ISA_TARGET_PRAGMA)
+  switch (blend_isa()) {
     case Isa::kAvx512:
       return &avx512::backward_rows<T>;
     case Isa::kAvx2:
@@ -210,7 +191,7 @@ at::Tensor blend_cpu(const at::Tensor& base_in, const at::Tensor& dirs_in,
   const int64_t B = sizes.B, N = sizes.N, K = sizes.K, P = sizes.P;
   if (B == 0 || N == 0) return at::empty({B, N}, coeffs_in.options());
 
-  if (!small_forward_batch(B, K, detect_isa() != Isa::kBaseline)) {
+  if (!small_forward_batch(B, K, blend_isa() != Isa::kBaseline)) {
     at::Tensor out = at::addmm(base_in, coeffs_in, dirs_in.t());
     if (P > 0) out.addmm_(pose_coeffs_in, pose_dirs_in);
     return out;

@@ -1,184 +1,35 @@
-// CUDA implementation of flame_ext::landmarks and flame_ext::landmarks_backward, built on
-// the same math as the CPU loops (landmarks.h).
-//
-// Forward: one launch, one warp per sample. Every lane computes its sample's contour bin
-// from the pose (the same broadcast loads and arithmetic in all lanes: no divergence, no
-// shuffle), then the lanes stride over the landmarks.
-// Backward: one block per sample, no atomics. The block zero-fills its sample's slice of
-// grad_v, lists the 3 (Ld + L) terms bary * grad_lmk with their vertex, and for each
-// distinct vertex the thread holding its first term sums every term of that vertex in
-// term order and stores the result: the same bits on every run.
+// CUDA launchers of flame_ext::landmarks and flame_ext::landmarks_backward (schemas in
+// csrc/registration.cpp, kernels and launch plans in landmarks_kernels.cuh, argument
+// checks in landmarks_checks.h).
 //
 // Index tables are model constants validated where they are loaded; reading them here on
 // the host would sync with the GPU. A bad index is never followed: its landmark is NaN and
-// it gets no gradient (as skin's kernels answer a bad parent tree on the device). Not a
-// device assert: that would trap the kernel and poison the CUDA context for the process.
-#include <cmath>
+// it gets no gradient (as the rigid_transforms kernels answer a bad parent tree on the
+// device). Not a device assert: that would trap the kernel and poison the CUDA context for
+// the process.
 #include <cstdint>
 #include <tuple>
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "landmarks/landmarks.h"
 #include "landmarks/landmarks_checks.h"
+#include "landmarks/landmarks_kernels.cuh"
+#include "launch.h"
 
 namespace flame_ext {
 namespace {
 
-constexpr int kWarpSize = 32;
-constexpr int kForwardThreads = 128;  // 4 samples per block
-constexpr int kBackwardThreads = 256;  // >= 3 * 68 terms: FLAME's '68' set in one tile
-
-__device__ __forceinline__ bool in_range(int64_t i, int64_t n) {
-  return static_cast<uint64_t>(i) < static_cast<uint64_t>(n);
-}
-
-// Tables of one call, as the kernels read them.
-template <typename scalar_t>
-struct LandmarkTables {
-  const int64_t* tris;           // (F, 3)
-  const int64_t* lmk_faces_idx;  // (L,)
-  const scalar_t* lmk_bary;      // (L, 3)
-  const int64_t* dyn_faces;      // (NB, Ld), null without contour
-  const scalar_t* dyn_bary;      // (NB, Ld, 3), null without contour
-};
-
-// Face and weights of landmark l of a sample whose contour bin is `bin`.
-template <typename scalar_t>
-__device__ __forceinline__ int64_t landmark_face(const LandmarkTables<scalar_t>& t,
-                                                 const LandmarkSizes& s, int64_t bin, int64_t l,
-                                                 const scalar_t** bary) {
-  if (l < s.n_contour) {
-    const int64_t row = bin * s.n_contour + l;
-    *bary = t.dyn_bary + 3 * row;
-    return t.dyn_faces[row];
-  }
-  *bary = t.lmk_bary + 3 * (l - s.n_contour);
-  return t.lmk_faces_idx[l - s.n_contour];
-}
-
-// The face's three vertex indices, or false when the face or a corner is out of range.
-__device__ __forceinline__ bool load_corners(const int64_t* tris, int64_t face,
-                                             const LandmarkSizes& s, int64_t* corners) {
-  if (!in_range(face, s.num_faces)) return false;
-  bool ok = true;
-  for (int k = 0; k < 3; ++k) {
-    corners[k] = tris[3 * face + k];
-    ok = ok && in_range(corners[k], s.num_vertices);
-  }
-  return ok;
-}
-
-template <typename scalar_t>
-__global__ void landmarks_forward_kernel(const scalar_t* __restrict__ v,
-                                         const scalar_t* __restrict__ poses, int64_t pose_stride,
-                                         int64_t contour_rule, LandmarkTables<scalar_t> t,
-                                         LandmarkSizes s, scalar_t* __restrict__ lmk,
-                                         int64_t* __restrict__ bins) {
-  const int64_t b = static_cast<int64_t>(blockIdx.x) * (kForwardThreads / kWarpSize) +
-                    threadIdx.x / kWarpSize;
-  const int lane = threadIdx.x % kWarpSize;
-  if (b >= s.batch) return;
-  // contour_bin clamps to [0, num_bins - 1]: the row below always exists.
-  const int64_t bin = contour_rule == kContourNone
-                          ? 0
-                          : contour_bin(poses + b * pose_stride, contour_rule, s.num_bins);
-  if (lane == 0) bins[b] = bin;
-  const int64_t n_lmk = s.n_contour + s.n_static;
-  const scalar_t* vb = v + b * s.num_vertices * 3;
-  scalar_t* out = lmk + b * n_lmk * 3;
-  for (int64_t l = lane; l < n_lmk; l += kWarpSize) {
-    const scalar_t* bary;
-    const int64_t face = landmark_face(t, s, bin, l, &bary);
-    int64_t corners[3];
-    if (load_corners(t.tris, face, s, corners)) {
-      barycentric_point(vb, corners, bary, out + 3 * l);
-    } else {
-      for (int c = 0; c < 3; ++c) out[3 * l + c] = static_cast<scalar_t>(NAN);
-    }
-  }
-}
-
-// Term j = 3 l + k of a sample: corner k of landmark l, weighted. Returns its vertex
-// index (-1 when the tables hold an index out of range) and sets value = bary * grad.
-template <typename scalar_t>
-__device__ __forceinline__ int64_t load_term(const LandmarkTables<scalar_t>& t,
-                                             const LandmarkSizes& s, int64_t bin,
-                                             const scalar_t* grad, int64_t j, scalar_t* value) {
-  const int64_t l = j / 3;
-  const int64_t k = j % 3;
-  const scalar_t* bary;
-  const int64_t face = landmark_face(t, s, bin, l, &bary);
-  if (!in_range(face, s.num_faces)) return -1;
-  const int64_t vertex = t.tris[3 * face + k];
-  if (!in_range(vertex, s.num_vertices)) return -1;
-  for (int c = 0; c < 3; ++c) value[c] = bary[k] * grad[3 * l + c];
-  return vertex;
-}
-
-template <typename scalar_t>
-__global__ void __launch_bounds__(kBackwardThreads)
-    landmarks_backward_kernel(const scalar_t* __restrict__ grad_lmk,
-                              const int64_t* __restrict__ bins, LandmarkTables<scalar_t> t,
-                              LandmarkSizes s, scalar_t* __restrict__ grad_v) {
-  __shared__ int64_t tile_vertex[kBackwardThreads];
-  __shared__ scalar_t tile_value[kBackwardThreads][3];
-  const int64_t b = blockIdx.x;
-  const int tid = threadIdx.x;
-  const int64_t n_lmk = s.n_contour + s.n_static;
-  const int64_t n_terms = 3 * n_lmk;
-  const scalar_t* grad = grad_lmk + b * n_lmk * 3;
-  scalar_t* gv = grad_v + b * s.num_vertices * 3;
-
-  for (int64_t i = tid; i < 3 * s.num_vertices; i += kBackwardThreads) gv[i] = scalar_t(0);
-  int64_t bin = 0;
-  if (s.n_contour > 0) {
-    bin = bins[b];
-    bin = bin < 0 ? 0 : (bin < s.num_bins ? bin : s.num_bins - 1);
-  }
-  // The zeros above are ordered before every store below by this barrier (and the ones
-  // in the loop), so a vertex's sum is never overwritten by another thread's zero.
-  __syncthreads();
-
-  // The loops' bounds are the same for the whole block, so every thread reaches every
-  // barrier.
-  for (int64_t i0 = 0; i0 < n_terms; i0 += kBackwardThreads) {
-    const int64_t i = i0 + tid;
-    scalar_t unused[3];
-    const int64_t vertex = i < n_terms ? load_term(t, s, bin, grad, i, unused) : -1;
-    bool first = vertex >= 0;
-    scalar_t sum[3] = {scalar_t(0), scalar_t(0), scalar_t(0)};
-    for (int64_t j0 = 0; j0 < n_terms; j0 += kBackwardThreads) {
-      const int64_t j = j0 + tid;
-      if (j < n_terms) tile_vertex[tid] = load_term(t, s, bin, grad, j, tile_value[tid]);
-      __syncthreads();
-      const int64_t n = n_terms - j0 < kBackwardThreads ? n_terms - j0 : kBackwardThreads;
-      if (vertex >= 0) {
-        for (int64_t jj = 0; jj < n; ++jj) {
-          if (tile_vertex[jj] != vertex) continue;
-          first = first && j0 + jj >= i;
-          for (int c = 0; c < 3; ++c) sum[c] += tile_value[jj][c];
-        }
-      }
-      __syncthreads();
-    }
-    if (first)
-      for (int c = 0; c < 3; ++c) gv[3 * vertex + c] = sum[c];
-  }
-}
+using namespace landmarks_kernels;
 
 template <typename scalar_t>
 LandmarkTables<scalar_t> tables_of(const LandmarkTableTensors& t, bool contour) {
-  return {t.tris.data_ptr<int64_t>(), t.lmk_faces_idx.data_ptr<int64_t>(),
-          t.lmk_bary_coords.data_ptr<scalar_t>(),
-          contour ? t.dyn_faces.data_ptr<int64_t>() : nullptr,
-          contour ? t.dyn_bary.data_ptr<scalar_t>() : nullptr};
+  return {t.tris.const_data_ptr<int64_t>(), t.lmk_faces_idx.const_data_ptr<int64_t>(),
+          t.lmk_bary_coords.const_data_ptr<scalar_t>(),
+          contour ? t.dyn_faces.const_data_ptr<int64_t>() : nullptr,
+          contour ? t.dyn_bary.const_data_ptr<scalar_t>() : nullptr};
 }
 
 std::tuple<at::Tensor, at::Tensor> landmarks_cuda(
@@ -189,9 +40,9 @@ std::tuple<at::Tensor, at::Tensor> landmarks_cuda(
   const LandmarkSizes s =
       check_landmarks_args(v_in, poses_in, tris_in, lmk_faces_idx_in, lmk_bary_coords_in,
                            dynamic_lmk_faces_idx_in, dynamic_lmk_bary_coords_in, contour_rule);
-  TORCH_CHECK(v_in.is_cuda(), "v must be a CUDA tensor, got one on ", v_in.device());
-  const c10::cuda::CUDAGuard guard(v_in.device());
-  auto stream = at::cuda::getCurrentCUDAStream();
+  check_kernel_device(v_in, "v");
+  const DeviceGuard guard(v_in.device());
+  const Stream stream = current_stream();
   const bool contour = contour_rule != kContourNone;
   at::Tensor lmk = at::empty({s.batch, s.n_contour + s.n_static, 3}, v_in.options());
   at::Tensor bins = at::empty({s.batch}, v_in.options().dtype(at::kLong));
@@ -203,18 +54,13 @@ std::tuple<at::Tensor, at::Tensor> landmarks_cuda(
   const LandmarkTableTensors t =
       contiguous_tables(tris_in, lmk_faces_idx_in, lmk_bary_coords_in,
                         dynamic_lmk_faces_idx_in, dynamic_lmk_bary_coords_in, contour);
-  constexpr int64_t kSamplesPerBlock = kForwardThreads / kWarpSize;
-  const int64_t blocks = (s.batch + kSamplesPerBlock - 1) / kSamplesPerBlock;
-  TORCH_CHECK(blocks <= INT32_MAX, "flame_ext::landmarks: batch ", s.batch, " is too large");
+  const LaunchPlan plan = landmarks_forward_plan(s.batch, device_limits());
 
   AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "flame_ext::landmarks", [&] {
-    landmarks_forward_kernel<scalar_t><<<static_cast<unsigned>(blocks), kForwardThreads, 0,
-                                         stream>>>(
-        v.data_ptr<scalar_t>(), contour ? poses.data_ptr<scalar_t>() : nullptr,
-        contour ? poses.size(1) : 0, contour_rule,
-        tables_of<scalar_t>(t, contour),
-        s, lmk.data_ptr<scalar_t>(), bins.data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(plan, stream, &landmarks_forward_kernel<scalar_t>, v.const_data_ptr<scalar_t>(),
+           contour ? poses.const_data_ptr<scalar_t>() : nullptr, contour ? poses.size(1) : 0,
+           contour_rule, tables_of<scalar_t>(t, contour), s, lmk.mutable_data_ptr<scalar_t>(),
+           bins.mutable_data_ptr<int64_t>());
   });
   return {lmk, bins};
 }
@@ -228,12 +74,9 @@ at::Tensor landmarks_backward_cuda(const at::Tensor& grad_lmk_in, const at::Tens
   const LandmarkSizes s = check_landmarks_backward_args(
       grad_lmk_in, bins_in, tris_in, lmk_faces_idx_in, lmk_bary_coords_in,
       dynamic_lmk_faces_idx_in, dynamic_lmk_bary_coords_in, num_vertices);
-  TORCH_CHECK(grad_lmk_in.is_cuda(), "grad_lmk must be a CUDA tensor, got one on ",
-              grad_lmk_in.device());
-  TORCH_CHECK(s.batch <= INT32_MAX, "flame_ext::landmarks_backward: batch ", s.batch,
-              " is too large");
-  const c10::cuda::CUDAGuard guard(grad_lmk_in.device());
-  auto stream = at::cuda::getCurrentCUDAStream();
+  check_kernel_device(grad_lmk_in, "grad_lmk");
+  const DeviceGuard guard(grad_lmk_in.device());
+  const Stream stream = current_stream();
   const bool contour = s.n_contour > 0;
   at::Tensor grad_v = at::empty({s.batch, s.num_vertices, 3}, grad_lmk_in.options());
   if (s.batch == 0) return grad_v;
@@ -243,21 +86,20 @@ at::Tensor landmarks_backward_cuda(const at::Tensor& grad_lmk_in, const at::Tens
   const LandmarkTableTensors t =
       contiguous_tables(tris_in, lmk_faces_idx_in, lmk_bary_coords_in,
                         dynamic_lmk_faces_idx_in, dynamic_lmk_bary_coords_in, contour);
+  const LaunchPlan plan = landmarks_backward_plan(s.batch, device_limits());
 
   AT_DISPATCH_FLOATING_TYPES(grad_lmk.scalar_type(), "flame_ext::landmarks_backward", [&] {
-    landmarks_backward_kernel<scalar_t><<<static_cast<unsigned>(s.batch), kBackwardThreads, 0,
-                                          stream>>>(
-        grad_lmk.data_ptr<scalar_t>(), contour ? bins.data_ptr<int64_t>() : nullptr,
-        tables_of<scalar_t>(t, contour),
-        s, grad_v.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(plan, stream, &landmarks_backward_kernel<scalar_t>,
+           grad_lmk.const_data_ptr<scalar_t>(),
+           contour ? bins.const_data_ptr<int64_t>() : nullptr, tables_of<scalar_t>(t, contour),
+           s, grad_v.mutable_data_ptr<scalar_t>());
   });
   return grad_v;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(flame_ext, CUDA, m) {
+TORCH_LIBRARY_IMPL(FLAME_EXT_KERNEL_LIB, FLAME_EXT_KERNEL_KEY, m) {
   m.impl("landmarks", &landmarks_cuda);
   m.impl("landmarks_backward", &landmarks_backward_cuda);
 }

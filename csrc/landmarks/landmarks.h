@@ -1,6 +1,7 @@
 // Landmark math shared by the CPU loops and the CUDA kernels: the Euler 'XYZ' rotation,
 // the contour-bin rule of SPEC 2 (medusa's and DECA's), the barycentric sum of one
-// landmark and its scatter (the backward). No ATen here, so g++ and nvcc both compile it.
+// landmark and its scatter (the backward). Plain values and pointers, no tensors, so the
+// same functions run in host loops and in kernels.
 #pragma once
 
 #include <cmath>
@@ -20,6 +21,16 @@ constexpr int64_t kContourDeca = 2;
 // and everything below -39 shares the last one.
 constexpr int64_t kMaxContourYaw = 39;
 constexpr int64_t kLastContourBin = 78;
+
+// The sizes of one call, as the launchers check them and the kernels read them.
+struct LandmarkSizes {
+  int64_t batch;
+  int64_t num_vertices;
+  int64_t num_faces;
+  int64_t num_bins;   // rows of the dynamic tables; 0 without contour landmarks
+  int64_t n_contour;  // Ld, the contour landmarks per sample (first in the output)
+  int64_t n_static;   // L
+};
 
 // Round half to even under the default rounding mode, as torch.round does.
 FLAME_HD float lmk_rint(float x) { return rintf(x); }

@@ -1,5 +1,5 @@
-// Argument checks of the landmarks launchers, shared by the CPU and CUDA implementations
-// so both reject the same inputs with the same messages. Shapes, dtypes and devices
+// Argument checks of the landmarks op family, shared by the CPU and CUDA launchers (host
+// code, ATen) so both reject the same inputs with the same messages. Shapes, dtypes and devices
 // only: index values are checked where they are read (a TORCH_CHECK in the CPU loop, a
 // guarded read in the CUDA kernel), since reading them here would sync with the GPU.
 #pragma once
@@ -30,16 +30,6 @@ inline LandmarkTableTensors contiguous_tables(const at::Tensor& tris,
           contour ? dyn_faces.contiguous() : dyn_faces,
           contour ? dyn_bary.contiguous() : dyn_bary};
 }
-
-// The sizes a launcher needs once the arguments are known to be consistent.
-struct LandmarkSizes {
-  int64_t batch;
-  int64_t num_vertices;
-  int64_t num_faces;
-  int64_t num_bins;   // rows of the dynamic tables; 0 without contour landmarks
-  int64_t n_contour;  // Ld, the contour landmarks per sample (first in the output)
-  int64_t n_static;   // L
-};
 
 inline void check_landmark_tables(const at::Tensor& ref, const at::Tensor& tris,
                                   const at::Tensor& lmk_faces_idx,
@@ -76,11 +66,6 @@ inline void check_dynamic_landmark_tables(const at::Tensor& ref,
   FLAME_CHECK_SAME_DTYPE(dynamic_lmk_bary_coords, ref);
   FLAME_CHECK_SAME_DEVICE(dynamic_lmk_faces_idx, ref);
   FLAME_CHECK_SAME_DEVICE(dynamic_lmk_bary_coords, ref);
-}
-
-inline void check_float(const at::Tensor& x, const char* name) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, name,
-              " must be float32 or float64, got ", x.scalar_type());
 }
 
 // flame_ext::landmarks. Without a contour rule the pose and the dynamic tables are not

@@ -22,11 +22,6 @@ namespace {
 // saves.
 constexpr int64_t kSamplesPerTask = 32;
 
-// Unsigned compare: catches negative indices too.
-inline bool in_range(int64_t i, int64_t n) {
-  return static_cast<uint64_t>(i) < static_cast<uint64_t>(n);
-}
-
 // The three vertex indices of face `face`, after checking that the face and its corners
 // exist: a bad index is an error, never a read out of bounds.
 inline const int64_t* checked_corners(const int64_t* tris, int64_t face, int64_t num_faces,
@@ -73,19 +68,20 @@ std::tuple<at::Tensor, at::Tensor> landmarks_cpu(
   const LandmarkTableTensors t =
       contiguous_tables(tris_in, lmk_faces_idx_in, lmk_bary_coords_in,
                         dynamic_lmk_faces_idx_in, dynamic_lmk_bary_coords_in, contour);
-  const int64_t* tris_p = t.tris.data_ptr<int64_t>();
-  const std::vector<int64_t> corners = static_corners(
-      tris_p, t.lmk_faces_idx.data_ptr<int64_t>(), s.n_static, s.num_faces, s.num_vertices);
-  int64_t* bins_p = bins.data_ptr<int64_t>();
+  const int64_t* tris_p = t.tris.const_data_ptr<int64_t>();
+  const std::vector<int64_t> corners =
+      static_corners(tris_p, t.lmk_faces_idx.const_data_ptr<int64_t>(), s.n_static,
+                     s.num_faces, s.num_vertices);
+  int64_t* bins_p = bins.mutable_data_ptr<int64_t>();
 
   AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "flame_ext::landmarks", [&] {
-    const scalar_t* v_p = v.data_ptr<scalar_t>();
-    const scalar_t* bary_p = t.lmk_bary_coords.data_ptr<scalar_t>();
-    const scalar_t* poses_p = contour ? poses.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* v_p = v.const_data_ptr<scalar_t>();
+    const scalar_t* bary_p = t.lmk_bary_coords.const_data_ptr<scalar_t>();
+    const scalar_t* poses_p = contour ? poses.const_data_ptr<scalar_t>() : nullptr;
     const int64_t pose_stride = contour ? poses.size(1) : 0;
-    const int64_t* dyn_faces_p = contour ? t.dyn_faces.data_ptr<int64_t>() : nullptr;
-    const scalar_t* dyn_bary_p = contour ? t.dyn_bary.data_ptr<scalar_t>() : nullptr;
-    scalar_t* out_p = lmk.data_ptr<scalar_t>();
+    const int64_t* dyn_faces_p = contour ? t.dyn_faces.const_data_ptr<int64_t>() : nullptr;
+    const scalar_t* dyn_bary_p = contour ? t.dyn_bary.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* out_p = lmk.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, s.batch, kSamplesPerTask, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         const scalar_t* vb = v_p + b * s.num_vertices * 3;
@@ -129,17 +125,18 @@ at::Tensor landmarks_backward_cpu(const at::Tensor& grad_lmk_in, const at::Tenso
   const LandmarkTableTensors t =
       contiguous_tables(tris_in, lmk_faces_idx_in, lmk_bary_coords_in,
                         dynamic_lmk_faces_idx_in, dynamic_lmk_bary_coords_in, contour);
-  const int64_t* tris_p = t.tris.data_ptr<int64_t>();
-  const std::vector<int64_t> corners = static_corners(
-      tris_p, t.lmk_faces_idx.data_ptr<int64_t>(), s.n_static, s.num_faces, s.num_vertices);
-  const int64_t* bins_p = contour ? bins.data_ptr<int64_t>() : nullptr;
+  const int64_t* tris_p = t.tris.const_data_ptr<int64_t>();
+  const std::vector<int64_t> corners =
+      static_corners(tris_p, t.lmk_faces_idx.const_data_ptr<int64_t>(), s.n_static,
+                     s.num_faces, s.num_vertices);
+  const int64_t* bins_p = contour ? bins.const_data_ptr<int64_t>() : nullptr;
 
   AT_DISPATCH_FLOATING_TYPES(grad_lmk.scalar_type(), "flame_ext::landmarks_backward", [&] {
-    const scalar_t* g_p = grad_lmk.data_ptr<scalar_t>();
-    const scalar_t* bary_p = t.lmk_bary_coords.data_ptr<scalar_t>();
-    const int64_t* dyn_faces_p = contour ? t.dyn_faces.data_ptr<int64_t>() : nullptr;
-    const scalar_t* dyn_bary_p = contour ? t.dyn_bary.data_ptr<scalar_t>() : nullptr;
-    scalar_t* out_p = grad_v.data_ptr<scalar_t>();
+    const scalar_t* g_p = grad_lmk.const_data_ptr<scalar_t>();
+    const scalar_t* bary_p = t.lmk_bary_coords.const_data_ptr<scalar_t>();
+    const int64_t* dyn_faces_p = contour ? t.dyn_faces.const_data_ptr<int64_t>() : nullptr;
+    const scalar_t* dyn_bary_p = contour ? t.dyn_bary.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* out_p = grad_v.mutable_data_ptr<scalar_t>();
     // Each sample's gradient is zeroed and scattered by one thread, in landmark order:
     // no atomics, the same bits on every run.
     at::parallel_for(0, s.batch, kSamplesPerTask, [&](int64_t begin, int64_t end) {

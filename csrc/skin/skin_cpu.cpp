@@ -1,7 +1,6 @@
-// CPU implementation of the skin op family: rigid_transforms (+ backward), one sample per
-// loop iteration, and skin (+ backward), one vertex per iteration. The math is in skin.h;
-// this file checks inputs, splits the work over threads and, for the reduction of
-// grad_transforms over vertices, fixes the summation order.
+// CPU implementation of the skin op family: skin (+ backward), one vertex per loop
+// iteration. The math is in skin.h; this file checks inputs, splits the work over threads
+// and, for the reduction of grad_transforms over vertices, fixes the summation order.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -12,6 +11,7 @@
 #include <cstring>
 #include <tuple>
 
+#include "cpu_isa.h"
 #include "skin/skin.h"
 #include "skin/skin_checks.h"
 
@@ -21,70 +21,8 @@ namespace {
 // Vertices per partial sum of grad_transforms. Fixed (not derived from the thread count)
 // so that the summation order, and so the result, is the same on every run and machine.
 constexpr int64_t kReduceChunk = 512;
-// Samples of the kinematic chain per task: one sample is about a microsecond of work.
-constexpr int64_t kChainGrain = 64;
 // Vertices per task of skin forward.
 constexpr int64_t kVertexGrain = 2048;
-
-std::tuple<at::Tensor, at::Tensor> rigid_transforms_cpu(const at::Tensor& pose_in,
-                                                        const at::Tensor& joints_in,
-                                                        const at::Tensor& parents) {
-  check_chain_inputs(pose_in, joints_in, c10::DeviceType::CPU);
-  check_parents(parents, pose_in);
-  const int64_t batch = pose_in.size(0), num_joints = pose_in.size(1);
-  const ParentTable table = read_parents(parents);
-  const at::Tensor pose = pose_in.contiguous(), joints = joints_in.contiguous();
-  at::Tensor transforms = at::empty({batch, num_joints, 4, 4}, pose.options());
-  at::Tensor pose_feature = at::empty({batch, 9 * (num_joints - 1)}, pose.options());
-  if (batch == 0) return {transforms, pose_feature};
-
-  AT_DISPATCH_FLOATING_TYPES(pose.scalar_type(), "rigid_transforms_cpu", [&] {
-    const scalar_t* p = pose.data_ptr<scalar_t>();
-    const scalar_t* jt = joints.data_ptr<scalar_t>();
-    scalar_t* out_t = transforms.data_ptr<scalar_t>();
-    scalar_t* out_f = pose_feature.data_ptr<scalar_t>();
-    const int nj = static_cast<int>(num_joints);
-    at::parallel_for(0, batch, kChainGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b)
-        rigid_transforms_sample<kMaxJoints>(p + b * 3 * nj, jt + b * 3 * nj, table.p, nj,
-                                            out_t + b * 16 * nj, out_f + b * 9 * (nj - 1));
-    });
-  });
-  return {transforms, pose_feature};
-}
-
-std::tuple<at::Tensor, at::Tensor> rigid_transforms_backward_cpu(
-    const at::Tensor& grad_transforms_in, const at::Tensor& grad_pose_feature_in,
-    const at::Tensor& pose_in, const at::Tensor& joints_in, const at::Tensor& parents) {
-  check_chain_inputs(pose_in, joints_in, c10::DeviceType::CPU);
-  check_parents(parents, pose_in);
-  check_chain_grads(grad_transforms_in, grad_pose_feature_in, pose_in);
-  const int64_t batch = pose_in.size(0), num_joints = pose_in.size(1);
-  const ParentTable table = read_parents(parents);
-  const at::Tensor pose = pose_in.contiguous(), joints = joints_in.contiguous();
-  const at::Tensor grad_t = grad_transforms_in.contiguous();
-  const at::Tensor grad_f = grad_pose_feature_in.contiguous();
-  at::Tensor grad_pose = at::empty({batch, num_joints, 3}, pose.options());
-  at::Tensor grad_joints = at::empty({batch, num_joints, 3}, pose.options());
-  if (batch == 0) return {grad_pose, grad_joints};
-
-  AT_DISPATCH_FLOATING_TYPES(pose.scalar_type(), "rigid_transforms_backward_cpu", [&] {
-    const scalar_t* p = pose.data_ptr<scalar_t>();
-    const scalar_t* jt = joints.data_ptr<scalar_t>();
-    const scalar_t* gt = grad_t.data_ptr<scalar_t>();
-    const scalar_t* gf = grad_f.data_ptr<scalar_t>();
-    scalar_t* gp = grad_pose.data_ptr<scalar_t>();
-    scalar_t* gj = grad_joints.data_ptr<scalar_t>();
-    const int nj = static_cast<int>(num_joints);
-    at::parallel_for(0, batch, kChainGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b)
-        rigid_transforms_backward_sample<kMaxJoints>(
-            gt + b * 16 * nj, gf + b * 9 * (nj - 1), p + b * 3 * nj, jt + b * 3 * nj, table.p,
-            nj, gp + b * 3 * nj, gj + b * 3 * nj);
-    });
-  });
-  return {grad_pose, grad_joints};
-}
 
 // Calls fn(b, v_begin, v_end) for the (sample, vertex) pairs of the flat range
 // [begin, end) of B * V, one contiguous vertex run per sample.
@@ -114,15 +52,10 @@ struct CpuRow<double> {
 };
 
 // The vertex loops are compiled twice: for the baseline ISA of the build, and for
-// AVX2 + FMA, chosen at run time (a wheel cannot assume AVX2; ~1.3x here, mostly from FMA).
-// -DFLAME_EXT_NO_AVX2 builds only the baseline path (to test it on an AVX2 machine).
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && !defined(FLAME_EXT_NO_AVX2)
+// AVX2 + FMA, chosen at run time (cpu_isa.h; ~1.3x here, mostly from FMA).
+#if defined(FLAME_EXT_ISA_TARGET_ATTRIBUTE)
 #define FLAME_SKIN_AVX2 1
-#define FLAME_TARGET_AVX2 __attribute__((target("avx2,fma")))
-bool cpu_has_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-}
+bool use_avx2() { return cpu_isa() >= Isa::kAvx2; }
 #else
 #define FLAME_SKIN_AVX2 0
 #endif
@@ -198,7 +131,7 @@ FLAME_TARGET_AVX2 void skin_backward_run_avx2(const scalar_t* gv, const scalar_t
 template <int kRows, typename scalar_t>
 auto pick_skin_run() {
 #if FLAME_SKIN_AVX2
-  if (cpu_has_avx2()) return &skin_run_avx2<kRows, scalar_t>;
+  if (use_avx2()) return &skin_run_avx2<kRows, scalar_t>;
 #endif
   return &skin_run<kRows, scalar_t>;
 }
@@ -206,7 +139,7 @@ auto pick_skin_run() {
 template <bool kHasGradT, typename scalar_t>
 auto pick_skin_backward_run() {
 #if FLAME_SKIN_AVX2
-  if (cpu_has_avx2()) return &skin_backward_run_avx2<kHasGradT, scalar_t>;
+  if (use_avx2()) return &skin_backward_run_avx2<kHasGradT, scalar_t>;
 #endif
   return &skin_backward_run<kHasGradT, scalar_t>;
 }
@@ -228,7 +161,7 @@ std::tuple<at::Tensor, at::Tensor> skin_cpu(const at::Tensor& v_posed_in,
                                             const at::Tensor& transforms_in,
                                             const at::Tensor& lbs_weights_in,
                                             bool write_vertex_transforms) {
-  check_skin_inputs(v_posed_in, transforms_in, lbs_weights_in, c10::DeviceType::CPU);
+  check_skin_inputs(v_posed_in, transforms_in, lbs_weights_in);
   const int64_t batch = v_posed_in.size(0), num_verts = v_posed_in.size(1);
   const int64_t num_joints = transforms_in.size(1);
   const at::Tensor v_posed = v_posed_in.contiguous(), transforms = transforms_in.contiguous();
@@ -240,13 +173,14 @@ std::tuple<at::Tensor, at::Tensor> skin_cpu(const at::Tensor& v_posed_in,
   if (batch == 0 || num_verts == 0) return {v, vertex_transforms};
 
   AT_DISPATCH_FLOATING_TYPES(v_posed.scalar_type(), "skin_cpu", [&] {
-    const scalar_t* vp = v_posed.data_ptr<scalar_t>();
-    const scalar_t* a = transforms.data_ptr<scalar_t>();
-    const scalar_t* w = lbs_weights.data_ptr<scalar_t>();
-    scalar_t* v_out = v.data_ptr<scalar_t>();
+    const scalar_t* vp = v_posed.const_data_ptr<scalar_t>();
+    const scalar_t* a = transforms.const_data_ptr<scalar_t>();
+    const scalar_t* w = lbs_weights.const_data_ptr<scalar_t>();
+    scalar_t* v_out = v.mutable_data_ptr<scalar_t>();
     const int nj = static_cast<int>(num_joints);
     if (write_vertex_transforms)
-      skin_loop<4>(vp, a, w, batch, num_verts, nj, v_out, vertex_transforms.data_ptr<scalar_t>());
+      skin_loop<4>(vp, a, w, batch, num_verts, nj, v_out,
+                   vertex_transforms.mutable_data_ptr<scalar_t>());
     else
       skin_loop<3>(vp, a, w, batch, num_verts, nj, v_out, static_cast<scalar_t*>(nullptr));
   });
@@ -287,7 +221,7 @@ std::tuple<at::Tensor, at::Tensor> skin_backward_cpu(
     const at::Tensor& grad_v_in, const std::optional<at::Tensor>& grad_vertex_transforms_in,
     const at::Tensor& v_posed_in, const at::Tensor& transforms_in,
     const at::Tensor& lbs_weights_in) {
-  check_skin_inputs(v_posed_in, transforms_in, lbs_weights_in, c10::DeviceType::CPU);
+  check_skin_inputs(v_posed_in, transforms_in, lbs_weights_in);
   check_skin_grads(grad_v_in, grad_vertex_transforms_in, v_posed_in);
   const int64_t batch = v_posed_in.size(0), num_verts = v_posed_in.size(1);
   const int64_t num_joints = transforms_in.size(1);
@@ -303,14 +237,14 @@ std::tuple<at::Tensor, at::Tensor> skin_backward_cpu(
   const int64_t chunks = (num_verts + kReduceChunk - 1) / kReduceChunk;
   at::Tensor partials = at::empty({batch, chunks, num_joints, 16}, v_posed.options());
   AT_DISPATCH_FLOATING_TYPES(v_posed.scalar_type(), "skin_backward_cpu", [&] {
-    const scalar_t* gvt_ptr = has_gvt ? gvt.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* gvt_ptr = has_gvt ? gvt.const_data_ptr<scalar_t>() : nullptr;
     const int nj = static_cast<int>(num_joints);
     // Without grad_vertex_transforms the bottom rows get no gradient: skip them.
     auto loop = has_gvt ? skin_backward_loop<true, scalar_t> : skin_backward_loop<false, scalar_t>;
-    loop(grad_v.data_ptr<scalar_t>(), gvt_ptr, v_posed.data_ptr<scalar_t>(),
-         transforms.data_ptr<scalar_t>(), lbs_weights.data_ptr<scalar_t>(), batch, num_verts,
-         nj, grad_v_posed.data_ptr<scalar_t>(), partials.data_ptr<scalar_t>(),
-         grad_transforms.data_ptr<scalar_t>());
+    loop(grad_v.const_data_ptr<scalar_t>(), gvt_ptr, v_posed.const_data_ptr<scalar_t>(),
+         transforms.const_data_ptr<scalar_t>(), lbs_weights.const_data_ptr<scalar_t>(), batch,
+         num_verts, nj, grad_v_posed.mutable_data_ptr<scalar_t>(),
+         partials.mutable_data_ptr<scalar_t>(), grad_transforms.mutable_data_ptr<scalar_t>());
   });
   return {grad_v_posed, grad_transforms};
 }
@@ -318,8 +252,6 @@ std::tuple<at::Tensor, at::Tensor> skin_backward_cpu(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(flame_ext, CPU, m) {
-  m.impl("rigid_transforms", &rigid_transforms_cpu);
-  m.impl("rigid_transforms_backward", &rigid_transforms_backward_cpu);
   m.impl("skin", &skin_cpu);
   m.impl("skin_backward", &skin_backward_cpu);
 }

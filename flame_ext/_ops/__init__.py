@@ -44,7 +44,7 @@ def _load() -> bool:
             else:
                 from flame_ext import _C  # noqa: F401  (loading registers the ops)
             # Fakes and autograd live beside each op family's Python wrapper.
-            from flame_ext._ops import blend, landmarks, skin  # noqa: F401
+            from flame_ext._ops import blend, landmarks, rigid_transforms, skin  # noqa: F401
 
             _loaded = True
         except Exception as exc:  # ImportError, OSError (undefined symbol), ...

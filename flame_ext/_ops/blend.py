@@ -7,8 +7,9 @@ the pose correctives (SPEC 3 steps 1 and 4) and the texture blend.
 
 This module also registers the fake kernels of `blend` and `blend_backward` (so
 `torch.compile(fullgraph=True)` traces them) and their autograd. Gradients reach every
-tensor argument: coeffs and pose_coeffs through the `blend_backward` op, base by summing
-over the broadcast batch, dirs and pose_dirs through plain matrix products (they are model
+tensor argument: coeffs and pose_coeffs through the `blend_backward` op (`blend_grads`),
+base by summing over the broadcast batch (`blend_base_grad`; the fused node of lbs.py
+calls both too), dirs and pose_dirs through plain matrix products (they are model
 constants in the decoders, so that path is never hot). `blend` is linear in coeffs, so the
 backward of `blend_backward` is again a blend: double backward (and higher) works.
 """
@@ -92,6 +93,32 @@ def blend_unchecked(base, dirs, coeffs, pose_dirs=None, pose_coeffs=None) -> tor
     return _ops.blend(base, dirs, coeffs, pose_dirs, pose_coeffs)
 
 
+def blend_grads(grad, dirs, pose_dirs, need_coeffs: bool, need_pose_coeffs: bool):
+    """(grad_coeffs, grad_pose_coeffs) from the gradient (B, N) of blend's output.
+
+    Each is None unless asked for. pose_dirs is (P, N) or empty, as the op takes it.
+    """
+    grad_coeffs, grad_pose_coeffs = _ops.blend_backward(
+        grad, dirs, pose_dirs, need_coeffs, need_pose_coeffs
+    )
+    return (grad_coeffs if need_coeffs else None), (
+        grad_pose_coeffs if need_pose_coeffs else None
+    )
+
+
+def blend_base_grad(grad: torch.Tensor, base_dim: int, base_rows: int) -> torch.Tensor:
+    """The gradient of blend's base from the gradient (B, N) of its output.
+
+    The base is (N,) (base_dim 1) or (base_rows, N) with base_rows 1 or B: its gradient is
+    summed over the batch it was broadcast along.
+    """
+    if base_dim == 1:
+        return grad.sum(0)
+    if base_rows == 1:
+        return grad.sum(0, keepdim=True)
+    return grad
+
+
 def _pose_count(pose_dirs: torch.Tensor, n: int) -> int:
     """P as the kernels read it: pose_dirs (P, N), or any empty tensor for P = 0."""
     if pose_dirs.dim() == 2 and pose_dirs.shape[1] == n:
@@ -133,18 +160,11 @@ def _blend_backward(ctx, grad):
     need_base, need_dirs, need_coeffs, need_pose_dirs, need_pose_coeffs = ctx.needs_input_grad
     grad_base = grad_dirs = grad_coeffs = grad_pose_dirs = grad_pose_coeffs = None
     if need_coeffs or need_pose_coeffs:
-        grad_coeffs, grad_pose_coeffs = _ops.blend_backward(
+        grad_coeffs, grad_pose_coeffs = blend_grads(
             grad, dirs, pose_dirs, need_coeffs, need_pose_coeffs
         )
-        grad_coeffs = grad_coeffs if need_coeffs else None
-        grad_pose_coeffs = grad_pose_coeffs if need_pose_coeffs else None
     if need_base:
-        if ctx.base_dim == 1:
-            grad_base = grad.sum(0)
-        elif ctx.base_rows == 1:
-            grad_base = grad.sum(0, keepdim=True)
-        else:
-            grad_base = grad
+        grad_base = blend_base_grad(grad, ctx.base_dim, ctx.base_rows)
     # Matrix products in torch: dirs and pose_dirs are model constants in the decoders, so
     # these only run when a caller fits the bases themselves.
     if need_dirs:

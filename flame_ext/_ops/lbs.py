@@ -2,12 +2,13 @@
 
 FlameShape on the compiled ops is blend (joints) -> rigid_transforms -> blend (shape,
 expression and pose correctives) -> skin. Each op has its autograd registered through
-`torch.library.register_autograd` (flame_ext/_ops/{blend,skin}.py), which is what
-`torch.compile` traces and what opcheck checks. In eager mode that registration costs a
-trip through Python per op and per direction: at batch size 1 on a GPU, where each kernel
-takes a few microseconds, it is most of the time of a decode. `FusedLbs` calls the same
-ops below the autograd dispatch key, saves what their backward ops need, and runs those
-backward ops in one Python backward: the same kernels, one autograd node.
+`torch.library.register_autograd` (flame_ext/_ops/{blend,rigid_transforms,skin}.py), which
+is what `torch.compile` traces and what opcheck checks. In eager mode that registration
+costs a trip through Python per op and per direction: at batch size 1 on a GPU, where each
+kernel takes a few microseconds, it is most of the time of a decode. `FusedLbs` calls the
+same ops below the autograd dispatch key, saves what their backward ops need, and chains
+the families' own backward functions (`skin_grads`, `blend_grads`, `blend_base_grad`,
+`rigid_transforms_grads`) in one Python backward: the same kernels, one autograd node.
 
 `lbs(...)` takes this path when it can (eager mode, model tables that need no gradient)
 and otherwise returns None, telling the caller to run the four ops one by one.
@@ -20,17 +21,12 @@ from typing import Optional, Tuple
 import torch
 from torch.autograd.function import once_differentiable
 
+from .blend import blend_base_grad, blend_grads
+from .rigid_transforms import rigid_transforms_grads
+from .skin import skin_grads
+
 _ops = torch.ops.flame_ext
 _below_autograd = torch._C._AutoDispatchBelowAutograd
-
-
-def _sum_to(grad: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """The gradient of a blend base (N,), (1, N) or (B, N) from the (B, N) output's."""
-    if base.dim() == 1:
-        return grad.sum(0)
-    if base.shape[0] == 1:
-        return grad.sum(0, keepdim=True)
-    return grad
 
 
 class FusedLbs(torch.autograd.Function):
@@ -74,36 +70,33 @@ class FusedLbs(torch.autograd.Function):
         need_v_base, _, need_j_base, _, need_coeffs, need_pose = ctx.needs_input_grad[:6]
         need_chain = need_pose or need_coeffs or need_j_base
         batch = pose.shape[0]
-        if not ctx.want_vertex_transforms:
-            grad_vertex_transforms = None
-        if grad_v is None:
-            grad_v = torch.zeros_like(v_posed)
         grad_v_base = grad_j_base = grad_coeffs = grad_pose = None
         with _below_autograd():
-            grad_v_posed, grad_from_skin = _ops.skin_backward.default(
-                grad_v, grad_vertex_transforms, v_posed, transforms, lbs_weights
+            grad_v_posed, grad_from_skin = skin_grads(
+                grad_v, grad_vertex_transforms, v_posed, transforms, lbs_weights,
+                ctx.want_vertex_transforms,
             )
             grad_v_posed = grad_v_posed.view(batch, v_dirs.shape[0])
             if need_v_base:
-                grad_v_base = _sum_to(grad_v_posed, v_base)
+                grad_v_base = blend_base_grad(grad_v_posed, v_base.dim(), v_base.shape[0])
             if need_chain:
-                grad_coeffs, grad_pose_feature = _ops.blend_backward.default(
+                grad_coeffs, grad_pose_feature = blend_grads(
                     grad_v_posed, v_dirs, pose_dirs, need_coeffs, True
                 )
                 if grad_transforms is not None:
                     grad_from_skin = grad_from_skin + grad_transforms
-                grad_pose, grad_joints = _ops.rigid_transforms_backward.default(
+                grad_pose, grad_joints = rigid_transforms_grads(
                     grad_from_skin, grad_pose_feature, pose, joints, parents
                 )
                 grad_joints = grad_joints.view(batch, j_dirs.shape[0])
                 if need_j_base:
-                    grad_j_base = _sum_to(grad_joints, j_base)
+                    grad_j_base = blend_base_grad(grad_joints, j_base.dim(), j_base.shape[0])
                 if need_coeffs:
-                    grad_coeffs = grad_coeffs + _ops.blend_backward.default(
+                    grad_coeffs = grad_coeffs + blend_grads(
                         grad_joints, j_dirs, no_pose_dirs, True, False
                     )[0]
         return (
-            grad_v_base, None, grad_j_base, None, grad_coeffs if need_coeffs else None,
+            grad_v_base, None, grad_j_base, None, grad_coeffs,
             grad_pose if need_pose else None, None, None, None, None,
         )
 

@@ -1,12 +1,12 @@
-"""Python side of the skin op family: the kinematic chain and linear blend skinning.
+"""Python side of the skin op family: linear blend skinning.
 
-`rigid_transforms(pose, joints, parents)` and `skin(v_posed, transforms, lbs_weights,
-write_vertex_transforms)` check their arguments (ValueError / TypeError naming the
-argument) and call `torch.ops.flame_ext.{rigid_transforms, skin}`. This module also
-registers the fake kernels of the four ops (so `torch.compile(fullgraph=True)` traces
-them) and their autograd: gradients reach pose, joints, v_posed, transforms and
-lbs_weights through the hand-written backward ops (lbs_weights through a torch
-expression, see `_skin_backward`). Double backward is not supported.
+`skin(v_posed, transforms, lbs_weights, write_vertex_transforms)` checks its arguments
+(ValueError / TypeError naming the argument) and calls `torch.ops.flame_ext.skin`. This
+module also registers the fake kernels of `skin` and `skin_backward` (so
+`torch.compile(fullgraph=True)` traces them) and their autograd: gradients reach v_posed
+and transforms through the hand-written backward op (`skin_grads`, which the fused node of
+lbs.py calls too) and lbs_weights through a torch expression (see `_skin_backward`).
+Double backward is not supported.
 """
 
 from __future__ import annotations
@@ -16,51 +16,9 @@ from typing import Optional, Tuple
 import torch
 
 from .._checks import check_same, check_tensor
-
-# kMaxJoints of csrc/common.h: the kernels keep per-joint state in fixed-size arrays.
-MAX_JOINTS = 16
+from .rigid_transforms import MAX_JOINTS
 
 _ops = torch.ops.flame_ext
-
-
-def _check_parents(parents, n_joints: int, device: torch.device) -> None:
-    check_tensor("parents", parents, shape=(n_joints,), dtype=torch.int64)
-    if parents.device.type != "cpu" and parents.device != device:
-        raise ValueError(
-            f"parents must be on the CPU or on {device} (the device of pose), "
-            f"got {parents.device}"
-        )
-    # Reading a CPU tensor is free; a CUDA one would synchronise, so the kernel guards
-    # it instead (an invalid tree gives NaN there). Under tracing the values are unknown:
-    # the CPU kernel checks them when it runs.
-    if parents.device.type != "cpu" or torch.compiler.is_compiling():
-        return
-    values = parents.tolist()
-    if values[0] != -1 or any(not 0 <= p < j for j, p in enumerate(values) if j > 0):
-        raise ValueError(
-            f"parents must have parents[0] = -1 and 0 <= parents[j] < j, got {values}"
-        )
-
-
-def rigid_transforms(
-    pose: torch.Tensor, joints: torch.Tensor, parents: torch.Tensor
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The kinematic chain (SPEC 3 steps 3-5), as flame_ext.reference.rigid_transforms.
-
-    pose (B, J, 3) axis-angle, joints (B, J, 3), parents (J,) int64 on the CPU or on the
-    device of pose, with parents[0] = -1 and 0 <= parents[j] < j; 1 <= J <= 16.
-    Returns transforms (B, J, 4, 4) and pose_feature (B, 9 (J - 1)). Differentiable
-    w.r.t. pose and joints.
-    """
-    check_tensor("pose", pose, ndim=3, floating=True)
-    batch, n_joints = pose.shape[:2]
-    check_tensor("pose", pose, shape=(batch, n_joints, 3))
-    if not 1 <= n_joints <= MAX_JOINTS:
-        raise ValueError(f"pose must have 1 to {MAX_JOINTS} joints (dim 1), got {n_joints}")
-    check_tensor("joints", joints, shape=(batch, n_joints, 3))
-    check_same("joints", joints, pose, "pose")
-    _check_parents(parents, n_joints, pose.device)
-    return _ops.rigid_transforms(pose, joints, parents)
 
 
 def skin(
@@ -98,32 +56,33 @@ def skin(
 
 # The decoders' hot path: their arguments are checked where they enter or are the
 # module's buffers, and the C++ ops validate shapes again (see blend.blend_unchecked).
-rigid_transforms_unchecked = _ops.rigid_transforms
-
-
 def skin_unchecked(v_posed, transforms, lbs_weights, write_vertex_transforms=True):
     """`skin` without the Python argument checks."""
     v, vertex_transforms = _ops.skin(v_posed, transforms, lbs_weights, write_vertex_transforms)
     return v, (vertex_transforms if write_vertex_transforms else None)
 
 
+def skin_grads(
+    grad_v: Optional[torch.Tensor],
+    grad_vertex_transforms: Optional[torch.Tensor],
+    v_posed: torch.Tensor,
+    transforms: torch.Tensor,
+    lbs_weights: torch.Tensor,
+    write_vertex_transforms: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(grad_v_posed, grad_transforms) from the gradients of skin's outputs.
+
+    Either gradient may be None (an output nobody used); grad_vertex_transforms is
+    ignored when the forward did not write vertex_transforms.
+    """
+    if not write_vertex_transforms:
+        grad_vertex_transforms = None
+    if grad_v is None:
+        grad_v = torch.zeros_like(v_posed)
+    return _ops.skin_backward(grad_v, grad_vertex_transforms, v_posed, transforms, lbs_weights)
+
+
 # Fake kernels: shapes, dtypes and devices of the outputs, for tracing.
-
-
-@torch.library.register_fake("flame_ext::rigid_transforms")
-def _rigid_transforms_fake(pose, joints, parents):
-    batch, n_joints = pose.shape[:2]
-    return (
-        pose.new_empty((batch, n_joints, 4, 4)),
-        pose.new_empty((batch, 9 * (n_joints - 1))),
-    )
-
-
-@torch.library.register_fake("flame_ext::rigid_transforms_backward")
-def _rigid_transforms_backward_fake(grad_transforms, grad_pose_feature, pose, joints, parents):
-    return torch.empty_like(pose, memory_format=torch.contiguous_format), torch.empty_like(
-        pose, memory_format=torch.contiguous_format
-    )
 
 
 @torch.library.register_fake("flame_ext::skin")
@@ -146,19 +105,6 @@ def _skin_backward_fake(grad_v, grad_vertex_transforms, v_posed, transforms, lbs
 # Autograd.
 
 
-def _rigid_transforms_setup(ctx, inputs, output):
-    pose, joints, parents = inputs
-    ctx.save_for_backward(pose, joints, parents)
-
-
-def _rigid_transforms_backward(ctx, grad_transforms, grad_pose_feature):
-    pose, joints, parents = ctx.saved_tensors
-    grad_pose, grad_joints = _ops.rigid_transforms_backward(
-        grad_transforms, grad_pose_feature, pose, joints, parents
-    )
-    return grad_pose, grad_joints, None
-
-
 def _skin_setup(ctx, inputs, output):
     v_posed, transforms, lbs_weights, write_vertex_transforms = inputs
     ctx.save_for_backward(v_posed, transforms, lbs_weights)
@@ -174,8 +120,9 @@ def _skin_backward(ctx, grad_v, grad_vertex_transforms):
         grad_vertex_transforms = None
     if grad_v is None:
         grad_v = torch.zeros_like(v_posed)
-    grad_v_posed, grad_transforms = _ops.skin_backward(
-        grad_v, grad_vertex_transforms, v_posed, transforms, lbs_weights
+    grad_v_posed, grad_transforms = skin_grads(
+        grad_v, grad_vertex_transforms, v_posed, transforms, lbs_weights,
+        ctx.write_vertex_transforms,
     )
     grad_weights = None
     if ctx.needs_input_grad[2]:
@@ -191,26 +138,17 @@ def _skin_backward(ctx, grad_v, grad_vertex_transforms):
     return grad_v_posed, grad_transforms, grad_weights, None
 
 
-def _no_double_backward(op: str):
-    def backward(ctx, *grads):
-        raise RuntimeError(f"double backward through flame_ext::{op} is not supported")
-
-    return backward
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("double backward through flame_ext::skin_backward is not supported")
 
 
-torch.library.register_autograd(
-    "flame_ext::rigid_transforms",
-    _rigid_transforms_backward,
-    setup_context=_rigid_transforms_setup,
-)
-torch.library.register_autograd(
-    "flame_ext::skin", _skin_backward, setup_context=_skin_setup
-)
 def _no_setup(ctx, inputs, output):
     pass
 
 
-for _op in ("rigid_transforms_backward", "skin_backward"):
-    torch.library.register_autograd(
-        f"flame_ext::{_op}", _no_double_backward(_op), setup_context=_no_setup
-    )
+torch.library.register_autograd(
+    "flame_ext::skin", _skin_backward, setup_context=_skin_setup
+)
+torch.library.register_autograd(
+    "flame_ext::skin_backward", _no_double_backward, setup_context=_no_setup
+)

@@ -3,9 +3,13 @@
 #pragma once
 
 #include <cstdint>
+#include <tuple>
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
+
+#include "common.h"
 
 namespace flame_ext {
 namespace blend {
@@ -34,11 +38,6 @@ inline int64_t pose_count(const at::Tensor& pose_dirs, int64_t N) {
   return 0;
 }
 
-inline void check_float(const at::Tensor& x, const char* name) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, "blend: ", name,
-              " must be float32 or float64, got ", x.scalar_type());
-}
-
 inline void check_like(const at::Tensor& x, const char* name, const at::Tensor& like,
                        const char* like_name) {
   TORCH_CHECK(x.scalar_type() == like.scalar_type(), "blend: ", name, " has dtype ",
@@ -52,7 +51,7 @@ inline void check_like(const at::Tensor& x, const char* name, const at::Tensor& 
 inline Sizes check_forward(const at::Tensor& base, const at::Tensor& dirs,
                            const at::Tensor& coeffs, const at::Tensor& pose_dirs,
                            const at::Tensor& pose_coeffs) {
-  check_float(coeffs, "coeffs");
+  check_float(coeffs, "blend: coeffs");
   check_like(base, "base", coeffs, "coeffs");
   check_like(dirs, "dirs", coeffs, "coeffs");
   check_like(pose_dirs, "pose_dirs", coeffs, "coeffs");
@@ -86,7 +85,7 @@ inline Sizes check_forward(const at::Tensor& base, const at::Tensor& dirs,
 // (P, N) or empty.
 inline Sizes check_backward(const at::Tensor& grad_out, const at::Tensor& dirs,
                             const at::Tensor& pose_dirs) {
-  check_float(grad_out, "grad_out");
+  check_float(grad_out, "blend: grad_out");
   check_like(dirs, "dirs", grad_out, "grad_out");
   check_like(pose_dirs, "pose_dirs", grad_out, "grad_out");
   TORCH_CHECK(grad_out.dim() == 2, "blend_backward: grad_out must be (B, N), got ",
