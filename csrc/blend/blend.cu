@@ -4,11 +4,11 @@
 //
 // Small batches run the hand kernels. Large batches: the product is a real GEMM and
 // cuBLAS (at::addmm / at::mm) is the right tool; a hand-written kernel would be a slower
-// GEMM. Two exceptions keep the hand kernels (deterministic, full fp32 at any batch):
-// torch.use_deterministic_algorithms (ATen's CUDA GEMM raises there unless
-// CUBLAS_WORKSPACE_CONFIG is set), and a batch too large for one launch's grid.y (the GEMM
-// handles any size). With TF32 enabled (torch.backends.cuda.matmul.allow_tf32, off by
-// default) the cuBLAS path follows it.
+// GEMM. Under torch.use_deterministic_algorithms the hand kernels serve every batch
+// (deterministic, full fp32; ATen's CUDA GEMM raises there unless CUBLAS_WORKSPACE_CONFIG
+// is set, which the CPU op does not ask for), in slices of the batch that fit the grid.
+// With TF32 enabled (torch.backends.cuda.matmul.allow_tf32, off by default) the cuBLAS
+// path follows it.
 //
 // Every launch is asynchronous on the current stream, allocates through the caching
 // allocator and never reads device memory on the host: CUDA-graph capturable.
@@ -45,7 +45,7 @@ at::Tensor blend_cuda(const at::Tensor& base_in, const at::Tensor& dirs_in,
   if (B == 0 || N == 0) return at::empty({B, N}, coeffs_in.options());
 
   const DeviceLimits limits = device_limits();
-  if (blend_use_gemm(B, at::globalContext().deterministicAlgorithms(), limits)) {
+  if (blend_use_gemm(B, at::globalContext().deterministicAlgorithms())) {
     at::Tensor out = at::addmm(base_in, coeffs_in, dirs_in.t());
     if (P > 0) out.addmm_(pose_coeffs_in, pose_dirs_in);
     return out;
@@ -67,10 +67,18 @@ at::Tensor blend_cuda(const at::Tensor& base_in, const at::Tensor& dirs_in,
     const scalar_t* pose_coeffs_ptr = P > 0 ? pose_coeffs.const_data_ptr<scalar_t>() : nullptr;
     with_tile_samples(tile_samples(B), [&](auto tile) {
       constexpr int kS = decltype(tile)::value;
-      launch(blend_forward_plan<kS>(B, N, limits), stream, &blend_forward_kernel<scalar_t, kS>,
-             base.const_data_ptr<scalar_t>(), base_stride, dirs.const_data_ptr<scalar_t>(),
-             dirs_stride, coeffs.const_data_ptr<scalar_t>(), pose_dirs_ptr, pose_stride,
-             pose_coeffs_ptr, out.mutable_data_ptr<scalar_t>(), B, N, K, P);
+      // Slices of the batch, each within the grid (one slice but for huge batches).
+      const int64_t slice = blend_forward_slice(kS, limits);
+      for (int64_t b0 = 0; b0 < B; b0 += slice) {
+        const int64_t Bs = std::min(slice, B - b0);
+        launch(blend_forward_plan<kS>(Bs, N, limits), stream,
+               &blend_forward_kernel<scalar_t, kS>,
+               base.const_data_ptr<scalar_t>() + b0 * base_stride, base_stride,
+               dirs.const_data_ptr<scalar_t>(), dirs_stride,
+               coeffs.const_data_ptr<scalar_t>() + b0 * K, pose_dirs_ptr, pose_stride,
+               P > 0 ? pose_coeffs_ptr + b0 * P : nullptr,
+               out.mutable_data_ptr<scalar_t>() + b0 * N, Bs, N, K, P);
+      }
     });
   });
   return out;
@@ -99,7 +107,7 @@ std::tuple<at::Tensor, at::Tensor> blend_backward_cuda(const at::Tensor& grad_ou
   }
 
   const DeviceLimits limits = device_limits();
-  if (blend_use_gemm(B, at::globalContext().deterministicAlgorithms(), limits)) {
+  if (blend_use_gemm(B, at::globalContext().deterministicAlgorithms())) {
     if (do_coeffs) at::mm_out(grad_coeffs, grad_out_in, dirs_in);
     if (do_pose) at::mm_out(grad_pose, grad_out_in, pose_dirs_in.t());
     return {grad_coeffs, grad_pose};
@@ -108,36 +116,41 @@ std::tuple<at::Tensor, at::Tensor> blend_backward_cuda(const at::Tensor& grad_ou
   const at::Tensor grad_out = grad_out_in.contiguous();
   const at::Tensor dirs = blend::rows_readable(dirs_in);
   const at::Tensor pose_dirs = P > 0 ? blend::rows_readable(pose_dirs_in) : pose_dirs_in;
-  const BackwardChunks chunks = blend_backward_chunks(B, N, K, P, limits);
   const auto options = grad_out.options();
-  const at::Tensor partial_coeffs =
-      do_coeffs ? at::empty({chunks.count, B, K}, options) : at::Tensor();
-  const at::Tensor partial_pose =
-      do_pose ? at::empty({chunks.count, B, P}, options) : at::Tensor();
 
   AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), "flame_ext::blend_backward", [&] {
-    const scalar_t* grad_ptr = grad_out.const_data_ptr<scalar_t>();
     with_tile_samples(tile_samples(B), [&](auto tile) {
       constexpr int kS = decltype(tile)::value;
-      if (do_coeffs)
-        launch(adjoint_coeffs_plan<kS>(B, K, chunks, limits), stream,
-               &adjoint_coeffs_kernel<scalar_t, kS>, grad_ptr, dirs.const_data_ptr<scalar_t>(),
-               blend::row_stride(dirs), partial_coeffs.mutable_data_ptr<scalar_t>(), B, N, K,
-               chunks.rows);
-      if (do_pose)
-        launch(adjoint_pose_plan<kS>(B, P, chunks, limits), stream,
-               &adjoint_pose_kernel<scalar_t, kS>, grad_ptr,
-               pose_dirs.const_data_ptr<scalar_t>(), blend::row_stride(pose_dirs),
-               partial_pose.mutable_data_ptr<scalar_t>(), B, N, P, chunks.rows);
+      // Slices of the batch (one but for huge batches), each with its own workspace of
+      // partial sums over row chunks, reduced in chunk order: the same bits on every run.
+      const int64_t slice = blend_backward_slice(kS, do_coeffs ? K : 0, do_pose ? P : 0, limits);
+      for (int64_t b0 = 0; b0 < B; b0 += slice) {
+        const int64_t Bs = std::min(slice, B - b0);
+        const scalar_t* grad_ptr = grad_out.const_data_ptr<scalar_t>() + b0 * N;
+        const BackwardChunks chunks = blend_backward_chunks(Bs, N, K, P, limits);
+        auto reduce = [&](const at::Tensor& partial, scalar_t* result, int64_t width) {
+          const int64_t count = Bs * width;
+          launch(sum_chunks_plan(count, limits), stream, &sum_chunks_kernel<scalar_t>,
+                 partial.const_data_ptr<scalar_t>(), chunks.count, count, result);
+        };
+        if (do_coeffs) {
+          const at::Tensor partial = at::empty({chunks.count, Bs, K}, options);
+          launch(adjoint_coeffs_plan<kS>(Bs, K, chunks, limits), stream,
+                 &adjoint_coeffs_kernel<scalar_t, kS>, grad_ptr, dirs.const_data_ptr<scalar_t>(),
+                 blend::row_stride(dirs), partial.mutable_data_ptr<scalar_t>(), Bs, N, K,
+                 chunks.rows);
+          reduce(partial, grad_coeffs.mutable_data_ptr<scalar_t>() + b0 * K, K);
+        }
+        if (do_pose) {
+          const at::Tensor partial = at::empty({chunks.count, Bs, P}, options);
+          launch(adjoint_pose_plan<kS>(Bs, P, chunks, limits), stream,
+                 &adjoint_pose_kernel<scalar_t, kS>, grad_ptr,
+                 pose_dirs.const_data_ptr<scalar_t>(), blend::row_stride(pose_dirs),
+                 partial.mutable_data_ptr<scalar_t>(), Bs, N, P, chunks.rows);
+          reduce(partial, grad_pose.mutable_data_ptr<scalar_t>() + b0 * P, P);
+        }
+      }
     });
-    auto reduce = [&](const at::Tensor& partial, at::Tensor& result) {
-      const int64_t count = result.numel();
-      launch(sum_chunks_plan(count, limits), stream, &sum_chunks_kernel<scalar_t>,
-             partial.const_data_ptr<scalar_t>(), chunks.count, count,
-             result.mutable_data_ptr<scalar_t>());
-    };
-    if (do_coeffs) reduce(partial_coeffs, grad_coeffs);
-    if (do_pose) reduce(partial_pose, grad_pose);
   });
   return {grad_coeffs, grad_pose};
 }

@@ -248,13 +248,23 @@ void with_tile_samples(int s, F&& f) {
 }
 
 // Whether batch B goes to cuBLAS rather than the hand kernels: above kSmallBatch, unless
-// torch.use_deterministic_algorithms is on (`deterministic`) and the batch's tiles fit
-// the grid's y and z dimensions.
-inline bool blend_use_gemm(int64_t B, bool deterministic, const DeviceLimits& limits) {
-  if (B <= kSmallBatch) return false;
-  const int64_t tiles = ceil_div(B, kMaxTileSamples);
-  const bool fits_grid = tiles <= limits.max_grid_y && tiles <= limits.max_grid_z;
-  return !(deterministic && fits_grid);
+// torch.use_deterministic_algorithms is on (`deterministic`): then the hand kernels serve
+// every batch, in slices of at most blend_batch_slice samples per launch.
+inline bool blend_use_gemm(int64_t B, bool deterministic) {
+  return B > kSmallBatch && !deterministic;
+}
+
+// Samples per launch of the hand kernels with tiles of S samples: as many tiles as the
+// grid's y (forward) or z (backward) dimension holds; the backward also keeps its
+// (chunks, slice, max(K, P)) workspace within kMaxWorkspace values with at least two
+// chunks of rows.
+inline int64_t blend_forward_slice(int S, const DeviceLimits& limits) {
+  return S * limits.max_grid_y;
+}
+
+inline int64_t blend_backward_slice(int S, int64_t K, int64_t P, const DeviceLimits& limits) {
+  const int64_t by_workspace = kMaxWorkspace / (2 * std::max<int64_t>({K, P, 1})) / S * S;
+  return std::max<int64_t>(S, std::min<int64_t>(S * limits.max_grid_z, by_workspace));
 }
 
 // blend_forward_kernel<T, S>: x over blocks of kForwardWarps warps of R rows, y over tiles
