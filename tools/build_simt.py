@@ -58,8 +58,8 @@ PLANTED = (
             r"v\[0\] \+= __shfl_xor_sync\(0xffffffffu, v\[0\], offset\);",
             "v[0] += __shfl_xor_sync(0x7fffffffu, v[0], offset);", 1,
             "the blend forward's butterfly leaves lane 31 out of the mask it calls with"),
-    Planted("oversized_block", "landmarks", r"\bkBackwardThreads\b(?=\s*,\s*0\s*\})",
-            "8 * kBackwardThreads", 1,
+    Planted("oversized_block", "landmarks", r"dim3\(kBackwardThreads\)\}",
+            "dim3(8 * kBackwardThreads)}", 1,
             "the landmarks backward plan asks for a block over CUDA's 1024 threads"),
 )
 
