@@ -246,12 +246,13 @@ def test_decoders_pickle_and_run_where_no_constructor_ran(monkeypatch):
     process where no decoder constructor prepared the compiled-op step table."""
     import pickle
 
-    from flame_ext import FlameShapeLandmark, decoders
+    from flame_ext import FlameShapeLandmark, _backend
 
     modules = [_shape("ext"), _landmark(backend="ext"), FlameTex(SMALL, n_tex=3, backend="ext"),
                FlameShapeLandmark(6, 4, model_path=SMALL, backend="ext", device="cpu")]
     blobs = [pickle.dumps(m) for m in modules]
-    monkeypatch.setattr(decoders, "_STEPS", {"reference": decoders._STEPS["reference"]})
+    monkeypatch.setattr(_backend, "_STEPS", {"reference": _backend._STEPS["reference"]})
+    monkeypatch.setattr(_backend, "_AUTO", {})
     shape, landmark, texture, fit = (pickle.loads(b) for b in blobs)
     gen = torch.Generator().manual_seed(8)
     inputs = _random_inputs(shape, 2, gen)

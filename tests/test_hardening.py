@@ -35,7 +35,8 @@ import numpy as np
 import pytest
 import torch
 
-from flame_ext import FlameLandmark, FlameShape, FlameTex, _ops, decoders, reference, synthetic
+from flame_ext import FlameLandmark, FlameShape, FlameTex, _backend, _ops, decoders, reference
+from flame_ext import synthetic
 from flame_ext import io as fio
 from flame_ext.decoders import INPUT_NAMES
 
@@ -499,10 +500,10 @@ def test_extension_loading_and_fallback_warning_once(monkeypatch):
     results = _in_threads(lambda i: _ops.available(), 8)
     assert len(set(results)) == 1
     assert len(loads) == (1 if os.environ.get("FLAME_EXT_LIB") else 0)
-    monkeypatch.setattr(decoders, "_warned_no_ext", False)
+    monkeypatch.setattr(_backend, "_warned_no_ext", False)
     calls = []
     monkeypatch.setattr(warnings, "warn", lambda *a, **k: calls.append(a))
-    _in_threads(lambda i: decoders._warn_no_extension(), 8)
+    _in_threads(lambda i: _backend._warn_no_extension(), 8)
     assert len(calls) == 1
 
 

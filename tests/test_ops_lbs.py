@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from flame_ext import FlameLandmark, FlameShape, FlameShapeLandmark, FlameTex, load_flame_model
-from flame_ext.decoders import INPUT_NAMES, _kernels
+from flame_ext import _backend
+from flame_ext.decoders import INPUT_NAMES
 
 SMALL = "synthetic-small"
 
@@ -41,7 +42,7 @@ def _decode_both(module, values):
     """(fused, op-by-op) outputs of module's decode on the same inputs."""
     batch, gathered = module._gather_inputs(None, values)
     pose = torch.cat([gathered[n].expand(batch, -1) for n in INPUT_NAMES[2:]], dim=1)
-    ext = _kernels("ext")
+    ext = _backend.steps("ext")
     steps = SimpleNamespace(**{**vars(ext), "lbs": lambda *args: None})
     return (
         module._decode(ext, gathered["shape"], gathered["expr"], pose),
