@@ -3,21 +3,16 @@ fallback when the library is missing, and the decoders under torch.compile with 
 default arguments (backend='auto', the inductor backend), as users run them.
 """
 
+import os
 import warnings
 
 import pytest
 import torch
 
+from _process import in_threads
 from _samples import FULL, SMALL, flame_inputs
 from flame_ext import FlameLandmark, FlameShape, FlameShapeLandmark, FlameTex, _backend, _ops
 from flame_ext import build_info, load_flame_model
-
-
-@pytest.fixture
-def quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the synthetic-model notice
-        yield
 
 
 @pytest.fixture
@@ -66,7 +61,7 @@ def _outputs_and_grads(fn, leaves):
     return [o.detach() for o in outs], grads
 
 
-# --- the path each decoder takes ------------------------------------------------------------
+# --- the path each decoder takes ----------------------------------------------------------
 
 
 def test_every_decoder_has_its_ops_listed():
@@ -153,7 +148,31 @@ def test_fallback_without_the_library_warns_once_at_the_caller(ops, monkeypatch,
         FlameShape(n_shape, n_expr, device="cpu", model_path=SMALL, backend="ext")
 
 
-# --- torch.compile with the default arguments -------------------------------------------------
+def test_extension_loading_and_fallback_warning_once(monkeypatch):
+    """available() from many threads at once (the load state reset) loads the library
+    once and agrees; the 'compiled ops could not be loaded' warning is given once however
+    many threads hit it."""
+    loads = []
+    real_load_library = torch.ops.load_library
+
+    def counting_load_library(path):
+        loads.append(path)
+        real_load_library(path)  # the same library again: dlopen returns the loaded one
+
+    monkeypatch.setattr(torch.ops, "load_library", counting_load_library)
+    monkeypatch.setattr(_ops, "_loaded", None)
+    monkeypatch.setattr(_ops, "_error", None)
+    results = in_threads(lambda i: _ops.available(), 8)
+    assert len(set(results)) == 1
+    assert len(loads) == (1 if os.environ.get("FLAME_EXT_LIB") else 0)
+    monkeypatch.setattr(_backend, "_warned_no_ext", False)
+    calls = []
+    monkeypatch.setattr(warnings, "warn", lambda *a, **k: calls.append(a))
+    in_threads(lambda i: _backend._warn_no_extension(), 8)
+    assert len(calls) == 1
+
+
+# --- torch.compile with the default arguments ---------------------------------------------
 
 
 def test_compile_flame_shape_with_every_default(ops, device, fresh_dynamo, monkeypatch, quiet):
