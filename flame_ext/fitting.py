@@ -140,7 +140,7 @@ class FlameShapeLandmark(ParametricDecoder):
         # the subset exactly as on the mesh.
         static_faces = landmark.lmk_faces_idx.to(device)
         faces = static_faces
-        if landmark._dynamic:
+        if self._dynamic:
             dynamic_faces = landmark.dynamic_lmk_faces_idx.to(device)
             faces = torch.cat([static_faces, dynamic_faces.reshape(-1)])
         lmk_faces, face_slot = torch.unique(faces, return_inverse=True)
@@ -154,7 +154,7 @@ class FlameShapeLandmark(ParametricDecoder):
         self.register_buffer(
             "lmk_bary_coords", landmark.lmk_bary_coords.to(device, dtype), persistent=False
         )
-        if landmark._dynamic:
+        if self._dynamic:
             self.register_buffer(
                 "dynamic_lmk_faces_idx",
                 face_slot[n_static:].view(dynamic_faces.shape),
