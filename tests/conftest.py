@@ -107,6 +107,8 @@ def decoder_cache():
     300 + 100), 'landmark' (option: (lm_type, lm_dim, contour_rule)) or 'tex' (option:
     n_tex). Callers must not change the modules.
     """
+    from flame_ext import FlameLandmark, FlameShape, FlameTex
+
     cache = {}
 
     def get(kind, backend, dtype, device, option, model_path=SMALL):
@@ -126,7 +128,5 @@ def decoder_cache():
                     module = FlameTex(model_path, n_tex=option, backend=backend).to(device)
             cache[key] = module.to(dtype)
         return cache[key]
-
-    from flame_ext import FlameLandmark, FlameShape, FlameTex
 
     return get

@@ -111,9 +111,10 @@ def test_flame_tex_matches_reference(decoder_cache, device, case):
 # --- every device against the CPU reference (full-size model) -----------------------------
 
 
-def test_device_matches_cpu_reference(ops, device, decoder_cache):
+def test_device_matches_cpu_reference(ops, device, quiet):
     gen = torch.Generator().manual_seed(8)
-    cpu = decoder_cache("tex", "reference", F64, "cpu", 50, FULL)
-    module = decoder_cache("tex", "ext", F64, device, 50, FULL)
+    # built here, not cached: a float64 full-size basis is ~400 MB per module
+    cpu = FlameTex(model_path=FULL, n_tex=50, backend="reference").double()
+    module = FlameTex(model_path=FULL, n_tex=50, backend="ext").double().to(device)
     code = torch.randn(3, 50, generator=gen, dtype=torch.float64)
     torch.testing.assert_close(module(code.to(device)).cpu(), cpu(code))
