@@ -4,14 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _ops
-
-# The ops each decoder calls, to tell which path `backend='auto'` resolves to.
-_DECODER_OPS = {
-    "FlameShape": ("blend", "rigid_transforms", "skin"),
-    "FlameLandmark": ("landmarks",),
-    "FlameTex": ("blend",),
-}
+from . import _backend, _ops
 
 
 def build_info() -> dict:
@@ -20,10 +13,9 @@ def build_info() -> dict:
     Keys: ``extension_loaded`` and ``load_error``; ``cuda_compiled``, ``cuda_archs`` and
     ``built_with_torch`` (from the library); ``torch`` and ``cuda_available`` (now);
     ``kernels``: for every op, whether a CPU and a CUDA kernel is registered;
-    ``decoders``: for each decoder and device type, 'ext' or 'reference'.
+    ``decoders``: for each decoder and device type, the path ``backend='auto'`` takes
+    ('ext' or 'reference').
     """
-    from .decoders import resolve_backend
-
     config = _ops.build_config()
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     return {
@@ -38,7 +30,7 @@ def build_info() -> dict:
             op: {key: _ops.has_kernel(op, key) for key in ("CPU", "CUDA")} for op in _ops.OPS
         },
         "decoders": {
-            name: {device: resolve_backend("auto", device, ops) for device in devices}
-            for name, ops in _DECODER_OPS.items()
+            name: {device: _backend.resolve("auto", device, name) for device in devices}
+            for name in _backend.DECODER_OPS
         },
     }

@@ -2,127 +2,34 @@
 
 Each decoder keeps medusa's constructor arguments, buffer names and outputs, and adds a
 few keyword-only options (`model_path=`, `backend=`, and per decoder `transforms=` or
-`contour_rule=`). The computation goes through one of three interchangeable paths:
-
-- ``'ext'``: the compiled ops (flame_ext._ops), fused kernels with hand-written backward;
-- ``'reference'``: flame_ext.reference, the same decomposition in plain PyTorch;
-- ``'medusa'``: flame_ext.medusa_baseline, medusa's own algorithm (the benchmark baseline).
-
-``backend='auto'`` (the default) takes the compiled ops when they are loaded and have a
-kernel for the tensors' device, else the reference, warning once when the library is
+`contour_rule=`). The computation goes through one of three interchangeable paths, chosen
+by flame_ext._backend: ``'ext'`` (the compiled ops), ``'reference'`` (flame_ext.reference,
+plain PyTorch) or ``'medusa'`` (medusa's own algorithm, the benchmark baseline).
+``backend='auto'`` (the default) takes the compiled ops when they are loaded and have
+kernels for the tensors' device, else the reference, warning once when the library is
 missing.
 """
 
 from __future__ import annotations
 
-import threading
-import warnings
-from types import SimpleNamespace
 from typing import Optional
 
 import numpy as np
 import torch
 from torch import nn
 
-from . import _ops, medusa_baseline, reference
-from ._checks import FLOAT_DTYPES, check_count, check_tensor
+from . import _backend, medusa_baseline, reference
+from ._backend import CONTOUR_RULES
+from ._checks import check_count, check_tensor
+from ._parametric import INPUT_NAMES, POSE_NAMES, ParametricDecoder
 from .io import load_flame_model, load_landmark_embedding, load_texture_space
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-BACKENDS = ("auto", "ext", "reference", "medusa")
-POSE_NAMES = ("global_pose", "neck_pose", "jaw_pose", "eye_pose")
-INPUT_NAMES = ("shape", "expr") + POSE_NAMES
 TRANSFORMS = ("vertex", "joint", "none")
-CONTOUR_RULES = ("medusa", "deca")
 
-# Medusa's FlameTex output size (SPEC 2: nearest-neighbour resize to 256x256).
+# Medusa's FlameTex output size (a nearest-neighbour resize to 256x256).
 TEXTURE_SIZE = 256
-
-_warn_lock = threading.Lock()
-_warned_no_ext = False
-
-
-def _warn_no_extension() -> None:
-    global _warned_no_ext
-    with _warn_lock:
-        if _warned_no_ext:
-            return
-        _warned_no_ext = True
-    warnings.warn(
-        "flame_ext: the compiled ops could not be loaded "
-        f"({_ops.load_error()}); using the pure-PyTorch reference, which is slower. "
-        "Rebuild with `pip install --no-build-isolation .`.",
-        RuntimeWarning,
-        stacklevel=3,
-    )
-
-
-def _check_backend(backend: str) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "ext" and not _ops.available():
-        raise RuntimeError(
-            f"backend='ext' asked for, but the compiled ops did not load: {_ops.load_error()}"
-        )
-    if backend in ("auto", "ext"):
-        _prepare_ext_steps()
-    return backend
-
-
-def resolve_backend(backend: str, device_type: str, ops=("blend",)) -> str:
-    """The path a decoder takes for tensors on `device_type` ('cpu' or 'cuda')."""
-    if backend != "auto":
-        return backend
-    if not _ops.available():
-        _warn_no_extension()
-        return "reference"
-    key = "CUDA" if device_type == "cuda" else "CPU"
-    if all(_ops.has_kernel(op, key) for op in ops):
-        return "ext"
-    return "reference"
-
-
-# The step functions of each path, all with the reference's signatures. Looked up in a
-# plain dict that is filled before any forward runs (by _check_backend, in every
-# decoder's constructor): torch.compile then reads a constant instead of tracing the
-# construction, which would break the graph.
-_STEPS = {
-    "reference": SimpleNamespace(
-        lbs=lambda *args: None,  # no fused form: the reference runs the steps
-        blend=reference.blend,
-        rigid_transforms=reference.rigid_transforms,
-        skin=reference.skin,
-        landmarks=reference.landmarks,
-    )
-}
-
-
-def _prepare_ext_steps() -> None:
-    if "ext" in _STEPS or not _ops.available():
-        return
-    from ._ops import blend, landmarks, lbs, rigid_transforms, skin
-
-    # Unchecked entries: the decoders check what enters them, and the rest are their
-    # own buffers (the checks would cost as much as the kernels at B=1 on a GPU).
-    _STEPS["ext"] = SimpleNamespace(
-        lbs=lbs.lbs,
-        blend=blend.blend_unchecked,
-        rigid_transforms=rigid_transforms.rigid_transforms_unchecked,
-        skin=skin.skin_unchecked,
-        landmarks=landmarks.landmarks_unchecked,
-    )
-
-
-def _kernels(path: str) -> SimpleNamespace:
-    """The step functions of path 'ext' or 'reference'."""
-    steps = _STEPS.get(path)
-    if steps is None:
-        # a decoder whose constructor did not run in this process (unpickled, sent to a
-        # spawned worker) or whose backend was changed after construction
-        _prepare_ext_steps()
-        steps = _STEPS[path]
-    return steps
 
 
 def _rebuild_derived_buffers(module, _incompatible_keys) -> None:
@@ -136,112 +43,7 @@ def _as_tensor(array: np.ndarray, dtype=torch.float32) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array)).to(dtype)
 
 
-class _ParametricDecoder(nn.Module):
-    """FLAME parameters -> posed vertices: what FlameShape and FlameShapeLandmark share.
-
-    The input handling (medusa's inputs, parameters, broadcasting and error messages) and
-    the blend -> rigid transforms -> blend -> skinning pipeline. Subclasses define the
-    six parameters, ``parameters_``, ``n_shape``, ``transforms`` and the tables
-    ``v_template``, ``shape_dirs``, ``pose_dirs``, ``lbs_weights``, ``parents``,
-    ``_J_template``, ``_J_dirs`` (FlameShapeLandmark: restricted to a vertex subset).
-    """
-
-    def get_full_pose(self) -> torch.Tensor:
-        """cat([global_pose, neck_pose, jaw_pose, eye_pose], dim=1): (B, 15)."""
-        return torch.cat([self.global_pose, self.neck_pose, self.jaw_pose, self.eye_pose], dim=1)
-
-    def _gather_inputs(self, batch_size, inputs):
-        unknown = sorted(set(inputs) - set(INPUT_NAMES))
-        if unknown:
-            raise ValueError(f"unknown input(s) {unknown}; valid keys are {INPUT_NAMES}")
-        if not inputs and batch_size is None:
-            raise ValueError("Either inputs or batch_size must be provided!")
-        for name in INPUT_NAMES:
-            if name in inputs and name in self.parameters_:
-                raise ValueError(f"Parameter {name} is also part of inputs!")
-        like = self.v_template
-        if like.dtype not in FLOAT_DTYPES:
-            raise TypeError(
-                f"the model is {like.dtype}; {type(self).__name__} computes in float32 or "
-                "float64 (convert it with .float() or .double())"
-            )
-        for name, value in inputs.items():
-            dim = getattr(self, name).shape[1]
-            check_tensor(name, value, shape=(None, dim), floating=True)
-            if value.dtype != like.dtype:
-                raise TypeError(
-                    f"{name} has dtype {value.dtype} but the model is {like.dtype}; "
-                    "convert one of them (e.g. model.double())"
-                )
-            if value.device != like.device:
-                raise ValueError(f"{name} is on {value.device} but the model is on {like.device}")
-        if batch_size is None:
-            # medusa takes the first input's batch size; with batch-1 inputs broadcasting,
-            # the first one that is not 1 (the same wherever medusa works).
-            sizes = [value.shape[0] for value in inputs.values()]
-            batch_size = next((size for size in sizes if size != 1), sizes[0])
-        check_count("batch_size", batch_size, 0, 2**62)
-        values = {}
-        for name in INPUT_NAMES:
-            value = inputs[name] if name in inputs else getattr(self, name)
-            if value.shape[0] not in (1, batch_size):
-                source = "input" if name in inputs else "parameter"
-                raise ValueError(
-                    f"{source} {name} has batch size {value.shape[0]} but the batch size is "
-                    f"{batch_size}; it must be {batch_size} or 1"
-                )
-            if name not in inputs and (value.dtype != like.dtype or value.device != like.device):
-                # a parameter replaced or converted apart from the buffers
-                raise TypeError(
-                    f"parameter {name} is {value.dtype} on {value.device} but the model's "
-                    f"buffers are {like.dtype} on {like.device}; convert the whole module"
-                )
-            values[name] = value
-        return batch_size, values
-
-    def _decode(self, k, shape, expr, pose):
-        """SPEC 3 as blend -> rigid transforms -> blend with correctives -> skinning.
-
-        With one shape row for the whole batch (the fitting case) the identity is blended
-        once and only expression and pose run per sample.
-        """
-        batch_size, num_vertices = pose.shape[0], self.v_template.shape[0]
-        num_joints = self.parents.shape[0]
-        v_dirs = self.shape_dirs.view(num_vertices * 3, -1)
-        v_base, j_base = self.v_template.view(-1), self._J_template
-        j_dirs = self._J_dirs
-        if shape.shape[0] == 1 and batch_size > 1:
-            n = self.n_shape
-            v_base = k.blend(v_base, v_dirs[:, :n], shape)
-            j_base = k.blend(j_base, j_dirs[:, :n], shape)
-            v_dirs, j_dirs, coeffs = v_dirs[:, n:], j_dirs[:, n:], expr.expand(batch_size, -1)
-        else:
-            coeffs = torch.cat(
-                [shape.expand(batch_size, -1), expr.expand(batch_size, -1)], dim=1
-            )
-        pose = pose.view(batch_size, num_joints, 3)
-        tables = (self.pose_dirs, self.parents, self.lbs_weights)
-        want_vertex_transforms = self.transforms == "vertex"
-        # The compiled ops' single autograd node where it applies, else the four steps.
-        fused = k.lbs(v_base, v_dirs, j_base, j_dirs, coeffs, pose, *tables, want_vertex_transforms)
-        if fused is not None:
-            v, vertex_transforms, transforms = fused
-        else:
-            joints = k.blend(j_base, j_dirs, coeffs).view(batch_size, num_joints, 3)
-            transforms, pose_feature = k.rigid_transforms(pose, joints, self.parents)
-            v_posed = k.blend(v_base, v_dirs, coeffs, self.pose_dirs, pose_feature)
-            v, vertex_transforms = k.skin(
-                v_posed.view(batch_size, num_vertices, 3),
-                transforms,
-                self.lbs_weights,
-                want_vertex_transforms,
-            )
-        if want_vertex_transforms:
-            return v, vertex_transforms
-        return v, transforms if self.transforms == "joint" else None
-
-
-class FlameShape(_ParametricDecoder):
+class FlameShape(ParametricDecoder):
     """Generates FLAME meshes from shape, expression and pose parameters (medusa's API).
 
     Args:
@@ -251,7 +53,8 @@ class FlameShape(_ParametricDecoder):
             every other parameter is frozen. Kept as ``self.parameters_``.
         device: where the module lives (default ``flame_ext.DEVICE``).
         model_path: FLAME model file or directory, or 'synthetic' / 'synthetic-small';
-            None runs the discovery of SPEC section 4.
+            None runs flame_ext.io's discovery ($FLAME_EXT_DATA, then
+            ~/.medusa_ext_data/FLAME/).
         transforms: what ``forward`` returns as ``R``: 'vertex' (medusa's (B,V,4,4)
             per-vertex blended transforms, the default), 'joint' (the (B,J,4,4) per-joint
             transforms A_j, 1/1000 of the bytes) or 'none' (None).
@@ -272,7 +75,7 @@ class FlameShape(_ParametricDecoder):
         **init_parameters,
     ):
         super().__init__()
-        self.backend = _check_backend(backend)
+        self.backend = _backend.check_backend(backend)
         if transforms not in TRANSFORMS:
             raise ValueError(f"transforms must be one of {TRANSFORMS}, got {transforms!r}")
         if backend == "medusa" and transforms != "vertex":
@@ -330,7 +133,7 @@ class FlameShape(_ParametricDecoder):
         return value.detach().clone()
 
     def _register_derived(self) -> None:
-        """Precomputes joints = J_template + J_dirs . beta (SPEC 3 step 2, second form).
+        """Precomputes joints = J_template + J_dirs . beta (J_regressor applied to the basis).
 
         Derived from the buffers, so it is recomputed after load_state_dict; computed in
         float64 and stored in the buffers' dtype. Not part of the state_dict.
@@ -360,7 +163,7 @@ class FlameShape(_ParametricDecoder):
         """
         batch_size, values = self._gather_inputs(batch_size, inputs)
         pose = torch.cat([values[name].expand(batch_size, -1) for name in POSE_NAMES], dim=1)
-        path = resolve_backend(self.backend, self.v_template.device.type, ("blend", "skin"))
+        path = _backend.resolve(self.backend, self.v_template.device.type, "FlameShape")
         if path == "medusa":
             beta = torch.cat(
                 [values["shape"].expand(batch_size, -1), values["expr"].expand(batch_size, -1)],
@@ -370,10 +173,10 @@ class FlameShape(_ParametricDecoder):
                 beta, pose, self.v_template, self.shape_dirs, self.pose_dirs,
                 self.J_regressor, self.parents, self.lbs_weights,
             )
-        return self._decode(_kernels(path), values["shape"], values["expr"], pose)
+        return self._decode(_backend.steps(path), values["shape"], values["expr"], pose)
 
 
-class FlameLandmark(nn.Module):
+class FlameLandmark(_backend.DecoderModule):
     """Barycentric landmarks on FLAME meshes (medusa's API).
 
     Args:
@@ -405,7 +208,7 @@ class FlameLandmark(nn.Module):
             raise ValueError(f"lm_dim must be '2d' or '3d', got {lm_dim!r}")
         if contour_rule not in CONTOUR_RULES:
             raise ValueError(f"contour_rule must be one of {CONTOUR_RULES}, got {contour_rule!r}")
-        self.backend = _check_backend(backend)
+        self.backend = _backend.check_backend(backend)
         if backend == "medusa" and contour_rule != "medusa":
             raise ValueError("backend='medusa' implements contour_rule='medusa' only")
         self.lm_type, self.lm_dim, self.contour_rule = lm_type, lm_dim, contour_rule
@@ -465,12 +268,12 @@ class FlameLandmark(nn.Module):
         else:
             dynamic_faces = dynamic_bary = None
         bary = self.lmk_bary_coords.to(v.dtype)
-        path = resolve_backend(self.backend, v.device.type, ("landmarks",))
+        path = _backend.resolve(self.backend, v.device.type, "FlameLandmark")
         if path == "medusa":
             return medusa_baseline.landmarks(
                 v, poses, self.tris, self.lmk_faces_idx, bary, dynamic_faces, dynamic_bary
             )
-        return _kernels(path).landmarks(
+        return _backend.steps(path).landmarks(
             v, poses, self.tris, self.lmk_faces_idx, bary, dynamic_faces, dynamic_bary,
             self.contour_rule,
         )
@@ -485,7 +288,7 @@ def _chain_to_root(parents: np.ndarray, joint: int) -> list:
     return chain
 
 
-class FlameTex(nn.Module):
+class FlameTex(_backend.DecoderModule):
     """FLAME's linear albedo model (medusa's API): texcode (B, n_tex) -> (B, 3, 256, 256).
 
     Args:
@@ -503,7 +306,7 @@ class FlameTex(nn.Module):
 
     def __init__(self, model_path=None, n_tex: int = 50, *, backend: str = "auto"):
         super().__init__()
-        self.backend = _check_backend(backend)
+        self.backend = _backend.check_backend(backend)
         space = load_texture_space(model_path, n_tex)
         self.n_tex = space.basis.shape[1]
         self.height, self.width = space.height, space.width
@@ -528,10 +331,10 @@ class FlameTex(nn.Module):
             raise TypeError(f"texcode has dtype {texcode.dtype} but the model is {like.dtype}")
         if texcode.device != like.device:
             raise ValueError(f"texcode is on {texcode.device} but the model is on {like.device}")
-        path = resolve_backend(self.backend, texcode.device.type, ("blend",))
+        path = _backend.resolve(self.backend, texcode.device.type, "FlameTex")
         if path == "medusa":
             return medusa_baseline.texture(
                 self.texture_mean, self.texture_basis, texcode, self.height, self.width
             )
-        out = _kernels(path).blend(self._gathered_mean, self._gathered_basis, texcode)
+        out = _backend.steps(path).blend(self._gathered_mean, self._gathered_basis, texcode)
         return out.view(texcode.shape[0], 3, TEXTURE_SIZE, TEXTURE_SIZE)

@@ -13,8 +13,8 @@ runs FlameShape's pipeline on those vertices only:
   the joint basis J_regressor . [v_template | shape_dirs] that FlameShape precomputes.
 - per call: blend (joints) -> rigid_transforms -> blend with pose correctives (U) ->
   skin (U, no per-vertex transforms) -> landmarks (contour bin fused), through the step
-  functions of the decoders (`decoders._kernels`), so the compiled CPU and CUDA ops and
-  the pure-PyTorch reference serve it unchanged.
+  functions of the decoders' paths (`flame_ext._backend.steps`), so the compiled CPU and
+  CUDA ops and the pure-PyTorch reference serve it unchanged.
 
 Every landmark is the same arithmetic as in FlameShape + FlameLandmark on a subset of the
 rows, so values and gradients agree to rounding. On the full-size synthetic model |U| is
@@ -29,26 +29,15 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .decoders import (
-    DEVICE,
-    INPUT_NAMES,
-    POSE_NAMES,
-    FlameLandmark,
-    FlameShape,
-    _check_backend,
-    _ParametricDecoder,
-    _kernels,
-    resolve_backend,
-)
+from . import _backend
+from ._parametric import INPUT_NAMES, POSE_NAMES, ParametricDecoder
+from .decoders import DEVICE, FlameLandmark, FlameShape
 
 # medusa's algorithm computes the whole mesh: there is no 'medusa' landmark-only path.
 BACKENDS = ("auto", "ext", "reference")
 
-# The ops one call runs; 'auto' takes the compiled path only when all have a kernel.
-_OPS = ("blend", "rigid_transforms", "skin", "landmarks")
 
-
-class FlameShapeLandmark(_ParametricDecoder):
+class FlameShapeLandmark(ParametricDecoder):
     """FLAME parameters to landmarks: FlameShape followed by FlameLandmark, fused.
 
     Computes ``FlameLandmark(lm_type, lm_dim)(FlameShape(n_shape, n_expr)(**inputs)[0],
@@ -151,7 +140,7 @@ class FlameShapeLandmark(_ParametricDecoder):
         # the subset exactly as on the mesh.
         static_faces = landmark.lmk_faces_idx.to(device)
         faces = static_faces
-        if landmark._dynamic:
+        if self._dynamic:
             dynamic_faces = landmark.dynamic_lmk_faces_idx.to(device)
             faces = torch.cat([static_faces, dynamic_faces.reshape(-1)])
         lmk_faces, face_slot = torch.unique(faces, return_inverse=True)
@@ -165,7 +154,7 @@ class FlameShapeLandmark(_ParametricDecoder):
         self.register_buffer(
             "lmk_bary_coords", landmark.lmk_bary_coords.to(device, dtype), persistent=False
         )
-        if landmark._dynamic:
+        if self._dynamic:
             self.register_buffer(
                 "dynamic_lmk_faces_idx",
                 face_slot[n_static:].view(dynamic_faces.shape),
@@ -230,8 +219,8 @@ class FlameShapeLandmark(_ParametricDecoder):
         """Landmarks (B, L, 3) of the FLAME parameters (FlameShape's inputs and rules)."""
         batch_size, values = self._gather_inputs(batch_size, inputs)
         pose = torch.cat([values[name].expand(batch_size, -1) for name in POSE_NAMES], dim=1)
-        path = resolve_backend(self.backend, self.v_template.device.type, _OPS)
-        k = _kernels(path)
+        path = _backend.resolve(self.backend, self.v_template.device.type, "FlameShapeLandmark")
+        k = _backend.steps(path)
         v, _ = self._decode(k, values["shape"], values["expr"], pose)
         if self._dynamic:
             return k.landmarks(
@@ -250,4 +239,4 @@ def _check_fit_backend(backend) -> str:
             f"backend must be one of {BACKENDS} (medusa's algorithm has no landmark-only "
             f"path: use FlameShape + FlameLandmark with backend='medusa'), got {backend!r}"
         )
-    return _check_backend(backend)
+    return _backend.check_backend(backend, BACKENDS)

@@ -17,12 +17,11 @@ import math
 
 import torch
 
+from ._backend import CONTOUR_RULES
 from ._checks import check_count, check_same, check_tensor
 
 # medusa / smplx add this to every component of the axis-angle vector before the norm.
 RODRIGUES_EPS = 1e-8
-
-CONTOUR_RULES = ("medusa", "deca")
 
 # The contour yaw is clamped to +39 degrees; bins 0..39 are yaw 0..39 and 40..78 are
 # yaw -1..-39, with everything below -39 in the last bin.

@@ -28,7 +28,9 @@ def test_info_json_parses_and_reports_build_and_files(capsys):
     info = json.loads(capsys.readouterr().out)
     build = info["build"]
     assert isinstance(build["extension_loaded"], bool)
-    assert set(build["decoders"]) == {"FlameShape", "FlameLandmark", "FlameTex"}
+    assert set(build["decoders"]) == {
+        "FlameShape", "FlameLandmark", "FlameTex", "FlameShapeLandmark"
+    }
     assert build["decoders"]["FlameShape"]["cpu"] in ("ext", "reference")
     files = info["model_files"]["files"]
     assert set(files) == {"model", "landmarks_68", "landmarks_mp", "texture"}

@@ -10,13 +10,12 @@ synthetic model; FlameShape's API semantics; the vertex subset; from_decoders.
 import pytest
 import torch
 
+from _samples import FULL, SMALL, flame_inputs, full_poses
 from flame_ext import FlameLandmark, FlameShape, load_flame_model
 from flame_ext.decoders import INPUT_NAMES, POSE_NAMES
 from flame_ext.fitting import FlameShapeLandmark
 from flame_ext.reference import contour_bins
 
-SMALL = "synthetic-small"
-FULL = "synthetic"
 BACKENDS = ["ext", "reference"]
 # (lm_type, contour_rule): the contour rule only matters for the 68-point set.
 SETS = [("68", "medusa"), ("68", "deca"), ("mp", "medusa")]
@@ -60,20 +59,9 @@ def _pair_landmarks(pair, **inputs):
 
 
 def _random_inputs(module, batch, seed, scale=0.5, dtype=torch.float64, shared=False):
-    gen = torch.Generator().manual_seed(seed)
-    inputs = {
-        name: (torch.randn(batch, getattr(module, name).shape[1], generator=gen,
-                           dtype=torch.float64) * scale).to(dtype)
-        for name in INPUT_NAMES
-    }
-    if shared:
-        inputs["shape"] = inputs["shape"][:1]
-    return inputs
-
-
-def _poses(inputs):
-    batch = inputs["expr"].shape[0]
-    return torch.cat([inputs[name].expand(batch, -1) for name in POSE_NAMES], dim=1)
+    """Inputs on the CPU in float64 (the oracles' precision) whatever the module holds."""
+    return flame_inputs(module, batch, seed, scale=scale, dtype=dtype, device="cpu",
+                        shared=shared)
 
 
 def _grads(out, inputs, seed):
@@ -95,7 +83,7 @@ def test_matches_flameshape_then_flamelandmark_float64(backend, lm_type, rule, l
     shape, landmark = (m.double() for m in _pair(lm_type, lm_dim, rule))
     inputs = _random_inputs(fit, 8, seed=1, shared=shared)
     # poses of +-30 degrees spread the samples over several contour bins
-    assert contour_bins(_poses(inputs), rule).unique().numel() >= 3
+    assert contour_bins(full_poses(inputs), rule).unique().numel() >= 3
     for value in inputs.values():
         value.requires_grad_(True)
 

@@ -3,7 +3,9 @@
 The compiled ops are compared with flame_ext.reference.blend evaluated in float64 (the
 oracle), with an error bound derived from the dot-product lengths; gradients with
 torch.autograd.gradcheck / gradgradcheck in float64; then the registrations (opcheck,
-torch.compile), argument errors, NaN/inf propagation and determinism.
+torch.compile), argument errors, NaN/inf propagation and determinism; properties over any
+shape, layout and value; 64-bit indexing past 2^31 elements; the CUDA kernels against the
+CPU ones.
 
 Sizes are chosen to reach every code path of the CPU kernels: batches on both sides of the
 hand-loop / BLAS threshold (16), N spanning several row chunks (256 rows forward, 256 to
@@ -13,7 +15,31 @@ float32 or 8 float64 lanes), including the masked tail vector.
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
+from _oracle import (
+    a64,
+    assert_bad_argument_is_named,
+    assert_deterministic_and_fully_written,
+    assert_independent_of_thread_count,
+    assert_matches,
+    d64,
+    needs_kernels,
+)
+from _samples import (
+    CORRUPTIONS,
+    F32,
+    F64,
+    big_zeros,
+    blend_inputs,
+    dtypes,
+    lay_out,
+    layouts,
+    random_values,
+    seeds,
+    specials,
+)
 from flame_ext import reference
 
 N = 613  # 3 forward chunks, 3 backward chunks of 10 row blocks; odd, so every loop has a tail
@@ -25,23 +51,6 @@ def _blend_mod():
     from flame_ext._ops import blend
 
     return blend
-
-
-def _inputs(batch, n, k, p, dtype, device, *, base_kind="shared", column_offset=3, seed=0):
-    """Random inputs (never zeros); dirs is a column slice of a wider matrix, as in the decoder."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def rand(*shape):
-        values = torch.randn(*shape, generator=gen, dtype=torch.float64)
-        return values.to(dtype=dtype, device=device)
-
-    wide = rand(n, k + column_offset + 5)
-    dirs = wide[:, column_offset : column_offset + k]
-    coeffs = rand(batch, k)
-    base = {"flat": rand(n), "shared": rand(1, n), "batched": rand(batch, n)}[base_kind]
-    pose_dirs = rand(p, n) if p else None
-    pose_coeffs = rand(batch, p) if p else None
-    return base, dirs, coeffs, pose_dirs, pose_coeffs
 
 
 def _eps(dtype):
@@ -90,7 +99,7 @@ def _assert_adjoint_close(result, grad_out, dirs):
 @pytest.mark.parametrize("k", [5, 16, 37, 100])
 @pytest.mark.parametrize("p", [0, 9])
 def test_blend_matches_reference(ops, device, dtype, batch, k, p):
-    args = _inputs(batch, N, k, p, dtype, device)
+    args = blend_inputs(batch, N, k, p, dtype, device)
     out = _blend_mod().blend(*args)
     _assert_blend_close(out, *args)
 
@@ -98,14 +107,14 @@ def test_blend_matches_reference(ops, device, dtype, batch, k, p):
 @pytest.mark.parametrize("base_kind", ["flat", "shared", "batched"])
 @pytest.mark.parametrize("batch", [3, LARGE_BATCH])
 def test_blend_base_shapes(ops, device, dtype, base_kind, batch):
-    args = _inputs(batch, N, 37, 4, dtype, device, base_kind=base_kind)
+    args = blend_inputs(batch, N, 37, 4, dtype, device, base_kind=base_kind)
     _assert_blend_close(_blend_mod().blend(*args), *args)
 
 
 @pytest.mark.parametrize("batch", [3, LARGE_BATCH])
 def test_blend_layouts(ops, device, batch):
     """Contiguous dirs, a transposed (column-major) dirs, an expanded base, strided coeffs."""
-    base, dirs, coeffs, pose_dirs, pose_coeffs = _inputs(batch, N, 37, 6, torch.float64, device)
+    base, dirs, coeffs, pose_dirs, pose_coeffs = blend_inputs(batch, N, 37, 6, torch.float64, device)
     blend = _blend_mod().blend
     expected = blend(base, dirs.contiguous(), coeffs, pose_dirs, pose_coeffs)
     column_major = dirs.mT.contiguous().mT
@@ -124,21 +133,21 @@ def test_blend_layouts(ops, device, batch):
 
 @pytest.mark.parametrize("batch", [0, 1, 3, 300])
 def test_blend_batch_sizes(ops, device, dtype, batch):
-    args = _inputs(batch, N, 37, 9, dtype, device, base_kind="flat")
+    args = blend_inputs(batch, N, 37, 9, dtype, device, base_kind="flat")
     _assert_blend_close(_blend_mod().blend(*args), *args)
 
 
 def test_blend_degenerate_sizes(ops, device, dtype):
     blend = _blend_mod().blend
     # K = 0: out = base (+ pose).
-    base, dirs, coeffs, pose_dirs, pose_coeffs = _inputs(3, N, 0, 4, dtype, device)
+    base, dirs, coeffs, pose_dirs, pose_coeffs = blend_inputs(3, N, 0, 4, dtype, device)
     _assert_blend_close(blend(base, dirs, coeffs, pose_dirs, pose_coeffs), base, dirs, coeffs,
                         pose_dirs, pose_coeffs)
     # N = 0.
-    args = _inputs(3, 0, 7, 2, dtype, device)
+    args = blend_inputs(3, 0, 7, 2, dtype, device)
     assert blend(*args).shape == (3, 0)
     # Explicit empty pose tensors are the same as none.
-    base, dirs, coeffs, _, _ = _inputs(3, N, 7, 0, dtype, device)
+    base, dirs, coeffs, _, _ = blend_inputs(3, N, 7, 0, dtype, device)
     empty = blend(base, dirs, coeffs, dirs.new_empty((0, N)), coeffs.new_empty((3, 0)))
     torch.testing.assert_close(empty, blend(base, dirs, coeffs), rtol=0, atol=0)
 
@@ -147,7 +156,7 @@ def test_blend_flame_sizes(ops, device):
     """The decoder's call: 15069 rows, the 100 expression columns of a 400-wide matrix, P = 36."""
     n = 3 * 5023
     for batch in (1, 16):
-        args = _inputs(batch, n, 100, 36, torch.float32, device, column_offset=300)
+        args = blend_inputs(batch, n, 100, 36, torch.float32, device, column_offset=300)
         assert args[1].stride() == (405, 1)  # a view into the wide matrix
         _assert_blend_close(_blend_mod().blend(*args), *args)
 
@@ -159,7 +168,7 @@ def test_blend_flame_sizes(ops, device):
 @pytest.mark.parametrize("batch", SMALL_BATCHES + (16, 17, LARGE_BATCH))
 @pytest.mark.parametrize("k", [5, 16, 37, 100])
 def test_blend_backward_matches_reference(ops, device, dtype, batch, k):
-    _, dirs, _, pose_dirs, _ = _inputs(batch, N, k, 9, dtype, device)
+    _, dirs, _, pose_dirs, _ = blend_inputs(batch, N, k, 9, dtype, device)
     grad_out = torch.randn(batch, N, dtype=torch.float64).to(dtype=dtype, device=device)
     grad_coeffs, grad_pose = ops.blend_backward(grad_out, dirs, pose_dirs, True, True)
     _assert_adjoint_close(grad_coeffs, grad_out, dirs)
@@ -168,7 +177,7 @@ def test_blend_backward_matches_reference(ops, device, dtype, batch, k):
 
 @pytest.mark.parametrize("need", [(True, False), (False, True), (False, False)])
 def test_blend_backward_outputs_not_needed_are_empty(ops, device, need):
-    _, dirs, _, pose_dirs, _ = _inputs(3, N, 37, 9, torch.float64, device)
+    _, dirs, _, pose_dirs, _ = blend_inputs(3, N, 37, 9, torch.float64, device)
     grad_out = torch.randn(3, N, dtype=torch.float64, device=device)
     grad_coeffs, grad_pose = ops.blend_backward(grad_out, dirs, pose_dirs, *need)
     assert grad_coeffs.shape == ((3, 37) if need[0] else (0,))
@@ -177,7 +186,7 @@ def test_blend_backward_outputs_not_needed_are_empty(ops, device, need):
 
 @pytest.mark.parametrize("batch", [0, 1, 3, 300])
 def test_blend_backward_batch_sizes_and_no_pose(ops, device, batch):
-    _, dirs, _, _, _ = _inputs(batch, N, 37, 0, torch.float64, device)
+    _, dirs, _, _, _ = blend_inputs(batch, N, 37, 0, torch.float64, device)
     grad_out = torch.randn(batch, N, dtype=torch.float64, device=device)
     grad_coeffs, grad_pose = ops.blend_backward(
         grad_out, dirs, dirs.new_empty((0, N)), True, True
@@ -201,7 +210,7 @@ def test_blend_backward_degenerate_sizes(ops, device):
 
 
 def _gradcheck_inputs(batch, base_kind, p=3, k=11, n=13):
-    args = _inputs(batch, n, k, p, torch.float64, "cpu", base_kind=base_kind)
+    args = blend_inputs(batch, n, k, p, torch.float64, "cpu", base_kind=base_kind)
     return [None if a is None else a.detach().clone().requires_grad_() for a in args]
 
 
@@ -249,7 +258,7 @@ def test_blend_backward_gradcheck(ops, device):
 
 def test_blend_grad_matches_reference_autograd(ops, device, dtype):
     """float32 gradients of the op vs autograd through the reference, on decoder-like sizes."""
-    args = _inputs(5, N, 37, 9, dtype, device)
+    args = blend_inputs(5, N, 37, 9, dtype, device)
     ours = [a.detach().clone().requires_grad_() for a in args]
     theirs = [a.detach().double().requires_grad_() for a in args]
     weight = torch.randn(5, N, dtype=torch.float64)
@@ -288,7 +297,7 @@ def test_opcheck(ops, device):
 def test_torch_compile_fullgraph(ops, device):
     blend = _blend_mod().blend
     base, dirs, coeffs, pose_dirs, pose_coeffs = (
-        a.to(device) for a in _inputs(3, N, 37, 9, torch.float32, device)
+        a.to(device) for a in blend_inputs(3, N, 37, 9, torch.float32, device)
     )
 
     def fn(base, dirs, coeffs, pose_dirs, pose_coeffs):
@@ -319,7 +328,7 @@ def test_torch_compile_fullgraph(ops, device):
 
 def test_blend_argument_errors(ops, device):
     blend = _blend_mod().blend
-    base, dirs, coeffs, pose_dirs, pose_coeffs = _inputs(3, 10, 4, 2, torch.float32, device)
+    base, dirs, coeffs, pose_dirs, pose_coeffs = blend_inputs(3, 10, 4, 2, torch.float32, device)
     with pytest.raises(TypeError, match="coeffs must be a torch.Tensor"):
         blend(base, dirs, [[1.0] * 4] * 3)
     with pytest.raises(TypeError, match="coeffs must be float32 or float64"):
@@ -358,7 +367,7 @@ def test_blend_argument_errors(ops, device):
 
 def test_kernels_check_their_inputs(ops):
     """Direct torch.ops calls (no wrapper) get a RuntimeError, never a crash."""
-    base, dirs, coeffs, pose_dirs, pose_coeffs = _inputs(3, 10, 4, 2, torch.float32, "cpu")
+    base, dirs, coeffs, pose_dirs, pose_coeffs = blend_inputs(3, 10, 4, 2, torch.float32, "cpu")
     bad_calls = [
         lambda: ops.blend(base, dirs[:, :3], coeffs, pose_dirs, pose_coeffs),
         lambda: ops.blend(base[:, :9], dirs, coeffs, pose_dirs, pose_coeffs),
@@ -385,7 +394,7 @@ def test_kernels_check_their_inputs(ops):
 @pytest.mark.parametrize("batch", [3, LARGE_BATCH])
 def test_nan_propagates(ops, device, dtype, batch):
     blend = _blend_mod().blend
-    base, dirs, coeffs, pose_dirs, pose_coeffs = _inputs(batch, N, 37, 9, dtype, device)
+    base, dirs, coeffs, pose_dirs, pose_coeffs = blend_inputs(batch, N, 37, 9, dtype, device)
     coeffs = coeffs.clone()
     coeffs[1, 36] = float("nan")  # the last column: inside the masked tail vector
     out = blend(base, dirs, coeffs, pose_dirs, pose_coeffs)
@@ -440,7 +449,7 @@ def test_inf_stays_inf_in_the_tail(ops, device, dtype, batch):
 
 @pytest.mark.parametrize("batch", [3, LARGE_BATCH])
 def test_deterministic(ops, device, batch):
-    args = _inputs(batch, 3000, 100, 36, torch.float32, device)
+    args = blend_inputs(batch, 3000, 100, 36, torch.float32, device)
     base, dirs, coeffs, pose_dirs, pose_coeffs = args
     grad_out = torch.randn(batch, 3000, device=device)
     first = ops.blend(base, dirs, coeffs, pose_dirs, pose_coeffs)
@@ -453,7 +462,7 @@ def test_deterministic(ops, device, batch):
 
 def test_small_batch_is_independent_of_thread_count(ops):
     """The hand loops reduce over fixed row chunks, not per-thread ones."""
-    base, dirs, coeffs, pose_dirs, pose_coeffs = _inputs(3, 20000, 100, 36, torch.float32, "cpu")
+    base, dirs, coeffs, pose_dirs, pose_coeffs = blend_inputs(3, 20000, 100, 36, torch.float32, "cpu")
     grad_out = torch.randn(3, 20000)
     threads = torch.get_num_threads()
     results = []
@@ -475,7 +484,8 @@ def test_small_batch_is_independent_of_thread_count(ops):
 # Instruction-set variants of the CPU hand loops
 
 _ISA_SCRIPT = r"""
-import importlib.util, sys, torch
+import importlib.util, os, sys, torch
+sys.path.insert(0, os.path.dirname(sys.argv[1]))  # the tests' helper modules
 from flame_ext import _ops
 assert _ops.available(), _ops.load_error()
 spec = importlib.util.spec_from_file_location("t", sys.argv[1])
@@ -485,7 +495,7 @@ ops = torch.ops.flame_ext
 for dtype in (torch.float32, torch.float64):
     for k in (5, 16, 37, 100):
         for batch in (1, 2, 3):
-            args = t._inputs(batch, t.N, k, 9, dtype, "cpu")
+            args = t.blend_inputs(batch, t.N, k, 9, dtype, "cpu")
             t._assert_blend_close(ops.blend(*args), *args)
             grad_out = torch.randn(batch, t.N, dtype=dtype)
             grad_coeffs, grad_pose = ops.blend_backward(grad_out, args[1], args[3], True, True)
@@ -511,11 +521,11 @@ def test_cpu_isa_variants(ops, isa):
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+@pytest.mark.cuda
 @pytest.mark.parametrize("batch", [3, LARGE_BATCH])
 def test_cuda_graph_capture(ops, batch):
     """No host-device synchronisation in forward or backward: both capture into a graph."""
-    base, dirs, coeffs, pose_dirs, pose_coeffs = _inputs(batch, N, 37, 9, torch.float32, "cuda")
+    base, dirs, coeffs, pose_dirs, pose_coeffs = blend_inputs(batch, N, 37, 9, torch.float32, "cuda")
     grad_out = torch.randn(batch, N, device="cuda")
     expected = ops.blend(base, dirs, coeffs, pose_dirs, pose_coeffs)
     expected_grads = ops.blend_backward(grad_out, dirs, pose_dirs, True, True)
@@ -533,3 +543,164 @@ def test_cuda_graph_capture(ops, batch):
     torch.cuda.synchronize()
     assert torch.equal(out, expected)
     assert torch.equal(grads[0], expected_grads[0]) and torch.equal(grads[1], expected_grads[1])
+
+
+# ---------------------------------------------------------------------------------------
+# Properties: any shapes, layouts and values give the reference's answer
+
+
+@st.composite
+def blend_cases(draw):
+    batch = draw(st.sampled_from([0, 1, 2, 3, 5, 8, 9, 17, 33]))  # both sides of the BLAS switch
+    return dict(
+        batch=batch,
+        n=draw(st.integers(0, 70)),
+        k=draw(st.integers(0, 40)),
+        p=draw(st.sampled_from([None, 0, 1, 9, 36])),
+        base_kind=draw(st.sampled_from(["flat", "shared", "batched"])),
+        dtype=draw(dtypes),
+        seed=draw(seeds),
+        layouts=draw(st.lists(layouts, min_size=5, max_size=5)),
+        inject=draw(st.lists(specials, min_size=5, max_size=5)),
+        grad=draw(st.booleans()),
+    )
+
+
+def make_blend(case, device):
+    b, n, kk, p = case["batch"], case["n"], case["k"], case["p"]
+    base_shape = {"flat": (n,), "shared": (1, n), "batched": (b, n)}[case["base_kind"]]
+    shapes = [base_shape, (n, kk), (b, kk), (p or 0, n), (b, p or 0)]
+    args = []
+    for i, shape in enumerate(shapes):
+        x = random_values(case["seed"] + i, shape, inject=case["inject"][i])
+        args.append(lay_out(x.to(case["dtype"]), case["layouts"][i], device))
+    if p is None:
+        args[3] = args[4] = None
+    return args
+
+
+@given(case=blend_cases())
+def test_blend_any_input_matches_reference(ops, device, case):
+    needs_kernels(device, "blend")
+    base, dirs, coeffs, pose_dirs, pose_coeffs = make_blend(case, device)
+    grad = case["grad"]
+    leaves = [x.detach().requires_grad_(grad) if x is not None else None for x in
+              (base, dirs, coeffs, pose_dirs, pose_coeffs)]
+    out = _blend_mod().blend(*leaves)
+    assert out.dtype == case["dtype"] and out.device == coeffs.device
+    exact = reference.blend(*map(d64, leaves))
+    magnitude = reference.blend(*map(a64, leaves))
+    terms = case["k"] + (case["p"] or 0) + 1
+    assert_matches(out, exact, magnitude, terms, "blend")
+    if not grad or out.numel() == 0:
+        return
+    g = random_values(case["seed"] + 9, out.shape).to(out)
+    got = torch.autograd.grad(out, [x for x in leaves if x is not None], g, allow_unused=True)
+    ref_leaves = [d64(x).requires_grad_(True) if x is not None else None for x in leaves]
+    want = torch.autograd.grad(
+        reference.blend(*ref_leaves), [x for x in ref_leaves if x is not None], d64(g)
+    )
+    abs_leaves = [a64(x).requires_grad_(True) if x is not None else None for x in leaves]
+    mags = torch.autograd.grad(
+        reference.blend(*abs_leaves), [x for x in abs_leaves if x is not None], a64(g)
+    )
+    # Each gradient sums over the batch and / or the N rows.
+    terms = max(case["batch"], case["n"], 1) + 1
+    for name, a, e, m in zip(["base", "dirs", "coeffs", "pose_dirs", "pose_coeffs"], got, want, mags):
+        assert_matches(a, e, m, terms, f"grad {name}")
+
+
+@pytest.mark.parametrize("name", ["base", "dirs", "coeffs", "pose_dirs", "pose_coeffs"])
+@given(how=st.sampled_from(CORRUPTIONS), variant=st.integers(0, 11))
+def test_blend_bad_argument_is_named(ops, device, name, how, variant):
+    assert_bad_argument_is_named(_blend_mod().blend, "blend", name, how, variant, device)
+
+
+# ---------------------------------------------------------------------------------------
+# Scale, determinism, agreement across devices
+
+
+@pytest.mark.slow
+def test_blend_reads_past_2_31(ops, device, nondeterministic_mode):
+    """Forward: dirs (N, K) of 2.16e9 elements (row offset n * K past 2^31, batch 1 so
+    the output stays small). Backward: grad_out (B, N) with B * N past 2^31 (the hand
+    loop's sample offset s * N), dirs (N, 1)."""
+    needs_kernels(device, "blend")
+    n, k = 5_400_000, 400
+    assert (n - 1) * k > 2**31
+    dirs = big_zeros((n, k), F32, device)
+    dirs[-1] = torch.arange(float(k))
+    dirs[0] = 1.0
+    out = ops.blend(torch.zeros(n, device=device), dirs, torch.ones(1, k, device=device),
+                    torch.empty(0, n, device=device), torch.empty(1, 0, device=device))
+    assert out[0, -1].item() == k * (k - 1) / 2 and out[0, 0].item() == k
+    assert int(torch.count_nonzero(out)) == 2
+    del dirs, out
+
+    batch, n = 4, 720_000_000  # batch <= 4: the CPU hand loop (larger batches use BLAS)
+    assert (batch - 1) * n > 2**31
+    grad_out = big_zeros((batch, n), F32, device)
+    grad_out[-1, -1] = 2.0
+    grad_out[0, -1] = 5.0
+    dirs = big_zeros((n, 1), F32, device)
+    dirs[-1] = 3.0
+    grad_coeffs, _ = ops.blend_backward(grad_out, dirs, torch.empty(0, n, device=device),
+                                        True, False)
+    torch.testing.assert_close(grad_coeffs.cpu(), torch.tensor([[15.0], [0.0], [0.0], [6.0]]))
+
+
+def _determinism_cases(device, dtype):
+    """(name, function of leaves, leaves) over sizes that take each path: several
+    reduction chunks, empty dimensions, the hand loop and BLAS."""
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=F64).to(device, dtype).requires_grad_(True)
+
+    blend = _blend_mod().blend
+    cases = []
+    for batch in (0, 3, 40):
+        cases.append((f"blend B={batch}", blend,
+                      [rand(1, 613), rand(613, 37), rand(batch, 37), rand(9, 613), rand(batch, 9)]))
+    cases.append(("blend N=0", blend, [rand(0), rand(0, 5), rand(3, 5)]))
+    cases.append(("blend K=0", blend, [rand(50), rand(50, 0), rand(3, 0)]))
+    return cases
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
+def test_blend_deterministic_and_fully_written(ops, device, dtype, deterministic):
+    """Under torch.use_deterministic_algorithms(True) (the cuBLAS path is not taken there)
+    every case runs, repeats bit for bit, and writes every output element."""
+    needs_kernels(device, "blend")
+    assert_deterministic_and_fully_written(_determinism_cases(device, dtype))
+
+
+def test_blend_results_do_not_depend_on_the_thread_count(ops):
+    """Every reduction runs over fixed chunks in a fixed order, so 1 and 2 threads give
+    the same bits (batches that take BLAS are excluded: MKL's blocking may depend on the
+    thread count)."""
+    assert_independent_of_thread_count(
+        [case for case in _determinism_cases("cpu", F32) if "B=40" not in case[0]]
+    )
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("batch", [3, LARGE_BATCH])
+def test_blend_cuda_float32_matches_cpu(ops, batch):
+    """float32 on one GPU against the CPU kernels, forward and backward, through both
+    paths of each (hand kernels at B <= 16, cuBLAS above on the GPU; hand loops and BLAS
+    on the CPU): within the rounding of two float32 sums of the same terms."""
+    needs_kernels("cuda", "blend")
+    args = blend_inputs(batch, N, 37, 9, F32, "cpu", seed=11)
+    base, dirs, coeffs, pose_dirs, pose_coeffs = args
+    grad_out = torch.randn(batch, N, generator=torch.Generator().manual_seed(12))
+    on_gpu = [a.cuda() for a in args]
+    magnitude = reference.blend(*map(a64, args))
+    want = ops.blend(*args)
+    assert_matches(ops.blend(*on_gpu), d64(want), magnitude, 2 * (37 + 9 + 1), "blend")
+    got = ops.blend_backward(grad_out.cuda(), on_gpu[1], on_gpu[3], True, True)
+    want = ops.blend_backward(grad_out, dirs, pose_dirs, True, True)
+    # grad_coeffs = grad_out @ dirs, grad_pose_coeffs = grad_out @ pose_dirs^T: N terms
+    magnitudes = (a64(grad_out) @ a64(dirs), a64(grad_out) @ a64(pose_dirs).mT)
+    for name, a, b, m in zip(("grad_coeffs", "grad_pose_coeffs"), got, want, magnitudes):
+        assert_matches(a, d64(b), m, 2 * (N + 1), name)

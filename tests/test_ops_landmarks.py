@@ -5,14 +5,43 @@ A small random model is built inline (V = 40 vertices, F = 60 faces, 7 static la
 79 bins of 5 contour landmarks); flame_ext.reference is the oracle, and the contour bins
 are also checked against the yaw of poses built to have a known yaw. Poses are drawn away
 from the .5 rounding ties of the bin rule: at a tie the bin depends on the last bit of
-the yaw, which two correct implementations may round differently.
+the yaw, which two correct implementations may round differently. Then properties over
+any shape, layout and value (bins checked where the yaw is clear of a tie), argument
+errors, 64-bit indexing past 2^31 elements, determinism, the CUDA kernels against the CPU
+ones.
 """
 
 import math
 
 import pytest
 import torch
+from hypothesis import assume, given
+from hypothesis import strategies as st
 
+from _oracle import (
+    a64,
+    assert_bad_argument_is_named,
+    assert_deterministic_and_fully_written,
+    assert_error_names,
+    assert_independent_of_thread_count,
+    assert_matches,
+    d64,
+    ambiguous_bins,
+)
+from _process import rss_bytes
+from _samples import (
+    CORRUPTIONS,
+    INDEX_PAD,
+    bad_op_cases,
+    big_zeros,
+    dtypes,
+    lay_out,
+    layouts,
+    random_values,
+    seeds,
+    specials,
+    yaw_degrees,
+)
 from flame_ext import reference
 
 F64, F32 = torch.float64, torch.float32
@@ -34,6 +63,13 @@ def lmk(ops):
     from flame_ext._ops import landmarks as module
 
     return module
+
+
+def _ops():
+    """The Python wrappers (checks and autograd) of the landmarks ops."""
+    from flame_ext._ops import landmarks
+
+    return landmarks
 
 
 def random_tables(
@@ -64,15 +100,6 @@ def random_vertices(batch, dtype=F64, device="cpu", seed=1, n_verts=N_VERTS):
     return v.to(dtype=dtype, device=device)
 
 
-def yaw_degrees(poses, rule):
-    """The continuous yaw of SPEC 2 in float64 (before clamping and rounding)."""
-    poses = poses.detach().to(device="cpu", dtype=F64)
-    to_matrix = reference.euler_xyz_to_matrix if rule == "medusa" else reference.rodrigues
-    rel = to_matrix(poses[:, 0:3]) @ to_matrix(poses[:, 3:6])
-    yaw = torch.atan2(-rel[:, 2, 0], torch.hypot(rel[:, 0, 0], rel[:, 1, 0]))
-    return torch.rad2deg(-yaw if rule == "medusa" else yaw)
-
-
 def near_tie(poses, rule):
     yaw = yaw_degrees(poses, rule)
     return ((yaw - yaw.floor() - 0.5).abs() < TIE_MARGIN) & (yaw < 39.5)
@@ -90,7 +117,8 @@ def random_poses(batch, rule, dtype=F64, device="cpu", scale=0.5, seed=2):
 
 
 def bin_of_yaw(y):
-    """The bin of an integer yaw, written from SPEC 2's words."""
+    """The bin of an integer yaw, written from the rule's words: y for y >= 0, 39 - y for
+    -39 <= y < 0, 78 below."""
     y = min(y, 39)
     if y >= 0:
         return y
@@ -103,7 +131,7 @@ def reference_grad(tables, v, poses, rule):
     return out, v
 
 
-# --- values ------------------------------------------------------------------------------
+# --- values -------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("rule", RULES)
@@ -157,7 +185,7 @@ def test_landmark_is_barycentric_sum(lmk, device):
             torch.testing.assert_close(out[b, l], want, **F64_TOL)
 
 
-# --- the contour bin ---------------------------------------------------------------------
+# --- the contour bin ----------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("rule", RULES)
@@ -234,7 +262,7 @@ def test_fewer_bins_clamped(lmk, device):
     torch.testing.assert_close(out[2, :N_CONTOUR], want, **F64_TOL)
 
 
-# --- gradients ---------------------------------------------------------------------------
+# --- gradients ----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("rule", RULES + (None,))
@@ -297,7 +325,7 @@ def test_backward_many_shared_vertices(lmk, device, dtype, rule):
     torch.testing.assert_close(v.grad, v_ref.grad, **tol)
 
 
-# --- dispatcher, fakes, compile ----------------------------------------------------------
+# --- dispatcher, fakes, compile -----------------------------------------------------------
 
 
 @pytest.mark.parametrize("rule", [0, 1, 2])
@@ -339,7 +367,7 @@ def test_compile_fullgraph(lmk, device, rule):
     torch.testing.assert_close(grad, want_grad)
 
 
-# --- robustness --------------------------------------------------------------------------
+# --- robustness ---------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("rule", RULES)
@@ -410,7 +438,7 @@ def test_bad_index_raises_on_cpu(lmk):
         lmk._op(v, poses, *tables.values(), 3)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+@pytest.mark.cuda
 def test_bad_index_gives_nan_on_cuda(lmk):
     """Device tables cannot be read on the host without a sync: a landmark whose face or
     corner index is out of range is NaN and gets no gradient; the kernel reads nothing
@@ -513,3 +541,221 @@ def test_cuda_graph_capture(lmk, device):
     want_bins = reference.contour_bins(poses, "medusa")
     assert torch.equal(bins, want_bins)
     assert torch.equal(grad_v, lmk._backward_op(grad, want_bins, *args, N_VERTS))
+
+
+# --- properties: any shape, layout and value ----------------------------------------------
+
+
+@st.composite
+def landmark_cases(draw):
+    num_verts = draw(st.integers(1, 30))
+    return dict(
+        batch=draw(st.sampled_from([0, 1, 2, 5, 40])),
+        num_verts=num_verts,
+        num_faces=draw(st.integers(1, 20)),
+        n_static=draw(st.integers(0, 10)),
+        n_bins=draw(st.sampled_from([None, 1, 5, 79])),  # None: no contour
+        n_contour=draw(st.integers(0, 5)),
+        num_joints=draw(st.integers(2, 5)),
+        rule=draw(st.sampled_from(["medusa", "deca"])),
+        dtype=draw(dtypes),
+        seed=draw(seeds),
+        pose_scale=draw(st.sampled_from([0.3, 2.0, 1e4])),
+        layouts=draw(st.lists(layouts, min_size=8, max_size=8)),
+        inject=draw(st.lists(specials, min_size=2, max_size=2)),
+    )
+
+
+def make_landmarks(case, device):
+    gen = torch.Generator().manual_seed(case["seed"])
+    b, nv, nf, dtype = case["batch"], case["num_verts"], case["num_faces"], case["dtype"]
+    lay = case["layouts"]
+
+    def index(high, shape, i):
+        return lay_out(torch.randint(0, high, shape, generator=gen), lay[i], device, INDEX_PAD)
+
+    def weights(shape, i):
+        return lay_out(torch.rand(shape, generator=gen, dtype=F64).to(dtype), lay[i], device)
+
+    args = dict(
+        v=lay_out(random_values(case["seed"], (b, nv, 3), inject=case["inject"][0]).to(dtype),
+                  lay[0], device),
+        poses=None,
+        tris=index(nv, (nf, 3), 1),
+        lmk_faces_idx=index(nf, (case["n_static"],), 2),
+        lmk_bary_coords=weights((case["n_static"], 3), 3),
+        dynamic_lmk_faces_idx=None,
+        dynamic_lmk_bary_coords=None,
+        contour_rule=case["rule"],
+    )
+    if case["n_bins"] is not None:
+        nb, nc = case["n_bins"], case["n_contour"]
+        poses = random_values(case["seed"] + 1, (b, 3 * case["num_joints"]),
+                              case["pose_scale"], case["inject"][1])
+        args.update(
+            poses=lay_out(poses.to(dtype), lay[4], device),
+            dynamic_lmk_faces_idx=index(nf, (nb, nc), 5),
+            dynamic_lmk_bary_coords=weights((nb, nc, 3), 6),
+        )
+    return args
+
+
+def landmarks_oracle(v64, args, convert, rows=None):
+    """The landmarks of float64 vertices `v64` with the tables of `args` (weights through
+    `convert`), in plain torch ops; `rows` = (faces (B, Ld), bary (B, Ld, 3)) are the
+    contour rows each sample uses (None: static landmarks only)."""
+    tris = args["tris"].cpu()
+    static = reference.landmarks(
+        v64, None, tris, args["lmk_faces_idx"].cpu(), convert(args["lmk_bary_coords"])
+    )
+    if rows is None:
+        return static
+    faces, bary = rows[0].cpu(), convert(rows[1])
+    batch, n_contour = faces.shape
+    corners = tris[faces.reshape(-1)].view(batch, 3 * n_contour, 1).expand(-1, -1, 3)
+    points = v64.gather(1, corners).view(batch, n_contour, 3, 3)
+    contour = torch.einsum("blkc,blk->blc", points, bary)
+    return torch.cat([contour, static], dim=1)
+
+
+@given(case=landmark_cases())
+def test_landmarks_any_input_match_reference(ops, device, case):
+    args = make_landmarks(case, device)
+    v = args["v"].detach().requires_grad_(True)
+    args["v"] = v
+    lmk = _ops().landmarks(**args)
+    contour = case["n_bins"] is not None
+    n_contour = case["n_contour"] if contour else 0
+    n_lmk = n_contour + case["n_static"]
+    assert lmk.shape == (case["batch"], n_lmk, 3)
+    assert lmk.dtype == case["dtype"] and lmk.device == v.device
+    rows = None
+    if contour:
+        # The bins come from the op itself (it returns them): a yaw within rounding of a
+        # .5 tie, or from a huge angle whose last bits decide sin and cos, may fall on
+        # either side, and both sides are right. Where the yaw is clear of that, the bins
+        # must be the reference's (clamped to the table, as the op documents).
+        names = ("v", "poses", "tris", "lmk_faces_idx", "lmk_bary_coords",
+                 "dynamic_lmk_faces_idx", "dynamic_lmk_bary_coords")
+        rule = 1 if case["rule"] == "medusa" else 2
+        _, bins = torch.ops.flame_ext.landmarks(*(args[n].detach() for n in names), rule)
+        bins = bins.cpu()
+        assert ((0 <= bins) & (bins < case["n_bins"])).all(), bins
+        poses = d64(args["poses"])
+        want = reference.contour_bins(poses, case["rule"]).clamp(max=case["n_bins"] - 1)
+        clear = ~ambiguous_bins(poses, case["rule"], case["dtype"])
+        assert torch.equal(bins[clear], want[clear]), (bins, want)
+        rows = (args["dynamic_lmk_faces_idx"].cpu()[bins],
+                args["dynamic_lmk_bary_coords"].cpu()[bins])
+    exact = landmarks_oracle(d64(v), args, d64, rows)
+    assert_matches(lmk, exact, landmarks_oracle(a64(v), args, a64, rows), 3, "landmarks")
+    if lmk.numel() == 0:
+        return
+    g = random_values(case["seed"] + 5, lmk.shape).to(lmk)
+    (got,) = torch.autograd.grad(lmk, v, g)
+    rv = d64(v).requires_grad_(True)
+    (want,) = torch.autograd.grad(landmarks_oracle(rv, args, d64, rows), rv, d64(g))
+    av = a64(v).requires_grad_(True)
+    (mag,) = torch.autograd.grad(landmarks_oracle(av, args, a64, rows), av, a64(g))
+    assert_matches(got, want, mag, 3 * n_lmk + 1, "grad v")
+
+
+@pytest.mark.parametrize("name", ["v", "poses", "tris", "lmk_faces_idx", "lmk_bary_coords",
+                                  "dynamic_lmk_faces_idx", "dynamic_lmk_bary_coords"])
+@given(how=st.sampled_from(CORRUPTIONS), variant=st.integers(0, 11))
+def test_landmarks_bad_argument_is_named(ops, device, name, how, variant):
+    assert_bad_argument_is_named(_ops().landmarks, "landmarks", name, how, variant, device)
+
+
+@given(value=st.one_of(st.text(max_size=8), st.integers(), st.none()))
+def test_landmarks_contour_rule_is_checked(ops, device, value):
+    assume(value not in ("medusa", "deca"))
+    good = bad_op_cases(device)["landmarks"][0]
+    with pytest.raises((ValueError, TypeError)) as info:
+        _ops().landmarks(**good, contour_rule=value)
+    assert_error_names(info, "contour_rule")
+
+
+# --- scale and determinism across thread counts -------------------------------------------
+
+
+def test_landmarks_read_past_2_31(ops, device, nondeterministic_mode):
+    """v (B, V, 3) of 2.16e9 elements: the last sample starts past 2^31, so its base
+    offset b * V * 3 and every corner read there need 64-bit arithmetic."""
+    from flame_ext._ops import landmarks
+
+    batch, n_verts = 1000, 720_000
+    assert (batch - 1) * n_verts * 3 > 2**31
+    v = big_zeros((batch, n_verts, 3), F32, device)
+    tris = torch.tensor([[0, n_verts // 2, n_verts - 1]], device=device)
+    corners = torch.arange(9.0, device=device).view(3, 3)
+    marked = (0, 1, 500, batch - 2, batch - 1)
+    for b in marked:
+        v[b, tris[0]] = corners + b
+    before = rss_bytes()
+    lmk = landmarks.landmarks(
+        v, None, tris, torch.tensor([0], device=device),
+        torch.tensor([[0.25, 0.5, 0.25]], device=device),
+    )
+    expected = torch.zeros(batch, 1, 3)
+    for b in marked:  # 0.25 * (b + 0..2) + 0.5 * (b + 3..5) + 0.25 * (b + 6..8)
+        expected[b, 0] = torch.tensor([3.0, 4.0, 5.0]) + b
+    torch.testing.assert_close(lmk.cpu(), expected, rtol=0, atol=0)
+    if device.type == "cpu":  # the reads went to the zero page: nothing was committed
+        assert rss_bytes() - before < 256 << 20
+
+
+def _determinism_cases(device, dtype):
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=F64).to(device, dtype).requires_grad_(True)
+
+    def index(high, *shape):
+        return torch.randint(0, high, shape, generator=gen).to(device)
+
+    landmarks = _ops().landmarks
+    tris = index(40, 60, 3)
+    bary = torch.rand(7, 3, generator=gen, dtype=F64).to(device, dtype)
+    dyn_faces, dyn_bary = index(60, 79, 5), torch.rand(79, 5, 3, generator=gen).to(device, dtype)
+    poses = torch.randn(33, 15, generator=gen).to(device, dtype)
+    faces = index(60, 7)
+    return [
+        ("landmarks contour",
+         lambda v: landmarks(v, poses, tris, faces, bary, dyn_faces, dyn_bary),
+         [rand(33, 40, 3)]),
+        ("landmarks static", lambda v: landmarks(v, None, tris, faces[:0], bary[:0]),
+         [rand(33, 40, 3)]),
+    ]
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
+def test_landmarks_deterministic_and_fully_written(ops, device, dtype, deterministic):
+    """Under torch.use_deterministic_algorithms(True): runs, repeats bit for bit, and
+    writes every output element."""
+    assert_deterministic_and_fully_written(_determinism_cases(device, dtype))
+
+
+def test_landmarks_results_do_not_depend_on_the_thread_count(ops):
+    assert_independent_of_thread_count(_determinism_cases("cpu", F32))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("rule", RULES)
+def test_landmarks_cuda_float32_matches_cpu(lmk, rule):
+    """float32 on one GPU against the CPU kernel: the same bins, landmarks and gradients."""
+    tables = random_tables(F32, "cpu")
+    v = random_vertices(300, F32, "cpu")
+    poses = random_poses(300, rule, F32, "cpu")
+    grad = random_vertices(300, F32, "cpu", seed=9)[:, : N_CONTOUR + N_STATIC].contiguous()
+    gpu_tables = {k: t.cuda() for k, t in tables.items()}
+    rule_code = lmk.CONTOUR_RULES[rule]
+    out, bins = lmk._op(v.cuda(), poses.cuda(), *gpu_tables.values(), rule_code)
+    want, want_bins = lmk._op(v, poses, *tables.values(), rule_code)
+    # poses are kept 1e-3 degrees from a rounding tie: both devices pick the same bins
+    assert torch.equal(bins.cpu(), want_bins)
+    twice = dict(rtol=2 * F32_TOL["rtol"], atol=2 * F32_TOL["atol"])
+    torch.testing.assert_close(out.cpu(), want, **twice)
+    got = lmk._backward_op(grad.cuda(), bins, *gpu_tables.values(), N_VERTS)
+    want = lmk._backward_op(grad, want_bins, *tables.values(), N_VERTS)
+    torch.testing.assert_close(got.cpu(), want, **twice)

@@ -1,4 +1,5 @@
-"""The fused FLAME chain (flame_ext/_ops/lbs.py) and the decoders under torch.compile.
+"""The FLAME chain of ops: rigid_transforms feeding skin, the fused node that runs the chain
+(flame_ext/_ops/lbs.py), and the decoders on it under torch.compile.
 
 FusedLbs runs the four ops of FlameShape (blend, rigid_transforms, blend, skin) as one
 autograd node. Its forward calls the same kernels as the op-by-op path, so outputs must
@@ -13,10 +14,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from _samples import FLAME_PARENTS, SMALL, chain_inputs, flame_inputs, parents_tensor, skin_inputs
 from flame_ext import FlameLandmark, FlameShape, FlameShapeLandmark, FlameTex, load_flame_model
-from flame_ext.decoders import INPUT_NAMES, _kernels
-
-SMALL = "synthetic-small"
+from flame_ext import _backend
+from flame_ext.decoders import INPUT_NAMES
 
 
 def _shape(device, transforms="vertex", **kwargs):
@@ -26,22 +27,14 @@ def _shape(device, transforms="vertex", **kwargs):
 
 
 def _inputs(module, batch, seed, shared):
-    gen = torch.Generator().manual_seed(seed)
-    values = {
-        name: (0.4 * torch.randn(batch, getattr(module, name).shape[1], generator=gen,
-                                 dtype=torch.float64)).to(module.v_template.device)
-        for name in INPUT_NAMES
-    }
-    if shared:
-        values["shape"] = values["shape"][:1]
-    return values
+    return flame_inputs(module, batch, seed, scale=0.4, shared=shared)
 
 
 def _decode_both(module, values):
     """(fused, op-by-op) outputs of module's decode on the same inputs."""
     batch, gathered = module._gather_inputs(None, values)
     pose = torch.cat([gathered[n].expand(batch, -1) for n in INPUT_NAMES[2:]], dim=1)
-    ext = _kernels("ext")
+    ext = _backend.steps("ext")
     steps = SimpleNamespace(**{**vars(ext), "lbs": lambda *args: None})
     return (
         module._decode(ext, gathered["shape"], gathered["expr"], pose),
@@ -156,3 +149,85 @@ def test_vmap_runs_the_ops_one_by_one(ops):
         got = torch.func.vmap(lambda e: module(expr=e[None])[0][0])(expr)
     torch.testing.assert_close(got, module(expr=expr)[0], rtol=1e-12, atol=1e-12)
 
+
+# --- rigid_transforms feeding skin, op by op ----------------------------------------------
+
+
+def _skin_ops():
+    """The Python wrappers (checks and autograd) of rigid_transforms and skin."""
+    from types import SimpleNamespace
+
+    from flame_ext._ops import rigid_transforms, skin
+
+    return SimpleNamespace(rigid_transforms=rigid_transforms.rigid_transforms, skin=skin.skin)
+
+
+def test_lbs_chain_gradcheck(ops, device):
+    """rigid_transforms feeding skin, as FlameShape does: gradients reach pose and joints
+    through both ops."""
+    pose, joints = chain_inputs(2, 5, torch.float64, device, seed=8)
+    v_posed, _, weights = skin_inputs(2, 5, 5, torch.float64, device, seed=9)
+    parents = parents_tensor(FLAME_PARENTS)
+    inputs = [x.requires_grad_(True) for x in (pose, joints, v_posed)]
+
+    def fn(pose, joints, v_posed):
+        transforms, feature = _skin_ops().rigid_transforms(pose, joints, parents)
+        v, vertex_transforms = _skin_ops().skin(v_posed, transforms, weights)
+        return v, vertex_transforms, feature
+
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+def test_chain_and_skin_compile_fullgraph(ops, device):
+    pose, joints = chain_inputs(2, 5, torch.float32, device)
+    v_posed, _, weights = skin_inputs(2, 30, 5, torch.float32, device)
+    parents = parents_tensor(FLAME_PARENTS)
+    skin_ops = _skin_ops()
+
+    def lbs(pose, joints, v_posed):
+        transforms, feature = skin_ops.rigid_transforms(pose, joints, parents)
+        v, vertex_transforms = skin_ops.skin(v_posed + feature.sum(), transforms, weights)
+        return v.square().sum() + vertex_transforms.mean()
+
+    compiled = torch.compile(lbs, fullgraph=True, backend="aot_eager")
+    inputs = [x.clone().requires_grad_(True) for x in (pose, joints, v_posed)]
+    want_inputs = [x.clone().requires_grad_(True) for x in (pose, joints, v_posed)]
+    got = compiled(*inputs)
+    want = lbs(*want_inputs)
+    torch.testing.assert_close(got, want)
+    got.backward()
+    want.backward()
+    for a, b in zip(inputs, want_inputs):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+@pytest.mark.cuda
+def test_chain_and_skin_capture_in_a_cuda_graph(ops):
+    """Forward and backward ops launch no host-device synchronisation: they capture into a
+    CUDA graph (with parents on the CPU and on the device) and replay correctly."""
+    pose, joints = chain_inputs(4, 5, torch.float32, "cuda")
+    v_posed, _, weights = skin_inputs(4, 700, 5, torch.float32, "cuda")
+    grad_v = torch.randn_like(v_posed)
+    grad_vt = torch.randn(4, 700, 4, 4, device="cuda")
+
+    def step(parents):
+        transforms, feature = ops.rigid_transforms(pose, joints, parents)
+        v, vertex_transforms = ops.skin(v_posed, transforms, weights, True)
+        grad_p, grad_t = ops.skin_backward(grad_v, grad_vt, v_posed, transforms, weights)
+        grads = ops.rigid_transforms_backward(grad_t, feature, pose, joints, parents)
+        return (v, vertex_transforms, grad_p) + tuple(grads)
+
+    for parents in (parents_tensor(FLAME_PARENTS), parents_tensor(FLAME_PARENTS, "cuda")):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            step(parents)  # warm-up outside the graph
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs = step(parents)
+        pose.add_(0.1)  # new inputs in the captured buffers
+        graph.replay()
+        torch.cuda.synchronize()
+        for got, want in zip(outs, step(parents)):
+            assert torch.equal(got, want)

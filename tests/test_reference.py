@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _samples import yaw_degrees
 from flame_ext import medusa_baseline, reference
 
 F64 = torch.float64
@@ -200,7 +201,8 @@ def test_lbs_is_the_composed_steps():
 
 
 def test_rigid_transforms_chain():
-    """A_j against SPEC 3 step 5 written out joint by joint with matrix_exp rotations."""
+    """A_j (the chain with each translation replaced by t_j - R^w_j J_j) written out joint
+    by joint with matrix_exp rotations."""
     model = random_model()
     pose = random_pose(2).view(2, N_JOINTS, 3)
     joints = torch.randn(2, N_JOINTS, 3, dtype=F64)
@@ -342,14 +344,6 @@ def medusa_bins(poses):
     return faces[:, 0]
 
 
-def yaw_degrees(poses, rule):
-    """The unrounded yaw of each sample (to skip exact .5 ties), in float64."""
-    to_matrix = reference.euler_xyz_to_matrix if rule == "medusa" else reference.rodrigues
-    rel = to_matrix(poses[:, :3]) @ to_matrix(poses[:, 3:6])
-    yaw = torch.atan2(-rel[:, 2, 0], rel[:, :2, 0].norm(dim=-1)) * 180 / math.pi
-    return -yaw if rule == "medusa" else yaw
-
-
 def test_contour_bins_match_medusa():
     g = torch.Generator().manual_seed(4)
     poses = (torch.rand(400, 15, generator=g, dtype=F64) * 2 - 1) * 1.2
@@ -431,7 +425,7 @@ def _rodrigues_py(v):
 
 
 def scalar_bin(pose_global, pose_neck, rule):
-    """SPEC 2's contour rule for one sample, in plain Python floats. Also returns the
+    """The contour rule for one sample, in plain Python floats. Also returns the
     unrounded yaw so that callers can skip exact .5 ties."""
     to_matrix = (lambda p: _euler_py(*p)) if rule == "medusa" else _rodrigues_py
     rel = _matmul3(to_matrix(pose_global), to_matrix(pose_neck))

@@ -34,6 +34,10 @@ OPS = (
 
 def _load() -> bool:
     global _loaded, _error
+    # Settled after the first call: read without the lock from then on (the decoders ask
+    # on every call, and torch.compile cannot trace a lock).
+    if _loaded is not None:
+        return _loaded
     with _lock:
         if _loaded is not None:
             return _loaded

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU validation on a lent machine (see the device tool's README), in stages:
+# GPU validation on a CUDA machine, in stages:
 #   env        what we run on (nvidia-smi, torch, nvcc, compute-sanitizer)
 #   build      the extension, with the compiler's resource report (registers, spills)
 #   tests      the whole test suite, CUDA cases included
@@ -8,15 +8,15 @@
 # Logs and JSON land under $OUT (summary.json: rc and seconds per stage; the logs bundled
 # in gpu_check_logs.tar.gz; the benchmark's JSON and PNG).
 #
-#   bash bench/gpu_check.sh                        # every stage (about 20-30 min on an H100)
-#   bash bench/gpu_check.sh env build tests        # a device call is limited to 10 minutes:
-#   bash bench/gpu_check.sh memcheck racecheck     #   split the stages over calls made back
-#   bash bench/gpu_check.sh initcheck synccheck    #   to back (the build stays on a warm
-#   bash bench/gpu_check.sh bench                  #   machine; a stage rebuilds if it is gone)
-#   BENCH_ARGS="--no-fit" bash bench/gpu_check.sh bench   # extra benchmark arguments
+#   bash tools/gpu_check.sh                        # every stage (about 20-30 min on an H100)
+#   bash tools/gpu_check.sh env build tests        # or some stages at a time, in calls
+#   bash tools/gpu_check.sh memcheck racecheck     #   made back to back (the build stays
+#   bash tools/gpu_check.sh initcheck synccheck    #   in the checkout; a stage rebuilds
+#   bash tools/gpu_check.sh bench                  #   if it is gone)
+#   BENCH_ARGS="--no-fit" bash tools/gpu_check.sh bench   # extra benchmark arguments
 #
-# The machine has torch 2.11+cu130 and Python 3.12 and no registry access, so the build
-# uses what is installed: pip install --no-build-isolation --no-deps -e .
+# The build uses the torch already installed, without network access:
+# pip install --no-build-isolation --no-deps -e .
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/flame_ext_gpu_check}

@@ -1,0 +1,122 @@
+"""FLAME parameters -> posed vertices: what FlameShape and FlameShapeLandmark share.
+
+`ParametricDecoder` holds medusa's input rules (the six named inputs, the trainable
+parameters, batch-1 broadcasting and medusa's error messages) and the FLAME math as
+blend -> rigid transforms -> blend with pose correctives -> skinning, run on the step
+functions of whichever path flame_ext._backend chose.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._backend import DecoderModule
+from ._checks import FLOAT_DTYPES, check_count, check_tensor
+
+POSE_NAMES = ("global_pose", "neck_pose", "jaw_pose", "eye_pose")
+INPUT_NAMES = ("shape", "expr") + POSE_NAMES
+
+
+class ParametricDecoder(DecoderModule):
+    """Base of FlameShape and FlameShapeLandmark: FLAME parameters in, posed vertices out.
+
+    The input handling (medusa's inputs, parameters, broadcasting and error messages) and
+    the blend -> rigid transforms -> blend -> skinning pipeline. Subclasses define the
+    six parameters, ``parameters_``, ``n_shape``, ``transforms`` and the tables
+    ``v_template``, ``shape_dirs``, ``pose_dirs``, ``lbs_weights``, ``parents``,
+    ``_J_template``, ``_J_dirs`` (FlameShapeLandmark: restricted to a vertex subset).
+    """
+
+    def get_full_pose(self) -> torch.Tensor:
+        """cat([global_pose, neck_pose, jaw_pose, eye_pose], dim=1): (B, 15)."""
+        return torch.cat([self.global_pose, self.neck_pose, self.jaw_pose, self.eye_pose], dim=1)
+
+    def _gather_inputs(self, batch_size, inputs):
+        unknown = sorted(set(inputs) - set(INPUT_NAMES))
+        if unknown:
+            raise ValueError(f"unknown input(s) {unknown}; valid keys are {INPUT_NAMES}")
+        if not inputs and batch_size is None:
+            raise ValueError("Either inputs or batch_size must be provided!")
+        for name in INPUT_NAMES:
+            if name in inputs and name in self.parameters_:
+                raise ValueError(f"Parameter {name} is also part of inputs!")
+        like = self.v_template
+        if like.dtype not in FLOAT_DTYPES:
+            raise TypeError(
+                f"the model is {like.dtype}; {type(self).__name__} computes in float32 or "
+                "float64 (convert it with .float() or .double())"
+            )
+        for name, value in inputs.items():
+            dim = getattr(self, name).shape[1]
+            check_tensor(name, value, shape=(None, dim), floating=True)
+            if value.dtype != like.dtype:
+                raise TypeError(
+                    f"{name} has dtype {value.dtype} but the model is {like.dtype}; "
+                    "convert one of them (e.g. model.double())"
+                )
+            if value.device != like.device:
+                raise ValueError(f"{name} is on {value.device} but the model is on {like.device}")
+        if batch_size is None:
+            # medusa takes the first input's batch size; with batch-1 inputs broadcasting,
+            # the first one that is not 1 (the same wherever medusa works).
+            sizes = [value.shape[0] for value in inputs.values()]
+            batch_size = next((size for size in sizes if size != 1), sizes[0])
+        check_count("batch_size", batch_size, 0, 2**62)
+        values = {}
+        for name in INPUT_NAMES:
+            value = inputs[name] if name in inputs else getattr(self, name)
+            if value.shape[0] not in (1, batch_size):
+                source = "input" if name in inputs else "parameter"
+                raise ValueError(
+                    f"{source} {name} has batch size {value.shape[0]} but the batch size is "
+                    f"{batch_size}; it must be {batch_size} or 1"
+                )
+            if name not in inputs and (value.dtype != like.dtype or value.device != like.device):
+                # a parameter replaced or converted apart from the buffers
+                raise TypeError(
+                    f"parameter {name} is {value.dtype} on {value.device} but the model's "
+                    f"buffers are {like.dtype} on {like.device}; convert the whole module"
+                )
+            values[name] = value
+        return batch_size, values
+
+    def _decode(self, k, shape, expr, pose):
+        """The FLAME math as blend -> rigid transforms -> blend with correctives -> skinning.
+
+        With one shape row for the whole batch (the fitting case) the identity is blended
+        once and only expression and pose run per sample.
+        """
+        batch_size, num_vertices = pose.shape[0], self.v_template.shape[0]
+        num_joints = self.parents.shape[0]
+        v_dirs = self.shape_dirs.view(num_vertices * 3, -1)
+        v_base, j_base = self.v_template.view(-1), self._J_template
+        j_dirs = self._J_dirs
+        if shape.shape[0] == 1 and batch_size > 1:
+            n = self.n_shape
+            v_base = k.blend(v_base, v_dirs[:, :n], shape)
+            j_base = k.blend(j_base, j_dirs[:, :n], shape)
+            v_dirs, j_dirs, coeffs = v_dirs[:, n:], j_dirs[:, n:], expr.expand(batch_size, -1)
+        else:
+            coeffs = torch.cat(
+                [shape.expand(batch_size, -1), expr.expand(batch_size, -1)], dim=1
+            )
+        pose = pose.view(batch_size, num_joints, 3)
+        tables = (self.pose_dirs, self.parents, self.lbs_weights)
+        want_vertex_transforms = self.transforms == "vertex"
+        # The compiled ops' single autograd node where it applies, else the four steps.
+        fused = k.lbs(v_base, v_dirs, j_base, j_dirs, coeffs, pose, *tables, want_vertex_transforms)
+        if fused is not None:
+            v, vertex_transforms, transforms = fused
+        else:
+            joints = k.blend(j_base, j_dirs, coeffs).view(batch_size, num_joints, 3)
+            transforms, pose_feature = k.rigid_transforms(pose, joints, self.parents)
+            v_posed = k.blend(v_base, v_dirs, coeffs, self.pose_dirs, pose_feature)
+            v, vertex_transforms = k.skin(
+                v_posed.view(batch_size, num_vertices, 3),
+                transforms,
+                self.lbs_weights,
+                want_vertex_transforms,
+            )
+        if want_vertex_transforms:
+            return v, vertex_transforms
+        return v, transforms if self.transforms == "joint" else None

@@ -1,0 +1,234 @@
+"""Tests of flame_ext._backend: the path each decoder takes, build_info's report of it, the
+fallback when the library is missing, and the decoders under torch.compile with their
+default arguments (backend='auto', the inductor backend), as users run them.
+"""
+
+import os
+import warnings
+
+import pytest
+import torch
+
+from _process import in_threads
+from _samples import FULL, SMALL, flame_inputs
+from flame_ext import FlameLandmark, FlameShape, FlameShapeLandmark, FlameTex, _backend, _ops
+from flame_ext import build_info, load_flame_model
+
+
+@pytest.fixture
+def fresh_dynamo():
+    torch.compiler.reset()
+    yield
+    torch.compiler.reset()
+
+
+def _counts():
+    model = load_flame_model(SMALL)
+    return model.n_shape, model.n_expr
+
+
+def _small_decoders(device):
+    """The four decoders on the small model, every argument but the counts at its default."""
+    n_shape, n_expr = _counts()
+    return {
+        "FlameShape": FlameShape(n_shape, n_expr, device=device, model_path=SMALL),
+        "FlameLandmark": FlameLandmark(device=device, model_path=SMALL),
+        "FlameTex": FlameTex(SMALL, n_tex=5).to(device),
+        "FlameShapeLandmark": FlameShapeLandmark(n_shape, n_expr, device=device,
+                                                 model_path=SMALL),
+    }
+
+
+def _call_args(name, module, device, seed=0):
+    """Leaves (requiring grad) and a function of them that calls `module`."""
+    gen = torch.Generator().manual_seed(seed)
+    if name == "FlameLandmark":
+        v = torch.randn(3, module.num_vertices, 3, generator=gen).to(device)
+        poses = (0.3 * torch.randn(3, 15, generator=gen)).to(device)
+        return {"v": v.requires_grad_(True)}, lambda m, v: m(v, poses)
+    if name == "FlameTex":
+        code = torch.randn(3, module.n_tex, generator=gen).to(device)
+        return {"texcode": code.requires_grad_(True)}, lambda m, texcode: m(texcode)
+    inputs = flame_inputs(module, 3, seed, device=device, requires_grad=True)
+    return inputs, lambda m, **kw: m(**kw)
+
+
+def _outputs_and_grads(fn, leaves):
+    out = fn(**leaves)
+    outs = [o for o in (out if isinstance(out, tuple) else (out,)) if o is not None]
+    loss = sum(o.square().sum() for o in outs)
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    return [o.detach() for o in outs], grads
+
+
+# --- the path each decoder takes ----------------------------------------------------------
+
+
+def test_every_decoder_has_its_ops_listed():
+    assert set(_backend.DECODER_OPS) == {
+        "FlameShape", "FlameLandmark", "FlameTex", "FlameShapeLandmark"
+    }
+    for ops in _backend.DECODER_OPS.values():
+        assert ops and all(op in _ops.OPS and f"{op}_backward" in _ops.OPS for op in ops)
+
+
+def test_build_info_reports_the_paths_the_decoders_take(ops, quiet):
+    info = build_info()
+    assert set(info["decoders"]) == set(_backend.DECODER_OPS)
+    for name, paths in info["decoders"].items():
+        assert paths["cpu"] == "ext"  # every op has a CPU kernel
+        for device, path in paths.items():
+            assert path == _backend.resolve("auto", device, name)
+    # the decoders read the same table: a decoder built with 'auto' takes that path
+    for name, module in _small_decoders("cpu").items():
+        assert module.backend == "auto"
+        assert _backend.resolve(module.backend, "cpu", name) == info["decoders"][name]["cpu"]
+
+
+def test_auto_needs_every_op_and_its_backward(ops, monkeypatch):
+    missing = {("skin_backward", "CPU")}
+    monkeypatch.setattr(_ops, "has_kernel", lambda op, key: (op, key) not in missing)
+    monkeypatch.setattr(_backend, "_AUTO", {})
+    _backend.prepare("auto")
+    assert _backend.resolve("auto", "cpu", "FlameShape") == "reference"
+    assert _backend.resolve("auto", "cpu", "FlameShapeLandmark") == "reference"
+    assert _backend.resolve("auto", "cpu", "FlameTex") == "ext"
+    assert _backend.resolve("auto", "cuda", "FlameShape") == "ext"
+
+
+def test_forward_takes_no_lock(ops, quiet, monkeypatch):
+    """Once constructed, a decoder's forward reads plain dicts only: the library's load
+    lock (which torch.compile cannot trace) is never taken."""
+
+    class NoLock:
+        def __enter__(self):
+            raise AssertionError("a forward took the library's load lock")
+
+        def __exit__(self, *exc):
+            return False
+
+    modules = _small_decoders("cpu")
+    monkeypatch.setattr(_ops, "_lock", NoLock())
+    monkeypatch.setattr(_backend, "_warn_lock", NoLock())
+    for name, module in modules.items():
+        leaves, call = _call_args(name, module, "cpu")
+        _outputs_and_grads(lambda **kw: call(module, **kw), leaves)
+    assert _ops.available()
+
+
+def test_fallback_without_the_library_warns_once_at_the_caller(ops, monkeypatch, quiet):
+    """With the library missing, 'auto' decoders run the reference and warn once, naming
+    the caller's line; 'ext' is a clear error."""
+    monkeypatch.setattr(_ops, "_loaded", False)
+    monkeypatch.setattr(_ops, "_error", "OSError: no library here")
+    monkeypatch.setattr(_backend, "_AUTO", {})
+    monkeypatch.setattr(_backend, "_STEPS", {})
+    monkeypatch.setattr(_backend, "_warned_no_ext", False)
+    n_shape, n_expr = _counts()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        shape = FlameShape(n_shape, n_expr, device="cpu", model_path=SMALL)
+        landmark = FlameLandmark(device="cpu", model_path=SMALL)
+    notices = [w for w in caught if "could not be loaded" in str(w.message)]
+    assert len(notices) == 1 and notices[0].category is RuntimeWarning
+    assert "no library here" in str(notices[0].message)
+    assert notices[0].filename == __file__
+    assert _backend.resolve(shape.backend, "cpu", "FlameShape") == "reference"
+    assert _backend.resolve(landmark.backend, "cpu", "FlameLandmark") == "reference"
+    inputs = flame_inputs(shape, 2, 1, dtype=torch.float32)
+    v, R = shape(**inputs)
+    monkeypatch.undo()
+    v0, R0 = FlameShape(n_shape, n_expr, device="cpu", model_path=SMALL,
+                        backend="reference")(**inputs)
+    torch.testing.assert_close(v, v0)
+    torch.testing.assert_close(R, R0)
+    monkeypatch.setattr(_ops, "_loaded", False)
+    monkeypatch.setattr(_ops, "_error", "OSError: no library here")
+    with pytest.raises(RuntimeError, match="backend='ext'.*no library here"):
+        FlameShape(n_shape, n_expr, device="cpu", model_path=SMALL, backend="ext")
+
+
+def test_extension_loading_and_fallback_warning_once(monkeypatch):
+    """available() from many threads at once (the load state reset) loads the library
+    once and agrees; the 'compiled ops could not be loaded' warning is given once however
+    many threads hit it."""
+    loads = []
+    real_load_library = torch.ops.load_library
+
+    def counting_load_library(path):
+        loads.append(path)
+        real_load_library(path)  # the same library again: dlopen returns the loaded one
+
+    monkeypatch.setattr(torch.ops, "load_library", counting_load_library)
+    monkeypatch.setattr(_ops, "_loaded", None)
+    monkeypatch.setattr(_ops, "_error", None)
+    results = in_threads(lambda i: _ops.available(), 8)
+    assert len(set(results)) == 1
+    assert len(loads) == (1 if os.environ.get("FLAME_EXT_LIB") else 0)
+    monkeypatch.setattr(_backend, "_warned_no_ext", False)
+    calls = []
+    monkeypatch.setattr(warnings, "warn", lambda *a, **k: calls.append(a))
+    in_threads(lambda i: _backend._warn_no_extension(), 8)
+    assert len(calls) == 1
+
+
+# --- torch.compile with the default arguments ---------------------------------------------
+
+
+def test_compile_flame_shape_with_every_default(ops, device, fresh_dynamo, monkeypatch, quiet):
+    """`torch.compile(FlameShape(), fullgraph=True)(expr=e)`, the full-size model found
+    through the data variable: the default backend ('auto'), inductor, forward and
+    backward."""
+    monkeypatch.setenv("FLAME_EXT_DATA", FULL)
+    module = FlameShape().to(device)
+    expr = (0.5 * torch.randn(2, 100, generator=torch.Generator().manual_seed(0))).to(device)
+    compiled = torch.compile(module, fullgraph=True)
+    got = _outputs_and_grads(lambda expr: compiled(expr=expr),
+                             {"expr": expr.clone().requires_grad_(True)})
+    want = _outputs_and_grads(lambda expr: module(expr=expr),
+                              {"expr": expr.clone().requires_grad_(True)})
+    for a, b in zip(got[0] + list(got[1]), want[0] + list(want[1])):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["FlameShape", "FlameLandmark", "FlameTex",
+                                  "FlameShapeLandmark"])
+def test_compile_decoder_with_default_backend(ops, device, name, fresh_dynamo, quiet):
+    """Each decoder built with backend='auto', compiled with fullgraph (inductor):
+    outputs and gradients are eager mode's."""
+    module = _small_decoders(device)[name]
+    leaves, call = _call_args(name, module, device)
+    compiled = torch.compile(module, fullgraph=True)
+    got = _outputs_and_grads(lambda **kw: call(compiled, **kw), leaves)
+    want = _outputs_and_grads(lambda **kw: call(module, **kw), leaves)
+    for a, b in zip(got[0] + list(got[1]), want[0] + list(want[1])):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_compile_user_function_calling_the_decoders(ops, device, fresh_dynamo, quiet):
+    """A user's loss (FlameShape -> FlameLandmark, FlameTex) compiled whole with
+    fullgraph: forward and gradients as in eager mode."""
+    modules = _small_decoders(device)
+    shape, landmark, texture = modules["FlameShape"], modules["FlameLandmark"], modules["FlameTex"]
+    target = torch.zeros(3, 68, 3, device=device)
+
+    def loss(expr, jaw_pose, texcode):
+        v, R = shape(expr=expr, jaw_pose=jaw_pose)
+        poses = torch.cat([shape.global_pose.expand(3, -1), shape.neck_pose.expand(3, -1),
+                           jaw_pose, shape.eye_pose.expand(3, -1)], dim=1)
+        lmk = landmark(v, poses)
+        albedo = texture(texcode)
+        return (lmk - target).square().sum() + R.mean() + albedo.mean()
+
+    gen = torch.Generator().manual_seed(3)
+    leaves = {
+        "expr": torch.randn(3, shape.n_expr, generator=gen).to(device),
+        "jaw_pose": (0.2 * torch.randn(3, 3, generator=gen)).to(device),
+        "texcode": torch.randn(3, 5, generator=gen).to(device),
+    }
+    leaves = {k: v.requires_grad_(True) for k, v in leaves.items()}
+    compiled = torch.compile(loss, fullgraph=True)
+    got = _outputs_and_grads(compiled, leaves)
+    want = _outputs_and_grads(loss, leaves)
+    for a, b in zip(got[0] + list(got[1]), want[0] + list(want[1])):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

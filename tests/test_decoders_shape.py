@@ -1,0 +1,512 @@
+"""FlameShape: medusa's API semantics (buffers, parameters, inputs and their errors), its
+outputs and gradients on the three paths (compiled ops, reference, medusa's algorithm),
+properties over any inputs, and agreement of every device with the CPU reference.
+
+Runs on the small synthetic model so float64 gradcheck stays fast; the device checks use
+the full-size one (the kernels' real launch shapes).
+"""
+
+import warnings
+
+import pytest
+import torch
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from _oracle import assert_bad_decoder_input_is_named, assert_error_names, assert_within
+from _oracle import d64, decoder_bound, needs_kernels
+from _samples import (
+    CORRUPTIONS,
+    F32,
+    F64,
+    FULL,
+    NAN,
+    SMALL,
+    dtypes,
+    flame_inputs,
+    lay_out,
+    layouts,
+    model_raw,
+    random_values,
+    seeds,
+    write_pickle,
+)
+from flame_ext import FlameShape, load_flame_model, reference
+from flame_ext.decoders import INPUT_NAMES
+
+BACKENDS = ["ext", "reference", "medusa"]
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    return load_flame_model(SMALL)
+
+
+def _shape(backend="reference", device="cpu", **kwargs):
+    return FlameShape(n_shape=kwargs.pop("n_shape", None) or load_flame_model(SMALL).n_shape,
+                      n_expr=kwargs.pop("n_expr", None) or load_flame_model(SMALL).n_expr,
+                      device=device, model_path=SMALL, backend=backend, **kwargs)
+
+
+# --- medusa's API semantics ---------------------------------------------------------------
+
+
+def test_buffers_and_parameters_match_medusa(small_model):
+    m = _shape()
+    V, K = small_model.v_template.shape[0], small_model.n_shape + small_model.n_expr
+    J = small_model.parents.shape[0]
+    assert m.tris.dtype == torch.int64 and m.tris.shape == small_model.faces.shape
+    assert m.v_template.shape == (V, 3) and m.v_template.dtype == torch.float32
+    assert m.shape_dirs.shape == (V, 3, K)
+    assert m.pose_dirs.shape == (9 * (J - 1), 3 * V)
+    assert m.J_regressor.shape == (J, V)
+    assert m.parents.tolist()[0] == -1 and m.parents.dtype == torch.int64
+    assert m.lbs_weights.shape == (V, J)
+    assert set(m.state_dict()) == {
+        "tris", "v_template", "shape_dirs", "pose_dirs", "J_regressor", "parents",
+        "lbs_weights", "shape", "expr", "eye_pose", "neck_pose", "jaw_pose", "global_pose"}
+    sizes = {"shape": small_model.n_shape, "expr": small_model.n_expr, "eye_pose": 6}
+    for name in INPUT_NAMES:
+        p = getattr(m, name)
+        assert isinstance(p, torch.nn.Parameter) and p.shape == (1, sizes.get(name, 3))
+        assert not p.requires_grad and torch.count_nonzero(p) == 0
+
+
+def test_shape_dirs_columns_select_shape_then_expression(small_model):
+    m = _shape(n_shape=2, n_expr=3)
+    S = small_model.n_shape
+    expected = torch.from_numpy(small_model.shapedirs[:, :, [0, 1, S, S + 1, S + 2]]).float()
+    torch.testing.assert_close(m.shape_dirs, expected)
+    pose_dirs = torch.from_numpy(small_model.posedirs.reshape(-1, small_model.posedirs.shape[2]).T)
+    torch.testing.assert_close(m.pose_dirs, pose_dirs.float())
+
+
+def test_parameters_trainable_and_init_parameters():
+    init = torch.full((1, 3), 0.1)
+    m = _shape(parameters=["jaw_pose", "expr"], jaw_pose=init)
+    assert m.parameters_ == ["jaw_pose", "expr"]
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert trainable == {"jaw_pose", "expr"}
+    torch.testing.assert_close(m.jaw_pose.detach(), init)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"n_shape": 10**6}, "n_shape"),
+    ({"n_expr": -1}, "n_expr"),
+    ({"parameters": ["nose"]}, "nose"),
+    ({"transforms": "all"}, "transforms"),
+    ({"backend": "fast"}, "backend"),
+    ({"jaw_pose": torch.zeros(1, 4)}, "jaw_pose"),
+])
+def test_constructor_rejects_bad_arguments(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        _shape(**kwargs)
+
+
+def test_unknown_init_parameter_names_valid_keys():
+    with pytest.raises(ValueError, match="global_pose"):
+        _shape(nose=torch.zeros(1, 3))
+
+
+def test_forward_error_messages_match_medusa():
+    m = _shape(parameters=["shape"])
+    with pytest.raises(ValueError, match="^Either inputs or batch_size must be provided!$"):
+        m()
+    with pytest.raises(ValueError, match="^Parameter shape is also part of inputs!$"):
+        m(shape=torch.randn(2, m.n_shape))
+
+
+def test_unknown_input_key_names_the_valid_keys():
+    m = _shape()
+    with pytest.raises(ValueError, match="pose.*valid keys.*global_pose"):
+        m(pose=torch.randn(2, 3))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_size_inference_and_broadcasting(backend):
+    m = _shape(backend)
+    gen = torch.Generator().manual_seed(0)
+    v, R = m(batch_size=4)
+    assert v.shape == (4, m.v_template.shape[0], 3) and R.shape == (4, m.v_template.shape[0], 4, 4)
+    inputs = flame_inputs(m, 5, gen)
+    v, _ = m(expr=inputs["expr"])  # batch size from the first input
+    assert v.shape[0] == 5
+    # a batch-1 input broadcasts like a parameter
+    shared = inputs["shape"][:1]
+    v_b, _ = m(shape=shared, expr=inputs["expr"])
+    v_e, _ = m(shape=shared.expand(5, -1).contiguous(), expr=inputs["expr"])
+    torch.testing.assert_close(v_b, v_e, rtol=1e-5, atol=1e-6)
+
+
+def test_batch_mismatch_names_key_and_sizes():
+    m = _shape()
+    with pytest.raises(ValueError, match="jaw_pose.*3.*5"):
+        m(expr=torch.randn(5, m.n_expr), jaw_pose=torch.randn(3, 3))
+
+
+@pytest.mark.parametrize("bad, exc, match", [
+    (torch.randn(2, 7, dtype=torch.float32), ValueError, "shape"),     # wrong width
+    (torch.randn(2, 2, 2), ValueError, "shape"),                         # wrong rank
+    (torch.randn(2, 3, dtype=torch.float64), TypeError, "dtype"),        # model is float32
+    (torch.randint(0, 3, (2, 3)), TypeError, "jaw_pose"),                # integer
+    ([[0.0, 0.0, 0.0]], TypeError, "jaw_pose"),                          # not a tensor
+])
+def test_bad_inputs_raise_clear_errors(bad, exc, match):
+    m = _shape()
+    with pytest.raises(exc, match=match):
+        m(jaw_pose=bad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_get_full_pose_order(backend):
+    m = _shape(backend, global_pose=torch.full((1, 3), 1.0), neck_pose=torch.full((1, 3), 2.0),
+               jaw_pose=torch.full((1, 3), 3.0), eye_pose=torch.full((1, 6), 4.0))
+    assert m.get_full_pose().tolist() == [[1.0] * 3 + [2.0] * 3 + [3.0] * 3 + [4.0] * 6]
+
+
+@given(
+    n_shape=st.one_of(st.integers(-3, 9), st.floats(0, 6), st.booleans(), st.none(), st.text(max_size=2)),
+    n_expr=st.one_of(st.integers(-3, 6), st.none()),
+)
+def test_flame_shape_counts_are_checked(n_shape, n_expr):
+    valid = lambda n, high: isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= high  # noqa: E731
+    # No components at all: test_flame_shape_without_components.
+    assume((n_shape, n_expr) != (0, 0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if valid(n_shape, 6) and valid(n_expr, 4):
+            module = FlameShape(n_shape, n_expr, device="cpu", model_path=SMALL)
+            assert module.shape_dirs.shape[2] == n_shape + n_expr
+            return
+        with pytest.raises((ValueError, TypeError)) as info:
+            FlameShape(n_shape, n_expr, device="cpu", model_path=SMALL)
+    assert_error_names(info, "n_shape" if not valid(n_shape, 6) else "n_expr")
+
+
+@pytest.mark.parametrize("name", INPUT_NAMES)
+@given(how=st.sampled_from(CORRUPTIONS + ("batch",)), variant=st.integers(0, 11),
+       backend=st.sampled_from(["ext", "reference", "medusa"]))
+def test_flame_shape_bad_input_is_named(decoder_cache, device, name, how, variant, backend):
+    needs_kernels(device, "blend")  # building the modules runs no kernel, but keep it simple
+    gen = torch.Generator().manual_seed(variant)
+    module = decoder_cache("shape", backend, F32, device, "vertex")
+    good = {n: torch.rand(3, getattr(module, n).shape[1], generator=gen).to(device)
+            for n in INPUT_NAMES}
+    assert_bad_decoder_input_is_named(lambda args: module(**args), good, name, how, variant)
+
+
+# --- models it cannot or can barely use ---------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["ext", "reference", "medusa"])
+def test_flame_shape_refuses_a_model_without_five_joints(tmp_path, backend, quiet):
+    path = write_pickle(tmp_path / "generic_model.pkl", model_raw(J=7))
+    with pytest.raises(ValueError, match=rf"{path}.*7 joints"):
+        FlameShape(4, 3, device="cpu", model_path=path, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["ext", "reference", "medusa"])
+def test_flame_shape_without_components(backend, quiet):
+    """n_shape = n_expr = 0 is in range (0..the model's counts): the mean shape, posed."""
+    module = FlameShape(0, 0, device="cpu", model_path=SMALL, backend=backend).double()
+    pose = 0.3 * torch.randn(2, 15, generator=torch.Generator().manual_seed(0), dtype=F64)
+    v, _ = module(global_pose=pose[:, :3], neck_pose=pose[:, 3:6], jaw_pose=pose[:, 6:9],
+                  eye_pose=pose[:, 9:])
+    want, _ = reference.lbs(torch.zeros(1, 0, dtype=F64), pose, module.v_template,
+                            module.shape_dirs, module.pose_dirs, module.J_regressor,
+                            module.parents, module.lbs_weights)
+    torch.testing.assert_close(v, want)
+
+
+# --- outputs and the three paths ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["ext", "reference"])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("shared", [False, True])
+def test_paths_agree_with_medusa_float64(backend, batch, shared):
+    gen = torch.Generator().manual_seed(batch)
+    m, base = _shape(backend).double(), _shape("medusa").double()
+    inputs = flame_inputs(m, batch, gen, scale=0.5)
+    if shared:
+        inputs["shape"] = inputs["shape"][:1]
+    v, R = m(**inputs)
+    v0, R0 = base(**inputs)
+    torch.testing.assert_close(v, v0, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(R, R0, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("backend", ["ext", "reference"])
+def test_paths_agree_with_medusa_float32(backend):
+    # float32: 400-term blend sums of ~1e-3 magnitudes and a chain of 3 rigid transforms,
+    # so a few ulps of the ~0.1 m coordinates: 1e-5 absolute is ~100 ulps of headroom.
+    gen = torch.Generator().manual_seed(7)
+    m, base = _shape(backend), _shape("medusa")
+    inputs = flame_inputs(m, 4, gen, scale=0.5)
+    v, R = m(**inputs)
+    v0, R0 = base(**inputs)
+    torch.testing.assert_close(v, v0, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(R, R0, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["ext", "reference"])
+def test_transforms_option(backend):
+    gen = torch.Generator().manual_seed(1)
+    full = _shape(backend).double()
+    inputs = flame_inputs(full, 2, gen)
+    v, R = full(**inputs)
+    v_j, A = _shape(backend, transforms="joint").double()(**inputs)
+    v_n, none = _shape(backend, transforms="none").double()(**inputs)
+    assert none is None and A.shape == (2, full.parents.shape[0], 4, 4)
+    torch.testing.assert_close(v_j, v)
+    torch.testing.assert_close(v_n, v)
+    # R is the lbs_weights blend of the per-joint transforms
+    torch.testing.assert_close(torch.einsum("vj,bjxy->bvxy", full.lbs_weights, A), R)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shared", [False, True])
+def test_gradcheck_every_input(backend, shared):
+    gen = torch.Generator().manual_seed(3)
+    m = _shape(backend, n_shape=3, n_expr=2).double()
+    inputs = flame_inputs(m, 2, gen, scale=0.4)
+    if shared:
+        inputs["shape"] = inputs["shape"][:1]
+    names = list(inputs)
+
+    def fn(*values):
+        v, R = m(**dict(zip(names, values)))
+        return v, R
+
+    values = tuple(t.requires_grad_(True) for t in inputs.values())
+    # fast_mode checks random projections of the Jacobian (the op tests do full checks)
+    assert torch.autograd.gradcheck(fn, values, eps=1e-6, atol=1e-7, fast_mode=True)
+
+
+def test_gradients_reach_trainable_parameters():
+    m = _shape("ext", parameters=["shape", "expr", "global_pose", "neck_pose", "jaw_pose",
+                                  "eye_pose"])
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.3)
+    v, R = m(batch_size=3)
+    (v.square().sum() + R.sum()).backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and torch.count_nonzero(p.grad) > 0, name
+
+
+def test_state_dict_round_trip_recomputes_joint_basis():
+    a, b = _shape(), _shape()
+    state = a.state_dict()
+    state["shape_dirs"] = state["shape_dirs"] * 1.5
+    b.load_state_dict(state)
+    gen = torch.Generator().manual_seed(5)
+    inputs = flame_inputs(b, 2, gen)
+    v, _ = b(**inputs)
+    ref = _shape("medusa")
+    ref.load_state_dict(state)
+    v0, _ = ref(**inputs)
+    torch.testing.assert_close(v, v0, rtol=1e-4, atol=1e-5)
+
+
+def test_module_in_an_unsupported_dtype_is_named():
+    m = _shape("ext").half()
+    with pytest.raises(TypeError, match="float32 or float64"):
+        m(batch_size=1)
+    m = _shape("ext")
+    m.jaw_pose = torch.nn.Parameter(torch.zeros(1, 3, dtype=torch.float64))
+    with pytest.raises(TypeError, match="parameter jaw_pose"):
+        m(batch_size=2)
+
+
+def test_zero_batch():
+    m = _shape("ext")
+    v, R = m(batch_size=0)
+    assert v.shape == (0, m.v_template.shape[0], 3) and R.shape[0] == 0
+
+
+def test_nan_in_gives_nan_out():
+    m = _shape("ext")
+    expr = torch.randn(2, m.n_expr)
+    expr[1, 0] = float("nan")
+    v, _ = m(expr=expr)
+    assert torch.isfinite(v[0]).all() and torch.isnan(v[1]).any()
+
+
+# --- properties: any inputs, against the float64 reference path ---------------------------
+
+
+@st.composite
+def shape_cases(draw):
+    return dict(
+        batch=draw(st.sampled_from([0, 1, 2, 5])),
+        names=draw(st.lists(st.sampled_from(INPUT_NAMES), unique=True, max_size=6)),
+        broadcast=draw(st.lists(st.booleans(), min_size=6, max_size=6)),
+        layouts=draw(st.lists(layouts, min_size=6, max_size=6)),
+        dtype=draw(dtypes),
+        seed=draw(seeds),
+        scale=draw(st.sampled_from([0.05, 0.5, 1.5])),
+        transforms=draw(st.sampled_from(["vertex", "joint", "none"])),
+        backend=draw(st.sampled_from(["ext", "medusa"])),
+        # NaN inputs on the compiled path only: the medusa baseline reproduces medusa's
+        # NaN spreading (a NaN joint reaches R's constant bottom row through 0 * NaN).
+        nan_input=draw(st.one_of(st.none(), st.integers(0, 5))),
+        grad=draw(st.booleans()),
+    )
+
+
+@given(case=shape_cases())
+def test_flame_shape_matches_reference(decoder_cache, device, case):
+    needs_kernels(device, "blend", "skin")
+    transforms = "vertex" if case["backend"] == "medusa" else case["transforms"]
+    module = decoder_cache("shape", case["backend"], case["dtype"], device, transforms)
+    oracle = decoder_cache("shape", "reference", F64, "cpu", transforms)
+    batch, inputs = case["batch"], {}
+    for i, name in enumerate(case["names"]):
+        rows = 1 if case["broadcast"][i] else batch
+        x = random_values(case["seed"] + i, (rows, getattr(module, name).shape[1]), case["scale"])
+        if case["nan_input"] == i and case["backend"] == "ext" and x.numel():
+            x.view(-1)[-1] = NAN
+        x = lay_out(x.to(case["dtype"]), case["layouts"][i], device)
+        inputs[name] = x.detach().requires_grad_(case["grad"])
+    # medusa takes the batch from the first input; all of batch 1 (or none) need it given.
+    explicit = all(x.shape[0] == 1 for x in inputs.values()) and batch != 1
+    kwargs = dict(batch_size=batch) if explicit or not inputs else {}
+    v, R = module(**kwargs, **inputs)
+    v0, R0 = oracle(**kwargs, **{n: d64(x).requires_grad_(case["grad"]) for n, x in inputs.items()})
+    assert v.shape == (batch, module.v_template.shape[0], 3) and v.dtype == case["dtype"]
+    assert (R is None) == (transforms == "none")
+    outputs = [(v, v0, "v")] + ([(R, R0, "R")] if R is not None else [])
+    for got, exact, what in outputs:
+        assert_within(got, exact.detach(), decoder_bound(exact.detach(), case["dtype"]), what,
+                      exact_nan=False)
+    if not case["grad"] or not inputs:
+        return
+    # batch 0 included: the backward of an empty batch must run too (empty gradients)
+    grads = [random_values(case["seed"] + 20 + i, got.shape) for i, (got, _, _) in enumerate(outputs)]
+    got_g = torch.autograd.grad([o[0] for o in outputs], list(inputs.values()),
+                                [g.to(v) for g in grads])
+    oracle_inputs = [d64(x).requires_grad_(True) for x in inputs.values()]
+    v0, R0 = oracle(**kwargs, **dict(zip(inputs, oracle_inputs)))
+    want_g = torch.autograd.grad([v0, R0][: len(outputs)], oracle_inputs, grads)
+    for name, got, exact in zip(inputs, got_g, want_g):
+        # A gradient sums over every vertex (and sample, for a broadcast input).
+        magnitude = exact.abs().nan_to_num(nan=0.0, posinf=0.0)
+        scale = (magnitude.amax().item() if magnitude.numel() else 0.0) + 1.0
+        assert_within(got, exact, decoder_bound(exact, case["dtype"], scale) * 10,
+                      f"grad {name}", exact_nan=False, keep_sample_nan=False)
+
+
+# --- every device against the CPU reference (full-size model) -----------------------------
+
+
+def _full_pair(decoder_cache, device, transforms="vertex"):
+    """FlameShape on the full-size model: the float64 reference on the CPU, and the
+    compiled ops on `device`."""
+    cpu = decoder_cache("shape", "reference", F64, "cpu", transforms, FULL)
+    return cpu, decoder_cache("shape", "ext", F64, device, transforms, FULL)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("batch", [1, 7, 300])
+def test_device_matches_cpu_reference_float64(ops, device, batch, shared, decoder_cache):
+    cpu, module = _full_pair(decoder_cache, device)
+    inputs = flame_inputs(cpu, batch, batch, shared=shared)
+    v0, R0 = cpu(**inputs)
+    v, R = module(**{k: t.to(device) for k, t in inputs.items()})
+    torch.testing.assert_close(v.cpu(), v0, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(R.cpu(), R0, rtol=1e-9, atol=1e-12)
+
+
+def _grads(module, inputs, device):
+    """Gradients of a loss on v and R w.r.t. every input, moved to the CPU."""
+    leaves = {k: t.detach().to(device).requires_grad_(True) for k, t in inputs.items()}
+    v, R = module(**leaves)
+    (v.square().sum() + R.sum()).backward()
+    return {k: t.grad.cpu() for k, t in leaves.items()}
+
+
+def test_device_gradients_match_cpu_reference(ops, device, decoder_cache):
+    cpu, module = _full_pair(decoder_cache, device)
+    inputs = flame_inputs(cpu, 5, 3)
+    want, got = _grads(cpu, inputs, "cpu"), _grads(module, inputs, device)
+    for name in inputs:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["per-sample", "shared"])
+def test_gradients_above_the_small_batch_path(ops, device, shared, decoder_cache):
+    """B = 33 > 16: blend takes cuBLAS on a GPU (BLAS on the CPU) forward and backward;
+    values and gradients stay the float64 reference's."""
+    cpu, module = _full_pair(decoder_cache, device)
+    inputs = flame_inputs(cpu, 33, 17, shared=shared)
+    v0, R0 = cpu(**inputs)
+    v, R = module(**{k: t.to(device) for k, t in inputs.items()})
+    torch.testing.assert_close(v.cpu(), v0, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(R.cpu(), R0, rtol=1e-9, atol=1e-12)
+    want, got = _grads(cpu, inputs, "cpu"), _grads(module, inputs, device)
+    for name in inputs:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
+def test_deterministic_mode_above_the_small_batch_path(ops, device, dtype, deterministic, quiet):
+    """torch.use_deterministic_algorithms(True) at B = 33 > 16 (where blend would take
+    cuBLAS): runs without an error, and two runs give the same bits, values and
+    gradients."""
+    module = FlameShape(device=device, model_path=FULL, backend="ext").to(dtype)
+
+    def run():
+        inputs = flame_inputs(module, 33, 21, requires_grad=True)
+        v, R = module(**inputs)
+        grads = torch.autograd.grad(v.square().sum() + R.square().sum(), list(inputs.values()))
+        return [v, R, *grads]
+
+    first, second = run(), run()
+    for a, b in zip(first, second):
+        assert torch.equal(a, b) and not a.isnan().any()
+
+
+# --- CUDA only ----------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+def test_backward_captures_in_a_cuda_graph(ops, quiet):
+    shape = FlameShape(device="cuda", model_path=FULL, backend="ext", transforms="none")
+    static = flame_inputs(shape, 8, 0, requires_grad=True)
+
+    def step():
+        for t in static.values():
+            t.grad = None
+        v, _ = shape(**static)
+        v.square().sum().backward()
+
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    # The warm-up left .grad set: captured with it, the graph's backward would add to
+    # it, and a replay would give 2g. Captured with none, it writes fresh gradients.
+    for t in static.values():
+        t.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        v, _ = shape(**static)
+        v.square().sum().backward()
+    graph.replay()
+    captured = {k: t.grad.clone() for k, t in static.items()}
+    step()
+    for k, t in static.items():
+        torch.testing.assert_close(captured[k], t.grad)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second CUDA device")
+def test_second_device(ops, quiet):
+    cpu = FlameShape(device="cpu", model_path=FULL, backend="reference")
+    other = FlameShape(device="cuda:1", model_path=FULL, backend="ext")
+    inputs = flame_inputs(cpu, 4, 5)
+    v0, _ = cpu(**inputs)
+    v, _ = other(**{k: t.to("cuda:1") for k, t in inputs.items()})
+    assert v.device == torch.device("cuda:1")
+    torch.testing.assert_close(v.cpu(), v0, rtol=1e-4, atol=1e-5)
