@@ -27,6 +27,8 @@ RODRIGUES_EPS = 1e-8
 # yaw -1..-39, with everything below -39 in the last bin.
 _MAX_YAW = 39
 _LAST_BIN = 78
+# The bin of a sample whose global or neck pose is not finite: NaN contour points.
+NO_CONTOUR_BIN = -1
 
 
 def _eye3(like: torch.Tensor) -> torch.Tensor:
@@ -244,7 +246,9 @@ def contour_bins(poses: torch.Tensor, rule: str = "medusa") -> torch.Tensor:
 
     poses as FlameShape.get_full_pose(): global, neck, jaw, eyes. rel = R_global @ R_neck
     (the neck chain [1, 0]). 'medusa' reads each pose as Euler 'XYZ' angles and negates
-    the yaw; 'deca' uses Rodrigues and the positive yaw. No gradient.
+    the yaw; 'deca' uses Rodrigues and the positive yaw. Computed in float64 whatever the
+    dtype of poses (as the kernels do, so every backend picks the same bin). A sample whose
+    global or neck pose is not finite has no bin: NO_CONTOUR_BIN. No gradient.
     """
     if rule not in CONTOUR_RULES:
         raise ValueError(f"rule must be one of {CONTOUR_RULES}, got {rule!r}")
@@ -254,7 +258,7 @@ def contour_bins(poses: torch.Tensor, rule: str = "medusa") -> torch.Tensor:
             f"poses must have shape (B, 3J) with J >= 2 (global, neck, ...), "
             f"got {tuple(poses.shape)}"
         )
-    poses = poses.detach()
+    poses = poses.detach().double()
     to_matrix = euler_xyz_to_matrix if rule == "medusa" else rodrigues
     rel = to_matrix(poses[:, 0:3]) @ to_matrix(poses[:, 3:6])
     yaw = torch.atan2(-rel[:, 2, 0], torch.sqrt(rel[:, 0, 0] ** 2 + rel[:, 1, 0] ** 2))
@@ -263,16 +267,17 @@ def contour_bins(poses: torch.Tensor, rule: str = "medusa") -> torch.Tensor:
     # Same operation order as medusa (x * 180 / pi, not x * (180 / pi)): the rounding
     # differs in the last bit, which matters next to a .5 tie.
     degrees = yaw * 180.0 / math.pi
-    # Clamping below and mapping NaN to -40 changes no bin (all of them land in the last
-    # one, as medusa's integer cast of NaN does on the CPU) but keeps the cast to int64
-    # defined.
+    # Clamping below changes no bin (all of them land in the last one); NaN is mapped
+    # to -40 only to keep the cast to int64 defined, and then to NO_CONTOUR_BIN.
+    finite = ~torch.isnan(degrees)
     degrees = torch.nan_to_num(degrees, nan=-40.0).clamp(min=-40.0, max=float(_MAX_YAW))
     y = torch.round(degrees).to(torch.int64)
-    return torch.where(
+    bins = torch.where(
         y >= 0,
         y,
         torch.where(y >= -_MAX_YAW, _MAX_YAW - y, torch.full_like(y, _LAST_BIN)),
     )
+    return torch.where(finite, bins, torch.full_like(bins, NO_CONTOUR_BIN))
 
 
 def _barycentric(v, face_vertices, bary):
@@ -341,10 +346,14 @@ def landmarks(
     check_same("poses", poses, v, "v")
 
     bins = contour_bins(poses, contour_rule)
-    faces = dynamic_lmk_faces_idx.index_select(0, bins)
+    rows = bins.clamp(min=0)
+    faces = dynamic_lmk_faces_idx.index_select(0, rows)
     face_vertices = tris.index_select(0, faces.reshape(-1)).view(batch, n_contour, 3)
-    bary = dynamic_lmk_bary_coords.index_select(0, bins)
+    bary = dynamic_lmk_bary_coords.index_select(0, rows)
     contour = _barycentric(v, face_vertices, bary)
+    # No bin (a non-finite global or neck pose): NaN contour points, without gradient.
+    has_bin = (bins >= 0).view(batch, 1, 1)
+    contour = torch.where(has_bin, contour, torch.full_like(contour, float("nan")))
     return torch.cat([contour, static], dim=1)
 
 

@@ -235,16 +235,34 @@ def test_rules_differ(lmk, device):
 
 
 @pytest.mark.parametrize("rule", RULES)
-def test_nan_pose_selects_last_bin(lmk, device, dtype, rule):
+def test_non_finite_pose_gives_nan_contour_points(lmk, device, dtype, rule):
+    """A NaN or infinite global or neck pose has no contour bin: its 17 (here 5) contour
+    points are NaN, without gradient; the static points and the other samples are not
+    touched. The reference answers the same."""
     tables = random_tables(dtype, device)
-    v = random_vertices(3, dtype, device)
-    poses = random_poses(3, rule, dtype, device)
+    v = random_vertices(4, dtype, device)
+    poses = random_poses(4, rule, dtype, device)
     poses[1, 4] = float("nan")
     poses[2, 0] = float("inf")
+    poses[3, 9] = float("nan")  # the jaw: not read by the bin rule
     out, bins = lmk._op(v, poses, *tables.values(), lmk.CONTOUR_RULES[rule])
-    assert bins[1:].tolist() == [78, 78]
-    assert torch.equal(bins[:1], reference.contour_bins(poses[:1], rule))
-    assert torch.isfinite(out).all()  # the pose picks rows; it never enters the values
+    assert bins[1:3].tolist() == [-1, -1]
+    assert torch.equal(bins, reference.contour_bins(poses, rule))
+    assert torch.isnan(out[1:3, :N_CONTOUR]).all()
+    assert torch.isfinite(out[1:3, N_CONTOUR:]).all()
+    assert torch.isfinite(out[0]).all() and torch.isfinite(out[3]).all()
+    want = reference.landmarks(v, poses, *tables.values(), contour_rule=rule)
+    tol = F64_TOL if dtype == F64 else F32_TOL
+    torch.testing.assert_close(out, want, equal_nan=True, **tol)
+    # The NaN points are constants: gradients of the finite ones only, as the reference's.
+    grads = []
+    for fn in (lambda x: lmk.landmarks(x, poses, contour_rule=rule, **tables),
+               lambda x: reference.landmarks(x, poses, *tables.values(), contour_rule=rule)):
+        x = v.clone().requires_grad_()
+        fn(x).nan_to_num(0.0).sum().backward()
+        grads.append(x.grad)
+    assert torch.isfinite(grads[0]).all()
+    torch.testing.assert_close(grads[0], grads[1], **tol)
 
 
 def test_fewer_bins_clamped(lmk, device):

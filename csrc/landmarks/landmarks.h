@@ -21,6 +21,9 @@ constexpr int64_t kContourDeca = 2;
 // and everything below -39 shares the last one.
 constexpr int64_t kMaxContourYaw = 39;
 constexpr int64_t kLastContourBin = 78;
+// The bin of a sample whose global or neck pose is not finite: its contour landmarks are
+// NaN and get no gradient.
+constexpr int64_t kNoContourBin = -1;
 
 // The sizes of one call, as the launchers check them and the kernels read them.
 struct LandmarkSizes {
@@ -67,12 +70,15 @@ FLAME_HD int64_t contour_bin_of_yaw(int64_t y, int64_t num_bins) {
 // The contour bin of one sample from its pose vector (global 0:3, neck 3:6, ...).
 // rel = R_global @ R_neck; yaw = atan2(-rel[2,0], sqrt(rel[0,0]^2 + rel[1,0]^2)) in
 // degrees, negated for medusa's rule, clamped above at 39 and rounded half to even.
-// A NaN yaw (NaN or infinite pose) goes to the last bin, where medusa's eager code puts
-// it on the CPU (its int64 cast of NaN is the most negative integer): the bin stays a
-// valid row, and the landmarks stay those of the mesh.
+// Computed in double whatever the pose's dtype (as the reference does), so that the CPU
+// loops and the CUDA kernels (other float rounding: device atan2f, contracted FMAs) agree
+// on the bin of a float32 pose except within ~1e-13 degrees of a .5 tie. A NaN yaw (a NaN
+// or infinite global or neck pose) has no bin: kNoContourBin.
 template <typename scalar_t>
-FLAME_HD int64_t contour_bin(const scalar_t* pose, int64_t rule, int64_t num_bins) {
-  Mat3<scalar_t> rg, rn;
+FLAME_HD int64_t contour_bin(const scalar_t* pose_in, int64_t rule, int64_t num_bins) {
+  double pose[6];
+  for (int i = 0; i < 6; ++i) pose[i] = static_cast<double>(pose_in[i]);
+  Mat3<double> rg, rn;
   if (rule == kContourDeca) {
     rg = rodrigues(pose);
     rn = rodrigues(pose + 3);
@@ -81,16 +87,16 @@ FLAME_HD int64_t contour_bin(const scalar_t* pose, int64_t rule, int64_t num_bin
     rn = euler_xyz_to_matrix(pose + 3);
   }
   // Only the first column of rel is needed: rel[:, 0] = R_global @ R_neck[:, 0].
-  scalar_t c[3];
+  double c[3];
   for (int i = 0; i < 3; ++i)
     c[i] = rg.m[3 * i] * rn.m[0] + rg.m[3 * i + 1] * rn.m[3] + rg.m[3 * i + 2] * rn.m[6];
-  scalar_t yaw = hd_atan2(-c[2], hd_sqrt(c[0] * c[0] + c[1] * c[1]));
+  double yaw = hd_atan2(-c[2], hd_sqrt(c[0] * c[0] + c[1] * c[1]));
   if (rule != kContourDeca) yaw = -yaw;
   // (yaw * 180) / pi in that order, as the reference writes it: next to a .5 tie the
   // last bit decides the bin.
-  scalar_t deg = yaw * scalar_t(180) / scalar_t(3.14159265358979323846);
-  if (!(deg == deg)) return contour_bin_of_yaw(-kMaxContourYaw - 1, num_bins);
-  if (deg > scalar_t(kMaxContourYaw)) deg = scalar_t(kMaxContourYaw);
+  double deg = yaw * 180.0 / 3.14159265358979323846;
+  if (!(deg == deg)) return kNoContourBin;
+  if (deg > double(kMaxContourYaw)) deg = double(kMaxContourYaw);
   // |deg| <= 90 after the NaN test, so the conversion is exact and defined.
   return contour_bin_of_yaw(static_cast<int64_t>(lmk_rint(deg)), num_bins);
 }

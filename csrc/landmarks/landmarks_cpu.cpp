@@ -1,7 +1,9 @@
 // CPU implementation of flame_ext::landmarks and flame_ext::landmarks_backward: argument
 // checks, then loops over samples that call the shared math of landmarks.h.
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <tuple>
 #include <vector>
 
@@ -89,12 +91,16 @@ std::tuple<at::Tensor, at::Tensor> landmarks_cpu(
         if (contour) {
           const int64_t bin = contour_bin(poses_p + b * pose_stride, contour_rule, s.num_bins);
           bins_p[b] = bin;
-          const int64_t* row_faces = dyn_faces_p + bin * s.n_contour;
-          const scalar_t* row_bary = dyn_bary_p + bin * s.n_contour * 3;
-          for (int64_t l = 0; l < s.n_contour; ++l) {
-            const int64_t* c = checked_corners(tris_p, row_faces[l], s.num_faces,
-                                               s.num_vertices, "dynamic_lmk_faces_idx");
-            barycentric_point(vb, c, row_bary + 3 * l, out + 3 * l);
+          if (bin == kNoContourBin) {  // a non-finite global or neck pose
+            std::fill(out, out + 3 * s.n_contour, std::numeric_limits<scalar_t>::quiet_NaN());
+          } else {
+            const int64_t* row_faces = dyn_faces_p + bin * s.n_contour;
+            const scalar_t* row_bary = dyn_bary_p + bin * s.n_contour * 3;
+            for (int64_t l = 0; l < s.n_contour; ++l) {
+              const int64_t* c = checked_corners(tris_p, row_faces[l], s.num_faces,
+                                                 s.num_vertices, "dynamic_lmk_faces_idx");
+              barycentric_point(vb, c, row_bary + 3 * l, out + 3 * l);
+            }
           }
           out += 3 * s.n_contour;
         }
@@ -146,14 +152,18 @@ at::Tensor landmarks_backward_cpu(const at::Tensor& grad_lmk_in, const at::Tenso
         const scalar_t* g = g_p + b * n_lmk * 3;
         if (contour) {
           const int64_t bin = bins_p[b];
-          TORCH_CHECK(in_range(bin, s.num_bins), "flame_ext::landmarks_backward: bins[", b,
-                      "] = ", bin, ", out of range for ", s.num_bins, " bins");
-          const int64_t* row_faces = dyn_faces_p + bin * s.n_contour;
-          const scalar_t* row_bary = dyn_bary_p + bin * s.n_contour * 3;
-          for (int64_t l = 0; l < s.n_contour; ++l) {
-            const int64_t* c = checked_corners(tris_p, row_faces[l], s.num_faces,
-                                               s.num_vertices, "dynamic_lmk_faces_idx");
-            barycentric_scatter(gv, c, row_bary + 3 * l, g + 3 * l);
+          TORCH_CHECK(bin == kNoContourBin || in_range(bin, s.num_bins),
+                      "flame_ext::landmarks_backward: bins[", b, "] = ", bin,
+                      ", out of range for ", s.num_bins, " bins");
+          // kNoContourBin: the contour points were NaN constants, with no gradient.
+          if (bin != kNoContourBin) {
+            const int64_t* row_faces = dyn_faces_p + bin * s.n_contour;
+            const scalar_t* row_bary = dyn_bary_p + bin * s.n_contour * 3;
+            for (int64_t l = 0; l < s.n_contour; ++l) {
+              const int64_t* c = checked_corners(tris_p, row_faces[l], s.num_faces,
+                                                 s.num_vertices, "dynamic_lmk_faces_idx");
+              barycentric_scatter(gv, c, row_bary + 3 * l, g + 3 * l);
+            }
           }
           g += 3 * s.n_contour;
         }

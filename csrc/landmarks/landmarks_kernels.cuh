@@ -40,12 +40,15 @@ struct LandmarkTables {
   const scalar_t* dyn_bary;      // (NB, Ld, 3), null without contour
 };
 
-// Face and weights of landmark l of a sample whose contour bin is `bin`.
+// Face and weights of landmark l of a sample whose contour bin is `bin`; -1 (an invalid
+// face: a NaN landmark without gradient) for a contour landmark without a bin
+// (kNoContourBin: a non-finite pose) or with a bin outside the table.
 template <typename scalar_t>
 __device__ __forceinline__ int64_t landmark_face(const LandmarkTables<scalar_t>& t,
                                                  const LandmarkSizes& s, int64_t bin, int64_t l,
                                                  const scalar_t** bary) {
   if (l < s.n_contour) {
+    if (!in_range(bin, s.num_bins)) return -1;
     const int64_t row = bin * s.n_contour + l;
     *bary = t.dyn_bary + 3 * row;
     return t.dyn_faces[row];
@@ -76,7 +79,7 @@ __global__ void landmarks_forward_kernel(const scalar_t* __restrict__ v,
                     threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
   if (b >= s.batch) return;
-  // contour_bin clamps to [0, num_bins - 1]: the row below always exists.
+  // A bin in [0, num_bins - 1], or kNoContourBin (landmark_face answers it).
   const int64_t bin = contour_rule == kContourNone
                           ? 0
                           : contour_bin(poses + b * pose_stride, contour_rule, s.num_bins);
@@ -128,11 +131,8 @@ __global__ void __launch_bounds__(kBackwardThreads)
   scalar_t* gv = grad_v + b * s.num_vertices * 3;
 
   for (int64_t i = tid; i < 3 * s.num_vertices; i += kBackwardThreads) gv[i] = scalar_t(0);
-  int64_t bin = 0;
-  if (s.n_contour > 0) {
-    bin = bins[b];
-    bin = bin < 0 ? 0 : (bin < s.num_bins ? bin : s.num_bins - 1);
-  }
+  // Out of range (kNoContourBin, or a bad value): no contour terms (landmark_face).
+  const int64_t bin = s.n_contour > 0 ? bins[b] : 0;
   // The zeros above are ordered before every store below by this barrier (and the ones
   // in the loop), so a vertex's sum is never overwritten by another thread's zero.
   __syncthreads();

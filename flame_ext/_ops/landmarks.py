@@ -197,13 +197,17 @@ torch.library.register_autograd(
 
 
 def _gather(x, bins, tris, lmk_faces_idx, lmk_bary_coords, dyn_faces, dyn_bary, n_contour):
-    """The forward gather with given bins, in plain torch ops: x (B, V, 3) -> (B, Ld+L, 3)."""
+    """The forward gather with given bins, in plain torch ops: x (B, V, 3) -> (B, Ld+L, 3).
+    A sample without a bin (-1: a non-finite pose) gathers zeros for its contour points
+    (they were NaN constants, with no gradient)."""
     batch, n_static = x.shape[0], lmk_faces_idx.shape[0]
     faces = lmk_faces_idx.expand(batch, n_static)
     bary = lmk_bary_coords.expand(batch, n_static, 3)
     if n_contour:
-        faces = torch.cat([dyn_faces.index_select(0, bins), faces], 1)
-        bary = torch.cat([dyn_bary.index_select(0, bins), bary], 1)
+        has_bin = (bins >= 0).to(dyn_bary.dtype).view(batch, 1, 1)
+        rows = bins.clamp(min=0)
+        faces = torch.cat([dyn_faces.index_select(0, rows), faces], 1)
+        bary = torch.cat([dyn_bary.index_select(0, rows) * has_bin, bary], 1)
     corners = tris.index_select(0, faces.reshape(-1)).view(batch, -1)
     points = x.gather(1, corners.unsqueeze(-1).expand(-1, -1, 3))
     return torch.einsum("blkc,blk->blc", points.view(batch, -1, 3, 3), bary)

@@ -132,3 +132,31 @@ def test_bad_table_index_gives_nan_not_a_read(kernels, dtype):
     lmk, _ = kernels.landmarks(v, _poses(2, dtype), tris, faces, bary, dyn_faces, dyn_bary, 1)
     assert bool(torch.isnan(lmk[:, N_CONTOUR + 2]).all())
     assert bool(torch.isfinite(lmk[:, N_CONTOUR + 3 :]).all())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rule", ("medusa", "deca"))
+def test_non_finite_pose_gives_nan_contour_and_no_gradient(kernels, rule, dtype):
+    """No bin for a NaN or infinite global or neck pose: NaN contour points, the static
+    ones intact, no contour gradient; the same as the CPU kernel, bitwise."""
+    tables = _tables(dtype)
+    v = rand(torch.Generator().manual_seed(10), 3, N_VERTS, 3, dtype=dtype)
+    poses = _poses(3, dtype, seed=11)
+    poses[0, 3] = float("nan")
+    poses[2, 1] = float("inf")
+    lmk, bins = _call(kernels, v, poses, tables, rule)
+    cpu_lmk, cpu_bins = _call(torch.ops.flame_ext, v, poses, tables, rule)
+    assert bins[0] == -1 and bins[2] == -1 and bins[1] >= 0
+    assert_bitwise(bins, cpu_bins, "bins")
+    assert_bitwise(lmk, cpu_lmk, "landmarks")
+    assert bool(torch.isnan(lmk[[0, 2], :N_CONTOUR]).all())
+    assert bool(torch.isfinite(lmk[:, N_CONTOUR:]).all()) and bool(torch.isfinite(lmk[1]).all())
+    grad = rand(torch.Generator().manual_seed(12), 3, N_CONTOUR + 7, 3, dtype=dtype)
+    args = (grad, bins, *tables, N_VERTS)
+    grad_v = kernels.landmarks_backward(*args)
+    assert_bitwise(grad_v, torch.ops.flame_ext.landmarks_backward(*args), "grad_v")
+    # Sample 0's gradient comes from its static points only.
+    static_only = grad.clone()
+    static_only[:, :N_CONTOUR] = 0
+    only = torch.ops.flame_ext.landmarks_backward(static_only, bins, *tables, N_VERTS)
+    assert_bitwise(grad_v[0], only[0], "no contour gradient")
