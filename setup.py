@@ -13,6 +13,7 @@ this file is the main script).
 
 import glob
 import os
+import re
 import sys
 
 from setuptools import find_packages, setup
@@ -154,18 +155,24 @@ def _extension():
     )
 
 
+def version() -> str:
+    """flame_ext.__version__, read from the package without importing it (one source)."""
+    text = open(os.path.join(ROOT, "flame_ext", "__init__.py")).read()
+    return re.search(r'^__version__ = "([^"]+)"', text, flags=re.M).group(1)
+
+
 def main() -> None:
     here = os.path.join(ROOT, "README.md")
     setup(
         name="flame_ext",
-        version="0.1.0",
+        version=version(),
         description="Fast, drop-in FLAME decoders (FlameShape, FlameLandmark, FlameTex) "
         "with fused C++/CUDA kernels",
         long_description=open(here).read() if os.path.exists(here) else "",
         long_description_content_type="text/markdown",
-        python_requires=">=3.9",
+        python_requires=">=3.11",
         packages=find_packages(include=["flame_ext", "flame_ext.*"]),
-        install_requires=["torch>=2.4", "numpy", "scipy"],
+        install_requires=["torch>=2.13", "numpy", "scipy"],
         extras_require={"test": ["pytest", "hypothesis"], "bench": ["matplotlib", "tqdm"]},
         entry_points={"console_scripts": ["flame-ext = flame_ext.cli:main"]},
         ext_modules=[_extension()],

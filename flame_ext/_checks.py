@@ -1,7 +1,7 @@
 """Argument checks shared by the decoders and the op wrappers.
 
 Every check raises where the bad value enters, with the argument's name and what was
-expected versus what was received (SPEC section 7).
+expected versus what was received (docs/SPEC.md section 5).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Pure-PyTorch FLAME math: SPEC section 3, and the landmark and texture rules of section 2.
+"""Pure-PyTorch FLAME math (SPEC.md section 3) and the landmark and texture rules.
 
 One function per step, written to be read. It is the CPU fallback of the decoders, the
 oracle every compiled op is tested against, and a benchmark baseline (eager and under
@@ -73,7 +73,7 @@ def blend(base, dirs, coeffs, pose_dirs=None, pose_coeffs=None) -> torch.Tensor:
 
     base (N,), (1, N) or (B, N); dirs (N, K); coeffs (B, K); pose_dirs (P, N) and
     pose_coeffs (B, P), both or neither. Returns (B, N). Serves the shape/expression
-    blend (SPEC 3 step 1), the pose correctives (step 4) and the texture.
+    blend (SPEC.md section 3 step 1), the pose correctives (step 4) and the texture.
     """
     check_tensor("base", base, floating=True)
     if base.dim() not in (1, 2):
@@ -104,7 +104,7 @@ def _homogeneous(rot: torch.Tensor, trans: torch.Tensor) -> torch.Tensor:
 
 
 def rigid_transforms(pose, joints, parents):
-    """The kinematic chain (SPEC 3 steps 3-5).
+    """The kinematic chain (SPEC.md section 3 steps 3-5).
 
     pose (B, J, 3) axis-angle, joints (B, J, 3) rest-pose joint locations, parents (J,)
     int64 with parents[0] = -1 and parents[j] < j. Returns
@@ -143,7 +143,7 @@ def rigid_transforms(pose, joints, parents):
 
 
 def skin(v_posed, transforms, lbs_weights, write_vertex_transforms=True):
-    """Linear blend skinning (SPEC 3 step 6).
+    """Linear blend skinning (SPEC.md section 3 step 6).
 
     v_posed (B, V, 3), transforms (B, J, 4, 4), lbs_weights (V, J). Returns v (B, V, 3)
     and T (B, V, 4, 4) with T_v = sum_j lbs_weights[v, j] A_j, or None when
@@ -180,7 +180,7 @@ def lbs(
     lbs_weights,
     return_vertex_transforms=True,
 ):
-    """The whole of SPEC 3: FLAME parameters to posed vertices.
+    """The whole of SPEC.md section 3: FLAME parameters to posed vertices.
 
     beta (B, K) or (1, K) (broadcast over the batch); pose (B, 3J); v_template (V, 3);
     shape_dirs (V, 3, K); pose_dirs (P, 3V); J_regressor (J, V) dense; parents (J,);
@@ -220,7 +220,7 @@ def lbs(
 
 
 def _axis_rotation(angle: torch.Tensor, axis: str) -> torch.Tensor:
-    """Rotation matrices (..., 3, 3) about one coordinate axis, as SPEC 2 writes them."""
+    """Rotation matrices (..., 3, 3) about one coordinate axis, as SPEC.md section 2 writes them."""
     c, s = torch.cos(angle), torch.sin(angle)
     one, zero = torch.ones_like(angle), torch.zeros_like(angle)
     if axis == "x":
@@ -242,7 +242,7 @@ def euler_xyz_to_matrix(angles: torch.Tensor) -> torch.Tensor:
 
 
 def contour_bins(poses: torch.Tensor, rule: str = "medusa") -> torch.Tensor:
-    """The contour-landmark bin of each sample (SPEC 2), (B, 3J) poses -> (B,) int64.
+    """The contour-landmark bin of each sample (SPEC.md section 2), (B, 3J) poses -> (B,) int64.
 
     poses as FlameShape.get_full_pose(): global, neck, jaw, eyes. rel = R_global @ R_neck
     (the neck chain [1, 0]). 'medusa' reads each pose as Euler 'XYZ' angles and negates
@@ -299,7 +299,7 @@ def landmarks(
     dynamic_lmk_bary_coords=None,
     contour_rule="medusa",
 ):
-    """Barycentric landmarks on the mesh (SPEC 2, FlameLandmark).
+    """Barycentric landmarks on the mesh (SPEC.md section 2, FlameLandmark).
 
     v (B, V, 3); poses (B, 3J) (only read for the contour; may be None without one);
     tris (F, 3) int64; lmk_faces_idx (L,) int64; lmk_bary_coords (L, 3);
@@ -386,7 +386,7 @@ def texture_gather_index(height, width, out_size=256, *, device=None) -> torch.T
 
 
 def texture(mean, basis, texcode, height, width, out_size=256):
-    """The albedo texture (SPEC 2, FlameTex): (B, 3, out_size, out_size).
+    """The albedo texture (SPEC.md section 2, FlameTex): (B, 3, out_size, out_size).
 
     mean (H*W*3,) and basis (H*W*3, K) in flat h, w, c order; texcode (B, K). The image
     mean + basis @ code, as (B, 3, H, W), nearest-resized to out_size (source index

@@ -347,3 +347,9 @@ def test_cpu_isa_switch_reaches_skin(ops, isa):
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+def test_version_has_one_source(setup_module_):
+    import flame_ext
+
+    assert setup_module_.version() == flame_ext.__version__

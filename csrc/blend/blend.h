@@ -1,5 +1,5 @@
 // Math of the blend op family, host and device: out = base + coeffs @ dirs^T +
-// pose_coeffs @ pose_dirs (SPEC 3 steps 1 and 4, and the texture) and its adjoints
+// pose_coeffs @ pose_dirs (docs/SPEC.md section 3 steps 1 and 4, and the texture) and its adjoints
 // grad_coeffs = grad_out @ dirs, grad_pose_coeffs = grad_out @ pose_dirs^T.
 //
 // The op is a product of a (B,K) matrix with a tall (N,K) one, so the arithmetic is tiny and

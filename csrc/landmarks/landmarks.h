@@ -1,5 +1,5 @@
 // Landmark math shared by the CPU loops and the CUDA kernels: the Euler 'XYZ' rotation,
-// the contour-bin rule of SPEC 2 (medusa's and DECA's), the barycentric sum of one
+// the contour-bin rule of docs/SPEC.md section 2 (medusa's and DECA's), the barycentric sum of one
 // landmark and its scatter (the backward). Plain values and pointers, no tensors, so the
 // same functions run in host loops and in kernels.
 #pragma once

@@ -3,7 +3,7 @@
 `blend(base, dirs, coeffs, pose_dirs=None, pose_coeffs=None)` checks its arguments
 (ValueError / TypeError naming the argument) and calls `torch.ops.flame_ext.blend`:
 out = base + coeffs @ dirs.T + pose_coeffs @ pose_dirs, the shape/expression blend with
-the pose correctives (SPEC 3 steps 1 and 4) and the texture blend.
+the pose correctives (docs/SPEC.md section 3 steps 1 and 4) and the texture blend.
 
 This module also registers the fake kernels of `blend` and `blend_backward` (so
 `torch.compile(fullgraph=True)` traces them) and their autograd. Gradients reach every

@@ -77,7 +77,7 @@ def landmarks(
     dynamic_lmk_bary_coords=None,
     contour_rule="medusa",
 ):
-    """Barycentric landmarks on the mesh (SPEC 2), (B, Ld + L, 3), contour points first.
+    """Barycentric landmarks on the mesh (SPEC.md section 2), (B, Ld + L, 3), contour points first.
 
     v (B, V, 3) float32/float64; poses (B, 3J) as from FlameShape.get_full_pose() (only
     read with contour landmarks; may be None without them); tris (F, 3) int64;

@@ -44,7 +44,7 @@ def _check_parents(parents, n_joints: int, device: torch.device) -> None:
 def rigid_transforms(
     pose: torch.Tensor, joints: torch.Tensor, parents: torch.Tensor
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The kinematic chain (SPEC 3 steps 3-5), as flame_ext.reference.rigid_transforms.
+    """The kinematic chain (SPEC.md section 3 steps 3-5), as flame_ext.reference.rigid_transforms.
 
     pose (B, J, 3) axis-angle, joints (B, J, 3), parents (J,) int64 on the CPU or on the
     device of pose, with parents[0] = -1 and 0 <= parents[j] < j; 1 <= J <= 16.

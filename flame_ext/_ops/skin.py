@@ -27,7 +27,7 @@ def skin(
     lbs_weights: torch.Tensor,
     write_vertex_transforms: bool = True,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Linear blend skinning (SPEC 3 step 6), as flame_ext.reference.skin.
+    """Linear blend skinning (docs/SPEC.md section 3 step 6), as flame_ext.reference.skin.
 
     v_posed (B, V, 3), transforms (B, J, 4, 4), lbs_weights (V, J), one dtype and device.
     Returns v (B, V, 3) and T (B, V, 4, 4) with T_v = sum_j lbs_weights[v, j] A_j, or None
