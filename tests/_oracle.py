@@ -158,16 +158,17 @@ def decoder_bound(exact, dtype, scale=1.0):
 
 
 def run_with_grads(fn, leaves, seed=1):
-    """fn's outputs (None dropped) and the gradients of the leaves under random output
-    gradients, detached: what the determinism tests compare bit for bit."""
+    """fn's outputs (None dropped) and the gradients of the leaves that require them under
+    random output gradients, detached: what the determinism tests compare bit for bit."""
     outputs = fn(*leaves)
     outputs = [o for o in (outputs if isinstance(outputs, tuple) else (outputs,)) if o is not None]
     gen = torch.Generator().manual_seed(seed)
     grads = [torch.randn(o.shape, generator=gen, dtype=F64).to(o) for o in outputs]
-    if sum(o.numel() for o in outputs):
-        got = torch.autograd.grad(outputs, leaves, grads, allow_unused=True)
+    wanted = [leaf for leaf in leaves if leaf.requires_grad]
+    if sum(o.numel() for o in outputs) and wanted:
+        got = torch.autograd.grad(outputs, wanted, grads, allow_unused=True)
     else:
-        got = [None] * len(leaves)
+        got = [None] * len(wanted)
     return [o.detach() for o in outputs] + [g for g in got if g is not None]
 
 
