@@ -486,7 +486,10 @@ def test_contour_bins_known_values(yaw_deg, medusa_bin, deca_bin):
 
 def test_contour_bins_nan_and_errors():
     poses = torch.full((2, 15), float("nan"), dtype=F64)
-    assert reference.contour_bins(poses).tolist() == [78, 78]
+    assert reference.contour_bins(poses).tolist() == [-1, -1]  # no bin: NaN contour
+    poses = torch.zeros(3, 15, dtype=F64)
+    poses[0, 0], poses[1, 5], poses[2, 6] = float("inf"), float("nan"), float("nan")
+    assert reference.contour_bins(poses).tolist() == [-1, -1, 0]  # the jaw is not read
     with pytest.raises(ValueError, match="rule"):
         reference.contour_bins(poses, rule="pytorch3d")
     with pytest.raises(ValueError, match="poses"):
