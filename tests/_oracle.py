@@ -195,3 +195,12 @@ def assert_independent_of_thread_count(cases):
         torch.set_num_threads(threads)
     for one, two in zip(results[1], results[2]):
         assert all(torch.equal(a, b) for a, b in zip(one, two))
+
+
+def assert_close_to_reference(got, want, dtype, f32_tol):
+    """float64: agreement to rounding (1e-10 relative to the magnitudes involved);
+    float32 (want computed in float64 from the same inputs): f32_tol."""
+    if dtype == torch.float64:
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    else:
+        torch.testing.assert_close(got.double(), want, rtol=f32_tol, atol=f32_tol)

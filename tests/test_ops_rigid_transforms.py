@@ -14,6 +14,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from _oracle import (
+    assert_close_to_reference,
     a64,
     assert_bad_argument_is_named,
     assert_deterministic_and_fully_written,
@@ -54,15 +55,6 @@ def _ops():
     return rigid_transforms
 
 
-def _assert_close_to_reference(got, want, dtype, f32_tol):
-    """float64: agreement to rounding (1e-10 relative to the magnitudes involved);
-    float32 (want computed in float64 from the same inputs): f32_tol."""
-    if dtype == torch.float64:
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
-    else:
-        torch.testing.assert_close(got.double(), want, rtol=f32_tol, atol=f32_tol)
-
-
 # --- forward ------------------------------------------------------------------------------
 
 
@@ -74,8 +66,8 @@ def test_rigid_transforms_matches_reference(ops, device, dtype, batch):
     assert transforms.shape == (batch, 5, 4, 4) and feature.shape == (batch, 36)
     assert transforms.dtype == dtype and transforms.device == pose.device
     want_t, want_f = reference.rigid_transforms(pose.double(), joints.double(), parents)
-    _assert_close_to_reference(transforms, want_t, dtype, F32_CHAIN_TOL)
-    _assert_close_to_reference(feature, want_f, dtype, F32_CHAIN_TOL)
+    assert_close_to_reference(transforms, want_t, dtype, F32_CHAIN_TOL)
+    assert_close_to_reference(feature, want_f, dtype, F32_CHAIN_TOL)
 
 
 @pytest.mark.parametrize("scale", [1e-4, 3.0, 10.0])
@@ -86,8 +78,8 @@ def test_rigid_transforms_angles(ops, device, dtype, scale):
     parents = parents_tensor(FLAME_PARENTS)
     transforms, feature = _ops().rigid_transforms(pose, joints, parents)
     want_t, want_f = reference.rigid_transforms(pose.double(), joints.double(), parents)
-    _assert_close_to_reference(transforms, want_t, dtype, F32_CHAIN_TOL)
-    _assert_close_to_reference(feature, want_f, dtype, F32_CHAIN_TOL)
+    assert_close_to_reference(transforms, want_t, dtype, F32_CHAIN_TOL)
+    assert_close_to_reference(feature, want_f, dtype, F32_CHAIN_TOL)
 
 
 def test_rigid_transforms_zero_pose_is_identity(ops, device, dtype):
@@ -117,8 +109,8 @@ def test_rigid_transforms_random_trees(ops, device, dtype, num_joints):
         want_t, want_f = reference.rigid_transforms(pose.double(), joints.double(), parents)
         # Deeper chains (up to 15 products at J = 16) accumulate proportionally more.
         tol = F32_CHAIN_TOL * max(1, num_joints / 4)
-        _assert_close_to_reference(transforms, want_t, dtype, tol)
-        _assert_close_to_reference(feature, want_f, dtype, tol)
+        assert_close_to_reference(transforms, want_t, dtype, tol)
+        assert_close_to_reference(feature, want_f, dtype, tol)
 
 
 def test_rigid_transforms_parents_on_device_and_expanded_joints(ops, device):

@@ -15,6 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from _oracle import (
+    assert_close_to_reference,
     a64,
     assert_bad_argument_is_named,
     assert_deterministic_and_fully_written,
@@ -51,15 +52,6 @@ def _ops():
     return skin
 
 
-def _assert_close_to_reference(got, want, dtype, f32_tol):
-    """float64: agreement to rounding (1e-10 relative to the magnitudes involved);
-    float32 (want computed in float64 from the same inputs): f32_tol."""
-    if dtype == torch.float64:
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
-    else:
-        torch.testing.assert_close(got.double(), want, rtol=f32_tol, atol=f32_tol)
-
-
 # --- forward ------------------------------------------------------------------------------
 
 
@@ -71,10 +63,10 @@ def test_skin_matches_reference(ops, device, dtype, batch, write):
     v, vertex_transforms = _ops().skin(v_posed, transforms, weights, write)
     want_v, want_t = reference.skin(v_posed.double(), transforms.double(), weights.double())
     assert v.shape == v_posed.shape and v.dtype == dtype
-    _assert_close_to_reference(v, want_v, dtype, F32_SKIN_TOL)
+    assert_close_to_reference(v, want_v, dtype, F32_SKIN_TOL)
     if write:
         assert vertex_transforms.shape == (batch, v_posed.shape[1], 4, 4)
-        _assert_close_to_reference(vertex_transforms, want_t, dtype, F32_SKIN_TOL)
+        assert_close_to_reference(vertex_transforms, want_t, dtype, F32_SKIN_TOL)
     else:
         assert vertex_transforms is None
         raw = ops.skin(v_posed, transforms, weights, False)[1]
