@@ -142,6 +142,23 @@ def _pairs(prefix: str, got: Sequence, want: Sequence, dtype) -> Dict[str, tuple
     return {f"{prefix}[{i}]": (g, w, dtype) for i, (g, w) in enumerate(zip(got, want))}
 
 
+def _wrapper(op: str) -> Callable:
+    """The Python entry of op `op` (argument checks, then the op and its autograd),
+    found in whichever module of flame_ext._ops holds its family."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import flame_ext._ops as package
+
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        entry = getattr(module, op, None)
+        if inspect.isfunction(entry):
+            return entry
+    raise LookupError(f"no Python wrapper of flame_ext::{op} in {package.__name__}")
+
+
 @contextmanager
 def deterministic():
     previous = torch.are_deterministic_algorithms_enabled()
@@ -154,8 +171,8 @@ def deterministic():
 
 def check_blend(s: Smoke, dtype) -> None:
     from flame_ext import reference
-    from flame_ext._ops import blend as ops
 
+    blend = _wrapper("blend")
     n, k, p = 203, 7, 36
     # (batch, base layout, column-sliced dirs, pose correctives, deterministic mode)
     configs = [(1, "N", False, True, False), (2, "1N", True, True, False),
@@ -182,7 +199,7 @@ def check_blend(s: Smoke, dtype) -> None:
             # Deterministic mode keeps the hand kernels above the cuBLAS threshold; the
             # reference's own matmul stays outside it (cuBLAS refuses it there).
             with deterministic() if det else _nothing():
-                got = call(ops.blend, ext_in)
+                got = call(blend, ext_in)
                 got_grads = _grads([got], ext_in, [grad_out])
             return {"out": (got, want, dtype), **_pairs("grad", got_grads, want_grads, dtype)}
 
@@ -198,8 +215,8 @@ def _nothing():
 
 def check_rigid_transforms(s: Smoke, dtype) -> None:
     from flame_ext import reference
-    from flame_ext._ops import skin as ops
 
+    rigid_transforms = _wrapper("rigid_transforms")
     for tree, batch, parents_on_device in ((FLAME_PARENTS, 1, False),
                                            (FLAME_PARENTS, 33, True), (TREE16, 5, False)):
         def body(tree=tree, batch=batch, parents_on_device=parents_on_device):
@@ -212,7 +229,7 @@ def check_rigid_transforms(s: Smoke, dtype) -> None:
             grad_f = s.randn(batch, 9 * (joints_n - 1), dtype=dtype)
             ref_in, ext_in = _leaves([pose, joints]), _leaves([pose, joints])
             want = reference.rigid_transforms(*ref_in, parents)
-            got = ops.rigid_transforms(*ext_in, parents)
+            got = rigid_transforms(*ext_in, parents)
             want_grads = _grads(want, ref_in, [grad_t, grad_f])
             got_grads = _grads(got, ext_in, [grad_t, grad_f])
             return {**_pairs("out", got, want, dtype),
@@ -225,8 +242,8 @@ def check_rigid_transforms(s: Smoke, dtype) -> None:
 
 def check_skin(s: Smoke, dtype) -> None:
     from flame_ext import reference
-    from flame_ext._ops import skin as ops
 
+    skin = _wrapper("skin")
     verts, joints_n = 1500, 5  # > 1024 vertices: more than one backward block per sample
     for batch, write_t in ((1, True), (3, False), (2, True)):
         def body(batch=batch, write_t=write_t):
@@ -239,7 +256,7 @@ def check_skin(s: Smoke, dtype) -> None:
             tensors = [v_posed, transforms, weights]
             ref_in, ext_in = _leaves(tensors), _leaves(tensors)
             want = reference.skin(*ref_in, write_vertex_transforms=write_t)
-            got = ops.skin(*ext_in, write_vertex_transforms=write_t)
+            got = skin(*ext_in, write_vertex_transforms=write_t)
             want_grads = _grads(want, ref_in, [grad_v, grad_t])
             got_grads = _grads(got, ext_in, [grad_v, grad_t])
             return {**_pairs("out", got, want, dtype),
@@ -251,8 +268,8 @@ def check_skin(s: Smoke, dtype) -> None:
 
 def check_landmarks(s: Smoke, dtype) -> None:
     from flame_ext import reference
-    from flame_ext._ops import landmarks as ops
 
+    landmarks = _wrapper("landmarks")
     verts, faces = 300, 500
     # (batch, static landmarks, contour landmarks (0: none), rule); 3 (17 + 100) terms is
     # more than one backward tile.
@@ -275,7 +292,7 @@ def check_landmarks(s: Smoke, dtype) -> None:
             ref_in, ext_in = _leaves([v]), _leaves([v])
             args = (tris, faces_idx, bary, dyn_faces, dyn_bary, rule)
             want = reference.landmarks(ref_in[0], poses, *args)
-            got = ops.landmarks(ext_in[0], poses, *args)
+            got = landmarks(ext_in[0], poses, *args)
             return {"out": (got, want, dtype),
                     **_pairs("grad", _grads([got], ext_in, [grad]),
                              _grads([want], ref_in, [grad]), dtype)}
