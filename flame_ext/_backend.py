@@ -33,13 +33,13 @@ from types import SimpleNamespace
 
 from torch import nn
 
-from . import _ops
+from . import _ops, reference
 
 BACKENDS = ("auto", "ext", "reference", "medusa")
 
-# The contour-bin rules of FlameLandmark: medusa's Euler-angle rule and DECA's
-# Rodrigues one. The landmark op numbers them from 1 in this order.
-CONTOUR_RULES = ("medusa", "deca")
+# The contour-bin rules of FlameLandmark (defined with their math in reference.py):
+# medusa's Euler-angle rule and DECA's Rodrigues one.
+CONTOUR_RULES = reference.CONTOUR_RULES
 
 # The compiled ops each decoder runs (each with its `<op>_backward`), by class name.
 DECODER_OPS = {
@@ -174,8 +174,6 @@ def _no_fused_chain(*args) -> None:
 
 
 def _reference_steps() -> SimpleNamespace:
-    from . import reference
-
     return SimpleNamespace(
         lbs=_no_fused_chain,
         blend=reference.blend,

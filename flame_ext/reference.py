@@ -17,8 +17,10 @@ import math
 
 import torch
 
-from ._backend import CONTOUR_RULES
 from ._checks import check_count, check_same, check_tensor
+
+# The contour-bin rules (docs/SPEC.md section 2): medusa's (the default) and DECA's.
+CONTOUR_RULES = ("medusa", "deca")
 
 # medusa / smplx add this to every component of the axis-angle vector before the norm.
 RODRIGUES_EPS = 1e-8

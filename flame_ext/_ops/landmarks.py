@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import torch
 
+from .. import reference
 from .._checks import check_same, check_tensor
 
 # contour_rule string -> the op's integer argument (0 means no contour landmarks).
-CONTOUR_RULES = {"medusa": 1, "deca": 2}
+CONTOUR_RULES = {rule: code for code, rule in enumerate(reference.CONTOUR_RULES, 1)}
 
 _op = torch.ops.flame_ext.landmarks
 _backward_op = torch.ops.flame_ext.landmarks_backward
