@@ -120,12 +120,25 @@ def rigid_transforms(pose, joints, parents):
     check_tensor("joints", joints, shape=(batch, n_joints, 3))
     check_same("joints", joints, pose, "pose")
     check_tensor("parents", parents, shape=(n_joints,), dtype=torch.int64)
+    rot = rodrigues(pose)
+    return kinematic_chain(rot, joints, parents), (rot[:, 1:] - _eye3(pose)).flatten(1)
+
+
+def kinematic_chain(rot, joints, parents):
+    """The transforms A_j of `rigid_transforms` from the joint rotations themselves.
+
+    rot (B, J, 3, 3) any matrices (rotations from axis-angle, or taken as given, as
+    smplx's ``pose2rot=False`` does), joints (B, J, 3), parents (J,) as in
+    rigid_transforms. Returns transforms (B, J, 4, 4).
+    """
+    check_tensor("rot", rot, shape=(None, None, 3, 3), floating=True)
+    batch, n_joints = rot.shape[:2]
+    check_tensor("joints", joints, shape=(batch, n_joints, 3))
+    check_same("joints", joints, rot, "rot")
+    check_tensor("parents", parents, shape=(n_joints,), dtype=torch.int64)
     # parents lives with the model; index with it as a tensor so that nothing is read
     # back to the host (no sync per joint on CUDA).
-    parents = parents.to(pose.device)
-
-    rot = rodrigues(pose)
-    pose_feature = (rot[:, 1:] - _eye3(pose)).flatten(1)
+    parents = parents.to(rot.device)
 
     parent_joints = joints.index_select(1, parents[1:])
     rel_joints = torch.cat([joints[:, :1], joints[:, 1:] - parent_joints], dim=1)
@@ -141,7 +154,7 @@ def rigid_transforms(pose, joints, parents):
     world_rot = world[..., :3, :3]
     # Skinning moves rest-pose vertices, so the rest-pose joint location is removed.
     trans = world[..., :3, 3] - (world_rot @ joints.unsqueeze(-1)).squeeze(-1)
-    return _homogeneous(world_rot, trans), pose_feature
+    return _homogeneous(world_rot, trans)
 
 
 def skin(v_posed, transforms, lbs_weights, write_vertex_transforms=True):
