@@ -19,24 +19,18 @@ references kept in other places (a dict of classes, a default argument, a closur
 
 flame_ext's classes are not subclasses of medusa's: code that checks
 ``isinstance(x, medusa.recon.flame.decoders.FlameShape)`` sees flame_ext's modules as
-different classes.
+different classes. The swapping itself is `flame_ext._patching.ClassSwap`, shared with the
+switches of `flame_ext.compat`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-import sys
-import threading
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, Iterator
+
+from ._patching import ClassSwap
 
 DECODERS_MODULE = "medusa.recon.flame.decoders"
 PATCHED_NAMES = ("FlameShape", "FlameLandmark", "FlameTex")
-
-_lock = threading.RLock()
-# While patched: medusa's classes by name, and every (module, name) that was swapped.
-_originals: Dict[str, type] = {}
-_swapped: List[Tuple[object, str]] = []
 
 
 def _replacements() -> Dict[str, type]:
@@ -45,38 +39,18 @@ def _replacements() -> Dict[str, type]:
     return {name: getattr(decoders, name) for name in PATCHED_NAMES}
 
 
-def _import_decoders():
-    try:
-        return importlib.import_module(DECODERS_MODULE)
-    except ImportError as err:
-        raise ImportError(
-            f"flame_ext.patch_medusa(): medusa is not importable ({type(err).__name__}: "
-            f"{err}); install medusa (pip install medusa) or use flame_ext's decoders "
-            "directly: from flame_ext import FlameShape, FlameLandmark, FlameTex"
-        ) from err
+def _import_error(err: ImportError) -> str:
+    return (
+        f"flame_ext.patch_medusa(): medusa is not importable ({type(err).__name__}: "
+        f"{err}); install medusa (pip install medusa) or use flame_ext's decoders "
+        "directly: from flame_ext import FlameShape, FlameLandmark, FlameTex"
+    )
 
 
-def _loaded_modules(everywhere: bool):
-    """(module, namespace) of the loaded medusa modules (all loaded modules if
-    `everywhere`). The namespace is the module's own dict: reading it runs no
-    module-level __getattr__ hook and imports nothing."""
-    for module_name, module in list(sys.modules.items()):
-        if module is None:
-            continue
-        if not everywhere and module_name != "medusa" and not module_name.startswith("medusa."):
-            continue
-        namespace = getattr(module, "__dict__", None)
-        if isinstance(namespace, dict):
-            yield module, namespace
-
-
-def _swap_in_loaded_modules(originals: Dict[str, type], replacements: Dict[str, type],
-                            everywhere: bool) -> None:
-    for module, namespace in _loaded_modules(everywhere):
-        for name, original in originals.items():
-            if namespace.get(name) is original:
-                setattr(module, name, replacements[name])
-                _swapped.append((module, name))
+_swap = ClassSwap(
+    DECODERS_MODULE, PATCHED_NAMES, _replacements, _import_error,
+    "this medusa version predates the API flame_ext replaces",
+)
 
 
 def patch_medusa(*, everywhere: bool = False) -> Dict[str, type]:
@@ -92,23 +66,7 @@ def patch_medusa(*, everywhere: bool = False) -> Dict[str, type]:
     RuntimeError when its decoders module defines none of the three classes (medusa
     versions before FlameShape, whose FLAME class has another API).
     """
-    decoders = _import_decoders()
-    with _lock:
-        replacements = _replacements()
-        if not _originals:
-            found = {
-                name: getattr(decoders, name)
-                for name in PATCHED_NAMES
-                if hasattr(decoders, name) and getattr(decoders, name) is not replacements[name]
-            }
-            if not found:
-                raise RuntimeError(
-                    f"{DECODERS_MODULE} ({getattr(decoders, '__file__', '?')}) defines none of "
-                    f"{PATCHED_NAMES}: this medusa version predates the API flame_ext replaces"
-                )
-            _originals.update(found)
-        _swap_in_loaded_modules(_originals, replacements, everywhere)
-        return dict(_originals)
+    return _swap.patch(everywhere=everywhere)
 
 
 def unpatch_medusa() -> bool:
@@ -118,42 +76,18 @@ def unpatch_medusa() -> bool:
     An attribute that was reassigned since (it no longer holds flame_ext's class) is
     left alone. Returns False when nothing was patched.
     """
-    with _lock:
-        if not _originals:
-            return False
-        replacements = _replacements()
-        for module, name in reversed(_swapped):
-            if getattr(module, "__dict__", {}).get(name) is replacements[name]:
-                setattr(module, name, _originals[name])
-        # Inside medusa a flame_ext class can only have come from the patch. Other
-        # modules may import flame_ext's classes themselves: only recorded swaps there.
-        for module, namespace in _loaded_modules(everywhere=False):
-            for name, original in _originals.items():
-                if namespace.get(name) is replacements[name]:
-                    setattr(module, name, original)
-        _swapped.clear()
-        _originals.clear()
-        return True
+    return _swap.unpatch()
 
 
 def is_patched() -> bool:
     """Whether `patch_medusa` is in effect."""
-    with _lock:
-        return bool(_originals)
+    return _swap.is_patched()
 
 
-@contextlib.contextmanager
 def patched_medusa(*, everywhere: bool = False) -> Iterator[Dict[str, type]]:
     """``with patched_medusa(): ...`` runs the block on flame_ext's decoders.
 
     Yields medusa's original classes. On exit (also by an exception) medusa's classes
     are restored, unless the patch was already in effect on entry: then it stays.
     """
-    with _lock:
-        was_patched = is_patched()
-        originals = patch_medusa(everywhere=everywhere)
-    try:
-        yield originals
-    finally:
-        if not was_patched:
-            unpatch_medusa()
+    return _swap.patched(everywhere=everywhere)
