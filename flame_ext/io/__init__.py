@@ -24,9 +24,11 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from .discovery import (
+    DYNAMIC_EMBEDDING_FILE,
     ENV_VAR,
     LANDMARK_FILE_NAMES,
     MODEL_FILE_NAMES,
+    STATIC_EMBEDDING_FILE,
     TEXTURE_FILE_NAMES,
     PathLike,
     _locate,
@@ -34,15 +36,24 @@ from .discovery import (
     find_data_dir,
 )
 from .errors import ModelFileError, UnsafePickleError
-from .formats import FlameModel, LandmarkEmbedding68, MediapipeEmbedding, TextureSpace
+from .formats import (
+    DynamicLandmarkEmbedding,
+    FlameModel,
+    LandmarkEmbedding68,
+    MediapipeEmbedding,
+    StaticLandmarkEmbedding,
+    TextureSpace,
+)
 from . import parsers as _parsers
 from .parsers import (
     FLAME_N_SHAPE,
     N_SHAPE_KEY,
     _check_num_faces,
+    parse_dynamic_embedding,
     parse_flame_model,
     parse_landmark_embedding_68,
     parse_mediapipe_embedding,
+    parse_static_embedding,
     parse_texture_space,
 )
 from .readers import (
@@ -61,19 +72,27 @@ __all__ = [
     "MODEL_FILE_NAMES",
     "TEXTURE_FILE_NAMES",
     "LANDMARK_FILE_NAMES",
+    "STATIC_EMBEDDING_FILE",
+    "DYNAMIC_EMBEDDING_FILE",
+    "DynamicLandmarkEmbedding",
     "FlameModel",
     "LandmarkEmbedding68",
     "MediapipeEmbedding",
     "ModelFileError",
+    "StaticLandmarkEmbedding",
     "TextureSpace",
     "UnsafePickleError",
     "find_data_dir",
+    "load_dynamic_embedding",
     "load_flame_model",
     "load_landmark_embedding",
+    "load_static_embedding",
     "load_texture_space",
+    "parse_dynamic_embedding",
     "parse_flame_model",
     "parse_landmark_embedding_68",
     "parse_mediapipe_embedding",
+    "parse_static_embedding",
     "parse_texture_space",
 ]
 
@@ -148,12 +167,23 @@ def _load_texture_file(path: Path, n_tex) -> TextureSpace:
 # Loaders
 
 
+def _is_zip(path: Path) -> bool:
+    with open(path, "rb") as fp:
+        return fp.read(4) in _ZIP_MAGIC
+
+
 def load_flame_model(model_path: Optional[PathLike] = None) -> FlameModel:
-    """Loads and validates the FLAME model (a .pkl file, a directory, or 'synthetic...')."""
+    """Loads and validates the FLAME model (a .pkl file, a directory, or 'synthetic...').
+
+    A file that is an .npz archive (smplx's FLAME_<GENDER>.npz form: the model's arrays,
+    J_regressor dense) is read as one, without pickle.
+    """
     where = _locate(MODEL_FILE_NAMES, model_path, pkl_means_directory=False)
     if isinstance(where, _Synthetic):
         return parse_flame_model(_synthetic_raw(where, MODEL_FILE_NAMES), where.source)
-    return parse_flame_model(_read_pickle_file(where), str(where))
+    _check_file(where)
+    raw = _read_npz(where) if _is_zip(where) else _read_pickle_file(where)
+    return parse_flame_model(raw, str(where))
 
 
 def load_landmark_embedding(
@@ -183,6 +213,47 @@ def load_landmark_embedding(
     if lm_type == "68":
         return parse_landmark_embedding_68(raw, source, num_faces)
     return parse_mediapipe_embedding(raw, source, num_faces)
+
+
+def _load_smplx_embedding(name: str, model_path, num_faces, parse, read):
+    num_faces = _check_num_faces(num_faces)
+    where = _locate((name,), model_path, pkl_means_directory=False)
+    if isinstance(where, _Synthetic):
+        # The synthetic set's 68-point embedding holds the same points: its static part
+        # and its contour table.
+        full = _synthetic_raw(where, (LANDMARK_FILE_NAMES["68"],))
+        prefix = "static" if name == STATIC_EMBEDDING_FILE else "dynamic"
+        raw = {"lmk_face_idx": full[f"{prefix}_lmk_faces_idx"],
+               "lmk_b_coords": full[f"{prefix}_lmk_bary_coords"]}
+        return parse(raw, where.source, num_faces)
+    source = str(where)
+    want = Path(name).suffix
+    if where.suffix.lower() != want:
+        raise ModelFileError(f"{name} is an {want} file; model_path points to {source}")
+    return parse(read(where), source, num_faces)
+
+
+def load_static_embedding(
+    model_path: Optional[PathLike] = None, num_faces: Optional[int] = None
+) -> StaticLandmarkEmbedding:
+    """Loads smplx's flame_static_embedding.pkl (the file, a directory holding it, or
+    'synthetic...'), through the restricted unpickler. `num_faces`, when given, is the
+    face count every landmark face index must stay below."""
+    return _load_smplx_embedding(
+        STATIC_EMBEDDING_FILE, model_path, num_faces, parse_static_embedding,
+        _read_pickle_file,
+    )
+
+
+def load_dynamic_embedding(
+    model_path: Optional[PathLike] = None, num_faces: Optional[int] = None
+) -> DynamicLandmarkEmbedding:
+    """Loads smplx's flame_dynamic_embedding.npy (a pickled dict behind an .npy header,
+    read without np.load's unpickling) like `load_static_embedding`."""
+    return _load_smplx_embedding(
+        DYNAMIC_EMBEDDING_FILE, model_path, num_faces, parse_dynamic_embedding,
+        _read_landmark_npy,
+    )
 
 
 def load_texture_space(model_path: Optional[PathLike] = None, n_tex: int = 50) -> TextureSpace:

@@ -26,6 +26,9 @@ LANDMARK_FILE_NAMES = {
     "68": "landmark_embedding.npy",
     "mp": "mediapipe_landmark_embedding.npz",
 }
+# smplx's FLAME folder: FLAME_<GENDER>.pkl (or .npz) beside these two landmark files.
+STATIC_EMBEDDING_FILE = "flame_static_embedding.pkl"
+DYNAMIC_EMBEDDING_FILE = "flame_dynamic_embedding.npy"
 _SYNTHETIC_SIZES = {"synthetic": "full", "synthetic-small": "small"}
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -164,7 +167,10 @@ def _locate(names, model_path, *, pkl_means_directory: bool, landmarks: bool = F
     )
 
 
-_ALL_ASSET_NAMES = MODEL_FILE_NAMES + TEXTURE_FILE_NAMES + tuple(LANDMARK_FILE_NAMES.values())
+_ALL_ASSET_NAMES = (
+    MODEL_FILE_NAMES + TEXTURE_FILE_NAMES + tuple(LANDMARK_FILE_NAMES.values())
+    + (STATIC_EMBEDDING_FILE, DYNAMIC_EMBEDDING_FILE)
+)
 
 
 def find_data_dir(model_path: Optional[PathLike] = None) -> Path:

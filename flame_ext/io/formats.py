@@ -1,6 +1,7 @@
 """The validated contents of FLAME's files: one frozen dataclass per file kind.
 
-`FlameModel`, `LandmarkEmbedding68`, `MediapipeEmbedding` and `TextureSpace` hold plain
+`FlameModel`, `LandmarkEmbedding68`, `MediapipeEmbedding`, smplx's
+`StaticLandmarkEmbedding` / `DynamicLandmarkEmbedding` and `TextureSpace` hold plain
 numpy arrays and check their own consistency on construction (every array agrees on V,
 F, the joint count, the component counts; indices in range; values finite), whether they
 come from a file or from the in-memory synthetic assets. Every error names the source.
@@ -192,6 +193,45 @@ class MediapipeEmbedding:
             self.lmk_faces_idx.shape, "(L,) like lmk_faces_idx",
         )
         _expect_indices(self.source, "landmark_indices", self.landmark_indices, None, "")
+
+    def max_face_index(self) -> int:
+        return int(self.lmk_faces_idx.max()) if self.lmk_faces_idx.size else -1
+
+
+@dataclass(frozen=True, eq=False)
+class StaticLandmarkEmbedding:
+    """smplx's flame_static_embedding.pkl: one face and barycentric weights per landmark
+    (the 51 static iBUG points, in smplx's order)."""
+
+    lmk_faces_idx: np.ndarray  # (L,) int64 (file: lmk_face_idx)
+    lmk_bary_coords: np.ndarray  # (L, 3) float64 (file: lmk_b_coords)
+    source: str
+
+    def __post_init__(self):
+        _check_embedding(self.source, "lmk", self.lmk_faces_idx, self.lmk_bary_coords, 1)
+
+    def max_face_index(self) -> int:
+        return int(self.lmk_faces_idx.max()) if self.lmk_faces_idx.size else -1
+
+
+@dataclass(frozen=True, eq=False)
+class DynamicLandmarkEmbedding:
+    """smplx's flame_dynamic_embedding.npy: the contour landmarks of each yaw bin."""
+
+    lmk_faces_idx: np.ndarray  # (79, Ld) int64 (file: lmk_face_idx)
+    lmk_bary_coords: np.ndarray  # (79, Ld, 3) float64 (file: lmk_b_coords)
+    source: str
+
+    def __post_init__(self):
+        _check_embedding(self.source, "lmk", self.lmk_faces_idx, self.lmk_bary_coords, 2)
+        bins = self.lmk_faces_idx.shape[0]
+        if bins != _NUM_YAW_BINS:
+            raise _fail(
+                self.source,
+                f"the contour table lmk_face_idx has {bins} yaw bins (shape "
+                f"{self.lmk_faces_idx.shape}); it must have {_NUM_YAW_BINS}, one per bin "
+                f"0..{_NUM_YAW_BINS - 1} of the contour-bin rule",
+            )
 
     def max_face_index(self) -> int:
         return int(self.lmk_faces_idx.max()) if self.lmk_faces_idx.size else -1

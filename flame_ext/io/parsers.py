@@ -15,7 +15,14 @@ from typing import Mapping, Optional, Tuple
 import numpy as np
 
 from .errors import _fail, _fail_type
-from .formats import FlameModel, LandmarkEmbedding68, MediapipeEmbedding, TextureSpace
+from .formats import (
+    DynamicLandmarkEmbedding,
+    FlameModel,
+    LandmarkEmbedding68,
+    MediapipeEmbedding,
+    StaticLandmarkEmbedding,
+    TextureSpace,
+)
 from .readers import _InMemoryArray, _NpzMember, _unwrap_object_array
 from .unpickle import _ChumpyStandIn, _SparseStandIn
 
@@ -36,6 +43,8 @@ _LMK68_KEYS = (
     "full_lmk_bary_coords",
 )
 _MP_KEYS = ("lmk_face_idx", "lmk_b_coords", "landmark_indices")
+# smplx's flame_static_embedding.pkl and flame_dynamic_embedding.npy hold the same two keys.
+_SMPLX_LMK_KEYS = ("lmk_face_idx", "lmk_b_coords")
 
 # Densifying a sparse matrix is bounded so a forged shape cannot ask for terabytes.
 _MAX_DENSE_ELEMENTS = 1 << 28
@@ -134,7 +143,10 @@ def _to_numpy(value, source: str, key: str, depth: int = 0):
         return value.numpy()
     if isinstance(value, (list, tuple)):
         _check_list_size(value, source, key)
-        return np.asarray(value)
+        try:
+            return np.asarray(value)
+        except ValueError as e:  # ragged: rows of different lengths
+            raise _fail(source, f"{key} is a list that is not a rectangular array ({e})") from e
     if isinstance(value, (np.generic, int, float)):
         return np.asarray(value)
     raise _fail_type(source, f"{key} must be an array, got {type(value).__name__}")
@@ -300,6 +312,39 @@ def parse_mediapipe_embedding(
         source=source,
     )
     return _check_face_range(embedding, num_faces)
+
+def _parse_smplx_embedding(raw, source, num_faces, what, cls):
+    num_faces = _check_num_faces(num_faces)
+    raw = _unwrap_object_array(raw, source)
+    _require_keys(raw, _SMPLX_LMK_KEYS, source, what)
+    embedding = cls(
+        lmk_faces_idx=_ints(raw["lmk_face_idx"], source, "lmk_face_idx"),
+        lmk_bary_coords=_floats(raw["lmk_b_coords"], source, "lmk_b_coords"),
+        source=source,
+    )
+    return _check_face_range(embedding, num_faces)
+
+
+def parse_static_embedding(
+    raw, source: str, num_faces: Optional[int] = None
+) -> StaticLandmarkEmbedding:
+    """Parses the dict in smplx's flame_static_embedding.pkl (lmk_face_idx (L,),
+    lmk_b_coords (L, 3))."""
+    return _parse_smplx_embedding(
+        raw, source, num_faces, "the static landmark embedding", StaticLandmarkEmbedding
+    )
+
+
+def parse_dynamic_embedding(
+    raw, source: str, num_faces: Optional[int] = None
+) -> DynamicLandmarkEmbedding:
+    """Parses the dict in smplx's flame_dynamic_embedding.npy (lmk_face_idx (79, Ld),
+    lmk_b_coords (79, Ld, 3); arrays, tensors or lists of per-bin rows)."""
+    return _parse_smplx_embedding(
+        raw, source, num_faces, "the dynamic (contour) landmark embedding",
+        DynamicLandmarkEmbedding,
+    )
+
 
 def _array_source(value, source: str, key: str):
     if isinstance(value, (_NpzMember, _InMemoryArray)):

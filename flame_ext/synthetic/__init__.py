@@ -6,6 +6,8 @@
 `write_assets(out_dir, ...)` writes them in the real file formats, down to the Python 2
 pickle opcodes and the `chumpy.ch.Ch` / `scipy.sparse.csc.csc_matrix` globals of the
 official model file. `python -m flame_ext.synthetic --out DIR` does the same from a shell.
+`write_smplx_assets(out_dir, ...)` writes the same model in smplx's FLAME folder layout
+(FLAME_<GENDER>.pkl or .npz, flame_static_embedding.pkl, flame_dynamic_embedding.npy).
 
 Two sizes:
 - 'full': FLAME's exact dimensions (V=5023, F=9976, 5 joints, 300+100 components,
@@ -40,9 +42,9 @@ from flame_ext._checks import check_count
 from .bases import _LMK_FILE, _MODEL_FILE, _MP_FILE, _build_model
 from .mesh import SIZES, _mesh, _size_spec
 from .texture import _BFM_FILE, _FLAME_TEX_FILE, _build_bfm, _build_flame_texture
-from .writers import _write_files
+from .writers import _write_files, _write_smplx_files
 
-__all__ = ["ASSET_NAMES", "SIZES", "build_assets", "write_assets"]
+__all__ = ["ASSET_NAMES", "SIZES", "build_assets", "write_assets", "write_smplx_assets"]
 
 ASSET_NAMES = (_MODEL_FILE, _LMK_FILE, _MP_FILE, _BFM_FILE, _FLAME_TEX_FILE)
 
@@ -155,6 +157,44 @@ def write_assets(
     _write_files(
         out, assets, _size_spec(size).tex_hw, chumpy=chumpy, kintree_dtype=kintree_dtype,
         model_name=model_name, texture_layout=texture_layout,
+    )
+    return out
+
+
+def write_smplx_assets(
+    out_dir,
+    size: str = 'full',
+    seed: int = 0,
+    *,
+    gender: str = 'neutral',
+    ext: str = 'pkl',
+    chumpy: bool = False,
+    kintree_dtype: str = 'int64',
+) -> pathlib.Path:
+    """Writes the synthetic model in smplx's FLAME folder layout into out_dir (created).
+
+    The folder `smplx.FLAME(out_dir, gender=gender, ext=ext, use_face_contour=True)`
+    reads: FLAME_<GENDER>.<ext> (ext 'pkl': the model pickle of `write_assets`, chumpy
+    and kintree_dtype as there; 'npz': the same arrays with J_regressor dense, which needs
+    no pickle and no chumpy to read), flame_static_embedding.pkl (the 51 static
+    landmarks) and flame_dynamic_embedding.npy (the 79 x 17 contour table): the points of
+    the set's 68-point embedding, under smplx's keys `lmk_face_idx` / `lmk_b_coords`.
+    No texture files. Returns out_dir as a Path.
+    """
+    if ext not in ('pkl', 'npz'):
+        raise ValueError(f"ext must be 'pkl' or 'npz', got {ext!r}")
+    if kintree_dtype not in ('int64', 'uint32'):
+        raise ValueError(f"kintree_dtype must be 'int64' or 'uint32', got {kintree_dtype!r}")
+    if chumpy and ext == 'npz':
+        raise ValueError("chumpy=True pickles chumpy objects: only for ext='pkl'")
+    if not (isinstance(gender, str) and gender.isalnum()):
+        raise ValueError(f"gender must be a word such as 'neutral', got {gender!r}")
+    assets = build_assets(size, seed, n_tex=1)
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_smplx_files(
+        out, assets, model_name=f'FLAME_{gender.upper()}.{ext}', ext=ext, chumpy=chumpy,
+        kintree_dtype=kintree_dtype,
     )
     return out
 

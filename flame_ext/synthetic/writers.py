@@ -5,6 +5,12 @@ down to the opcodes (byte strings as Python 2 `str`) and the globals (`chumpy.ch
 `scipy.sparse.csc.csc_matrix`, `numpy.core.multiarray._reconstruct`), so that the loaders
 are exercised on exactly what they meet in the wild; the landmark and texture files are
 written with numpy (np.save of a pickled dict, np.savez).
+
+smplx's FLAME folder (`_write_smplx_files`) holds the model as FLAME_<GENDER>.pkl (the
+same pickle) or FLAME_<GENDER>.npz (its arrays, J_regressor dense, no pickle), the 51
+static landmarks as a Python 2 pickle of a dict (flame_static_embedding.pkl) and the
+contour table as an np.save'd dict (flame_dynamic_embedding.npy), each with smplx's keys
+`lmk_face_idx` / `lmk_b_coords`: the points of the 68-point embedding.
 """
 
 from __future__ import annotations
@@ -130,3 +136,39 @@ def _write_files(
         bfm = {'MU': bfm['MU'].reshape(image), 'PC': bfm['PC'].reshape(image + (-1,))}
     np.savez(out / _BFM_FILE, **bfm)
     np.savez(out / _FLAME_TEX_FILE, **assets[_FLAME_TEX_FILE])
+
+
+_STATIC_FILE = 'flame_static_embedding.pkl'
+_DYNAMIC_FILE = 'flame_dynamic_embedding.npy'
+
+
+def _dense_model(model: dict, kintree_dtype: str) -> dict:
+    """The model dict as the arrays of an .npz: J_regressor dense, no Python objects."""
+    model = dict(model)
+    model['J_regressor'] = np.asarray(model['J_regressor'].toarray())
+    model['kintree_table'] = model['kintree_table'].astype(kintree_dtype)
+    return model
+
+
+def _write_smplx_files(
+    out: pathlib.Path, assets: Mapping, *, model_name: str, ext: str, chumpy: bool,
+    kintree_dtype: str,
+) -> None:
+    """Writes smplx's FLAME folder (model, static and dynamic landmark files) into out."""
+    model = assets[_MODEL_FILE]
+    if ext == 'pkl':
+        _write_model_pickle(out / model_name, model, chumpy, kintree_dtype)
+    else:
+        np.savez(out / model_name, **_dense_model(model, kintree_dtype))
+    embedding = assets[_LMK_FILE]
+    static = {
+        'lmk_face_idx': embedding['static_lmk_faces_idx'].astype(np.uint32),
+        'lmk_b_coords': np.asarray(embedding['static_lmk_bary_coords'], dtype=np.float64),
+    }
+    with open(out / _STATIC_FILE, 'wb') as fh:
+        _Py2Pickler(fh).dump(static)
+    dynamic = {
+        'lmk_face_idx': embedding['dynamic_lmk_faces_idx'].numpy(),
+        'lmk_b_coords': embedding['dynamic_lmk_bary_coords'].numpy(),
+    }
+    np.save(out / _DYNAMIC_FILE, dynamic, allow_pickle=True)
