@@ -1,6 +1,7 @@
 # The two entry points of the README: `make bench` and `make test`.
-# Both create a virtual environment (.venv) with PyTorch and the test/bench tools, build
-# the extension into it (pip install --no-build-isolation -e .), then run.
+# Both create a virtual environment (.venv) with PyTorch and the test/bench tools (smplx
+# among them: the reference flame_ext.compat.smplx is tested and benchmarked against),
+# build the extension into it (pip install --no-build-isolation -e .), then run.
 # `make test` also runs `make test-kernels`: the CUDA kernels executed on the CPU by the
 # SIMT runtime (csrc/simt/), built with AddressSanitizer and UBSan (tools/build_simt.py).
 #   TORCH=...        the torch requirement (default: the CPU build 2.13.0; `TORCH=torch`
@@ -44,7 +45,7 @@ $(PY):
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 
 $(BUILT): $(PY) $(SOURCES)
-	$(PY) -m pip install -q "$(TORCH)" numpy scipy pytest hypothesis matplotlib tqdm ninja
+	$(PY) -m pip install -q "$(TORCH)" numpy scipy pytest hypothesis matplotlib tqdm ninja smplx
 	CUDA_HOME=$(CUDA_HOME) $(PY) -m pip install -q --no-build-isolation -e .
 	touch $@
 

@@ -1,0 +1,151 @@
+"""What the compat layers share: the op path, FLAME's tables as the ops read them, the decode.
+
+The layers keep their library's buffers (names, shapes, dtypes, so that state dicts load
+both ways) and derive from them, as non-persistent buffers, what flame_ext's ops read:
+the blend basis as one (3V, K) matrix, identity columns first, and the joint basis
+J_regressor . [v_template | basis] (computed in float64 and rounded once, as FlameShape
+does). `decode` runs FlameShape's op sequence on those tables: blend (joints) ->
+rigid_transforms -> blend with pose correctives -> skin, as one autograd node on the
+compiled ops in eager mode, with the identity blended once when it has batch 1.
+Rotation-matrix poses (smplx's ``pose2rot=False``) take the kinematic chain from
+`flame_ext.reference.kinematic_chain` and the two blends and the skinning from the ops.
+
+The op path is the decoders' (flame_ext._backend; `backend='auto'`: the compiled ops
+when loaded and built for the device, else `flame_ext.reference` with one warning).
+The layers run FlameShapeLandmark's four ops (blend, rigid_transforms, skin, landmarks),
+so they resolve 'auto' as it does; `steps` is the one place that reads the path.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from .. import _backend, reference
+from .._checks import check_tensor
+
+BACKENDS = ("auto", "ext", "reference")
+# The decoder of flame_ext._backend.DECODER_OPS whose ops the layers run.
+_OPS_OF = "FlameShapeLandmark"
+
+
+def check_backend(backend: str) -> str:
+    return _backend.check_backend(backend, BACKENDS)
+
+
+def steps(backend: str, device: torch.device):
+    """The step functions (blend, rigid_transforms, skin, landmarks, lbs) of the path
+    `backend` takes for tensors on `device`; all have flame_ext.reference's signatures."""
+    return _backend.steps(_backend.resolve(backend, device.type, _OPS_OF))
+
+
+class Tables(NamedTuple):
+    """A layer's tables in the form the ops read (views of its buffers where possible)."""
+
+    v_template: torch.Tensor  # (V, 3)
+    dirs: torch.Tensor  # (3V, K): identity columns first, then the rest
+    j_template: torch.Tensor  # (3J,)
+    j_dirs: torch.Tensor  # (3J, K)
+    pose_dirs: torch.Tensor  # (P, 3V)
+    parents: torch.Tensor  # (J,)
+    lbs_weights: torch.Tensor  # (V, J)
+
+
+def joint_basis(J_regressor, v_template, dirs):
+    """(J_regressor @ v_template flattened (3J,), J_regressor . dirs as (3J, K)), computed
+    in float64 from the buffers and stored in their dtype, so that a float64 layer carries
+    no float32 rounding of its own."""
+    regressor = J_regressor.double()
+    template = regressor @ v_template.double()
+    basis = torch.einsum("jv,vck->jck", regressor, dirs.double())
+    dtype = v_template.dtype
+    return template.reshape(-1).to(dtype), basis.reshape(-1, basis.shape[-1]).to(dtype)
+
+
+def check_input(name: str, value, dim: int, like: torch.Tensor, trailing=None) -> torch.Tensor:
+    """An input of shape (B, dim) (or (B, *trailing)) in the layer's dtype and device."""
+    shape = (None,) + (tuple(trailing) if trailing is not None else (dim,))
+    check_tensor(name, value, shape=shape, floating=True)
+    if value.dtype != like.dtype:
+        raise TypeError(
+            f"{name} has dtype {value.dtype} but the model is {like.dtype}; convert one of "
+            "them (e.g. model.double())"
+        )
+    if value.device != like.device:
+        raise ValueError(f"{name} is on {value.device} but the model is on {like.device}")
+    return value
+
+
+def batch_of(values: dict) -> int:
+    """The batch size of the inputs: each has batch 1 (broadcast) or the common size B."""
+    batch = 1
+    for value in values.values():
+        if value.shape[0] != 1:
+            batch = value.shape[0]
+            break
+    for name, value in values.items():
+        size = value.shape[0]
+        if size != 1 and size != batch:
+            raise ValueError(
+                f"{name} has batch size {size} but the batch size is {batch}; it must be "
+                f"{batch} or 1"
+            )
+    return batch
+
+
+def decode(
+    k,
+    tables: Tables,
+    identity: torch.Tensor,
+    rest: torch.Tensor,
+    batch: int,
+    pose: Optional[torch.Tensor] = None,
+    rotations: Optional[torch.Tensor] = None,
+    need_joints: bool = False,
+):
+    """Posed vertices of FLAME coefficients [identity | rest] and one pose per joint.
+
+    identity (1 or B, n) and rest (1 or B, K - n) are the coefficients of the columns of
+    tables.dirs; pose (B, J, 3) axis-angle, or rotations (B, J, 3, 3) taken as given.
+    Returns (v (B, V, 3), transforms A (B, J, 4, 4), rest-pose joints (B, J, 3) or None
+    unless need_joints).
+    """
+    num_joints, num_vertices = tables.parents.shape[0], tables.v_template.shape[0]
+    v_base, j_base = tables.v_template.reshape(-1), tables.j_template
+    v_dirs, j_dirs = tables.dirs, tables.j_dirs
+    n = identity.shape[1]
+    if identity.shape[0] == 1 and batch > 1:
+        # one identity for the whole batch (a fitting loop): blended once
+        v_base = k.blend(v_base, v_dirs[:, :n], identity)
+        j_base = k.blend(j_base, j_dirs[:, :n], identity)
+        v_dirs, j_dirs, coeffs = v_dirs[:, n:], j_dirs[:, n:], rest.expand(batch, -1)
+    else:
+        coeffs = torch.cat([identity.expand(batch, -1), rest.expand(batch, -1)], dim=1)
+
+    if rotations is None:
+        fused = k.lbs(v_base, v_dirs, j_base, j_dirs, coeffs, pose, tables.pose_dirs,
+                      tables.parents, tables.lbs_weights, False)
+        if fused is not None:
+            v, _, transforms = fused
+            joints = None
+            if need_joints:
+                joints = k.blend(j_base, j_dirs, coeffs).view(batch, num_joints, 3)
+            return v, transforms, joints
+    joints = k.blend(j_base, j_dirs, coeffs).view(batch, num_joints, 3)
+    if rotations is None:
+        transforms, pose_feature = k.rigid_transforms(pose, joints, tables.parents)
+    else:
+        transforms = reference.kinematic_chain(rotations, joints, tables.parents)
+        eye = torch.eye(3, dtype=rotations.dtype, device=rotations.device)
+        pose_feature = (rotations[:, 1:] - eye).flatten(1)
+    v_posed = k.blend(v_base, v_dirs, coeffs, tables.pose_dirs, pose_feature)
+    v, _ = k.skin(v_posed.view(batch, num_vertices, 3), transforms, tables.lbs_weights, False)
+    return v, transforms, joints
+
+
+def posed_joints(transforms: torch.Tensor, joints: torch.Tensor) -> torch.Tensor:
+    """The world positions of the joints, (B, J, 3): A_j applied to the rest-pose joint
+    J_j (A_j = [R_j | t_j - R_j J_j], so this is t_j, the chain's joint translation)."""
+    rot, trans = transforms[..., :3, :3], transforms[..., :3, 3]
+    return (rot @ joints.unsqueeze(-1)).squeeze(-1) + trans
