@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from flame_ext import _ops
-from flame_ext._bench import floor, run, timing
+from flame_ext._bench import cases, floor, run, timing
 
 CASES = {
     "shape_fwd", "shape_fwd_R", "shape_fwdbwd", "shape_fwdbwd_R",
@@ -183,3 +183,48 @@ def test_measure_interleaves_and_reports_failures():
 def test_unknown_case_names_the_cases(capsys):
     with pytest.raises(SystemExit, match="match no case.*shape_fwd"):
         run.main(["--cases", "bogus", "--model-path", "synthetic-small", "--no-fit"])
+
+
+def _smplx_run(tmp_path, model_path, batches):
+    code = run.main(["--quick", "--device", "cpu", "--model-path", model_path, "--cases", "smplx",
+                     "--impls", "medusa", "smplx", "reference", "flame_ext", "--batch-sizes",
+                     *map(str, batches), "--no-progress", "--no-plot", "--out", str(tmp_path)])
+    assert code == 0
+    (name,) = [f for f in os.listdir(tmp_path) if f.endswith(".json")]
+    with open(tmp_path / name) as f:
+        return json.load(f)
+
+
+def test_smplx_cases_against_smplx(tmp_path):
+    """The smplx cases time smplx.FLAME (its own column, the speed-ups read against it)
+    and flame_ext.compat.smplx.FLAME on each backend, on the full-size synthetic model
+    written in smplx's folder layout; medusa has no such layer."""
+    pytest.importorskip("smplx")
+    data = _smplx_run(tmp_path, "synthetic", [1])
+    assert {c["name"] for c in data["cases"]} == {"smplx_fwd", "smplx_fwdbwd"}
+    for row in data["results"]:
+        cells = row["impls"]
+        assert "medusa has no smplx layer" in cells["medusa"]["skipped"]
+        for impl in ("smplx", "reference"):
+            assert cells[impl]["median_s"] > 0, (row["case"], impl, cells[impl])
+        assert cells["reference"]["speedup_vs_smplx"] == pytest.approx(
+            cells["smplx"]["median_s"] / cells["reference"]["median_s"])
+        if _ops.available():
+            assert "speedup_vs_smplx" in cells["flame_ext"]
+
+
+def test_smplx_cases_say_why_smplx_cannot_run(tmp_path):
+    """On the small model (6 + 4 components) smplx.FLAME cannot run (it reads the
+    expression columns at 300..400): its cells say so, the compat layer still runs; the
+    other cases have no smplx column, and without the smplx implementation no smplx
+    cases are built."""
+    data = _smplx_run(tmp_path, "synthetic-small", [1])
+    for row in data["results"]:
+        assert "300 + 100 components" in row["impls"]["smplx"]["skipped"]
+        assert row["impls"]["reference"]["median_s"] > 0
+    models = cases.Models(torch.device("cpu"), "synthetic-small", 5)
+    built = cases.build_cases(models, ["medusa", "smplx", "flame_ext"])
+    shape = next(c for c in built if c.name == "shape_fwd")
+    assert "own cases only" in shape.why_not("smplx", 1)
+    names = [c.name for c in cases.build_cases(models, ["medusa", "reference"])]
+    assert "smplx_fwd" not in names and "shape_fwd" in names

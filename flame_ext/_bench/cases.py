@@ -10,6 +10,14 @@ An implementation is a decoder backend plus a way of calling it:
 | `flame_ext`       | 'ext'           | eager: the compiled ops                          |
 | `flame_ext_graph` | 'ext'           | one CUDA graph per input set, replayed           |
 | `reference_graph` | 'reference'     | the same, for the reference                      |
+| `smplx`           | (a peer)        | eager `smplx.FLAME` (PyPI smplx), the smplx cases |
+
+The smplx cases (`smplx_fwd`, `smplx_fwdbwd`: the FLAME layer of smplx, vertices and
+joints with the 68 landmarks) run `flame_ext.compat.smplx.FLAME` on each backend against
+`smplx.FLAME` itself on the same files (the synthetic model written in smplx's folder
+layout) and inputs; medusa has no such layer, and the other cases have no smplx column.
+They are built when the `smplx` implementation is asked for (it is by default); its
+cells say why not when smplx is not installed.
 
 Every implementation of a case runs on the same model (one load, buffers built per
 backend) and reads the very same input sets and upstream gradients (built once per case
@@ -20,6 +28,10 @@ decoders would see inside a loss, without the loss's own kernels.
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
@@ -30,15 +42,22 @@ from flame_ext.io.discovery import _texture_location
 
 from . import floor, timing
 
-IMPLS = ("medusa", "reference", "compile", "flame_ext", "flame_ext_graph", "reference_graph")
+IMPLS = ("medusa", "smplx", "reference", "compile", "flame_ext", "flame_ext_graph",
+         "reference_graph")
 BACKEND = {
     "medusa": "medusa",
+    "smplx": "smplx",
     "reference": "reference",
     "compile": "reference",
     "flame_ext": "ext",
     "flame_ext_graph": "ext",
     "reference_graph": "reference",
 }
+# The implementations speed-ups are read against (derive() in run.py): each case's
+# baseline, and torch.compile of the reference.
+BASELINES = ("medusa", "compile", "smplx")
+# Peers run only in the cases that name them (Case.peer).
+PEERS = ("smplx",)
 GRAPH_IMPLS = ("flame_ext_graph", "reference_graph")
 
 # Parameter scales of the random inputs: unit-variance identity/expression codes as the
@@ -63,6 +82,15 @@ class Case:
     runner: Callable[[str, int], Callable[[dict], object]]
     # (impl, batch) -> why this pair is not run (memory), or None
     skip: Callable[[str, int], Optional[str]] = lambda impl, batch: None
+    # the peer implementation this case compares against (its baseline), if not medusa
+    peer: Optional[str] = None
+
+    def why_not(self, impl: str, batch: int) -> Optional[str]:
+        """Why (impl, batch) is not run in this case, or None: a peer runs only in its
+        own cases, then the case's own reasons (skip)."""
+        if impl in PEERS and self.peer != impl:
+            return f"{impl} runs in its own cases only ({impl}_*)"
+        return self.skip(impl, batch)
 
 
 def _tensor_bytes(obj) -> int:
@@ -347,8 +375,120 @@ def _texture_case(models: Models) -> Case:
                 lambda batch: floor.texture_cost(texels, n_tex, batch), inputs, runner, skip)
 
 
-def build_cases(models: Models) -> List[Case]:
-    """Every case, in the order of the table: FlameShape, landmarks, texture, fitting step."""
+def _smplx_folder(models: Models):
+    """(smplx's FLAME folder for this model, None) or (None, why there is none). The
+    synthetic model is written in that layout once per run (a temporary directory)."""
+    path = models.model_path
+    if path in ("synthetic", "synthetic-small"):
+        if not hasattr(models, "_smplx_folder"):
+            from flame_ext import synthetic
+
+            models._smplx_folder = tempfile.mkdtemp(prefix="flame_ext_bench_smplx_")
+            atexit.register(shutil.rmtree, models._smplx_folder, ignore_errors=True)
+            size = "full" if path == "synthetic" else "small"
+            synthetic.write_smplx_assets(models._smplx_folder, size, 0)
+        return models._smplx_folder, None
+    names = ("FLAME_NEUTRAL.pkl", "flame_static_embedding.pkl", "flame_dynamic_embedding.npy")
+    if path is not None and all(os.path.isfile(os.path.join(path, n)) for n in names):
+        return str(path), None
+    return None, f"no smplx FLAME folder ({', '.join(names)}) at model_path {path!r}"
+
+
+def _smplx_case(models: Models, backward: bool) -> Case:
+    """smplx's FLAME layer: per-sample betas (all shape components), expression, the five
+    poses and transl -> vertices and joints (5 joints + 51 static + 17 contour landmarks):
+    smplx.FLAME against flame_ext.compat.smplx.FLAME on each backend."""
+    located: list = []  # (folder, why not), found on first use: --list writes no files
+
+    def where():
+        if not located:
+            located.append(_smplx_folder(models))
+        return located[0]
+
+    dims = models.shape_dims()
+    layers: Dict[str, torch.nn.Module] = {}
+    try:
+        import smplx  # noqa: F401
+        no_smplx = None
+    except ImportError as exc:
+        no_smplx = f"smplx is not installed (pip install smplx): {timing.describe_error(exc)}"
+    if dims.n_shape != 300 or dims.n_expr < 100:
+        # smplx.FLAME reads the expression columns at 300..400 of a 400-column model
+        no_smplx = no_smplx or (f"smplx.FLAME needs FLAME's 300 + 100 components; this model "
+                                f"has {dims.n_shape} + {dims.n_expr}")
+    counts = {"num_betas": dims.n_shape, "num_expression_coeffs": min(dims.n_expr, 100),
+              "use_face_contour": True}
+
+    def layer(impl: str) -> torch.nn.Module:
+        backend = BACKEND[impl]
+        if backend not in layers:
+            folder = where()[0]
+            if backend == "smplx":
+                import smplx
+
+                layers[backend] = smplx.FLAME(folder, **counts).to(models.device)
+            else:
+                from flame_ext.compat.smplx import FLAME
+
+                layers[backend] = FLAME(folder, backend=backend, **counts).to(models.device)
+        return layers[backend]
+
+    def skip(impl: str, batch: int) -> Optional[str]:
+        if impl == "medusa":
+            return "medusa has no smplx layer: the smplx column is this case's baseline"
+        no_folder = where()[1]
+        if no_folder:
+            return no_folder
+        return no_smplx if impl == "smplx" else None
+
+    num_joints = 5 + 51 + 17
+
+    def inputs(batch: int) -> List[dict]:
+        generator = _generator(models, 5000 + batch)
+        sizes = {"betas": counts["num_betas"], "expression": counts["num_expression_coeffs"],
+                 "global_orient": 3, "neck_pose": 3, "jaw_pose": 3, "leye_pose": 3,
+                 "reye_pose": 3, "transl": 3}
+        scale = {"global_orient": 0.3, "neck_pose": 0.15, "jaw_pose": 0.1, "leye_pose": 0.1,
+                 "reye_pose": 0.1, "transl": 0.05}
+
+        def make_one() -> dict:
+            values = {name: scale.get(name, 1.0) * torch.randn(
+                batch, size, generator=generator, device=models.device)
+                for name, size in sizes.items()}
+            if not backward:
+                return {"inputs": values}
+            grads = [torch.randn(batch, shape, 3, generator=generator, device=models.device)
+                     for shape in (dims.V, num_joints)]
+            return {"inputs": {k: v.requires_grad_(True) for k, v in values.items()},
+                    "grads": grads}
+        return _input_sets(make_one, models.device)
+
+    def runner(impl: str, batch: int) -> Callable[[dict], object]:
+        forward = models.forward(impl, layer(impl))
+        if not backward:
+            def run(s):
+                with torch.no_grad():
+                    return forward(**s["inputs"])
+        else:
+            def run(s):
+                out = forward(**s["inputs"])
+                return torch.autograd.grad([out.vertices, out.joints],
+                                           list(s["inputs"].values()), s["grads"])
+        return run
+
+    description = (f"smplx's FLAME layer {'forward+backward' if backward else 'forward'}: "
+                   f"vertices + {num_joints} joints (5 + 68 landmarks), per-sample "
+                   "parameters; smplx.FLAME vs flame_ext.compat.smplx.FLAME")
+    return Case(f"smplx_{'fwdbwd' if backward else 'fwd'}", description,
+                lambda batch: floor.shape_cost(dims, batch, shared=False, backward=backward,
+                                               with_R=False)
+                + floor.landmark_cost(dims.V, 68, batch, backward=backward, dynamic=17),
+                inputs, runner, skip, peer="smplx")
+
+
+def build_cases(models: Models, impls: Optional[List[str]] = None) -> List[Case]:
+    """Every case, in the order of the table: FlameShape, landmarks, texture, fitting step,
+    then the peers' cases (smplx's FLAME layer) when `impls` is None or holds the peer."""
     cases = []
     for shared in (False, True):
         for backward in (False, True):
@@ -359,6 +499,8 @@ def build_cases(models: Models) -> List[Case]:
             cases.append(_landmark_case(models, lm_type, backward))
     cases.append(_texture_case(models))
     cases.append(_fit_case(models))
+    if impls is None or "smplx" in impls:
+        cases += [_smplx_case(models, backward) for backward in (False, True)]
     return cases
 
 

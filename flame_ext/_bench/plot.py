@@ -20,6 +20,7 @@ from typing import Optional
 # One colour per implementation, the same in every figure.
 COLORS = {
     "medusa": "#d62728",
+    "smplx": "#8c564b",
     "reference": "#7f7f7f",
     "compile": "#ff7f0e",
     "flame_ext": "#1f77b4",

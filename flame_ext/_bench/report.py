@@ -51,8 +51,10 @@ def markdown(data: dict, cases: Optional[List[str]] = None,
         "",
     ]
     with_compile = "compile" in impls
+    with_smplx = "smplx" in impls
     header = (["case", "B"] + impls + ["floor", f"{head} / floor", f"{head} vs medusa"]
-              + ([f"{head} vs compile"] if with_compile else []))
+              + ([f"{head} vs compile"] if with_compile else [])
+              + ([f"{head} vs smplx"] if with_smplx else []))
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
     for row in data["results"]:
@@ -65,7 +67,8 @@ def markdown(data: dict, cases: Optional[List[str]] = None,
                  + [_cell(row["impls"][i]) for i in impls]
                  + [format_time(row["floor"]["time_s"]), _ratio(h, "x_floor"),
                     _ratio(h, "speedup_vs_medusa")]
-                 + ([_ratio(h, "speedup_vs_compile")] if with_compile else []))
+                 + ([_ratio(h, "speedup_vs_compile")] if with_compile else [])
+                 + ([_ratio(h, "speedup_vs_smplx")] if with_smplx else []))
         lines.append("| " + " | ".join(cells) + " |")
 
     fit = data.get("fit")

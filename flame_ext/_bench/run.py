@@ -9,9 +9,10 @@
 
 Cases (cases.py): FlameShape forward and forward+backward, per-sample and shared
 identity, with and without R; FlameLandmark '68' and 'mp', forward and forward+backward;
-FlameTex forward; and the end-to-end fitting loop (fit.py). Implementations:
-`medusa` (medusa's algorithm, eager: the baseline), `reference` (flame_ext's pure-PyTorch
-path), `compile` (torch.compile of the reference), `flame_ext` (the compiled ops),
+FlameTex forward; smplx's FLAME layer against `smplx.FLAME` (smplx_*); and the fitting
+loop (fit.py). Implementations: `medusa` (medusa's algorithm, eager: the baseline),
+`smplx` (smplx.FLAME, in the smplx cases), `reference` (flame_ext's pure-PyTorch path),
+`compile` (torch.compile of the reference), `flame_ext` (the compiled ops),
 `flame_ext_graph` (the same replayed from CUDA graphs, small batches, CUDA only). The
 floor (floor.py) is max(bytes / copy bandwidth, FLOPs / matmul rate), both rates
 measured on the device at the start of the run.
@@ -61,8 +62,8 @@ SCHEMA = "flame_ext-bench/1"
 DEFAULT_BATCHES = {"cpu": [1, 16, 64, 256], "cuda": [1, 4, 16, 64, 256, 1024, 4096]}
 QUICK_BATCHES = [1, 4]
 # CPU: torch.compile takes ~15 s per case and batch regime on 2 cores: opt-in (--compile).
-DEFAULT_IMPLS = {"cpu": ["medusa", "reference", "flame_ext"],
-                 "cuda": ["medusa", "reference", "compile", "flame_ext"]}
+DEFAULT_IMPLS = {"cpu": ["medusa", "smplx", "reference", "flame_ext"],
+                 "cuda": ["medusa", "smplx", "reference", "compile", "flame_ext"]}
 # Per-measurement time budgets (seconds) and repeats.
 BUDGET = {"cpu": 0.5, "cuda": 0.3, "quick": 0.04}
 FIT_SIZE = {"cpu": (32, 50), "cuda": (256, 100), "quick": (8, 3)}  # (frames, iterations)
@@ -237,7 +238,7 @@ def not_run(case, impl: str, batch: int, device: torch.device, args,
         return {"error": f"flame_ext not available: {bench_cases.ext_status()}"}
     if (case.name, impl) in failed:
         return {"skipped": f"failed at a smaller batch: {failed[(case.name, impl)]}"}
-    reason = case.skip(impl, batch)
+    reason = case.why_not(impl, batch)
     return {"skipped": reason} if reason else None
 
 
@@ -281,7 +282,7 @@ def derive(row: dict, impls: List[str]) -> None:
         cell["GBps"] = floor_row["bytes"] / cell["median_s"] / 1e9
         cell["GFLOPs"] = floor_row["flops"] / cell["median_s"] / 1e9
         cell["x_floor"] = cell["median_s"] / floor_row["time_s"]
-        for base in ("medusa", "compile"):
+        for base in bench_cases.BASELINES:
             reference_cell = row["impls"].get(base, {})
             if base != impl and "median_s" in reference_cell:
                 cell[f"speedup_vs_{base}"] = reference_cell["median_s"] / cell["median_s"]
@@ -333,13 +334,16 @@ class Table:
         self.impls, self.headline, self.write = impls, headline, write
         self.notes: Dict[str, int] = {}
         self.width = max(16, max(len(i) for i in impls) + 2)
+        # speed-up columns: medusa's and compile's always, the peers' when they run
+        self.versus = ["medusa", "compile"] + [p for p in bench_cases.PEERS if p in impls]
 
     def header(self) -> None:
         cells = "".join(f"{i:>{self.width}}" for i in self.impls)
+        versus = "".join(f"{'vs ' + b:>11}" for b in self.versus)
         self.write(f"{'case':<18}{'B':>5}{cells}{'floor':>10} {'bound':<7}"
-                   f"{'GB/s':>8}{'x floor':>9}{'vs medusa':>11}{'vs compile':>11}")
+                   f"{'GB/s':>8}{'x floor':>9}{versus}")
         self.write(f"{'':<23}{'(median ±IQR/median)':>{self.width * len(self.impls)}}"
-                   f"{'':>17}{'(' + self.headline + ')':>39}")
+                   f"{'':>17}{'(' + self.headline + ')':>{17 + 11 * len(self.versus)}}")
 
     def _note(self, text: str) -> str:
         key = re.sub(r" ?\(B=[^)]*\)", "", text)[:160]
@@ -360,8 +364,8 @@ class Table:
             f"{format_time(fl['time_s']):>10} {'mem' if fl['bound'] == 'memory' else 'flop':<7}",
             f"{head['GBps']:>8.1f}" if "GBps" in head else f"{'-':>8}",
             f"{head['x_floor']:>8.1f}x" if "x_floor" in head else f"{'-':>9}",
-            *(f"{head[key]:>10.2f}x" if key in head else f"{'-':>11}"
-              for key in ("speedup_vs_medusa", "speedup_vs_compile")),
+            *(f"{head['speedup_vs_' + b]:>10.2f}x" if "speedup_vs_" + b in head else f"{'-':>11}"
+              for b in self.versus),
         ])
         self.write(f"{row['case']:<18}{row['batch']:>5}{cells}{extra}")
 
@@ -454,7 +458,7 @@ def main(argv=None, prog: str = "python bench/run.py") -> int:
     # The small synthetic model holds 5 texture components, FLAME's albedo 199-200.
     n_tex = min(args.n_tex, 5) if args.model_path == "synthetic-small" else args.n_tex
     models = bench_cases.Models(device, args.model_path, n_tex)
-    all_cases = bench_cases.build_cases(models)
+    all_cases = bench_cases.build_cases(models, impls)
     if args.list:
         for case in all_cases:
             print(f"{case.name:<18} {case.description}")

@@ -106,6 +106,9 @@ class _VertexJointSelector(nn.Module):
         self.register_buffer("extra_joints_idxs", torch.zeros(0, dtype=torch.long))
 
     def forward(self, vertices, joints):
+        if self.extra_joints_idxs.numel() == 0:
+            # FLAME's case: nothing to add (and no dense zero gradient for the vertices)
+            return joints
         return torch.cat([joints, vertices.index_select(1, self.extra_joints_idxs)], dim=1)
 
 
