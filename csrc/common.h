@@ -15,6 +15,23 @@
 #define FLAME_HD inline
 #endif
 
+// Full unrolling keeps small fixed-size accumulator arrays in registers: FLAME_UNROLL on
+// the device and the host; FLAME_UNROLL_CONSTANT on the device only, where it unrolls a
+// loop whose trip count is a compile-time constant and leaves any other loop alone.
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define FLAME_UNROLL _Pragma("unroll")
+#define FLAME_UNROLL_CONSTANT _Pragma("unroll")
+#elif defined(__clang__)
+#define FLAME_UNROLL _Pragma("unroll")
+#define FLAME_UNROLL_CONSTANT
+#elif defined(__GNUC__)
+#define FLAME_UNROLL _Pragma("GCC unroll 16")
+#define FLAME_UNROLL_CONSTANT
+#else
+#define FLAME_UNROLL
+#define FLAME_UNROLL_CONSTANT
+#endif
+
 namespace flame_ext {
 
 // Explicit float/double overloads of the math functions: on the host an unqualified
@@ -37,6 +54,11 @@ constexpr int kMaxJoints = 16;
 template <typename T>
 struct Mat3 {
   T m[9];
+};
+
+template <typename T>
+struct Vec3 {
+  T v[3];
 };
 
 template <typename T>

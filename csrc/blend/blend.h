@@ -13,17 +13,6 @@
 
 #include "common.h"
 
-// Full unrolling keeps the small fixed-size accumulator arrays in registers.
-#if defined(__CUDACC__) || defined(__HIPCC__)
-#define FLAME_UNROLL _Pragma("unroll")
-#elif defined(__clang__)
-#define FLAME_UNROLL _Pragma("unroll")
-#elif defined(__GNUC__)
-#define FLAME_UNROLL _Pragma("GCC unroll 16")
-#else
-#define FLAME_UNROLL
-#endif
-
 namespace flame_ext {
 namespace blend {
 

@@ -53,8 +53,7 @@ std::tuple<at::Tensor, at::Tensor> rigid_transforms_cuda(const at::Tensor& pose_
 
   const LaunchPlan plan = rigid_transforms_plan(batch, device_limits());
   AT_DISPATCH_FLOATING_TYPES(pose.scalar_type(), "rigid_transforms_cuda", [&] {
-    auto kernel = num_joints <= 8 ? rigid_transforms_kernel<8, scalar_t>
-                                  : rigid_transforms_kernel<kMaxJoints, scalar_t>;
+    const auto kernel = forward_kernel<scalar_t>(num_joints);
     launch(plan, stream, kernel, pose.const_data_ptr<scalar_t>(),
            joints.const_data_ptr<scalar_t>(), arg, static_cast<int>(num_joints), batch,
            transforms.mutable_data_ptr<scalar_t>(), pose_feature.mutable_data_ptr<scalar_t>());
@@ -83,8 +82,7 @@ std::tuple<at::Tensor, at::Tensor> rigid_transforms_backward_cuda(
 
   const LaunchPlan plan = rigid_transforms_backward_plan(batch, device_limits());
   AT_DISPATCH_FLOATING_TYPES(pose.scalar_type(), "rigid_transforms_backward_cuda", [&] {
-    auto kernel = num_joints <= 8 ? rigid_transforms_backward_kernel<8, scalar_t>
-                                  : rigid_transforms_backward_kernel<kMaxJoints, scalar_t>;
+    const auto kernel = backward_kernel<scalar_t>(num_joints);
     launch(plan, stream, kernel, grad_t.const_data_ptr<scalar_t>(),
            grad_f.const_data_ptr<scalar_t>(), pose.const_data_ptr<scalar_t>(),
            joints.const_data_ptr<scalar_t>(), arg, static_cast<int>(num_joints), batch,

@@ -38,7 +38,7 @@ std::tuple<at::Tensor, at::Tensor> rigid_transforms_cpu(const at::Tensor& pose_i
     const int nj = static_cast<int>(num_joints);
     at::parallel_for(0, batch, kChainGrain, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b)
-        rigid_transforms_sample<kMaxJoints>(p + b * 3 * nj, jt + b * 3 * nj, table.p, nj,
+        rigid_transforms_sample<false, kMaxJoints>(p + b * 3 * nj, jt + b * 3 * nj, table.p, nj,
                                             out_t + b * 16 * nj, out_f + b * 9 * (nj - 1));
     });
   });
@@ -70,7 +70,7 @@ std::tuple<at::Tensor, at::Tensor> rigid_transforms_backward_cpu(
     const int nj = static_cast<int>(num_joints);
     at::parallel_for(0, batch, kChainGrain, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b)
-        rigid_transforms_backward_sample<kMaxJoints>(
+        rigid_transforms_backward_sample<false, kMaxJoints>(
             gt + b * 16 * nj, gf + b * 9 * (nj - 1), p + b * 3 * nj, jt + b * 3 * nj, table.p,
             nj, gp + b * 3 * nj, gj + b * 3 * nj);
     });

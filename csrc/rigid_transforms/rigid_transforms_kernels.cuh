@@ -15,9 +15,15 @@
 namespace flame_ext {
 namespace rigid_transforms_kernels {
 
-// One sample per thread, each walking the chain in local memory: small blocks spread a
-// batch over more SMs (B = 4096 is 128 blocks here, 32 at 128 threads).
+// One sample per thread, each walking the whole chain: small blocks spread a batch over
+// more SMs (B = 4096 is 128 blocks here, 32 at 128 threads).
 constexpr int kChainThreads = 32;
+
+// The joint count the kernels are compiled for exactly (FLAME's), with the chain state in
+// registers; other trees use the kernels for at most 8 or kMaxJoints joints, whose chain
+// state is indexed at run time (a local-memory stack frame).
+constexpr int kExactJoints = 5;
+constexpr int kSmallJoints = 8;
 
 // ---------------------------------------------------------------------------------------
 // Kernels.
@@ -31,16 +37,23 @@ struct ParentsArg {
 
 // Fills parents; false when a device tree is not valid (the caller writes NaN then,
 // rather than reading out of bounds: checking on the host would synchronise).
-__device__ inline bool load_parents(const ParentsArg& arg, int num_joints, int32_t* parents) {
+template <bool kExact, int kCap>
+__device__ inline bool load_parents(const ParentsArg& arg, int num_joints,
+                                    int32_t (&parents)[kCap]) {
+  const int n = chain_length<kExact, kCap>(num_joints);
   if (arg.device == nullptr) {
-    for (int j = 0; j < num_joints; ++j) parents[j] = arg.table.p[j];
+    FLAME_UNROLL_CONSTANT
+    for (int j = 0; j < n; ++j) parents[j] = arg.table.p[j];
     return true;
   }
-  for (int j = 0; j < num_joints; ++j) {
+  bool valid = true;
+  FLAME_UNROLL_CONSTANT
+  for (int j = 0; j < n; ++j) {
     const int64_t p = arg.device[j];
-    parents[j] = (p >= -1 && p < j) ? static_cast<int32_t>(p) : -2;
+    valid = valid && (j == 0 ? p == -1 : (p >= 0 && p < j));
+    parents[j] = valid ? static_cast<int32_t>(p) : 0;
   }
-  return parents_valid(parents, num_joints);
+  return valid;
 }
 
 template <typename scalar_t>
@@ -48,7 +61,9 @@ __device__ void fill_nan(scalar_t* out, int n) {
   for (int k = 0; k < n; ++k) out[k] = std::numeric_limits<scalar_t>::quiet_NaN();
 }
 
-template <int kCap, typename scalar_t>
+// kExact: compiled for exactly kCap joints, the chain in registers (see
+// rigid_transforms.h); otherwise for at most kCap.
+template <int kCap, bool kExact, typename scalar_t>
 __global__ void __launch_bounds__(kChainThreads)
     rigid_transforms_kernel(const scalar_t* __restrict__ pose,
                             const scalar_t* __restrict__ joints, ParentsArg parents_arg,
@@ -59,16 +74,16 @@ __global__ void __launch_bounds__(kChainThreads)
   scalar_t* t = transforms + b * 16 * num_joints;
   scalar_t* f = pose_feature + b * 9 * (num_joints - 1);
   int32_t parents[kCap];
-  if (!load_parents(parents_arg, num_joints, parents)) {
+  if (!load_parents<kExact>(parents_arg, num_joints, parents)) {
     fill_nan(t, 16 * num_joints);
     fill_nan(f, 9 * (num_joints - 1));
     return;
   }
-  rigid_transforms_sample<kCap>(pose + b * 3 * num_joints, joints + b * 3 * num_joints,
+  rigid_transforms_sample<kExact>(pose + b * 3 * num_joints, joints + b * 3 * num_joints,
                                 parents, num_joints, t, f);
 }
 
-template <int kCap, typename scalar_t>
+template <int kCap, bool kExact, typename scalar_t>
 __global__ void __launch_bounds__(kChainThreads)
     rigid_transforms_backward_kernel(const scalar_t* __restrict__ grad_transforms,
                                      const scalar_t* __restrict__ grad_pose_feature,
@@ -81,15 +96,32 @@ __global__ void __launch_bounds__(kChainThreads)
   if (b >= batch) return;
   const int64_t offset = b * 3 * num_joints;
   int32_t parents[kCap];
-  if (!load_parents(parents_arg, num_joints, parents)) {
+  if (!load_parents<kExact>(parents_arg, num_joints, parents)) {
     fill_nan(grad_pose + offset, 3 * num_joints);
     fill_nan(grad_joints + offset, 3 * num_joints);
     return;
   }
-  rigid_transforms_backward_sample<kCap>(
+  rigid_transforms_backward_sample<kExact>(
       grad_transforms + b * 16 * num_joints, grad_pose_feature + b * 9 * (num_joints - 1),
       pose + offset, joints + offset, parents, num_joints, grad_pose + offset,
       grad_joints + offset);
+}
+
+// The instantiation for a tree of num_joints joints (host code).
+template <typename scalar_t>
+auto forward_kernel(int64_t num_joints) {
+  if (num_joints == kExactJoints) return rigid_transforms_kernel<kExactJoints, true, scalar_t>;
+  if (num_joints <= kSmallJoints) return rigid_transforms_kernel<kSmallJoints, false, scalar_t>;
+  return rigid_transforms_kernel<kMaxJoints, false, scalar_t>;
+}
+
+template <typename scalar_t>
+auto backward_kernel(int64_t num_joints) {
+  if (num_joints == kExactJoints)
+    return rigid_transforms_backward_kernel<kExactJoints, true, scalar_t>;
+  if (num_joints <= kSmallJoints)
+    return rigid_transforms_backward_kernel<kSmallJoints, false, scalar_t>;
+  return rigid_transforms_backward_kernel<kMaxJoints, false, scalar_t>;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -102,12 +134,12 @@ inline LaunchPlan chain_plan(const char* kernel, int64_t batch, const DeviceLimi
   return {kernel, dim3(static_cast<unsigned>(blocks)), dim3(kChainThreads)};
 }
 
-// rigid_transforms_kernel<kCap, T>.
+// rigid_transforms_kernel<kCap, kExact, T>.
 inline LaunchPlan rigid_transforms_plan(int64_t batch, const DeviceLimits& limits) {
   return chain_plan("rigid_transforms_kernel", batch, limits);
 }
 
-// rigid_transforms_backward_kernel<kCap, T>.
+// rigid_transforms_backward_kernel<kCap, kExact, T>.
 inline LaunchPlan rigid_transforms_backward_plan(int64_t batch, const DeviceLimits& limits) {
   return chain_plan("rigid_transforms_backward_kernel", batch, limits);
 }

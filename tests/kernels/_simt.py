@@ -36,6 +36,11 @@ def set_target(name):
     _target = name
 
 
+def emulated():
+    """Whether the current test runs the kernels in the emulation (else on a GPU)."""
+    return _target == "simt"
+
+
 def configure(order="in_order", seed=SEED, max_grid=(0, 0, 0)):
     """Sets the schedule and (0: CUDA's) grid limits of the runtime; nothing on a GPU."""
     if _target == "simt":
