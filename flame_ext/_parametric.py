@@ -119,4 +119,6 @@ class ParametricDecoder(DecoderModule):
             )
         if want_vertex_transforms:
             return v, vertex_transforms
+        if self.transforms == "mean":
+            return v, torch.einsum("j,bjxy->bxy", self._mean_weights, transforms)
         return v, transforms if self.transforms == "joint" else None

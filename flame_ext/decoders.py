@@ -26,7 +26,7 @@ from .io import load_flame_model, load_landmark_embedding, load_texture_space
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-TRANSFORMS = ("vertex", "joint", "none")
+TRANSFORMS = ("vertex", "joint", "mean", "none")
 
 # Medusa's FlameTex output size (a nearest-neighbour resize to 256x256).
 TEXTURE_SIZE = 256
@@ -57,7 +57,10 @@ class FlameShape(ParametricDecoder):
             ~/.medusa_ext_data/FLAME/).
         transforms: what ``forward`` returns as ``R``: 'vertex' (medusa's (B,V,4,4)
             per-vertex blended transforms, the default), 'joint' (the (B,J,4,4) per-joint
-            transforms A_j, 1/1000 of the bytes) or 'none' (None).
+            transforms A_j, 1/1000 of the bytes), 'mean' (the (B,4,4) mean over vertices
+            of the per-vertex transforms, ``R.mean(1)`` of 'vertex', computed as
+            sum_j wbar_j A_j with wbar the column means of ``lbs_weights``: what medusa's
+            own pipeline keeps of R) or 'none' (None).
         backend: 'auto', 'ext', 'reference' or 'medusa' (see the module docstring).
         **init_parameters: initial values replacing the zero parameters of those names.
     """
@@ -133,7 +136,8 @@ class FlameShape(ParametricDecoder):
         return value.detach().clone()
 
     def _register_derived(self) -> None:
-        """Precomputes joints = J_template + J_dirs . beta (J_regressor applied to the basis).
+        """Precomputes joints = J_template + J_dirs . beta (J_regressor applied to the basis)
+        and the mean skinning weight of each joint (transforms='mean').
 
         Derived from the buffers, so it is recomputed after load_state_dict; computed in
         float64 and stored in the buffers' dtype. Not part of the state_dict.
@@ -145,6 +149,10 @@ class FlameShape(ParametricDecoder):
         self.register_buffer("_J_template", template.reshape(-1).to(dtype), persistent=False)
         self.register_buffer(
             "_J_dirs", dirs.reshape(dirs.shape[0] * 3, dirs.shape[-1]).to(dtype), persistent=False
+        )
+        # transforms='mean': mean_v T_v = sum_j (mean_v W_vj) A_j.
+        self.register_buffer(
+            "_mean_weights", self.lbs_weights.double().mean(0).to(dtype), persistent=False
         )
 
     def _apply(self, fn, *args, **kwargs):

@@ -262,6 +262,53 @@ def test_transforms_option(backend):
     torch.testing.assert_close(v_n, v)
     # R is the lbs_weights blend of the per-joint transforms
     torch.testing.assert_close(torch.einsum("vj,bjxy->bvxy", full.lbs_weights, A), R)
+    v_m, R_mean = _shape(backend, transforms="mean").double()(**inputs)
+    assert R_mean.shape == (2, 4, 4)
+    torch.testing.assert_close(v_m, v)
+    torch.testing.assert_close(R_mean, R.mean(1), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["ext", "reference"])
+@pytest.mark.parametrize("shared", [False, True])
+def test_mean_transform_matches_the_vertex_mean(backend, shared):
+    """transforms='mean' is R.mean(1) of transforms='vertex' (float32: a sum of 5 weighted
+    transforms instead of a mean of V blended ones, entries of magnitude ~1: a few ulps),
+    and its gradients are those of R.mean(1) for every input."""
+    gen = torch.Generator().manual_seed(11)
+    full, mean = _shape(backend), _shape(backend, transforms="mean")
+    inputs = flame_inputs(full, 5, gen, scale=0.5)
+    if shared:
+        inputs["shape"] = inputs["shape"][:1]
+    leaves = {k: v.requires_grad_(True) for k, v in inputs.items()}
+    v, R = full(**leaves)
+    v_m, R_mean = mean(**leaves)
+    torch.testing.assert_close(v_m, v)
+    torch.testing.assert_close(R_mean, R.mean(1), rtol=1e-5, atol=1e-6)
+    g_v = torch.randn(v.shape, generator=gen)
+    g_R = torch.randn(R_mean.shape, generator=gen)
+    want = torch.autograd.grad((v, R.mean(1)), list(leaves.values()), (g_v, g_R))
+    got = torch.autograd.grad((v_m, R_mean), list(leaves.values()), (g_v, g_R))
+    for name, a, b in zip(leaves, got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["ext", "reference"])
+def test_gradcheck_mean_transform(backend):
+    gen = torch.Generator().manual_seed(5)
+    m = _shape(backend, n_shape=3, n_expr=2, transforms="mean").double()
+    inputs = flame_inputs(m, 2, gen, scale=0.4)
+    names = list(inputs)
+
+    def fn(*values):
+        return m(**dict(zip(names, values)))
+
+    values = tuple(t.requires_grad_(True) for t in inputs.values())
+    assert torch.autograd.gradcheck(fn, values, eps=1e-6, atol=1e-7, fast_mode=True)
+
+
+def test_mean_transform_is_refused_with_medusa_backend():
+    with pytest.raises(ValueError, match="transforms='vertex'"):
+        _shape("medusa", transforms="mean")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -35,6 +35,23 @@ ParentsArg parents_arg(const at::Tensor& parents, at::Tensor& keep_alive) {
   return arg;
 }
 
+// The kernels' instantiation for a tree of num_joints joints.
+template <typename scalar_t>
+auto forward_kernel(int64_t num_joints) {
+  if (num_joints == kExactJoints) return rigid_transforms_kernel<kExactJoints, true, scalar_t>;
+  if (num_joints <= kSmallJoints) return rigid_transforms_kernel<kSmallJoints, false, scalar_t>;
+  return rigid_transforms_kernel<kMaxJoints, false, scalar_t>;
+}
+
+template <typename scalar_t>
+auto backward_kernel(int64_t num_joints) {
+  if (num_joints == kExactJoints)
+    return rigid_transforms_backward_kernel<kExactJoints, true, scalar_t>;
+  if (num_joints <= kSmallJoints)
+    return rigid_transforms_backward_kernel<kSmallJoints, false, scalar_t>;
+  return rigid_transforms_backward_kernel<kMaxJoints, false, scalar_t>;
+}
+
 std::tuple<at::Tensor, at::Tensor> rigid_transforms_cuda(const at::Tensor& pose_in,
                                                          const at::Tensor& joints_in,
                                                          const at::Tensor& parents) {

@@ -107,23 +107,6 @@ __global__ void __launch_bounds__(kChainThreads)
       grad_joints + offset);
 }
 
-// The instantiation for a tree of num_joints joints (host code).
-template <typename scalar_t>
-auto forward_kernel(int64_t num_joints) {
-  if (num_joints == kExactJoints) return rigid_transforms_kernel<kExactJoints, true, scalar_t>;
-  if (num_joints <= kSmallJoints) return rigid_transforms_kernel<kSmallJoints, false, scalar_t>;
-  return rigid_transforms_kernel<kMaxJoints, false, scalar_t>;
-}
-
-template <typename scalar_t>
-auto backward_kernel(int64_t num_joints) {
-  if (num_joints == kExactJoints)
-    return rigid_transforms_backward_kernel<kExactJoints, true, scalar_t>;
-  if (num_joints <= kSmallJoints)
-    return rigid_transforms_backward_kernel<kSmallJoints, false, scalar_t>;
-  return rigid_transforms_backward_kernel<kMaxJoints, false, scalar_t>;
-}
-
 // ---------------------------------------------------------------------------------------
 // Launch plans (host code): one thread per sample, in blocks of kChainThreads.
 

@@ -249,6 +249,39 @@ def _shape_case(models: Models, shared: bool, backward: bool, with_R: bool) -> C
                 inputs, runner)
 
 
+def _mean_transform_case(models: Models) -> Case:
+    """What medusa's DECA pipeline keeps of R: medusa's FlameShape followed by
+    R.mean(1), against FlameShape(transforms='mean') on the other backends."""
+    description = ("FlameShape forward to (v, mean over vertices of R (B,4,4)), per-sample "
+                   "identity; medusa: FlameShape then R.mean(1)")
+
+    def inputs(batch: int) -> List[dict]:
+        generator = _generator(models, 6000 + batch)
+        return _input_sets(lambda: {"inputs": models.random_inputs(batch, False, generator)},
+                           models.device)
+
+    def runner(impl: str, batch: int) -> Callable[[dict], object]:
+        if BACKEND[impl] == "medusa":
+            shape = models.shape("medusa", "vertex")
+
+            def forward(**inputs):
+                v, R = shape(**inputs)
+                return v, R.mean(1)
+        else:
+            forward = models.forward(impl, models.shape(BACKEND[impl], "mean"))
+
+        def run(s):
+            with torch.no_grad():
+                return forward(**s["inputs"])
+        return run
+
+    dims = models.shape_dims()
+    return Case("meanR_fwd", description,
+                lambda batch: floor.shape_cost(dims, batch, shared=False, backward=False,
+                                               with_R=False),
+                inputs, runner)
+
+
 def _landmark_case(models: Models, lm_type: str, backward: bool) -> Case:
     probe = models.landmark("reference", lm_type)
     num_vertices = probe.num_vertices
@@ -487,13 +520,15 @@ def _smplx_case(models: Models, backward: bool) -> Case:
 
 
 def build_cases(models: Models, impls: Optional[List[str]] = None) -> List[Case]:
-    """Every case, in the order of the table: FlameShape, landmarks, texture, fitting step,
+    """Every case, in the order of the table: FlameShape, its mean transform, landmarks,
+    texture, fitting step,
     then the peers' cases (smplx's FLAME layer) when `impls` is None or holds the peer."""
     cases = []
     for shared in (False, True):
         for backward in (False, True):
             for with_R in (False, True):
                 cases.append(_shape_case(models, shared, backward, with_R))
+    cases.append(_mean_transform_case(models))
     for lm_type in ("68", "mp"):
         for backward in (False, True):
             cases.append(_landmark_case(models, lm_type, backward))

@@ -85,6 +85,7 @@ TARGETS = [
     ("cpu", "tex_fwd", 1, "speedup_vs_medusa", 3.0),
     ("cpu", "tex_fwd", 16, "speedup_vs_medusa", 3.0),
     ("cpu", "fit68_fwdbwd", 256, "speedup_vs_medusa", 10.0),
+    ("cpu", "meanR_fwd", 256, "speedup_vs_medusa", 2.5),
     ("cuda", "shape_fwd", 1, "median_s", 20e-6),
     ("cuda", "shape_fwdbwd", 1, "median_s", 50e-6),
     ("cuda", "shape_fwd", 1, "speedup_vs_compile", 5.0),
