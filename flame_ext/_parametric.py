@@ -17,6 +17,19 @@ POSE_NAMES = ("global_pose", "neck_pose", "jaw_pose", "eye_pose")
 INPUT_NAMES = ("shape", "expr") + POSE_NAMES
 
 
+def identity_rows(rows: torch.Tensor, identity: torch.Tensor) -> torch.Tensor:
+    """rows[identity]: one row per frame. Advanced indexing, whose backward accumulates
+    each row's frames with index_put_(accumulate=True): in frame order on the CPU, sorted
+    by a stable sort on CUDA, so the gradients are deterministic. On a device an index out
+    of range (not checked there: that would synchronise) gives that frame a NaN row."""
+    if identity.device.type == "cpu" and not torch.compiler.is_compiling():
+        return rows[identity]  # checked in _gather_inputs
+    count = rows.shape[0]
+    valid = (identity >= 0) & (identity < count)
+    picked = rows[identity.clamp(0, count - 1)]
+    return torch.where(valid[:, None], picked, torch.full_like(picked, float("nan")))
+
+
 class ParametricDecoder(DecoderModule):
     """Base of FlameShape and FlameShapeLandmark: FLAME parameters in, posed vertices out.
 
@@ -31,7 +44,9 @@ class ParametricDecoder(DecoderModule):
         """cat([global_pose, neck_pose, jaw_pose, eye_pose], dim=1): (B, 15)."""
         return torch.cat([self.global_pose, self.neck_pose, self.jaw_pose, self.eye_pose], dim=1)
 
-    def _gather_inputs(self, batch_size, inputs):
+    def _gather_inputs(self, batch_size, inputs, identity=None):
+        """(batch_size, the six inputs, identity): medusa's rules, plus identity-indexed
+        batches (``shape`` (S, n_shape) rows, ``identity`` (B,) picking one per frame)."""
         unknown = sorted(set(inputs) - set(INPUT_NAMES))
         if unknown:
             raise ValueError(f"unknown input(s) {unknown}; valid keys are {INPUT_NAMES}")
@@ -56,6 +71,9 @@ class ParametricDecoder(DecoderModule):
                 )
             if value.device != like.device:
                 raise ValueError(f"{name} is on {value.device} but the model is on {like.device}")
+        if identity is not None:
+            identity = self._check_identity(identity, batch_size)
+            batch_size = identity.shape[0]
         if batch_size is None:
             # medusa takes the first input's batch size; with batch-1 inputs broadcasting,
             # the first one that is not 1 (the same wherever medusa works).
@@ -65,7 +83,9 @@ class ParametricDecoder(DecoderModule):
         values = {}
         for name in INPUT_NAMES:
             value = inputs[name] if name in inputs else getattr(self, name)
-            if value.shape[0] not in (1, batch_size):
+            if identity is not None and name == "shape":
+                pass  # S identity rows, any S >= 1: identity picks one per frame
+            elif value.shape[0] not in (1, batch_size):
                 source = "input" if name in inputs else "parameter"
                 raise ValueError(
                     f"{source} {name} has batch size {value.shape[0]} but the batch size is "
@@ -78,23 +98,56 @@ class ParametricDecoder(DecoderModule):
                     f"buffers are {like.dtype} on {like.device}; convert the whole module"
                 )
             values[name] = value
-        return batch_size, values
+        if identity is not None:
+            self._check_identity_range(identity, values["shape"].shape[0])
+        return batch_size, values, identity
 
-    def _decode(self, k, shape, expr, pose):
+    def _check_identity(self, identity, batch_size):
+        check_tensor("identity", identity, ndim=1, dtype=(torch.int64, torch.int32))
+        if identity.device != self.v_template.device:
+            raise ValueError(
+                f"identity is on {identity.device} but the model is on {self.v_template.device}"
+            )
+        if batch_size is not None and batch_size != identity.shape[0]:
+            raise ValueError(
+                f"batch_size is {batch_size} but identity has {identity.shape[0]} frames"
+            )
+        return identity.long()
+
+    @staticmethod
+    def _check_identity_range(identity, count):
+        """On the CPU (eager) an index out of [0, S) is a ValueError; elsewhere checking
+        would synchronise with the device: the frame's outputs are NaN instead."""
+        if count == 0:
+            raise ValueError("identity needs at least one shape row, got shape with 0 rows")
+        if identity.device.type != "cpu" or torch.compiler.is_compiling():
+            return
+        bad = (identity < 0) | (identity >= count)
+        if bool(bad.any()):
+            frame = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"identity[{frame}] = {int(identity[frame])} is out of range for {count} "
+                f"shape rows (it must be in [0, {count}))"
+            )
+
+    def _decode(self, k, shape, expr, pose, identity=None):
         """The FLAME math as blend -> rigid transforms -> blend with correctives -> skinning.
 
-        With one shape row for the whole batch (the fitting case) the identity is blended
-        once and only expression and pose run per sample.
+        With one shape row for the whole batch (the fitting case), or S rows and an
+        identity per frame, each identity's shaped mesh and joints are blended once and
+        only expression and pose run per frame.
         """
         batch_size, num_vertices = pose.shape[0], self.v_template.shape[0]
         num_joints = self.parents.shape[0]
         v_dirs = self.shape_dirs.view(num_vertices * 3, -1)
         v_base, j_base = self.v_template.view(-1), self._J_template
         j_dirs = self._J_dirs
-        if shape.shape[0] == 1 and batch_size > 1:
+        if identity is not None or (shape.shape[0] == 1 and batch_size > 1):
             n = self.n_shape
             v_base = k.blend(v_base, v_dirs[:, :n], shape)
             j_base = k.blend(j_base, j_dirs[:, :n], shape)
+            if identity is not None:
+                v_base, j_base = identity_rows(v_base, identity), identity_rows(j_base, identity)
             v_dirs, j_dirs, coeffs = v_dirs[:, n:], j_dirs[:, n:], expr.expand(batch_size, -1)
         else:
             coeffs = torch.cat(

@@ -21,7 +21,7 @@ from torch import nn
 from . import _backend, medusa_baseline, reference
 from ._backend import CONTOUR_RULES
 from ._checks import check_count, check_tensor
-from ._parametric import INPUT_NAMES, POSE_NAMES, ParametricDecoder
+from ._parametric import INPUT_NAMES, POSE_NAMES, ParametricDecoder, identity_rows
 from .io import load_flame_model, load_landmark_embedding, load_texture_space
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -162,26 +162,34 @@ class FlameShape(ParametricDecoder):
         self._register_derived()
         return self
 
-    def forward(self, batch_size: Optional[int] = None, **inputs):
+    def forward(self, batch_size: Optional[int] = None, identity=None, **inputs):
         """Decodes a batch: returns ``(v, R)``.
 
         ``inputs`` may hold shape, expr, global_pose, neck_pose, jaw_pose, eye_pose, each
         (B, dim); missing ones come from the module's parameters, and batch-1 values are
         broadcast. ``v`` is (B, V, 3); ``R`` depends on ``transforms`` (see the class).
+
+        Many identities in one batch: ``shape`` (S, n_shape) and ``identity`` (B,) int64
+        in [0, S) give the same outputs and gradients as ``shape=shape[identity]``, with
+        each identity's mesh blended once (see the README). An index out of range is a
+        ValueError on the CPU; on CUDA (no host sync) that frame's outputs are NaN.
         """
-        batch_size, values = self._gather_inputs(batch_size, inputs)
+        batch_size, values, identity = self._gather_inputs(batch_size, inputs, identity)
         pose = torch.cat([values[name].expand(batch_size, -1) for name in POSE_NAMES], dim=1)
         path = _backend.resolve(self.backend, self.v_template.device.type, "FlameShape")
         if path == "medusa":
+            shape = values["shape"]
+            if identity is not None:
+                shape = identity_rows(shape, identity)
             beta = torch.cat(
-                [values["shape"].expand(batch_size, -1), values["expr"].expand(batch_size, -1)],
+                [shape.expand(batch_size, -1), values["expr"].expand(batch_size, -1)],
                 dim=1,
             )
             return medusa_baseline.lbs(
                 beta, pose, self.v_template, self.shape_dirs, self.pose_dirs,
                 self.J_regressor, self.parents, self.lbs_weights,
             )
-        return self._decode(_backend.steps(path), values["shape"], values["expr"], pose)
+        return self._decode(_backend.steps(path), values["shape"], values["expr"], pose, identity)
 
 
 class FlameLandmark(_backend.DecoderModule):

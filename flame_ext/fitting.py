@@ -215,13 +215,14 @@ class FlameShapeLandmark(ParametricDecoder):
             f"backend={self.backend!r}"
         )
 
-    def forward(self, batch_size: Optional[int] = None, **inputs) -> torch.Tensor:
-        """Landmarks (B, L, 3) of the FLAME parameters (FlameShape's inputs and rules)."""
-        batch_size, values = self._gather_inputs(batch_size, inputs)
+    def forward(self, batch_size: Optional[int] = None, identity=None, **inputs) -> torch.Tensor:
+        """Landmarks (B, L, 3) of the FLAME parameters (FlameShape's inputs and rules,
+        identity-indexed batches included)."""
+        batch_size, values, identity = self._gather_inputs(batch_size, inputs, identity)
         pose = torch.cat([values[name].expand(batch_size, -1) for name in POSE_NAMES], dim=1)
         path = _backend.resolve(self.backend, self.v_template.device.type, "FlameShapeLandmark")
         k = _backend.steps(path)
-        v, _ = self._decode(k, values["shape"], values["expr"], pose)
+        v, _ = self._decode(k, values["shape"], values["expr"], pose, identity)
         if self._dynamic:
             return k.landmarks(
                 v, pose, self.tris, self.lmk_faces_idx, self.lmk_bary_coords,

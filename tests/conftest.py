@@ -76,6 +76,14 @@ def quiet():
 
 
 @pytest.fixture
+def fresh_dynamo():
+    """torch.compile's caches emptied before and after the test."""
+    torch.compiler.reset()
+    yield
+    torch.compiler.reset()
+
+
+@pytest.fixture
 def deterministic():
     """torch.use_deterministic_algorithms(True), with fresh memory filled with NaN (so an
     output element no kernel wrote shows up)."""

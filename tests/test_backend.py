@@ -15,13 +15,6 @@ from flame_ext import FlameLandmark, FlameShape, FlameShapeLandmark, FlameTex, _
 from flame_ext import build_info, load_flame_model
 
 
-@pytest.fixture
-def fresh_dynamo():
-    torch.compiler.reset()
-    yield
-    torch.compiler.reset()
-
-
 def _counts():
     model = load_flame_model(SMALL)
     return model.n_shape, model.n_expr

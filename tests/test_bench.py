@@ -17,8 +17,8 @@ from flame_ext._bench import cases, floor, run, timing
 CASES = {
     "shape_fwd", "shape_fwd_R", "shape_fwdbwd", "shape_fwdbwd_R",
     "shared_fwd", "shared_fwd_R", "shared_fwdbwd", "shared_fwdbwd_R",
-    "meanR_fwd", "lmk68_fwd", "lmk68_fwdbwd", "lmkmp_fwd", "lmkmp_fwdbwd", "tex_fwd",
-    "fit68_fwdbwd",
+    "meanR_fwd", "ids8_fwdbwd", "lmk68_fwd", "lmk68_fwdbwd", "lmkmp_fwd", "lmkmp_fwdbwd",
+    "tex_fwd", "fit68_fwdbwd",
 }
 IMPLS = ["medusa", "reference", "flame_ext"]
 

@@ -282,6 +282,51 @@ def _mean_transform_case(models: Models) -> Case:
                 inputs, runner)
 
 
+def _identities_case(models: Models) -> Case:
+    """Many videos in one batch: 8 identities, B/8 frames each, forward+backward (no R).
+    medusa takes per-frame shape rows (shape[identity], what users pass today); the other
+    backends the identity-indexed call, which blends each identity once."""
+    identities = 8
+    num_vertices = models.shape_dims().V
+    description = (f"FlameShape forward+backward, {identities} identities x B/{identities} "
+                   "frames: shape (8, n_shape) + identity (B,); medusa: per-frame shape rows")
+
+    def inputs(batch: int) -> List[dict]:
+        generator = _generator(models, 7000 + batch)
+        rows = min(identities, max(batch, 1))
+
+        def make_one() -> dict:
+            values = models.random_inputs(batch, False, generator)
+            values["shape"] = values["shape"][:rows].clone()
+            identity = torch.arange(batch, device=models.device) * rows // max(batch, 1)
+            grad = torch.randn(batch, num_vertices, 3, generator=generator,
+                               device=models.device)
+            return {"inputs": {k: v.requires_grad_(True) for k, v in values.items()},
+                    "identity": identity, "grad": grad}
+        return _input_sets(make_one, models.device)
+
+    def runner(impl: str, batch: int) -> Callable[[dict], object]:
+        if BACKEND[impl] == "medusa":
+            shape = models.shape("medusa", "vertex")
+
+            def forward(identity, **inputs):
+                inputs = dict(inputs, shape=inputs["shape"][identity])
+                return shape(**inputs)
+        else:
+            forward = models.forward(impl, models.shape(BACKEND[impl], "none"))
+
+        def run(s):
+            v, _ = forward(identity=s["identity"], **s["inputs"])
+            return torch.autograd.grad(v, list(s["inputs"].values()), s["grad"])
+        return run
+
+    dims = models.shape_dims()
+    return Case(f"ids{identities}_fwdbwd", description,
+                lambda batch: floor.shape_cost(dims, batch, shared=True, backward=True,
+                                               with_R=False),
+                inputs, runner)
+
+
 def _landmark_case(models: Models, lm_type: str, backward: bool) -> Case:
     probe = models.landmark("reference", lm_type)
     num_vertices = probe.num_vertices
@@ -520,8 +565,8 @@ def _smplx_case(models: Models, backward: bool) -> Case:
 
 
 def build_cases(models: Models, impls: Optional[List[str]] = None) -> List[Case]:
-    """Every case, in the order of the table: FlameShape, its mean transform, landmarks,
-    texture, fitting step,
+    """Every case, in the order of the table: FlameShape, its mean transform, identity-
+    indexed batches, landmarks, texture, fitting step,
     then the peers' cases (smplx's FLAME layer) when `impls` is None or holds the peer."""
     cases = []
     for shared in (False, True):
@@ -529,6 +574,7 @@ def build_cases(models: Models, impls: Optional[List[str]] = None) -> List[Case]
             for with_R in (False, True):
                 cases.append(_shape_case(models, shared, backward, with_R))
     cases.append(_mean_transform_case(models))
+    cases.append(_identities_case(models))
     for lm_type in ("68", "mp"):
         for backward in (False, True):
             cases.append(_landmark_case(models, lm_type, backward))
