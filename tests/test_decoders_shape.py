@@ -557,3 +557,18 @@ def test_second_device(ops, quiet):
     v, _ = other(**{k: t.to("cuda:1") for k, t in inputs.items()})
     assert v.device == torch.device("cuda:1")
     torch.testing.assert_close(v.cpu(), v0, rtol=1e-4, atol=1e-5)
+
+
+def test_mean_transform_compiles_fullgraph(fresh_dynamo, quiet):
+    m = _shape("ext", transforms="mean")
+    leaves = {k: v.requires_grad_(True)
+              for k, v in flame_inputs(m, 3, torch.Generator().manual_seed(2), scale=0.4).items()}
+    compiled = torch.compile(m, fullgraph=True)
+    got_v, got_R = compiled(**leaves)
+    want_v, want_R = m(**leaves)
+    torch.testing.assert_close(got_R, want_R, rtol=1e-5, atol=1e-6)
+    names = list(leaves)
+    got = torch.autograd.grad(got_R.sum() + got_v.sum(), [leaves[n] for n in names])
+    want = torch.autograd.grad(want_R.sum() + want_v.sum(), [leaves[n] for n in names])
+    for name, a, b in zip(names, got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
