@@ -26,8 +26,7 @@ def identity_rows(rows: torch.Tensor, identity: torch.Tensor) -> torch.Tensor:
         return rows[identity]  # checked in _gather_inputs
     count = rows.shape[0]
     valid = (identity >= 0) & (identity < count)
-    picked = rows[identity.clamp(0, count - 1)]
-    return torch.where(valid[:, None], picked, torch.full_like(picked, float("nan")))
+    return rows[identity.clamp(0, count - 1)].masked_fill(~valid[:, None], float("nan"))
 
 
 class ParametricDecoder(DecoderModule):
