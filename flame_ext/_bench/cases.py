@@ -656,6 +656,12 @@ def body_models_layer(models: Models, impl: str) -> torch.nn.Module:
     path, why = _body_models_file(models)
     if why:
         raise FileNotFoundError(why)
+    if BODY_MODELS_KERNELS[impl] == "warp":
+        import warp
+
+        # Warp logs each module load on stdout, inside the table: warnings only.
+        warp.config.quiet = True
+        warp.config.log_level = max(warp.config.log_level, warp.LOG_WARNING)
     return FLAME(model_path=path, kernel_backend=BODY_MODELS_KERNELS[impl]).to(models.device)
 
 
