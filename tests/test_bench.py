@@ -42,9 +42,13 @@ def test_quick_run_writes_the_environment(quick_run):
     assert data["schema"] == run.SCHEMA
     env = data["environment"]
     for key in ("device", "device_type", "torch", "cuda", "git_sha", "date", "python",
-                "threads", "build_info"):
+                "cpu", "cpu_count", "threads", "cpu_isa", "build_info"):
         assert key in env, key
     assert env["device_type"] == "cpu"
+    # The machine: CPU model, threads, and the build of the CPU loops that ran.
+    assert env["cpu"] and env["cpu"] in env["device"] and env["threads"] >= 1
+    assert env["cpu_isa"] == env["build_info"]["cpu_isa"]
+    assert env["cpu_isa"] in (("avx512", "avx2", "baseline") if _ops.available() else (None,))
     assert env["torch"] == torch.__version__
     # The file name carries the device and the date.
     assert files[0].startswith("bench_cpu-") and env["date"][:4] in files[0]
@@ -316,11 +320,17 @@ def test_body_models_cases_in_quick_mode(tmp_path):
             assert "speedup_vs_body_models" in cells["flame_ext"]
 
 
-def test_body_models_cases_say_why_they_cannot_run(tmp_path):
+def test_body_models_cases_say_why_they_cannot_run(tmp_path, capsys):
     """On the small model (6 + 4 components) body-models' FLAME cannot run (it splits the
     basis at column 300), nor without body-models installed: the cells say which, the
     other columns still run; the peers stay out of the other cases."""
     data = _body_models_run(tmp_path, "synthetic-small")
+    header = next(line for line in capsys.readouterr().out.splitlines()
+                  if line.startswith("# flame_ext benchmark"))
+    env = data["environment"]
+    assert f"{env['cpu']} ({env['threads']} thread" in header
+    if _ops.available():
+        assert f"CPU loops: {env['cpu_isa']}" in header
     for row in data["results"]:
         for impl in ("body_models", "body_models_warp"):
             reason = row["impls"][impl]["skipped"]

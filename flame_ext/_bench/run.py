@@ -345,15 +345,15 @@ class Table:
         self.width = max(16, max(len(i) for i in impls) + 2)
         # speed-up columns: medusa's and compile's always, the peers' when they run
         self.versus = ["medusa", "compile"] + [p for p in bench_cases.PEERS if p in impls]
-        self.versus_width = max(11, max(len(b) for b in self.versus) + 4)
+        self.versus_widths = [max(11, len(b) + 5) for b in self.versus]
 
     def header(self) -> None:
         cells = "".join(f"{i:>{self.width}}" for i in self.impls)
-        versus = "".join(f"{'vs ' + b:>{self.versus_width}}" for b in self.versus)
+        versus = "".join(f"{'vs ' + b:>{w}}" for b, w in zip(self.versus, self.versus_widths))
         self.write(f"{'case':<18}{'B':>5}{cells}{'floor':>10} {'bound':<7}"
                    f"{'GB/s':>8}{'x floor':>9}{versus}")
         self.write(f"{'':<23}{'(median ±IQR/median)':>{self.width * len(self.impls)}}"
-                   f"{'':>17}{'(' + self.headline + ')':>{17 + self.versus_width * len(self.versus)}}")
+                   f"{'':>17}{'(' + self.headline + ')':>{17 + sum(self.versus_widths)}}")
 
     def _note(self, text: str) -> str:
         key = re.sub(r" ?\(B=[^)]*\)", "", text)[:160]
@@ -374,9 +374,9 @@ class Table:
             f"{format_time(fl['time_s']):>10} {'mem' if fl['bound'] == 'memory' else 'flop':<7}",
             f"{head['GBps']:>8.1f}" if "GBps" in head else f"{'-':>8}",
             f"{head['x_floor']:>8.1f}x" if "x_floor" in head else f"{'-':>9}",
-            *(f"{head['speedup_vs_' + b]:>{self.versus_width - 1}.2f}x"
-              if "speedup_vs_" + b in head else f"{'-':>{self.versus_width}}"
-              for b in self.versus),
+            *(f"{head['speedup_vs_' + b]:>{w - 1}.2f}x"
+              if "speedup_vs_" + b in head else f"{'-':>{w}}"
+              for b, w in zip(self.versus, self.versus_widths)),
         ])
         self.write(f"{row['case']:<18}{row['batch']:>5}{cells}{extra}")
 
