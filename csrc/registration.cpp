@@ -7,6 +7,7 @@
 
 #include <torch/library.h>
 
+#include "cpu_isa.h"
 #include "op_schemas.h"
 
 #ifndef FLAME_EXT_CUDA_ARCHS
@@ -25,6 +26,20 @@ PyMODINIT_FUNC PyInit__C(void) {
 
 namespace flame_ext {
 
+// The instruction set cpu_isa() picked in this process, reported so that benchmark
+// results say which build of the hand-vectorised CPU loops their numbers come from.
+const char* cpu_isa_name() {
+  switch (cpu_isa()) {
+    case Isa::kAvx512:
+      return "avx512";
+    case Isa::kAvx2:
+      return "avx2";
+    case Isa::kBaseline:
+      break;
+  }
+  return "baseline";
+}
+
 std::string build_config() {
 #ifdef FLAME_EXT_WITH_CUDA
   const char* cuda = "true";
@@ -32,7 +47,8 @@ std::string build_config() {
   const char* cuda = "false";
 #endif
   return std::string("{\"cuda\": ") + cuda + ", \"cuda_archs\": \"" + FLAME_EXT_CUDA_ARCHS +
-         "\", \"torch\": \"" + FLAME_EXT_TORCH_VERSION + "\"}";
+         "\", \"torch\": \"" + FLAME_EXT_TORCH_VERSION + "\", \"cpu_isa\": \"" +
+         cpu_isa_name() + "\"}";
 }
 
 TORCH_LIBRARY(flame_ext, m) {

@@ -11,7 +11,11 @@ def build_info() -> dict:
     """A dict describing the build and the runtime choice of kernels.
 
     Keys: ``extension_loaded`` and ``load_error``; ``cuda_compiled``, ``cuda_archs`` and
-    ``built_with_torch`` (from the library); ``torch`` and ``cuda_available`` (now);
+    ``built_with_torch`` (from the library); ``cpu_isa``: the instruction set the CPU
+    loops run with in this process, 'avx512', 'avx2' or 'baseline' (csrc/cpu_isa.h: the
+    widest the CPU has, or a narrower one named by $FLAME_EXT_CPU_ISA; each family with
+    hand-vectorised loops runs it up to the widest build it compiled: blend AVX-512, skin
+    AVX2), None without the library; ``torch`` and ``cuda_available`` (now);
     ``kernels``: for every op, whether a CPU and a CUDA kernel is registered;
     ``decoders``: for each decoder and device type, the path ``backend='auto'`` takes
     ('ext' or 'reference').
@@ -24,6 +28,7 @@ def build_info() -> dict:
         "cuda_compiled": bool(config["cuda"]),
         "cuda_archs": config["cuda_archs"],
         "built_with_torch": config["torch"],
+        "cpu_isa": config["cpu_isa"],
         "torch": torch.__version__,
         "cuda_available": torch.cuda.is_available(),
         "kernels": {

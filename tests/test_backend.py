@@ -78,6 +78,52 @@ def test_build_info_reports_the_paths_the_decoders_take(ops, quiet):
         assert _backend.resolve(module.backend, "cpu", name) == info["decoders"][name]["cpu"]
 
 
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next(line for line in f if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return None
+    return set(line.split(":", 1)[1].split())
+
+
+_ISA_ORDER = ("baseline", "avx2", "avx512")
+_ISA_PROBE = "import flame_ext; print(flame_ext.build_info()['cpu_isa'])"
+
+
+@pytest.mark.parametrize("forced", [None, "avx2", "baseline"])
+def test_build_info_reports_the_cpu_isa(ops, forced):
+    """build_info()['cpu_isa'] is the instruction set cpu_isa.h picks: the widest the CPU
+    has (read here from /proc/cpuinfo), capped by $FLAME_EXT_CPU_ISA, in a fresh process
+    since the choice is made once per process."""
+    import platform
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    env.pop("FLAME_EXT_CPU_ISA", None)
+    if forced:
+        env["FLAME_EXT_CPU_ISA"] = forced
+    result = subprocess.run([sys.executable, "-c", _ISA_PROBE], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    reported = result.stdout.strip().splitlines()[-1]
+    assert reported in _ISA_ORDER
+    flags = _cpu_flags()
+    if flags is None or platform.machine() not in ("x86_64", "AMD64"):
+        return  # no flags to check against: the value's form is all there is to test
+    widest = "baseline"
+    if {"avx2", "fma"} <= flags:
+        widest = "avx512" if {"avx512f", "avx512dq", "avx512vl"} <= flags else "avx2"
+    expected = widest if forced is None else min(widest, forced, key=_ISA_ORDER.index)
+    assert reported == expected, (flags & {"avx2", "fma", "avx512f"}, forced)
+
+
+def test_build_info_without_the_library_has_no_cpu_isa(monkeypatch):
+    monkeypatch.setattr(_ops, "available", lambda: False)
+    assert _ops.build_config()["cpu_isa"] is None
+
+
 def test_auto_needs_every_op_and_its_backward(ops, monkeypatch):
     missing = {("skin_backward", "CPU")}
     monkeypatch.setattr(_ops, "has_kernel", lambda op, key: (op, key) not in missing)

@@ -4,6 +4,7 @@ synthetic model, the JSON it writes, the plot, and the byte/FLOP models of the f
 No timing is asserted: only that every number is there, positive and consistent.
 """
 
+import importlib.util
 import json
 import os
 import statistics
@@ -41,9 +42,13 @@ def test_quick_run_writes_the_environment(quick_run):
     assert data["schema"] == run.SCHEMA
     env = data["environment"]
     for key in ("device", "device_type", "torch", "cuda", "git_sha", "date", "python",
-                "threads", "build_info"):
+                "cpu", "cpu_count", "threads", "cpu_isa", "build_info"):
         assert key in env, key
     assert env["device_type"] == "cpu"
+    # The machine: CPU model, threads, and the build of the CPU loops that ran.
+    assert env["cpu"] and env["cpu"] in env["device"] and env["threads"] >= 1
+    assert env["cpu_isa"] == env["build_info"]["cpu_isa"]
+    assert env["cpu_isa"] in (("avx512", "avx2", "baseline") if _ops.available() else (None,))
     assert env["torch"] == torch.__version__
     # The file name carries the device and the date.
     assert files[0].startswith("bench_cpu-") and env["date"][:4] in files[0]
@@ -229,3 +234,124 @@ def test_smplx_cases_say_why_smplx_cannot_run(tmp_path):
     assert "own cases only" in shape.why_not("smplx", 1)
     names = [c.name for c in cases.build_cases(models, ["medusa", "reference"])]
     assert "smplx_fwd" not in names and "shape_fwd" in names
+
+
+def test_body_models_inputs_are_flame_ext_inputs_in_its_layout():
+    """body-models' FLAME takes the same values: global_pose as head_rotation, neck, jaw
+    and the two eyes stacked as head_pose (B, 4, 3), as new leaves."""
+    gen = torch.Generator().manual_seed(0)
+    inputs = {"shape": torch.randn(3, 7, generator=gen), "expr": torch.randn(3, 5, generator=gen),
+              **{name: torch.randn(3, 6 if name == "eye_pose" else 3, generator=gen)
+                 for name in cases.POSE_NAMES}}
+    mapped = cases.body_models_inputs(inputs, requires_grad=True)
+    assert list(mapped) == ["shape", "expression", "head_rotation", "head_pose"]
+    assert torch.equal(mapped["shape"], inputs["shape"])
+    assert torch.equal(mapped["expression"], inputs["expr"])
+    assert torch.equal(mapped["head_rotation"], inputs["global_pose"])
+    assert mapped["head_pose"].shape == (3, 4, 3)
+    for slot, expected in enumerate([inputs["neck_pose"], inputs["jaw_pose"],
+                                     inputs["eye_pose"][:, :3], inputs["eye_pose"][:, 3:]]):
+        assert torch.equal(mapped["head_pose"][:, slot], expected)
+    assert all(v.is_leaf and v.requires_grad for v in mapped.values())
+    assert not any(v.requires_grad for v in cases.body_models_inputs(inputs).values())
+
+
+@pytest.fixture(scope="module")
+def full_models():
+    return cases.Models(torch.device("cpu"), "synthetic", 50)
+
+
+def test_body_models_agrees_with_the_reference(full_models, monkeypatch):
+    """On the full-size synthetic model (the file body-models reads, the arrays flame_ext
+    reads) and the same parameters, body-models' vertices are the reference's to float32
+    rounding; a pose in the wrong slot is caught by the same check, which the cases run
+    before timing."""
+    pytest.importorskip("body_models")
+    layer = cases.body_models_layer(full_models, "body_models")
+    assert cases.body_models_agreement(full_models, layer) <= cases.BODY_MODELS_RTOL
+
+    real = cases.body_models_inputs
+
+    def neck_and_jaw_swapped(inputs, requires_grad=False):
+        mapped = real(inputs, requires_grad)
+        mapped["head_pose"] = mapped["head_pose"][:, [1, 0, 2, 3]]
+        return mapped
+
+    monkeypatch.setattr(cases, "body_models_inputs", neck_and_jaw_swapped)
+    assert cases.body_models_agreement(full_models, layer) > 100 * cases.BODY_MODELS_RTOL
+    case = next(c for c in cases.build_cases(full_models, ["body_models"])
+                if c.name == "body_models_fwd")
+    with pytest.raises(ValueError, match="not the same computation"):
+        case.runner("body_models", 1)
+
+
+def _body_models_run(tmp_path, model_path):
+    code = run.main(["--quick", "--device", "cpu", "--model-path", model_path,
+                     "--cases", "body_models", "--impls", "medusa", "body_models",
+                     "body_models_warp", "reference", "flame_ext", "--batch-sizes", "1",
+                     "--no-progress", "--no-plot", "--out", str(tmp_path)])
+    assert code == 0
+    (name,) = [f for f in os.listdir(tmp_path) if f.endswith(".json")]
+    with open(tmp_path / name) as f:
+        return json.load(f)
+
+
+def test_body_models_cases_in_quick_mode(tmp_path):
+    """The body-models cases time its FLAME (torch kernels, and Warp's when installed)
+    beside FlameShape on every backend, the speed-ups read against it."""
+    pytest.importorskip("body_models")
+    data = _body_models_run(tmp_path, "synthetic")
+    assert {c["name"] for c in data["cases"]} == {"body_models_fwd", "body_models_fwdbwd"}
+    try:
+        import warp  # noqa: F401
+        peers = ["body_models", "body_models_warp"]
+    except ImportError:
+        peers = ["body_models"]
+    for row in data["results"]:
+        cells = row["impls"]
+        for impl in ["medusa", "reference"] + peers:
+            assert cells[impl]["median_s"] > 0, (row["case"], impl, cells[impl])
+        if "body_models_warp" not in peers:
+            assert "pip install warp-lang" in cells["body_models_warp"]["skipped"]
+        for impl in peers:
+            assert cells["reference"][f"speedup_vs_{impl}"] == pytest.approx(
+                cells[impl]["median_s"] / cells["reference"]["median_s"])
+        if _ops.available():
+            assert "speedup_vs_body_models" in cells["flame_ext"]
+
+
+def test_body_models_cases_say_why_they_cannot_run(tmp_path, capsys):
+    """On the small model (6 + 4 components) body-models' FLAME cannot run (it splits the
+    basis at column 300), nor without body-models installed: the cells say which, the
+    other columns still run; the peers stay out of the other cases."""
+    data = _body_models_run(tmp_path, "synthetic-small")
+    header = next(line for line in capsys.readouterr().out.splitlines()
+                  if line.startswith("# flame_ext benchmark"))
+    env = data["environment"]
+    assert f"{env['cpu']} ({env['threads']} thread" in header
+    if _ops.available():
+        assert f"CPU loops: {env['cpu_isa']}" in header
+    for row in data["results"]:
+        for impl in ("body_models", "body_models_warp"):
+            reason = row["impls"][impl]["skipped"]
+            assert "300 shape columns" in reason or "not installed" in reason, reason
+        assert row["impls"]["reference"]["median_s"] > 0
+    models = cases.Models(torch.device("cpu"), "synthetic-small", 5)
+    built = cases.build_cases(models, ["medusa", "body_models_warp", "flame_ext"])
+    shape = next(c for c in built if c.name == "shape_fwd")
+    assert "own cases only (body_models_*)" in shape.why_not("body_models_warp", 1)
+    names = [c.name for c in cases.build_cases(models, ["medusa", "reference"])]
+    assert "body_models_fwd" not in names
+
+
+def test_body_models_status_says_what_is_missing(monkeypatch):
+    """Without body-models, or without Warp, the cells name the package to install."""
+    import sys
+
+    models = cases.Models(torch.device("cpu"), "synthetic-small", 5)
+    monkeypatch.setitem(sys.modules, "warp", None)  # import warp raises ImportError
+    if importlib.util.find_spec("body_models") is not None:
+        assert "pip install warp-lang" in cases.body_models_status(models, "body_models_warp")
+    monkeypatch.setitem(sys.modules, "body_models.flame.torch", None)
+    for impl in ("body_models", "body_models_warp"):
+        assert "pip install body-models" in cases.body_models_status(models, impl)

@@ -32,7 +32,7 @@ def _inputs(module, batch, seed, shared):
 
 def _decode_both(module, values):
     """(fused, op-by-op) outputs of module's decode on the same inputs."""
-    batch, gathered = module._gather_inputs(None, values)
+    batch, gathered, _ = module._gather_inputs(None, values)  # no identity index
     pose = torch.cat([gathered[n].expand(batch, -1) for n in INPUT_NAMES[2:]], dim=1)
     ext = _backend.steps("ext")
     steps = SimpleNamespace(**{**vars(ext), "lbs": lambda *args: None})

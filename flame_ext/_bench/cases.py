@@ -11,6 +11,8 @@ An implementation is a decoder backend plus a way of calling it:
 | `flame_ext_graph` | 'ext'           | one CUDA graph per input set, replayed           |
 | `reference_graph` | 'reference'     | the same, for the reference                      |
 | `smplx`           | (a peer)        | eager `smplx.FLAME` (PyPI smplx), the smplx cases |
+| `body_models`     | (a peer)        | eager body-models FLAME, torch kernels, its cases |
+| `body_models_warp`| (a peer)        | the same with its NVIDIA Warp skinning kernels    |
 
 The smplx cases (`smplx_fwd`, `smplx_fwdbwd`: the FLAME layer of smplx, vertices and
 joints with the 68 landmarks) run `flame_ext.compat.smplx.FLAME` on each backend against
@@ -18,6 +20,17 @@ joints with the 68 landmarks) run `flame_ext.compat.smplx.FLAME` on each backend
 layout) and inputs; medusa has no such layer, and the other cases have no smplx column.
 They are built when the `smplx` implementation is asked for (it is by default); its
 cells say why not when smplx is not installed.
+
+The body-models cases (`body_models_fwd`, `body_models_fwdbwd`) are `shape_fwd` and
+`shape_fwdbwd` (FlameShape without R, per-sample identity, the same inputs) with two more
+columns: the FLAME model of body-models (PyPI body-models) read from the same model file,
+eager, with its torch kernels (`body_models`) and with its NVIDIA Warp skinning kernels
+(`body_models_warp`, PyPI warp-lang, which runs on the CPU too). Its inputs are flame_ext's
+mapped once per input set, outside the timed step (`body_models_inputs`); before timing,
+its vertices are checked against the reference's on the first input set
+(`body_models_agreement`), so that its column computes what the others do. They are
+built when either implementation is asked for (by default on the CPU); the cells say
+why not when body-models or Warp is not installed.
 
 Every implementation of a case runs on the same model (one load, buffers built per
 backend) and reads the very same input sets and upstream gradients (built once per case
@@ -33,7 +46,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -42,11 +55,13 @@ from flame_ext.io.discovery import _texture_location
 
 from . import floor, timing
 
-IMPLS = ("medusa", "smplx", "reference", "compile", "flame_ext", "flame_ext_graph",
-         "reference_graph")
+IMPLS = ("medusa", "smplx", "body_models", "body_models_warp", "reference", "compile",
+         "flame_ext", "flame_ext_graph", "reference_graph")
 BACKEND = {
     "medusa": "medusa",
     "smplx": "smplx",
+    "body_models": "body_models",
+    "body_models_warp": "body_models",
     "reference": "reference",
     "compile": "reference",
     "flame_ext": "ext",
@@ -55,9 +70,10 @@ BACKEND = {
 }
 # The implementations speed-ups are read against (derive() in run.py): each case's
 # baseline, and torch.compile of the reference.
-BASELINES = ("medusa", "compile", "smplx")
-# Peers run only in the cases that name them (Case.peer).
-PEERS = ("smplx",)
+BASELINES = ("medusa", "compile", "smplx", "body_models", "body_models_warp")
+# Peers run only in the cases that name them (Case.peers): each peer with the name its
+# cases start with.
+PEERS = {"smplx": "smplx", "body_models": "body_models", "body_models_warp": "body_models"}
 GRAPH_IMPLS = ("flame_ext_graph", "reference_graph")
 
 # Parameter scales of the random inputs: unit-variance identity/expression codes as the
@@ -82,14 +98,14 @@ class Case:
     runner: Callable[[str, int], Callable[[dict], object]]
     # (impl, batch) -> why this pair is not run (memory), or None
     skip: Callable[[str, int], Optional[str]] = lambda impl, batch: None
-    # the peer implementation this case compares against (its baseline), if not medusa
-    peer: Optional[str] = None
+    # the peer implementations this case compares against (PEERS), besides medusa
+    peers: Tuple[str, ...] = ()
 
     def why_not(self, impl: str, batch: int) -> Optional[str]:
         """Why (impl, batch) is not run in this case, or None: a peer runs only in its
         own cases, then the case's own reasons (skip)."""
-        if impl in PEERS and self.peer != impl:
-            return f"{impl} runs in its own cases only ({impl}_*)"
+        if impl in PEERS and impl not in self.peers:
+            return f"{impl} runs in its own cases only ({PEERS[impl]}_*)"
         return self.skip(impl, batch)
 
 
@@ -561,13 +577,162 @@ def _smplx_case(models: Models, backward: bool) -> Case:
                 lambda batch: floor.shape_cost(dims, batch, shared=False, backward=backward,
                                                with_R=False)
                 + floor.landmark_cost(dims.V, 68, batch, backward=backward, dynamic=17),
-                inputs, runner, skip, peer="smplx")
+                inputs, runner, skip, peers=("smplx",))
+
+
+# body-models' kernel backend of each of its implementations.
+BODY_MODELS_KERNELS = {"body_models": "torch", "body_models_warp": "warp"}
+# body-models' FLAME splits the model's shape basis at this column: identity before,
+# expression after.
+BODY_MODELS_SHAPE_COLUMNS = 300
+# Agreement of body-models' vertices with the reference's, both float32: the largest
+# difference relative to the largest vertex coordinate. A 400-term blend and the pose
+# chain summed in another order differ by a few float32 ulps (~1e-7); a convention
+# mismatch (a pose in another slot, an expression column off) by 1e-2 and more.
+BODY_MODELS_RTOL = 1e-5
+
+
+def body_models_inputs(inputs: dict, requires_grad: bool = False) -> dict:
+    """FlameShape's inputs as body-models' `FLAME.forward_vertices` takes them, the same
+    values: shape and expression as they are; global_pose, the root joint's rotation, as
+    `head_rotation`; neck, jaw and the two eye rotations (eye_pose's first and last three
+    values) stacked as `head_pose` (B, 4, 3), in the order of FLAME's joints 1..4 that
+    both read. New tensors (leaves of their own with requires_grad)."""
+    eye = inputs["eye_pose"]
+    mapped = {
+        "shape": inputs["shape"],
+        "expression": inputs["expr"],
+        "head_rotation": inputs["global_pose"],
+        "head_pose": torch.stack([inputs["neck_pose"], inputs["jaw_pose"], eye[:, :3],
+                                  eye[:, 3:]], dim=1),
+    }
+    return {k: v.detach().clone().requires_grad_(requires_grad) for k, v in mapped.items()}
+
+
+def _body_models_file(models: Models):
+    """(the FLAME model file body-models reads, None) or (None, why there is none): the
+    synthetic model is the pickle of smplx's folder (_smplx_folder), the same arrays in
+    the official file's layout; otherwise the model file flame_ext reads itself."""
+    path = models.model_path
+    if path in ("synthetic", "synthetic-small"):
+        folder, why = _smplx_folder(models)
+        return os.path.join(folder, "FLAME_NEUTRAL.pkl"), why
+    from flame_ext.io import discovery
+
+    try:
+        found = discovery._locate(discovery.MODEL_FILE_NAMES, path, pkl_means_directory=False)
+    except (OSError, ValueError) as exc:
+        return None, f"no FLAME model file for body-models: {timing.describe_error(exc)}"
+    if getattr(found, "suffix", None) not in (".pkl", ".npz"):
+        return None, f"body-models reads a FLAME .pkl or .npz file; model_path is {path!r}"
+    return str(found), None
+
+
+def body_models_status(models: Models, impl: str) -> Optional[str]:
+    """None when `impl` (a BODY_MODELS_KERNELS key) can run on this model, else why not."""
+    try:
+        import body_models.flame.torch  # noqa: F401
+    except ImportError as exc:
+        return ("body-models is not installed (pip install body-models warp-lang): "
+                f"{timing.describe_error(exc)}")
+    if BODY_MODELS_KERNELS[impl] == "warp":
+        try:
+            import warp  # noqa: F401
+        except ImportError as exc:
+            return ("NVIDIA Warp is not installed (pip install warp-lang): "
+                    f"{timing.describe_error(exc)}")
+    dims = models.shape_dims()
+    if dims.n_shape != BODY_MODELS_SHAPE_COLUMNS:
+        return (f"body-models' FLAME reads the first {BODY_MODELS_SHAPE_COLUMNS} shape "
+                "columns as identity and the rest as expression; this model has "
+                f"{dims.n_shape} + {dims.n_expr}")
+    return None
+
+
+def body_models_layer(models: Models, impl: str) -> torch.nn.Module:
+    """body-models' FLAME on the model file, with the kernels of `impl`."""
+    from body_models.flame.torch import FLAME
+
+    path, why = _body_models_file(models)
+    if why:
+        raise FileNotFoundError(why)
+    if BODY_MODELS_KERNELS[impl] == "warp":
+        import warp
+
+        # Warp logs each module load on stdout, inside the table: warnings only.
+        warp.config.quiet = True
+        warp.config.log_level = max(warp.config.log_level, warp.LOG_WARNING)
+    return FLAME(model_path=path, kernel_backend=BODY_MODELS_KERNELS[impl]).to(models.device)
+
+
+def body_models_agreement(models: Models, layer: torch.nn.Module, batch: int = 4,
+                          seed: int = 8000) -> float:
+    """The largest difference between body-models' vertices and the reference
+    FlameShape's on random parameters (float32 both), relative to the largest vertex
+    coordinate: ~1e-7 when both compute the same mesh."""
+    values = models.random_inputs(batch, False, _generator(models, seed))
+    with torch.no_grad():
+        expected, _ = models.shape("reference", "none")(**values)
+        got = layer.forward_vertices(**body_models_inputs(values))
+    if got.shape != expected.shape:
+        raise ValueError(f"body-models' vertices are {tuple(got.shape)}, the reference's "
+                         f"{tuple(expected.shape)}")
+    return ((got - expected).abs().max() / expected.abs().max()).item()
+
+
+def _body_models_case(models: Models, backward: bool) -> Case:
+    """shape_fwd / shape_fwdbwd (FlameShape, no R, per-sample identity) with body-models'
+    FLAME beside it: its torch and its Warp kernels, on the same model file and inputs."""
+    base = _shape_case(models, shared=False, backward=backward, with_R=False)
+    layers: Dict[str, torch.nn.Module] = {}
+
+    def layer(impl: str) -> torch.nn.Module:
+        if impl not in layers:
+            built = body_models_layer(models, impl)
+            error = body_models_agreement(models, built)
+            if not error <= BODY_MODELS_RTOL:
+                raise ValueError(f"body-models' vertices differ from the reference's by "
+                                 f"{error:.2g} of the mesh's extent (tolerance "
+                                 f"{BODY_MODELS_RTOL:g}): not the same computation")
+            layers[impl] = built
+        return layers[impl]
+
+    def skip(impl: str, batch: int) -> Optional[str]:
+        if impl not in BODY_MODELS_KERNELS:
+            return None
+        return body_models_status(models, impl) or _body_models_file(models)[1]
+
+    def inputs(batch: int) -> List[dict]:
+        return [dict(s, body_models=body_models_inputs(s["inputs"], backward))
+                for s in base.inputs(batch)]
+
+    def runner(impl: str, batch: int) -> Callable[[dict], object]:
+        if impl not in BODY_MODELS_KERNELS:
+            return base.runner(impl, batch)
+        forward = layer(impl).forward_vertices
+        if not backward:
+            def run(s):
+                with torch.no_grad():
+                    return forward(**s["body_models"])
+        else:
+            def run(s):
+                leaves = s["body_models"]
+                return torch.autograd.grad(forward(**leaves), list(leaves.values()),
+                                           s["grads"])
+        return run
+
+    description = (f"{base.description}; + body-models' FLAME (torch / Warp kernels) on the "
+                   "same model file and inputs (global_pose as head_rotation, neck, jaw, "
+                   "eyes as head_pose (B,4,3)), checked against the reference first")
+    return Case(f"body_models_{'fwdbwd' if backward else 'fwd'}", description, base.cost,
+                inputs, runner, skip, peers=tuple(BODY_MODELS_KERNELS))
 
 
 def build_cases(models: Models, impls: Optional[List[str]] = None) -> List[Case]:
     """Every case, in the order of the table: FlameShape, its mean transform, identity-
     indexed batches, landmarks, texture, fitting step,
-    then the peers' cases (smplx's FLAME layer) when `impls` is None or holds the peer."""
+    then the peers' cases (smplx's FLAME layer, body-models' FLAME) when `impls` is None
+    or holds the peer."""
     cases = []
     for shared in (False, True):
         for backward in (False, True):
@@ -582,6 +747,8 @@ def build_cases(models: Models, impls: Optional[List[str]] = None) -> List[Case]
     cases.append(_fit_case(models))
     if impls is None or "smplx" in impls:
         cases += [_smplx_case(models, backward) for backward in (False, True)]
+    if impls is None or any(i in impls for i in BODY_MODELS_KERNELS):
+        cases += [_body_models_case(models, backward) for backward in (False, True)]
     return cases
 
 

@@ -21,6 +21,8 @@ from typing import Optional
 COLORS = {
     "medusa": "#d62728",
     "smplx": "#8c564b",
+    "body_models": "#e377c2",
+    "body_models_warp": "#bcbd22",
     "reference": "#7f7f7f",
     "compile": "#ff7f0e",
     "flame_ext": "#1f77b4",

@@ -16,6 +16,7 @@ import json
 import sys
 from typing import List, Optional
 
+from .cases import PEERS
 from .run import format_time
 
 
@@ -37,6 +38,8 @@ def markdown(data: dict, cases: Optional[List[str]] = None,
     lines = [
         f"Machine: {env['device']}"
         + (f", {env['cpu_count']} cores" if env["device_type"] == "cpu" else "")
+        + (f", CPU loops {env['cpu_isa']}"
+           if env["device_type"] == "cpu" and env.get("cpu_isa") else "")
         + f"; torch {env['torch']}"
         + (f", CUDA {env['cuda']}" if env["device_type"] == "cuda" else "")
         + f"; flame_ext {env['git_sha'][:10]}{dirty}; {env['date']}"
@@ -51,10 +54,10 @@ def markdown(data: dict, cases: Optional[List[str]] = None,
         "",
     ]
     with_compile = "compile" in impls
-    with_smplx = "smplx" in impls
+    peers = [p for p in PEERS if p in impls]
     header = (["case", "B"] + impls + ["floor", f"{head} / floor", f"{head} vs medusa"]
               + ([f"{head} vs compile"] if with_compile else [])
-              + ([f"{head} vs smplx"] if with_smplx else []))
+              + [f"{head} vs {p}" for p in peers])
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
     for row in data["results"]:
@@ -68,7 +71,7 @@ def markdown(data: dict, cases: Optional[List[str]] = None,
                  + [format_time(row["floor"]["time_s"]), _ratio(h, "x_floor"),
                     _ratio(h, "speedup_vs_medusa")]
                  + ([_ratio(h, "speedup_vs_compile")] if with_compile else [])
-                 + ([_ratio(h, "speedup_vs_smplx")] if with_smplx else []))
+                 + [_ratio(h, f"speedup_vs_{p}") for p in peers])
         lines.append("| " + " | ".join(cells) + " |")
 
     fit = data.get("fit")

@@ -9,9 +9,11 @@
 
 Cases (cases.py): FlameShape forward and forward+backward, per-sample and shared
 identity, with and without R; FlameLandmark '68' and 'mp', forward and forward+backward;
-FlameTex forward; smplx's FLAME layer against `smplx.FLAME` (smplx_*); and the fitting
-loop (fit.py). Implementations: `medusa` (medusa's algorithm, eager: the baseline),
-`smplx` (smplx.FLAME, in the smplx cases), `reference` (flame_ext's pure-PyTorch path),
+FlameTex forward; smplx's FLAME layer against `smplx.FLAME` (smplx_*); FlameShape against
+body-models' FLAME (body_models_*); and the fitting loop (fit.py). Implementations:
+`medusa` (medusa's algorithm, eager: the baseline), `smplx` (smplx.FLAME, in the smplx
+cases), `body_models` / `body_models_warp` (body-models' FLAME with its torch / NVIDIA
+Warp kernels, in the body_models cases), `reference` (flame_ext's pure-PyTorch path),
 `compile` (torch.compile of the reference), `flame_ext` (the compiled ops),
 `flame_ext_graph` (the same replayed from CUDA graphs, small batches, CUDA only). The
 floor (floor.py) is max(bytes / copy bandwidth, FLOPs / matmul rate), both rates
@@ -20,8 +22,9 @@ measured on the device at the start of the run.
 Timing (timing.py): a timed first call (torch.compile's compilation shows there,
 never in the statistics), warm-up, then the median and interquartile spread of
 repeated samples; CUDA events on the GPU; inputs rotate through several sets.
-Also `flame-ext bench` (same options). Output: a table on stdout, `bench_<device>_<date>.json` (every number, the device,
-versions, git sha and date) and a `.png` of the same name under --out.
+Also `flame-ext bench` (same options). Output: a table on stdout, `bench_<device>_<date>.json` (every number, the device:
+CPU model, cores, threads and the instruction set of the CPU loops; versions, git sha and
+date) and a `.png` of the same name under --out.
 """
 
 from __future__ import annotations
@@ -62,8 +65,10 @@ SCHEMA = "flame_ext-bench/1"
 DEFAULT_BATCHES = {"cpu": [1, 16, 64, 256], "cuda": [1, 4, 16, 64, 256, 1024, 4096]}
 QUICK_BATCHES = [1, 4]
 # CPU: torch.compile takes ~15 s per case and batch regime on 2 cores: opt-in (--compile).
-DEFAULT_IMPLS = {"cpu": ["medusa", "smplx", "reference", "flame_ext"],
-                 "cuda": ["medusa", "smplx", "reference", "compile", "flame_ext"]}
+DEFAULT_IMPLS = {"cpu": ["medusa", "smplx", "body_models", "body_models_warp", "reference",
+                         "flame_ext"],
+                 "cuda": ["medusa", "smplx", "body_models", "body_models_warp", "reference",
+                          "compile", "flame_ext"]}
 # Per-measurement time budgets (seconds) and repeats.
 BUDGET = {"cpu": 0.5, "cuda": 0.3, "quick": 0.04}
 FIT_SIZE = {"cpu": (32, 50), "cuda": (256, 100), "quick": (8, 3)}  # (frames, iterations)
@@ -107,8 +112,8 @@ def parse_args(argv=None, prog: str = "python bench/run.py") -> argparse.Namespa
                         help="cases to run: full names, or parts of names ('lmk', 'fwdbwd'); "
                              "'fit' is the fitting loop")
     parser.add_argument("--impls", nargs="+", choices=bench_cases.IMPLS,
-                        help="implementations (default CPU: medusa reference flame_ext; "
-                             "CUDA: + compile)")
+                        help="implementations (default CPU: medusa smplx body_models "
+                             "body_models_warp reference flame_ext; CUDA: + compile)")
     parser.add_argument("--compile", action="store_true", help="add torch.compile(reference)")
     parser.add_argument("--no-graphs", action="store_true",
                         help="on CUDA, do not add the flame_ext CUDA-graph line")
@@ -191,6 +196,9 @@ def environment(device: torch.device, model_path) -> dict:
         "build_info": flame_ext.build_info(),
         "load_average_start": _load_average(),
     }
+    # The build of the hand-vectorised CPU loops this process runs (csrc/cpu_isa.h):
+    # 'avx512', 'avx2' or 'baseline'; None without the compiled ops.
+    env["cpu_isa"] = env["build_info"].get("cpu_isa")
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         env.update(
@@ -337,14 +345,15 @@ class Table:
         self.width = max(16, max(len(i) for i in impls) + 2)
         # speed-up columns: medusa's and compile's always, the peers' when they run
         self.versus = ["medusa", "compile"] + [p for p in bench_cases.PEERS if p in impls]
+        self.versus_widths = [max(11, len(b) + 5) for b in self.versus]
 
     def header(self) -> None:
         cells = "".join(f"{i:>{self.width}}" for i in self.impls)
-        versus = "".join(f"{'vs ' + b:>11}" for b in self.versus)
+        versus = "".join(f"{'vs ' + b:>{w}}" for b, w in zip(self.versus, self.versus_widths))
         self.write(f"{'case':<18}{'B':>5}{cells}{'floor':>10} {'bound':<7}"
                    f"{'GB/s':>8}{'x floor':>9}{versus}")
         self.write(f"{'':<23}{'(median ±IQR/median)':>{self.width * len(self.impls)}}"
-                   f"{'':>17}{'(' + self.headline + ')':>{17 + 11 * len(self.versus)}}")
+                   f"{'':>17}{'(' + self.headline + ')':>{17 + sum(self.versus_widths)}}")
 
     def _note(self, text: str) -> str:
         key = re.sub(r" ?\(B=[^)]*\)", "", text)[:160]
@@ -365,8 +374,9 @@ class Table:
             f"{format_time(fl['time_s']):>10} {'mem' if fl['bound'] == 'memory' else 'flop':<7}",
             f"{head['GBps']:>8.1f}" if "GBps" in head else f"{'-':>8}",
             f"{head['x_floor']:>8.1f}x" if "x_floor" in head else f"{'-':>9}",
-            *(f"{head['speedup_vs_' + b]:>10.2f}x" if "speedup_vs_" + b in head else f"{'-':>11}"
-              for b in self.versus),
+            *(f"{head['speedup_vs_' + b]:>{w - 1}.2f}x"
+              if "speedup_vs_" + b in head else f"{'-':>{w}}"
+              for b, w in zip(self.versus, self.versus_widths)),
         ])
         self.write(f"{row['case']:<18}{row['batch']:>5}{cells}{extra}")
 
@@ -484,7 +494,11 @@ def main(argv=None, prog: str = "python bench/run.py") -> int:
                         + (len(fit_impls) if run_fit else 0),
                         enabled=not args.no_progress)
     out = progress.write
-    out(f"# flame_ext benchmark | {env['device']} | torch {env['torch']}"
+    machine = env["device"]
+    if kind == "cpu":
+        machine += (f", {env['cpu_count']} cores | CPU loops: "
+                    f"{env['cpu_isa'] or 'none (compiled ops not loaded)'}")
+    out(f"# flame_ext benchmark | {machine} | torch {env['torch']}"
         f"{' cuda ' + env['cuda'] if env['cuda'] and kind == 'cuda' else ''} | "
         f"git {env['git_sha'][:10]}{'+dirty' if env['git_dirty'] else ''} | {env['date']}")
     out(f"# model {args.model_path}, float32 | floor rates: {floor.describe_rates(rates)}")

@@ -79,7 +79,12 @@ def has_kernel(op: str, device_type: str) -> bool:
 
 
 def build_config() -> dict:
-    """What the library was built with: {'cuda': bool, 'cuda_archs': str, 'torch': str}."""
+    """What the library was built with, and its CPU path: {'cuda': bool, 'cuda_archs': str,
+    'torch': str, 'cpu_isa': 'avx512' | 'avx2' | 'baseline' | None} (cpu_isa: the
+    instruction set csrc/cpu_isa.h picked for this process's CPU loops; None without the
+    library, or from a library built before it was reported)."""
     if not available():
-        return {"cuda": False, "cuda_archs": "", "torch": ""}
-    return json.loads(torch.ops.flame_ext.build_config())
+        return {"cuda": False, "cuda_archs": "", "torch": "", "cpu_isa": None}
+    config = json.loads(torch.ops.flame_ext.build_config())
+    config.setdefault("cpu_isa", None)
+    return config
