@@ -34,7 +34,10 @@ struct Simd {
 #endif
 
 // Register budget: AVX-512 has 32 vector registers, AVX2 and SSE 16. Tiles keep at most
-// 16 (resp. 8) accumulators so that they and their operands fit.
+// 16 (resp. 8) accumulators so that they and their operands fit: kTileSamples samples times
+// 4 rows of dirs (forward), 4 vectors of columns (grad_coeffs) or 4 vectors of n (pose).
+// Larger tiles were tried for AVX2 (3 rows x 4 samples, 2 x 6): g++ then folds the row
+// loads into the FMAs or spills, and the loop does not get faster.
 constexpr int kTileSamples = FLAME_BLEND_VECTOR_BYTES >= 64 ? 4 : 2;
 
 template <typename T>
@@ -201,7 +204,7 @@ FLAME_CPU_INLINE void dot_tile(const T* x, int64_t ldx, const T* y, int64_t ldy,
 }
 
 // ---------------------------------------------------------------------------------------
-// Forward, small B.
+// Forward.
 
 // out[b0..b0+S, n..n+R] = base + R rows of dirs dotted with S rows of coeffs.
 template <typename T, int R, int S>
@@ -222,17 +225,14 @@ FLAME_CPU_INLINE void forward_tile(const ForwardArgs<T>& a, const KTail<T>& tail
 
 template <typename T, int R>
 FLAME_CPU_INLINE void forward_rows_all_samples(const ForwardArgs<T>& a, const KTail<T>& tail,
-                                               int64_t n) {
-  int64_t b = 0;
-  for (; b + kTileSamples <= a.B; b += kTileSamples)
-    forward_tile<T, R, kTileSamples>(a, tail, n, b);
-  if constexpr (kTileSamples > 2) {
-    if (b + 2 <= a.B) {
-      forward_tile<T, R, 2>(a, tail, n, b);
-      b += 2;
-    }
+                                               int64_t n, int64_t b0, int64_t b1) {
+  constexpr int S = kTileSamples;
+  int64_t b = b0;
+  for (; b + S <= b1; b += S) forward_tile<T, R, S>(a, tail, n, b);
+  if constexpr (S > 2) {
+    for (; b + 2 <= b1; b += 2) forward_tile<T, R, 2>(a, tail, n, b);
   }
-  if (b < a.B) forward_tile<T, R, 1>(a, tail, n, b);
+  for (; b < b1; ++b) forward_tile<T, R, 1>(a, tail, n, b);
 }
 
 // out[b0..b0+S, n0:n1] += pose_coeffs @ pose_dirs[:, n0:n1], in order of p for each element:
@@ -284,18 +284,28 @@ FLAME_CPU_INLINE void forward_pose(const ForwardArgs<T>& a, int64_t n0, int64_t 
   for (; b < a.B; ++b) forward_pose_tile<T, 1>(a, n0, n1, b);
 }
 
+// Samples per group of the forward: one group's coefficients (16 x 400 floats = 25 KB for
+// FLAME) stay in L1 while every row tile of the task reads them, and the task's rows of
+// dirs (kForwardRows of them) are re-read from L2 by the next group. Without groups a large
+// batch would stream all its coefficients from L2 for every 4 rows, so the cache footprint
+// of a tile, hence its speed, would grow with B.
+constexpr int64_t kForwardGroup = 16;
+
 template <typename T>
 FLAME_CPU_INLINE void forward_range(const ForwardArgs<T>& a, int64_t n0, int64_t n1) {
   constexpr int R = 4;
   const KTail<T> tail = make_tail<T>(a.K);
-  int64_t n = n0;
-  for (; n + R <= n1; n += R) forward_rows_all_samples<T, R>(a, tail, n);
-  for (; n < n1; ++n) forward_rows_all_samples<T, 1>(a, tail, n);
+  for (int64_t b0 = 0; b0 < a.B; b0 += kForwardGroup) {
+    const int64_t b1 = std::min(a.B, b0 + kForwardGroup);
+    int64_t n = n0;
+    for (; n + R <= n1; n += R) forward_rows_all_samples<T, R>(a, tail, n, b0, b1);
+    for (; n < n1; ++n) forward_rows_all_samples<T, 1>(a, tail, n, b0, b1);
+  }
   if (a.P > 0) forward_pose(a, n0, n1);
 }
 
 // ---------------------------------------------------------------------------------------
-// Backward, small B: per-chunk partial sums into a workspace, reduced in chunk order.
+// Backward: per-chunk partial sums into a workspace, reduced in chunk order.
 
 // partial[b0..b0+S, columns] (+)= sum over n in [m0, m1) of grad_out[b, n] * dirs[n, columns]
 // for U vectors of columns starting at k; with LastMasked the last vector is the row's
@@ -381,8 +391,8 @@ FLAME_CPU_INLINE void adjoint_block(const BackwardArgs<T>& a, const KTail<T>& ta
 // time: the K < W case.
 template <typename T>
 FLAME_CPU_INLINE void adjoint_columns(const BackwardArgs<T>& a, T* partial, int64_t m0,
-                                      int64_t m1, bool accumulate) {
-  for (int64_t b = 0; b < a.B; ++b) {
+                                      int64_t m1, int64_t b0, int64_t b1, bool accumulate) {
+  for (int64_t b = b0; b < b1; ++b) {
     const T* g = a.grad_out + b * a.N;
     for (int64_t c = 0; c < a.K; ++c) {
       T sum = accumulate ? partial[b * a.K + c] : T(0);
@@ -407,9 +417,10 @@ FLAME_CPU_INLINE void pose_adjoint_tile(const BackwardArgs<T>& a, const KTail<T>
   }
 }
 
+// The partial sums of one chunk of rows [n0, n1) for the samples [b0, b1).
 template <typename T>
 FLAME_CPU_INLINE void backward_chunk(const BackwardArgs<T>& a, int64_t chunk, int64_t n0,
-                                     int64_t n1) {
+                                     int64_t n1, int64_t b0, int64_t b1) {
   constexpr int W = kLanes<T>;
   if (a.partial_coeffs != nullptr) {
     T* partial = a.partial_coeffs + chunk * a.B * a.K;
@@ -418,7 +429,7 @@ FLAME_CPU_INLINE void backward_chunk(const BackwardArgs<T>& a, int64_t chunk, in
       const int64_t m1 = std::min(n1, m0 + kAdjointRows);
       const bool accumulate = m0 > n0;
       if (a.K < W) {
-        adjoint_columns(a, partial, m0, m1, accumulate);
+        adjoint_columns(a, partial, m0, m1, b0, b1, accumulate);
         continue;
       }
       // Column blocks of up to 4 vectors; a block reaching past K ends with the masked
@@ -426,11 +437,11 @@ FLAME_CPU_INLINE void backward_chunk(const BackwardArgs<T>& a, int64_t chunk, in
       for (int64_t k = 0; k < a.K; k += 4 * W) {
         const int vectors = int(std::min<int64_t>(4, (a.K - k + W - 1) / W));
         const bool masked = k + vectors * W > a.K;
-        int64_t b = 0;
-        for (; b + kTileSamples <= a.B; b += kTileSamples)
+        int64_t b = b0;
+        for (; b + kTileSamples <= b1; b += kTileSamples)
           adjoint_block<T, kTileSamples>(a, tail, partial, m0, m1, b, k, vectors, masked,
                                          accumulate);
-        for (; b < a.B; ++b)
+        for (; b < b1; ++b)
           adjoint_block<T, 1>(a, tail, partial, m0, m1, b, k, vectors, masked, accumulate);
       }
     }
@@ -440,14 +451,14 @@ FLAME_CPU_INLINE void backward_chunk(const BackwardArgs<T>& a, int64_t chunk, in
     // with pose rows for dirs rows and grad_out rows for coeffs.
     T* partial = a.partial_pose_coeffs + chunk * a.B * a.P;
     const KTail<T> tail = make_tail<T>(n1 - n0);
-    int64_t b = 0;
-    for (; b + kTileSamples <= a.B; b += kTileSamples) {
+    int64_t b = b0;
+    for (; b + kTileSamples <= b1; b += kTileSamples) {
       int64_t p = 0;
       for (; p + 4 <= a.P; p += 4)
         pose_adjoint_tile<T, 4, kTileSamples>(a, tail, partial, n0, n1, p, b);
       for (; p < a.P; ++p) pose_adjoint_tile<T, 1, kTileSamples>(a, tail, partial, n0, n1, p, b);
     }
-    for (; b < a.B; ++b) {
+    for (; b < b1; ++b) {
       int64_t p = 0;
       for (; p + 4 <= a.P; p += 4) pose_adjoint_tile<T, 4, 1>(a, tail, partial, n0, n1, p, b);
       for (; p < a.P; ++p) pose_adjoint_tile<T, 1, 1>(a, tail, partial, n0, n1, p, b);
@@ -464,8 +475,9 @@ void forward_rows(const ForwardArgs<T>& a, int64_t n0, int64_t n1) {
 }
 
 template <typename T>
-void backward_rows(const BackwardArgs<T>& a, int64_t chunk, int64_t n0, int64_t n1) {
-  backward_chunk(a, chunk, n0, n1);
+void backward_rows(const BackwardArgs<T>& a, int64_t chunk, int64_t n0, int64_t n1, int64_t b0,
+                   int64_t b1) {
+  backward_chunk(a, chunk, n0, n1, b0, b1);
 }
 
 }  // namespace FLAME_BLEND_ISA
