@@ -63,13 +63,17 @@ bool use_blas(int64_t B) { return blas_batch() > 0 && B >= blas_batch(); }
 // stay in L1/L2 while the pose correctives are added.
 constexpr int64_t kForwardRows = 256;
 // Backward: partial sums per fixed chunk of rows, reduced in chunk order. Fixed chunks
-// (not one per thread) make the result independent of the thread count. The tasks are
-// (chunk, group of kBackwardGroup samples) pairs, about kBackwardTasks of them: a large
-// batch has fewer, longer chunks, so the (chunks, B, K) workspace and its reduction stay
-// the size of a small batch's (chunks x B <= kBackwardTasks x kBackwardGroup).
+// (not one per thread) make the result independent of the thread count. A chunk has at
+// least kBackwardMinRows rows, at most N / kMaxChunks unless that would exceed
+// kBackwardChunkBytes of dirs and pose_dirs: the tasks are (chunk, group of
+// kBackwardGroup samples) pairs, chunk-major, so one thread's consecutive tasks are the
+// groups of one chunk and re-read its rows from L2. (Chunks that grow with the batch, to
+// keep the (chunks, B, K) workspace small, measured worse: every group then streamed its
+// chunk from L3, and the reduction of the workspace is a few percent of the work.)
 constexpr int64_t kBackwardMinRows = 256;
+constexpr int64_t kMaxChunks = 64;
+constexpr int64_t kBackwardChunkBytes = 256 << 10;
 constexpr int64_t kBackwardGroup = 16;
-constexpr int64_t kBackwardTasks = 64;
 
 #if defined(__GNUC__)
 #define FLAME_CPU_INLINE inline __attribute__((always_inline))
@@ -273,8 +277,10 @@ std::tuple<at::Tensor, at::Tensor> blend_backward_cpu(const at::Tensor& grad_out
   const at::Tensor dirs = blend::rows_readable(dirs_in);
   const at::Tensor pose_dirs = P > 0 ? blend::rows_readable(pose_dirs_in) : pose_dirs_in;
   const int64_t groups = (B + kBackwardGroup - 1) / kBackwardGroup;
-  const int64_t max_chunks = std::max<int64_t>(1, kBackwardTasks / groups);
-  const int64_t rows = std::max(kBackwardMinRows, (N + max_chunks - 1) / max_chunks);
+  const int64_t row_bytes =
+      std::max<int64_t>(1, ((do_coeffs ? K : 0) + (do_pose ? P : 0)) * grad_out_in.element_size());
+  const int64_t rows = std::max(
+      kBackwardMinRows, std::min((N + kMaxChunks - 1) / kMaxChunks, kBackwardChunkBytes / row_bytes));
   const int64_t chunks = (N + rows - 1) / rows;
   const auto options = grad_out.options();
   at::Tensor partial_coeffs = do_coeffs ? at::empty({chunks, B, K}, options) : at::Tensor();
