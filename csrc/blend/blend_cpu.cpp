@@ -8,21 +8,24 @@
 //   FLAME). The loop reads each block of rows once for all samples, with the coefficients
 //   kept hot, and adds base and the pose correctives while the output block is still in
 //   cache: one pass over memory where the eager path makes three.
-// - large B: compute bound. Register tiles of samples x rows (x columns in the backward),
-//   groups of samples whose coefficients stay in L1, so the speed per sample stays flat as
-//   B grows. BLAS used to take over above a crossover batch measured on one Intel Xeon; on
-//   an AMD EPYC MKL's sgemm at these shapes ran at half the hand loop's rate there (FlameShape
-//   forward: 2.4x the time for 1.5x the samples from B = 16 to 24), so no fixed crossover
-//   holds on every x86 machine. $FLAME_EXT_BLEND_BLAS_BATCH (read once per process) sends
-//   batches of at least that many samples to at::addmm / at::mm instead, for a machine
-//   where BLAS is measured faster; unset or 0, never. docs/PERFORMANCE.md has the numbers.
+// - large B: compute bound. Register tiles of samples x rows (samples x columns in the
+//   backward), and groups of samples whose coefficients stay in L1, so that the time per
+//   sample stays flat as B grows. BLAS used to take over above a crossover batch measured
+//   on one Intel Xeon. On a 2-core AMD EPYC MKL's sgemm at these shapes with 2 threads was
+//   1.5-4x slower than the hand loops up to B = 64 and only even at B = 256 (FlameShape
+//   forward: 2.4x the time for 1.5x the samples from B = 16 to 24 across the crossover),
+//   so no fixed crossover holds on every x86 machine. $FLAME_EXT_BLEND_BLAS_BATCH (read
+//   once per process) sends batches of at least that many samples to at::addmm / at::mm
+//   instead, for a machine where BLAS is measured faster (python -m
+//   flame_ext._bench.blend_cpu prints both); unset or 0, never. docs/PERFORMANCE.md has
+//   the numbers.
 //
 // The hand loops (blend_cpu_kernels.h) use GCC/Clang vector extensions and are compiled
 // three times, for AVX-512 (64-byte vectors), AVX2+FMA (32) and the x86-64 baseline (16),
 // one picked at run time (cpu_isa.h). Every reduction runs in a fixed order over fixed row
 // chunks and sample groups that depend on the sizes only, never on the thread count, so
-// the results are bit-identical for any number of threads and across repeated runs (under
-// $FLAME_EXT_BLEND_BLAS_BATCH, the BLAS batches promise neither across thread counts).
+// the results are bit-identical for any number of threads and across repeated runs
+// (batches sent to BLAS by $FLAME_EXT_BLEND_BLAS_BATCH make no such promise).
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
@@ -63,13 +66,14 @@ bool use_blas(int64_t B) { return blas_batch() > 0 && B >= blas_batch(); }
 // stay in L1/L2 while the pose correctives are added.
 constexpr int64_t kForwardRows = 256;
 // Backward: partial sums per fixed chunk of rows, reduced in chunk order. Fixed chunks
-// (not one per thread) make the result independent of the thread count. A chunk has at
-// least kBackwardMinRows rows, at most N / kMaxChunks unless that would exceed
-// kBackwardChunkBytes of dirs and pose_dirs: the tasks are (chunk, group of
+// (not one per thread) make the result independent of the thread count. A chunk has
+// ceil(N / kMaxChunks) rows, fewer if they would hold more than kBackwardChunkBytes of
+// dirs and pose_dirs, never fewer than kBackwardMinRows. The tasks are (chunk, group of
 // kBackwardGroup samples) pairs, chunk-major, so one thread's consecutive tasks are the
 // groups of one chunk and re-read its rows from L2. (Chunks that grow with the batch, to
-// keep the (chunks, B, K) workspace small, measured worse: every group then streamed its
-// chunk from L3, and the reduction of the workspace is a few percent of the work.)
+// keep the (chunks, B, K) workspace small, were tried: every group then re-read a chunk
+// larger than L2, and the time per sample rose 1.45x from B = 64 to 256 on one thread.
+// The reduction of the workspace costs about 1 / kBackwardMinRows of the FMAs.)
 constexpr int64_t kBackwardMinRows = 256;
 constexpr int64_t kMaxChunks = 64;
 constexpr int64_t kBackwardChunkBytes = 256 << 10;
