@@ -229,3 +229,20 @@ def test_smplx_cases_say_why_smplx_cannot_run(tmp_path):
     assert "own cases only" in shape.why_not("smplx", 1)
     names = [c.name for c in cases.build_cases(models, ["medusa", "reference"])]
     assert "smplx_fwd" not in names and "shape_fwd" in names
+
+
+@pytest.mark.skipif(not _ops.available(), reason="compiled ops not built")
+def test_blend_cpu_sweep_prints_every_batch(capsys):
+    """python -m flame_ext._bench.blend_cpu: one row per batch size, hand and BLAS times."""
+    from flame_ext._bench import blend_cpu
+
+    threads = torch.get_num_threads()
+    try:
+        assert blend_cpu.main(["--shapes", "shared", "--batch-sizes", "1", "5", "--threads",
+                               "1", "--repeats", "3", "--budget", "0.01"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()
+            if line.strip() and line.split()[0].isdigit()]
+    assert [row[0] for row in rows] == ["1", "5"]
+    assert all(len(row) == 9 and all(float(x) > 0 for x in row) for row in rows)

@@ -39,8 +39,9 @@ struct Simd {
 // - grad_coeffs: kAdjointSamples samples times kAdjointVectors vectors of columns. With 16
 //   registers 4 x 3 (12 accumulators, 3 row vectors, 1 broadcast; 7 loads per 12 FMAs)
 //   ran 1.4x faster on an AMD EPYC (Zen 3) than 2 x 4 (6 loads per 8 FMAs).
-// The forward's 4 x 2 was kept for 16 registers: 3 rows x 4 samples was 1.2x faster at
-// K = 400 but 1.3x slower at K = 50 (more lane sums per FMA), 2 x 6 slower at both.
+// The forward's 4 x 2 was kept for 16 registers: 3 rows x 4 samples was 1.25x faster at
+// K = 400 but 1.35x slower at K = 50 (more lane sums per FMA); 2 x 6 was no faster at
+// K = 400 and 1.45x slower at K = 50.
 constexpr int kTileSamples = FLAME_BLEND_VECTOR_BYTES >= 64 ? 4 : 2;
 constexpr int kAdjointSamples = 4;
 constexpr int kAdjointVectors = FLAME_BLEND_VECTOR_BYTES >= 64 ? 4 : 3;
@@ -292,8 +293,9 @@ FLAME_CPU_INLINE void forward_pose(const ForwardArgs<T>& a, int64_t n0, int64_t 
 // Samples per group of the forward: one group's coefficients (16 x 400 floats = 25 KB for
 // FLAME) stay in L1 while every row tile of the task reads them, and the task's rows of
 // dirs (kForwardRows of them) are re-read from L2 by the next group. Without groups a large
-// batch would stream all its coefficients from L2 for every 4 rows, so the cache footprint
-// of a tile, hence its speed, would grow with B.
+// batch streams all its coefficients from L2 (or beyond) for every 4 rows: the working set
+// would grow with B. (On the 2-core test machine the difference was within the noise up
+// to B = 256; the groups bound the working set for any B.)
 constexpr int64_t kForwardGroup = 16;
 
 template <typename T>
