@@ -355,3 +355,20 @@ def test_body_models_status_says_what_is_missing(monkeypatch):
     monkeypatch.setitem(sys.modules, "body_models.flame.torch", None)
     for impl in ("body_models", "body_models_warp"):
         assert "pip install body-models" in cases.body_models_status(models, impl)
+
+
+@pytest.mark.skipif(not _ops.available(), reason="compiled ops not built")
+def test_blend_cpu_sweep_prints_every_batch(capsys):
+    """python -m flame_ext._bench.blend_cpu: one row per batch size, hand and BLAS times."""
+    from flame_ext._bench import blend_cpu
+
+    threads = torch.get_num_threads()
+    try:
+        assert blend_cpu.main(["--shapes", "shared", "--batch-sizes", "1", "5", "--threads",
+                               "1", "--repeats", "3", "--budget", "0.01"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()
+            if line.strip() and line.split()[0].isdigit()]
+    assert [row[0] for row in rows] == ["1", "5"]
+    assert all(len(row) == 9 and all(float(x) > 0 for x in row) for row in rows)

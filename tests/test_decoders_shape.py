@@ -483,8 +483,8 @@ def test_device_gradients_match_cpu_reference(ops, device, decoder_cache):
 
 @pytest.mark.parametrize("shared", [False, True], ids=["per-sample", "shared"])
 def test_gradients_above_the_small_batch_path(ops, device, shared, decoder_cache):
-    """B = 33 > 16: blend takes cuBLAS on a GPU (BLAS on the CPU) forward and backward;
-    values and gradients stay the float64 reference's."""
+    """B = 33 > 16: blend takes cuBLAS on a GPU (three sample groups of the hand loops on
+    the CPU) forward and backward; values and gradients stay the float64 reference's."""
     cpu, module = _full_pair(decoder_cache, device)
     inputs = flame_inputs(cpu, 33, 17, shared=shared)
     v0, R0 = cpu(**inputs)

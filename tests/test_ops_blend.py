@@ -7,10 +7,12 @@ torch.compile), argument errors, NaN/inf propagation and determinism; properties
 shape, layout and value; 64-bit indexing past 2^31 elements; the CUDA kernels against the
 CPU ones.
 
-Sizes are chosen to reach every code path of the CPU kernels: batches on both sides of the
-hand-loop / BLAS threshold (16), N spanning several row chunks (256 rows forward, 256 to
-N/64 backward, 64-row blocks), and K below, at and between multiples of the SIMD width (16
-float32 or 8 float64 lanes), including the masked tail vector.
+Sizes are chosen to reach every code path of the CPU kernels: batches below, at and past
+the sample tiles (2 or 4) and the sample groups (16), N spanning several row chunks (256
+rows forward, 256 to N/64 backward, fewer and longer for large batches, 64-row blocks), and
+K below, at and between multiples of the SIMD width (16 float32 or 8 float64 lanes),
+including the masked tail vector. The BLAS path of $FLAME_EXT_BLEND_BLAS_BATCH runs in a
+subprocess.
 """
 
 import pytest
@@ -44,7 +46,7 @@ from flame_ext import reference
 
 N = 613  # 3 forward chunks, 3 backward chunks of 10 row blocks; odd, so every loop has a tail
 SMALL_BATCHES = (1, 3, 8)
-LARGE_BATCH = 40  # above the hand-loop threshold: the BLAS path
+LARGE_BATCH = 40  # three sample groups of the CPU loops; above the CUDA hand kernels' 16
 
 
 def _blend_mod():
@@ -214,7 +216,7 @@ def _gradcheck_inputs(batch, base_kind, p=3, k=11, n=13):
     return [None if a is None else a.detach().clone().requires_grad_() for a in args]
 
 
-@pytest.mark.parametrize("batch", [3, 20])  # hand loop and BLAS
+@pytest.mark.parametrize("batch", [3, 20])  # one and two sample groups (cuBLAS on a GPU)
 @pytest.mark.parametrize("base_kind", ["flat", "shared", "batched"])
 def test_blend_gradcheck(ops, device, batch, base_kind):
     inputs = [None if a is None else a.to(device).detach().requires_grad_()
@@ -460,10 +462,13 @@ def test_deterministic(ops, device, batch):
         assert torch.equal(grads[0], first_grads[0]) and torch.equal(grads[1], first_grads[1])
 
 
-def test_small_batch_is_independent_of_thread_count(ops):
-    """The hand loops reduce over fixed row chunks, not per-thread ones."""
-    base, dirs, coeffs, pose_dirs, pose_coeffs = blend_inputs(3, 20000, 100, 36, torch.float32, "cpu")
-    grad_out = torch.randn(3, 20000)
+@pytest.mark.parametrize("batch", [3, 17, 70])
+def test_any_batch_is_independent_of_thread_count(ops, batch):
+    """The hand loops reduce over fixed row chunks and sample groups, not per-thread ones:
+    one group with 63 chunks, two groups with 32, five with 12 (row tails everywhere)."""
+    base, dirs, coeffs, pose_dirs, pose_coeffs = blend_inputs(
+        batch, 20000, 100, 36, torch.float32, "cpu")
+    grad_out = torch.randn(batch, 20000)
     threads = torch.get_num_threads()
     results = []
     try:
@@ -475,9 +480,30 @@ def test_small_batch_is_independent_of_thread_count(ops):
             )
     finally:
         torch.set_num_threads(threads)
+    _assert_blend_close(results[0][0], base, dirs, coeffs, pose_dirs, pose_coeffs)
+    _assert_adjoint_close(results[0][1], grad_out, dirs)
+    _assert_adjoint_close(results[0][2], grad_out, pose_dirs.mT)
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("batch", [2, 15, 18, 33, 47])
+@pytest.mark.parametrize("k,p", [(0, 9), (37, 0), (37, 9), (100, 36)])
+def test_blend_every_tile_remainder(ops, device, dtype, batch, k, p):
+    """Batches that end a sample group (16) with each remainder of the sample tiles (1 to 3
+    of 4, 1 of 2), N = 613 (row tiles of 4 with a tail), K = 0 and P = 0: forward and
+    both gradients against the reference."""
+    args = blend_inputs(batch, N, k, p, dtype, device)
+    _assert_blend_close(_blend_mod().blend(*args), *args)
+    _, dirs, _, pose_dirs, _ = args
+    if pose_dirs is None:
+        pose_dirs = dirs.new_empty((0, N))
+    grad_out = torch.randn(batch, N, dtype=torch.float64).to(dtype=dtype, device=device)
+    grad_coeffs, grad_pose = ops.blend_backward(grad_out, dirs, pose_dirs, True, True)
+    assert grad_coeffs.shape == (batch, k) and grad_pose.shape == (batch, p)
+    _assert_adjoint_close(grad_coeffs, grad_out, dirs)
+    _assert_adjoint_close(grad_pose, grad_out, pose_dirs.mT)
 
 
 # ---------------------------------------------------------------------------------------
@@ -494,7 +520,7 @@ spec.loader.exec_module(t)
 ops = torch.ops.flame_ext
 for dtype in (torch.float32, torch.float64):
     for k in (5, 16, 37, 100):
-        for batch in (1, 2, 3):
+        for batch in (1, 2, 3, 18, 37):
             args = t.blend_inputs(batch, t.N, k, 9, dtype, "cpu")
             t._assert_blend_close(ops.blend(*args), *args)
             grad_out = torch.randn(batch, t.N, dtype=dtype)
@@ -515,6 +541,47 @@ def test_cpu_isa_variants(ops, isa):
     env = dict(os.environ, FLAME_EXT_CPU_ISA=isa)
     result = subprocess.run(
         [sys.executable, "-c", _ISA_SCRIPT, __file__],
+        env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+_BLAS_SCRIPT = r"""
+import importlib.util, os, sys, torch
+sys.path.insert(0, os.path.dirname(sys.argv[1]))
+from flame_ext import _ops
+assert _ops.available(), _ops.load_error()
+spec = importlib.util.spec_from_file_location("t", sys.argv[1])
+t = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(t)
+ops = torch.ops.flame_ext
+for dtype in (torch.float32, torch.float64):
+    for batch in (3, 4, 9):
+        for k, p in ((37, 9), (37, 0), (0, 9)):
+            args = t.blend_inputs(batch, t.N, k, p, dtype, "cpu")
+            t._assert_blend_close(t._blend_mod().blend(*args), *args)
+            grad_out = torch.randn(batch, t.N, dtype=dtype)
+            pose_dirs = args[3] if args[3] is not None else args[1].new_empty((0, t.N))
+            grad_coeffs, grad_pose = ops.blend_backward(grad_out, args[1], pose_dirs, True, True)
+            t._assert_adjoint_close(grad_coeffs, grad_out, args[1])
+            t._assert_adjoint_close(grad_pose, grad_out, pose_dirs.mT)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("setting", ["4", "0", "not a number"])
+def test_blas_batch_setting(ops, setting):
+    """$FLAME_EXT_BLEND_BLAS_BATCH=4 sends batches of 4 and more to BLAS (read once per
+    process, hence the subprocess); 0 or a value that is not a positive integer leaves every
+    batch to the hand loops. Both answer the reference."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, FLAME_EXT_BLEND_BLAS_BATCH=setting)
+    result = subprocess.run(
+        [sys.executable, "-c", _BLAS_SCRIPT, __file__],
         env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
         capture_output=True, text=True, timeout=300,
     )
@@ -551,7 +618,7 @@ def test_cuda_graph_capture(ops, batch):
 
 @st.composite
 def blend_cases(draw):
-    batch = draw(st.sampled_from([0, 1, 2, 3, 5, 8, 9, 17, 33]))  # both sides of the BLAS switch
+    batch = draw(st.sampled_from([0, 1, 2, 3, 5, 8, 9, 17, 33]))  # tile and group remainders
     return dict(
         batch=batch,
         n=draw(st.integers(0, 70)),
@@ -637,7 +704,7 @@ def test_blend_reads_past_2_31(ops, device, nondeterministic_mode):
     assert int(torch.count_nonzero(out)) == 2
     del dirs, out
 
-    batch, n = 4, 720_000_000  # batch <= 4: the CPU hand loop (larger batches use BLAS)
+    batch, n = 4, 720_000_000  # the CPU hand loop (cuBLAS takes larger batches on a GPU)
     assert (batch - 1) * n > 2**31
     grad_out = big_zeros((batch, n), F32, device)
     grad_out[-1, -1] = 2.0
@@ -651,7 +718,7 @@ def test_blend_reads_past_2_31(ops, device, nondeterministic_mode):
 
 def _determinism_cases(device, dtype):
     """(name, function of leaves, leaves) over sizes that take each path: several
-    reduction chunks, empty dimensions, the hand loop and BLAS."""
+    reduction chunks, empty dimensions, one and several sample groups (cuBLAS on a GPU)."""
     gen = torch.Generator().manual_seed(0)
 
     def rand(*shape):
@@ -677,14 +744,12 @@ def test_blend_deterministic_and_fully_written(ops, device, dtype, deterministic
 
 def test_blend_results_do_not_depend_on_the_thread_count(ops):
     """Every reduction of the kernels runs over fixed chunks in a fixed order, so 1 and 2
-    threads give the same bits: the output and the gradients of coeffs, pose_coeffs and
-    base. Not covered, because they are not the kernels': batches that take BLAS, and the
+    threads give the same bits at every batch size: the output and the gradients of
+    coeffs, pose_coeffs and base. Not covered, because they are not the kernels': the
     gradients of the tables dirs and pose_dirs (torch matrix products over the batch,
     whose blocking may follow the thread count: MKL on AMD EPYC does)."""
     cases = []
     for name, fn, leaves in _determinism_cases("cpu", F32):
-        if "B=40" in name:
-            continue
         if name.startswith("blend B="):
             base, dirs, coeffs, pose_dirs, pose_coeffs = leaves
             leaves = [base, dirs.detach(), coeffs, pose_dirs.detach(), pose_coeffs]
@@ -696,8 +761,8 @@ def test_blend_results_do_not_depend_on_the_thread_count(ops):
 @pytest.mark.parametrize("batch", [3, LARGE_BATCH])
 def test_blend_cuda_float32_matches_cpu(ops, batch):
     """float32 on one GPU against the CPU kernels, forward and backward, through both
-    paths of each (hand kernels at B <= 16, cuBLAS above on the GPU; hand loops and BLAS
-    on the CPU): within the rounding of two float32 sums of the same terms."""
+    paths of the GPU's (hand kernels at B <= 16, cuBLAS above; hand loops at every B on the
+    CPU): within the rounding of two float32 sums of the same terms."""
     needs_kernels("cuda", "blend")
     args = blend_inputs(batch, N, 37, 9, F32, "cpu", seed=11)
     base, dirs, coeffs, pose_dirs, pose_coeffs = args

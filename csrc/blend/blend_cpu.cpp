@@ -2,21 +2,33 @@
 // csrc/registration.cpp, math in blend.h).
 //
 // out (B,N) = base + coeffs @ dirs^T + pose_coeffs @ pose_dirs is a GEMM with a tall, thin
-// dirs (N = 15069 rows of K = 400 for FLAME, 196608 x 50 for the texture). Two regimes:
+// dirs (N = 15069 rows of K = 400 for FLAME, 196608 x 50 for the texture). Hand loops run
+// it at every batch size:
 // - small B (the per-frame decoder call): the cost is streaming dirs once (24 MB for
-//   FLAME). A hand loop reads each block of rows once for all samples, with the
-//   coefficients kept hot, and adds base and the pose correctives while the output block
-//   is still in cache: one pass over memory where the eager path makes three.
-// - large B: the product is compute bound and BLAS (at::addmm / at::mm, MKL or OpenBLAS)
-//   is the right tool; a hand loop would only be a slower GEMM.
-// The crossover batch sizes below were measured on the 2-core AVX-512 development machine.
+//   FLAME). The loop reads each block of rows once for all samples, with the coefficients
+//   kept hot, and adds base and the pose correctives while the output block is still in
+//   cache: one pass over memory where the eager path makes three.
+// - large B: compute bound. Register tiles of samples x rows (samples x columns in the
+//   backward), and groups of samples whose coefficients stay in L1, so that the time per
+//   sample stays flat as B grows. BLAS used to take over above a crossover batch measured
+//   on one Intel Xeon. On a 2-core AMD EPYC MKL's sgemm at these shapes with 2 threads was
+//   1.5-4x slower than the hand loops up to B = 64 and only even at B = 256 (FlameShape
+//   forward: 2.4x the time for 1.5x the samples from B = 16 to 24 across the crossover),
+//   so no fixed crossover holds on every x86 machine. $FLAME_EXT_BLEND_BLAS_BATCH (read
+//   once per process) sends batches of at least that many samples to at::addmm / at::mm
+//   instead, for a machine where BLAS is measured faster (python -m
+//   flame_ext._bench.blend_cpu prints both); unset or 0, never. docs/PERFORMANCE.md has
+//   the numbers.
 //
 // The hand loops (blend_cpu_kernels.h) use GCC/Clang vector extensions and are compiled
 // three times, for AVX-512 (64-byte vectors), AVX2+FMA (32) and the x86-64 baseline (16),
 // one picked at run time (cpu_isa.h). Every reduction runs in a fixed order over fixed row
-// chunks (independent of the thread count), so repeated runs are bit-identical.
+// chunks and sample groups that depend on the sizes only, never on the thread count, so
+// the results are bit-identical for any number of threads and across repeated runs
+// (batches sent to BLAS by $FLAME_EXT_BLEND_BLAS_BATCH make no such promise).
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <tuple>
 #include <utility>
@@ -36,29 +48,36 @@
 namespace flame_ext {
 namespace {
 
-// Which batches take the hand loops (the rest go to BLAS). Measured on the 2-core AVX-512
-// development machine against MKL, single thread, N = 15069 / 196608:
-// - forward: reading dirs once for all samples and fusing base and pose wins up to B = 8
-//   for every K (1.1-2x at B = 4); at B = 16 only for long rows (K = 400: 1.4x; K = 100
-//   and 50: MKL's register blocking catches up or wins). The 16-byte baseline build
-//   (no AVX2) only matches BLAS while memory bound, up to B = 2.
-// - backward: MKL's GEMM with the long N reduction is as fast as the hand loop at B <= 4
-//   and up to 15% faster above; the hand loop is kept where it costs nothing because its
-//   result does not depend on the thread count.
-bool small_forward_batch(int64_t B, int64_t K, bool wide_isa) {
-  if (!wide_isa) return B <= 2;
-  return B <= 8 || (B <= 16 && K >= 256);
+// Batches of at least this many samples go to BLAS ($FLAME_EXT_BLEND_BLAS_BATCH; 0, the
+// default: none do).
+int64_t blas_batch() {
+  static const int64_t batch = [] {
+    const char* value = std::getenv("FLAME_EXT_BLEND_BLAS_BATCH");
+    if (value == nullptr) return int64_t(0);
+    char* end = nullptr;
+    const long long parsed = std::strtoll(value, &end, 10);
+    return end != value && *end == '\0' && parsed > 0 ? int64_t(parsed) : int64_t(0);
+  }();
+  return batch;
 }
-bool small_backward_batch(int64_t B) { return B <= 4; }
+bool use_blas(int64_t B) { return blas_batch() > 0 && B >= blas_batch(); }
 
 // Rows of dirs per forward task: the (B, rows) output block and the (P, rows) pose block
 // stay in L1/L2 while the pose correctives are added.
 constexpr int64_t kForwardRows = 256;
-// Backward: partial sums per fixed chunk of rows, at most kMaxChunks of them, reduced in
-// chunk order. Fixed chunks (not one per thread) make the result independent of the
-// thread count.
+// Backward: partial sums per fixed chunk of rows, reduced in chunk order. Fixed chunks
+// (not one per thread) make the result independent of the thread count. A chunk has
+// ceil(N / kMaxChunks) rows, fewer if they would hold more than kBackwardChunkBytes of
+// dirs and pose_dirs, never fewer than kBackwardMinRows. The tasks are (chunk, group of
+// kBackwardGroup samples) pairs, chunk-major, so one thread's consecutive tasks are the
+// groups of one chunk and re-read its rows from L2. (Chunks that grow with the batch, to
+// keep the (chunks, B, K) workspace small, were tried: every group then re-read a chunk
+// larger than L2, and the time per sample rose 1.45x from B = 64 to 256 on one thread.
+// The reduction of the workspace costs about 1 / kBackwardMinRows of the FMAs.)
 constexpr int64_t kBackwardMinRows = 256;
 constexpr int64_t kMaxChunks = 64;
+constexpr int64_t kBackwardChunkBytes = 256 << 10;
+constexpr int64_t kBackwardGroup = 16;
 
 #if defined(__GNUC__)
 #define FLAME_CPU_INLINE inline __attribute__((always_inline))
@@ -139,7 +158,8 @@ struct BackwardArgs {
 template <typename T>
 using ForwardFn = void (*)(const ForwardArgs<T>&, int64_t, int64_t);
 template <typename T>
-using BackwardFn = void (*)(const BackwardArgs<T>&, int64_t, int64_t, int64_t);
+using BackwardFn = void (*)(const BackwardArgs<T>&, int64_t, int64_t, int64_t, int64_t,
+                            int64_t);
 
 // The build of the hand loops to run: cpu_isa() among the ones compiled here.
 Isa blend_isa() {
@@ -191,7 +211,7 @@ at::Tensor blend_cpu(const at::Tensor& base_in, const at::Tensor& dirs_in,
   const int64_t B = sizes.B, N = sizes.N, K = sizes.K, P = sizes.P;
   if (B == 0 || N == 0) return at::empty({B, N}, coeffs_in.options());
 
-  if (!small_forward_batch(B, K, blend_isa() != Isa::kBaseline)) {
+  if (use_blas(B)) {
     at::Tensor out = at::addmm(base_in, coeffs_in, dirs_in.t());
     if (P > 0) out.addmm_(pose_coeffs_in, pose_dirs_in);
     return out;
@@ -251,7 +271,7 @@ std::tuple<at::Tensor, at::Tensor> blend_backward_cpu(const at::Tensor& grad_out
     return {grad_coeffs, grad_pose};
   }
 
-  if (!small_backward_batch(B)) {
+  if (use_blas(B)) {
     if (do_coeffs) at::mm_out(grad_coeffs, grad_out_in, dirs_in);
     if (do_pose) at::mm_out(grad_pose, grad_out_in, pose_dirs_in.t());
     return {grad_coeffs, grad_pose};
@@ -260,7 +280,11 @@ std::tuple<at::Tensor, at::Tensor> blend_backward_cpu(const at::Tensor& grad_out
   const at::Tensor grad_out = grad_out_in.contiguous();
   const at::Tensor dirs = blend::rows_readable(dirs_in);
   const at::Tensor pose_dirs = P > 0 ? blend::rows_readable(pose_dirs_in) : pose_dirs_in;
-  const int64_t rows = std::max(kBackwardMinRows, (N + kMaxChunks - 1) / kMaxChunks);
+  const int64_t groups = (B + kBackwardGroup - 1) / kBackwardGroup;
+  const int64_t row_bytes =
+      std::max<int64_t>(1, ((do_coeffs ? K : 0) + (do_pose ? P : 0)) * grad_out_in.element_size());
+  const int64_t rows = std::max(
+      kBackwardMinRows, std::min((N + kMaxChunks - 1) / kMaxChunks, kBackwardChunkBytes / row_bytes));
   const int64_t chunks = (N + rows - 1) / rows;
   const auto options = grad_out.options();
   at::Tensor partial_coeffs = do_coeffs ? at::empty({chunks, B, K}, options) : at::Tensor();
@@ -280,11 +304,16 @@ std::tuple<at::Tensor, at::Tensor> blend_backward_cpu(const at::Tensor& grad_out
     a.K = K;
     a.P = P;
     const BackwardFn<scalar_t> kernel = backward_kernel<scalar_t>();
-    const int64_t per_chunk =
-        std::max<int64_t>(1, rows * ((do_coeffs ? K : 0) + (do_pose ? P : 0)) * B);
-    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / per_chunk);
-    at::parallel_for(0, chunks, grain, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) kernel(a, c, c * rows, std::min(N, (c + 1) * rows));
+    const int64_t per_task = std::max<int64_t>(
+        1, rows * ((do_coeffs ? K : 0) + (do_pose ? P : 0)) * std::min(B, kBackwardGroup));
+    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / per_task);
+    // Task t: chunk t / groups, group t % groups (a thread's consecutive tasks share rows).
+    at::parallel_for(0, chunks * groups, grain, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t c = t / groups, g = t % groups;
+        kernel(a, c, c * rows, std::min(N, (c + 1) * rows), g * kBackwardGroup,
+               std::min(B, (g + 1) * kBackwardGroup));
+      }
     });
 
     // Chunk partials summed in chunk order (vectorised over the outputs, not the chunks).
