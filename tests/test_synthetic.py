@@ -261,7 +261,7 @@ def test_mapping_is_lazy_and_complete():
 
     assets = synthetic.build_assets('small', 0)
     assert list(assets) == list(synthetic.ASSET_NAMES) and len(assets) == 6
-    assert set(assets) == {MODEL, LMK, MP, BFM, FLAME_TEX}
+    assert set(assets) == {MODEL, LMK, MP, BFM, FLAME_TEX, ALBEDOMM}
     assert MODEL in assets and 'nope.pkl' not in assets
     with pytest.raises(KeyError):
         assets['nope.pkl']
