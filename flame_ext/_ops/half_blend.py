@@ -36,7 +36,7 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 # Bytes of one widened float32 block. On the CPU a block that stays in the L2 cache
 # between its widening and its product is the fast size; on a GPU each block is two
 # kernel launches, so the blocks are large (a few per call).
-_BLOCK_BYTES = {"cpu": 1 << 18, "cuda": 1 << 24}
+_BLOCK_BYTES = {"cpu": 1 << 20, "cuda": 1 << 24}
 
 
 def block_rows(n_components: int, device_type: str) -> int:
