@@ -10,9 +10,11 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
-from _oracle import needs_kernels
-from _samples import SMALL
+from _oracle import assert_bad_decoder_input_is_named, needs_kernels
+from _samples import CORRUPTIONS, SMALL
 from flame_ext import FlameTex, load_texture_space, reference
 from flame_ext._ops import half_blend
 
@@ -338,3 +340,36 @@ def test_device_matches_cpu(device, options):
     grad = torch.autograd.grad(sum(o.sum() for o in b), code)[0]
     want = torch.autograd.grad(sum(o.sum() for o in a), code)[0]
     torch.testing.assert_close(grad.cpu(), want, rtol=1e-5, atol=1e-3)
+
+
+@given(how=st.sampled_from(CORRUPTIONS + ("batch",)), variant=st.integers(0, 11),
+       option=st.sampled_from(["specular", "f16", "bf16", "compact"]))
+def test_bad_texcode_is_named(how, variant, option):
+    module = _option_module(option)
+    gen = torch.Generator().manual_seed(variant)
+    good = dict(texcode=torch.rand(3, 5, generator=gen))
+    assert_bad_decoder_input_is_named(lambda args: module(args["texcode"]), good, "texcode",
+                                      how, variant)
+
+
+_OPTION_MODULES = {}
+
+
+def _option_module(option):
+    options = {"specular": dict(specular=True), "f16": dict(basis_dtype=torch.float16),
+               "bf16": dict(basis_dtype=torch.bfloat16), "compact": dict(compact=True)}
+    if option not in _OPTION_MODULES:
+        _OPTION_MODULES[option] = _tex("synthetic-small", n_tex=5, **options[option])
+    return _OPTION_MODULES[option]
+
+
+def test_option_modules_pickle():
+    import pickle
+
+    code = _code(2, 5, seed=10)
+    for option in ("specular", "f16", "compact"):
+        module = _option_module(option)
+        again = pickle.loads(pickle.dumps(module))
+        for x, y in zip(*(m(code) if option == "specular" else (m(code),)
+                          for m in (module, again))):
+            assert torch.equal(x, y)
