@@ -21,6 +21,7 @@ from torch import nn
 from . import _backend, medusa_baseline, reference
 from ._backend import CONTOUR_RULES
 from ._checks import check_count, check_tensor
+from ._ops import half_blend
 from ._parametric import INPUT_NAMES, POSE_NAMES, ParametricDecoder, identity_rows
 from .io import load_flame_model, load_landmark_embedding, load_texture_space
 
@@ -304,53 +305,198 @@ def _chain_to_root(parents: np.ndarray, joint: int) -> list:
     return chain
 
 
+# What FlameTex(basis_dtype=...) accepts: float32 (medusa's), or a half basis read by
+# flame_ext._ops.half_blend with float32 sums.
+BASIS_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_basis_dtype(basis_dtype) -> torch.dtype:
+    if basis_dtype is None:
+        return torch.float32
+    if not isinstance(basis_dtype, torch.dtype):
+        raise TypeError(
+            f"basis_dtype must be a torch.dtype (torch.float32, torch.float16 or "
+            f"torch.bfloat16), got {type(basis_dtype).__name__} ({basis_dtype!r})"
+        )
+    if basis_dtype not in BASIS_DTYPES:
+        raise ValueError(
+            f"basis_dtype must be torch.float32, torch.float16 or torch.bfloat16, got "
+            f"{basis_dtype}"
+        )
+    return basis_dtype
+
+
+def _check_flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} ({value!r})")
+    return value
+
+
+def _half_basis(array: np.ndarray, dtype: torch.dtype, source: str) -> torch.Tensor:
+    """The float32 basis as `dtype`, refused when a value is beyond its finite range
+    (float16 tops out at 65504; an albedo basis is O(1))."""
+    basis = torch.from_numpy(array)
+    if dtype == torch.float32:
+        return basis
+    limit = torch.finfo(dtype).max
+    if basis.numel() and float(basis.abs().max()) > limit:
+        raise ValueError(
+            f"basis_dtype={dtype}: {source} has basis values of magnitude "
+            f"{float(basis.abs().max()):.4g}, beyond {dtype}'s largest finite {limit:.4g}"
+        )
+    return basis.to(dtype)
+
+
+def _gather_full_state(module, state_dict, prefix, local_metadata, strict, missing_keys,
+                       unexpected_keys, error_msgs) -> None:
+    """load_state_dict pre-hook of a compact FlameTex: a full (non-compact) state dict
+    (texture_mean / texture_basis, and specular_* for specular modules) is gathered into
+    the compact buffers before loading. A module-level function, so the decoders pickle."""
+    module._gather_state_dict(state_dict, prefix)
+
+
 class FlameTex(_backend.DecoderModule):
     """FLAME's linear albedo model (medusa's API): texcode (B, n_tex) -> (B, 3, 256, 256).
 
     Args:
-        model_path: FLAME_albedo_from_BFM.npz or FLAME_texture.npz (flat or image-shaped
-            arrays), a directory holding one, 'synthetic' / 'synthetic-small', or None
-            for discovery.
+        model_path: FLAME_albedo_from_BFM.npz, FLAME_texture.npz or AlbedoMM's
+            albedoModel2020_FLAME_albedoPart.npz (flat or image-shaped arrays), a
+            directory holding one, 'synthetic' / 'synthetic-small', or None for discovery.
         n_tex: components kept, 0..(the file's count).
         backend: 'auto', 'ext', 'reference' or 'medusa'.
+        specular: also decode AlbedoMM's specular albedo (specMU / specPC): forward then
+            returns (diffuse, specular). Needs a file with a specular part (ValueError
+            naming it otherwise); a directory or 'synthetic...' then means the AlbedoMM
+            file.
+        basis_dtype: torch.float32 (default), torch.float16 or torch.bfloat16: the basis
+            is stored in that dtype (half the bytes) and blended with float32 sums; codes
+            and output stay float32.
+        compact: keep only the mean and basis rows the 256x256 output reads (1/4 of a
+            512x512 texture's), not the full H*W*3 buffers; the output is the same bit
+            for bit. Its state_dict holds ``gathered_mean`` / ``gathered_basis``.
 
     Buffers ``texture_mean`` (1, 1, H*W*3) and ``texture_basis`` (1, H*W*3, n_tex) are
-    medusa's. The output only reads 256x256 of the HxW pixels, so the module also keeps
+    medusa's (with specular=True also ``specular_mean`` / ``specular_basis``, the same
+    shapes). The output only reads 256x256 of the HxW pixels, so the module also keeps
     (not in the state_dict) the mean and basis rows of exactly those pixels, in output
-    order with the channel flip applied: the fast paths then are a single blend.
+    order with the channel flip applied (diffuse rows, then specular rows): the fast
+    paths then are a single blend. A compact module keeps only those, persistent.
     """
 
-    def __init__(self, model_path=None, n_tex: int = 50, *, backend: str = "auto"):
+    def __init__(self, model_path=None, n_tex: int = 50, *, backend: str = "auto",
+                 specular: bool = False, basis_dtype: Optional[torch.dtype] = None,
+                 compact: bool = False):
         super().__init__()
         self.backend = _backend.check_backend(backend)
-        space = load_texture_space(model_path, n_tex)
+        self.specular = _check_flag("specular", specular)
+        self.compact = _check_flag("compact", compact)
+        self.basis_dtype = _check_basis_dtype(basis_dtype)
+        if self.compact and self.backend == "medusa":
+            raise ValueError(
+                "compact=True keeps only the gathered 256x256 rows; backend='medusa' "
+                "(medusa's algorithm) needs the full H*W*3 basis: use compact=False"
+            )
+        space = load_texture_space(model_path, n_tex, specular=self.specular)
         self.n_tex = space.basis.shape[1]
         self.height, self.width = space.height, space.width
-        self.register_buffer("texture_mean", torch.from_numpy(space.mean).view(1, 1, -1))
-        self.register_buffer("texture_basis", torch.from_numpy(space.basis).unsqueeze(0))
-        self._register_derived()
-        self.register_load_state_dict_post_hook(_rebuild_derived_buffers)
+        parts = [("texture", space.mean, space.basis)]
+        if self.specular:
+            parts.append(("specular", space.specular_mean, space.specular_basis))
+        if not self.compact:
+            for name, mean, basis in parts:
+                self.register_buffer(f"{name}_mean", torch.from_numpy(mean).view(1, 1, -1))
+                self.register_buffer(
+                    f"{name}_basis",
+                    _half_basis(basis, self.basis_dtype, space.source).unsqueeze(0),
+                )
+            self._register_derived()
+            self.register_load_state_dict_post_hook(_rebuild_derived_buffers)
+            return
+        index = self._gather_index()
+        self.register_buffer("gathered_mean", torch.cat(
+            [torch.from_numpy(mean)[index] for _, mean, _ in parts]))
+        self.register_buffer("gathered_basis", torch.cat(
+            [_half_basis(basis[index.numpy()], self.basis_dtype, space.source)
+             for _, _, basis in parts]))
+        self.register_load_state_dict_pre_hook(_gather_full_state)
+
+    def _gather_index(self, device=None) -> torch.Tensor:
+        return reference.texture_gather_index(self.height, self.width, TEXTURE_SIZE,
+                                              device=device)
+
+    def _parts(self):
+        return ("texture", "specular") if self.specular else ("texture",)
 
     def _register_derived(self) -> None:
-        index = reference.texture_gather_index(self.height, self.width, TEXTURE_SIZE)
-        index = index.to(self.texture_mean.device)
-        self.register_buffer("_gathered_mean", self.texture_mean[0, 0, index], persistent=False)
-        self.register_buffer(
-            "_gathered_basis", self.texture_basis[0, index].contiguous(), persistent=False
-        )
+        if self.compact:
+            return
+        index = self._gather_index(self.texture_mean.device)
+        means = [getattr(self, f"{p}_mean")[0, 0, index] for p in self._parts()]
+        bases = [getattr(self, f"{p}_basis")[0, index] for p in self._parts()]
+        self.register_buffer("_gathered_mean", torch.cat(means), persistent=False)
+        self.register_buffer("_gathered_basis", torch.cat(bases).contiguous(),
+                             persistent=False)
 
-    def forward(self, texcode: torch.Tensor) -> torch.Tensor:
-        """Albedo images (B, 3, 256, 256), channels in medusa's (reversed) order."""
+    def _gather_state_dict(self, state_dict, prefix) -> None:
+        """Replaces the full buffers of a non-compact state dict by their gathered rows."""
+        full = [f"{prefix}{p}_{what}" for p in self._parts() for what in ("mean", "basis")]
+        if not any(key in state_dict for key in full):
+            return  # a compact state dict (or an incomplete one, which loading reports)
+        for key in full:
+            if key not in state_dict:
+                raise ValueError(f"state_dict has full texture buffers but no {key!r}")
+        n = self.height * self.width * 3
+        index = None
+        means, bases = [], []
+        for p in self._parts():
+            mean = state_dict.pop(f"{prefix}{p}_mean")
+            basis = state_dict.pop(f"{prefix}{p}_basis")
+            for key, value, shape in ((f"{prefix}{p}_mean", mean, (1, 1, n)),
+                                      (f"{prefix}{p}_basis", basis, (1, n, self.n_tex))):
+                if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
+                    got = tuple(value.shape) if isinstance(value, torch.Tensor) else value
+                    raise ValueError(
+                        f"state_dict[{key!r}] must have shape {shape} for this module "
+                        f"({self.height}x{self.width} texture, n_tex={self.n_tex}), got {got}"
+                    )
+            if index is None:
+                index = self._gather_index(mean.device)
+            means.append(mean[0, 0, index])
+            bases.append(basis[0, index])
+        state_dict[f"{prefix}gathered_mean"] = torch.cat(means)
+        state_dict[f"{prefix}gathered_basis"] = torch.cat(bases)
+
+    def _tables(self):
+        """(mean (M,), basis (M, n_tex)) in output order: M = 3*256*256 per part."""
+        if self.compact:
+            return self.gathered_mean, self.gathered_basis
+        return self._gathered_mean, self._gathered_basis
+
+    def forward(self, texcode: torch.Tensor):
+        """Albedo images (B, 3, 256, 256), channels in medusa's (reversed) order; with
+        specular=True the pair (diffuse, specular), views into one (B, 2, 3, 256, 256)
+        result."""
         check_tensor("texcode", texcode, shape=(None, self.n_tex), floating=True)
-        like = self.texture_mean
-        if texcode.dtype != like.dtype:
-            raise TypeError(f"texcode has dtype {texcode.dtype} but the model is {like.dtype}")
-        if texcode.device != like.device:
-            raise ValueError(f"texcode is on {texcode.device} but the model is on {like.device}")
+        mean, basis = self._tables()
+        if texcode.dtype != mean.dtype:
+            raise TypeError(f"texcode has dtype {texcode.dtype} but the model is {mean.dtype}")
+        if texcode.device != mean.device:
+            raise ValueError(f"texcode is on {texcode.device} but the model is on {mean.device}")
         path = _backend.resolve(self.backend, texcode.device.type, "FlameTex")
+        batch = texcode.shape[0]
         if path == "medusa":
-            return medusa_baseline.texture(
-                self.texture_mean, self.texture_basis, texcode, self.height, self.width
+            outs = tuple(
+                medusa_baseline.texture(
+                    getattr(self, f"{p}_mean"), getattr(self, f"{p}_basis").to(mean.dtype),
+                    texcode, self.height, self.width)
+                for p in self._parts()
             )
-        out = _backend.steps(path).blend(self._gathered_mean, self._gathered_basis, texcode)
-        return out.view(texcode.shape[0], 3, TEXTURE_SIZE, TEXTURE_SIZE)
+            return outs if self.specular else outs[0]
+        if basis.dtype in half_blend.HALF_DTYPES:
+            out = half_blend.half_blend_unchecked(mean, basis, texcode)
+        else:
+            out = _backend.steps(path).blend(mean, basis, texcode)
+        if not self.specular:
+            return out.view(batch, 3, TEXTURE_SIZE, TEXTURE_SIZE)
+        out = out.view(batch, 2, 3, TEXTURE_SIZE, TEXTURE_SIZE)
+        return out[:, 0], out[:, 1]

@@ -20,6 +20,7 @@ CASES = {
     "shared_fwd", "shared_fwd_R", "shared_fwdbwd", "shared_fwdbwd_R",
     "meanR_fwd", "ids8_fwdbwd", "lmk68_fwd", "lmk68_fwdbwd", "lmkmp_fwd", "lmkmp_fwdbwd",
     "tex_fwd", "fit68_fwdbwd",
+    "tex_half_fwd", "tex_bf16_fwd", "tex_compact_fwd", "tex_specular_fwd",
 }
 IMPLS = ["medusa", "reference", "flame_ext"]
 

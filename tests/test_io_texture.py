@@ -184,3 +184,134 @@ def test_texture_beside_a_model_is_found_through_its_directory(beside_a_texture)
         beside_a_texture / "FLAME_albedo_from_BFM.npz")
     for other in (None, "synthetic-small", beside_a_texture):
         assert fio.discovery._texture_location(other) == other
+
+
+# --------------------------------------------------------------------------------------
+# AlbedoMM (albedoModel2020_FLAME_albedoPart.npz): MU / PC plus specMU / specPC
+
+
+def _albedomm_arrays(H=8, W=8, P=5, dtype=np.float32, seed=40):
+    """Arrays in the published file's layout: image-shaped (H,W,3) / (H,W,3,P), 0..1."""
+    rng = np.random.default_rng(seed)
+    return {
+        "MU": rng.uniform(0.2, 0.8, (H, W, 3)).astype(dtype),
+        "PC": rng.normal(0, 0.05, (H, W, 3, P)).astype(dtype),
+        "specMU": rng.uniform(0.05, 0.3, (H, W, 3)).astype(dtype),
+        "specPC": rng.normal(0, 0.02, (H, W, 3, P)).astype(dtype),
+        "vt": rng.uniform(0, 1, (11, 2)),
+        "ft": rng.integers(0, 11, (7, 3)),
+    }
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("flat", [False, True])
+def test_albedomm_file_loads_both_parts(tmp_path, dtype, flat):
+    arrays = _albedomm_arrays(dtype=dtype)
+    if flat:
+        arrays = {k: (v.reshape(-1, *v.shape[3:]) if k in ("MU", "PC", "specMU", "specPC")
+                      else v) for k, v in arrays.items()}
+    path = tmp_path / "albedoModel2020_FLAME_albedoPart.npz"
+    np.savez(path, **arrays)
+    tex = fio.load_texture_space(path, n_tex=4, specular=True)
+    assert (tex.height, tex.width, tex.n_tex) == (8, 8, 4)
+    for got, key in ((tex.mean, "MU"), (tex.basis, "PC"), (tex.specular_mean, "specMU"),
+                     (tex.specular_basis, "specPC")):
+        want = arrays[key].reshape(192, -1)[:, :4] if key.endswith("PC") else \
+            arrays[key].reshape(-1)
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, want.astype(np.float32))  # 0..1: not divided
+    diffuse_only = fio.load_texture_space(path, n_tex=4)
+    assert diffuse_only.specular_mean is None and diffuse_only.specular_basis is None
+    np.testing.assert_array_equal(diffuse_only.basis, tex.basis)
+
+
+def test_specular_directory_prefers_albedomm(tmp_path):
+    np.savez(tmp_path / "albedoModel2020_FLAME_albedoPart.npz", **_albedomm_arrays())
+    mean, basis = texture_arrays(30, H=8, W=8, P=5)
+    np.savez(tmp_path / "FLAME_albedo_from_BFM.npz", MU=mean, PC=basis)
+    assert fio.load_texture_space(tmp_path, 3, specular=True).source.endswith(
+        "albedoModel2020_FLAME_albedoPart.npz")
+    # the default keeps the BFM-first discovery
+    assert fio.load_texture_space(tmp_path, 3).source.endswith("FLAME_albedo_from_BFM.npz")
+
+
+@pytest.mark.parametrize("name", ["FLAME_albedo_from_BFM.npz", "FLAME_texture.npz"])
+def test_specular_on_a_file_without_it_names_the_file(tmp_path, name):
+    mean, basis = texture_arrays(30, H=8, W=8, P=5, flame_format=name == "FLAME_texture.npz")
+    keys = ("MU", "PC") if "BFM" in name else ("mean", "tex_dir")
+    path = tmp_path / name
+    np.savez(path, **{keys[0]: mean, keys[1]: basis})
+    with pytest.raises(ValueError, match=re.escape(str(path))) as info:
+        fio.load_texture_space(path, 3, specular=True)
+    assert "model_path" in str(info.value) and "specMU" in str(info.value)
+
+
+@pytest.mark.parametrize("how, key", [
+    ("drop", "specPC"), ("drop", "specMU"),
+    ("shape", "specPC"), ("shape", "specMU"), ("components", "specPC"),
+    ("dtype", "specPC"), ("dtype", "specMU"), ("nan", "specPC"),
+])
+def test_malformed_albedomm_is_refused_when_loaded(tmp_path, how, key):
+    arrays = _albedomm_arrays()
+    if how == "drop":
+        del arrays[key]
+    elif how == "shape":
+        arrays[key] = arrays[key][:4]
+    elif how == "components":
+        arrays[key] = arrays[key][..., :3]
+    elif how == "dtype":
+        arrays[key] = arrays[key].astype(str)
+    else:
+        arrays[key] = arrays[key].copy()
+        arrays[key][1, 2, 0, 1] = np.nan
+    path = tmp_path / "albedoModel2020_FLAME_albedoPart.npz"
+    np.savez(path, **arrays)
+    # structure is checked on every load; values (NaN) where they are read
+    specular_flags = (True,) if how == "nan" else (False, True)
+    for specular in specular_flags:
+        with pytest.raises((flame_ext.ModelFileError, TypeError)) as info:
+            fio.load_texture_space(path, 3, specular=specular)
+        message = str(info.value)
+        assert str(path) in message and (key in message or "specular" in message), message
+
+
+def test_specular_with_trust_keys_is_refused(tmp_path):
+    mean, basis = texture_arrays(30, H=8, W=8, P=5, flame_format=True)
+    path = tmp_path / "FLAME_texture.npz"
+    np.savez(path, mean=mean, tex_dir=basis, specMU=mean, specPC=basis)
+    with pytest.raises(flame_ext.ModelFileError, match="specMU"):
+        fio.load_texture_space(path, 3)
+
+
+@pytest.mark.parametrize("P", [1, 7, 200, 237])
+def test_trust_style_files_with_any_component_count(tmp_path, P):
+    """mean / tex_dir files (FLAME_texture.npz and TRUST-style ones) of any component
+    count keep medusa's rule: values on 0..255, divided by 255."""
+    rng = np.random.default_rng(P)
+    mean = rng.uniform(0, 255, (4, 4, 3)).astype(np.float32)
+    tex_dir = rng.normal(0, 20, (4, 4, 3, P)).astype(np.float32)
+    path = tmp_path / "tex.npz"
+    np.savez(path, mean=mean, tex_dir=tex_dir)
+    tex = fio.load_texture_space(path, n_tex=P)
+    want_mean, want_basis = _expected_texture(mean, tex_dir, P, 255.0)
+    np.testing.assert_array_equal(tex.mean, want_mean)
+    np.testing.assert_array_equal(tex.basis, want_basis)
+
+
+def test_specular_flag_is_checked(tmp_path):
+    with pytest.raises(TypeError, match="specular"):
+        fio.parsers.parse_texture_space(_albedomm_arrays(), "x", 3, specular="yes")
+
+
+def test_synthetic_albedomm_is_in_the_published_layout():
+    from flame_ext import synthetic
+
+    raw = synthetic.build_assets("small", 0)["albedoModel2020_FLAME_albedoPart.npz"]
+    assert raw["MU"].shape == raw["specMU"].shape == (8, 8, 3)
+    assert raw["PC"].shape == raw["specPC"].shape == (8, 8, 3, 7)
+    assert raw["MU"].dtype == np.float32
+    assert 0 < raw["MU"].min() and raw["MU"].max() < 1
+    assert not np.array_equal(raw["PC"], raw["specPC"])
+    tex = fio.load_texture_space("synthetic-small", 7, specular=True)
+    assert tex.source == "synthetic:small" and tex.n_tex == 7
+    np.testing.assert_array_equal(tex.specular_basis, raw["specPC"].reshape(192, 7))

@@ -23,6 +23,7 @@ from flame_ext import synthetic
 
 MODEL, LMK, MP = 'generic_model.pkl', 'landmark_embedding.npy', 'mediapipe_landmark_embedding.npz'
 BFM, FLAME_TEX = 'FLAME_albedo_from_BFM.npz', 'FLAME_texture.npz'
+ALBEDOMM = 'albedoModel2020_FLAME_albedoPart.npz'
 SLOW = pytest.mark.slow
 
 # The globals a plain (non-chumpy) model pickle may reference: those of FLAME's own file.
@@ -259,8 +260,8 @@ def test_mapping_is_lazy_and_complete():
     assert synthetic._build_bfm.cache_info().misses == misses + 1
 
     assets = synthetic.build_assets('small', 0)
-    assert list(assets) == list(synthetic.ASSET_NAMES) and len(assets) == 5
-    assert set(assets) == {MODEL, LMK, MP, BFM, FLAME_TEX}
+    assert list(assets) == list(synthetic.ASSET_NAMES) and len(assets) == 6
+    assert set(assets) == {MODEL, LMK, MP, BFM, FLAME_TEX, ALBEDOMM}
     assert MODEL in assets and 'nope.pkl' not in assets
     with pytest.raises(KeyError):
         assets['nope.pkl']
@@ -399,7 +400,7 @@ def test_model_pickle_is_python2_style(tmp_path):
 def test_write_other_files(tmp_path, small):
     out = synthetic.write_assets(tmp_path, 'small', 0, model_name='flame2023.pkl')
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ['flame2023.pkl', LMK, MP, BFM, FLAME_TEX]
+        ['flame2023.pkl', LMK, MP, BFM, FLAME_TEX, ALBEDOMM]
     )
     assert_model_equal(load_plain(out / 'flame2023.pkl'), small[MODEL])
 
@@ -467,7 +468,7 @@ def test_command_line(tmp_path):
         cwd=root, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in out.iterdir()) == sorted([MODEL, LMK, MP, BFM, FLAME_TEX])
+    assert sorted(p.name for p in out.iterdir()) == sorted([MODEL, LMK, MP, BFM, FLAME_TEX, ALBEDOMM])
     assert ('chumpy.ch', 'Ch') in pickle_globals((out / MODEL).read_bytes())
     with open(out / MODEL, 'rb') as fh:
         loaded = _ChumpyUnpickler(fh, encoding='latin1').load()

@@ -174,10 +174,13 @@ class Models:
             self.n_shape, self.n_expr, "68", device=self.device, model_path=self.model_path,
             backend=backend))
 
-    def texture(self, backend: str) -> FlameTex:
-        return self._get(("tex", backend), lambda: FlameTex(
+    def texture(self, backend: str, **options) -> FlameTex:
+        """FlameTex on this backend; `options` are its keyword options (specular,
+        basis_dtype, compact)."""
+        return self._get(("tex", backend, tuple(sorted(options.items(), key=str))),
+                         lambda: FlameTex(
             model_path=_texture_location(self.model_path), n_tex=self.n_tex,
-            backend=backend).to(self.device))
+            backend=backend, **options).to(self.device))
 
     def forward(self, impl: str, module: torch.nn.Module) -> Callable:
         """module.forward, or its torch.compile for impl 'compile' (one per module)."""
@@ -469,6 +472,83 @@ def _texture_case(models: Models) -> Case:
                 lambda batch: floor.texture_cost(texels, n_tex, batch), inputs, runner, skip)
 
 
+def _module_bytes(module: torch.nn.Module) -> int:
+    return sum(b.numel() * b.element_size() for b in module.buffers())
+
+
+# The FlameTex options cases: name -> (what, the module's options). Their medusa column is
+# medusa's float32 algorithm on the full texture (the baseline); the other columns run
+# the module with the options on each backend.
+TEXTURE_OPTIONS = {
+    "tex_half_fwd": ("basis_dtype=float16", {"basis_dtype": torch.float16}),
+    "tex_bf16_fwd": ("basis_dtype=bfloat16", {"basis_dtype": torch.bfloat16}),
+    "tex_compact_fwd": ("compact=True", {"compact": True}),
+    "tex_specular_fwd": ("specular=True (AlbedoMM: diffuse + specular)", {"specular": True}),
+}
+
+
+def _texture_options_case(models: Models, name: str) -> Case:
+    what, options = TEXTURE_OPTIONS[name]
+    specular = options.get("specular", False)
+    built: dict = {}  # the module on the reference backend, or why there is none
+
+    def probe():
+        if "module" not in built:
+            try:
+                built["module"] = models.texture("reference", **options)
+                built["error"] = None
+            except (OSError, ValueError) as exc:  # no AlbedoMM file beside the model
+                built["module"], built["error"] = None, timing.describe_error(exc)
+        return built["module"]
+
+    def skip(impl: str, batch: int) -> Optional[str]:
+        if probe() is None:
+            return f"not run: {built['error']}"
+        if BACKEND[impl] == "medusa":
+            full = models.texture("medusa", **({"specular": True} if specular else {}))
+            need = batch * full.texture_basis.shape[1] * full.n_tex * 4
+            if need > available_memory(models.device):
+                return (f"not run: medusa's float32 (B, H*W*3, n_tex) intermediate would "
+                        f"take {need / 2**30:.1f} GiB")
+        return None
+
+    def inputs(batch: int) -> List[dict]:
+        generator = _generator(models, 3100 + batch)
+        return _input_sets(lambda: {"texcode": torch.randn(
+            batch, models.n_tex, generator=generator, device=models.device)}, models.device)
+
+    def runner(impl: str, batch: int) -> Callable[[dict], object]:
+        if BACKEND[impl] == "medusa":
+            module = models.texture("medusa", **({"specular": True} if specular else {}))
+        else:
+            module = models.texture(BACKEND[impl], **options)
+        forward = models.forward(impl, module)
+
+        def run(s):
+            with torch.no_grad():
+                return forward(s["texcode"])
+        return run
+
+    def cost(batch: int) -> floor.Cost:
+        module = probe()
+        texels = 2 * 3 * 256 * 256 if specular else 3 * 256 * 256
+        itemsize = 4 if module is None else module._tables()[1].element_size()
+        base = floor.texture_cost(texels, models.n_tex, batch)
+        # the basis is read at its own width; mean, codes and images stay float32
+        return floor.Cost(bytes=base.bytes - texels * models.n_tex * (4 - itemsize),
+                          flops=base.flops)
+
+    module = probe()
+    memory = ""
+    if module is not None:
+        default = models.texture("reference", **({"specular": True} if specular else {}))
+        memory = (f"; module buffers {_module_bytes(module) / 2**20:.1f} MiB vs "
+                  f"{_module_bytes(default) / 2**20:.1f} MiB float32 full")
+    return Case(name, f"FlameTex {what} forward (n_tex={models.n_tex}, 3x256x256 output"
+                f"{'s' if specular else ''}){memory}; medusa: its float32 algorithm",
+                cost, inputs, runner, skip)
+
+
 def _smplx_folder(models: Models):
     """(smplx's FLAME folder for this model, None) or (None, why there is none). The
     synthetic model is written in that layout once per run (a temporary directory)."""
@@ -744,6 +824,7 @@ def build_cases(models: Models, impls: Optional[List[str]] = None) -> List[Case]
         for backward in (False, True):
             cases.append(_landmark_case(models, lm_type, backward))
     cases.append(_texture_case(models))
+    cases += [_texture_options_case(models, name) for name in TEXTURE_OPTIONS]
     cases.append(_fit_case(models))
     if impls is None or "smplx" in impls:
         cases += [_smplx_case(models, backward) for backward in (False, True)]

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from .discovery import (
+    ALBEDOMM_FILE_NAME,
     DYNAMIC_EMBEDDING_FILE,
     ENV_VAR,
     LANDMARK_FILE_NAMES,
@@ -144,7 +145,7 @@ def _synthetic_raw(where: _Synthetic, names, n_tex: Optional[int] = None) -> Any
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
 
 
-def _load_texture_file(path: Path, n_tex) -> TextureSpace:
+def _load_texture_file(path: Path, n_tex, specular: bool = False) -> TextureSpace:
     source = _check_file(path)
     with open(path, "rb") as fp:
         magic = fp.read(4)
@@ -160,7 +161,8 @@ def _load_texture_file(path: Path, n_tex) -> TextureSpace:
     with _archive_errors(source):
         archive = zipfile.ZipFile(path)
     with archive:  # member errors are named by _NpzMember; n_tex errors pass through
-        return parse_texture_space(_NpzArchive(archive, source), source, n_tex)
+        return parse_texture_space(_NpzArchive(archive, source), source, n_tex,
+                                   specular=specular)
 
 
 # --------------------------------------------------------------------------------------
@@ -256,15 +258,22 @@ def load_dynamic_embedding(
     )
 
 
-def load_texture_space(model_path: Optional[PathLike] = None, n_tex: int = 50) -> TextureSpace:
+def load_texture_space(
+    model_path: Optional[PathLike] = None, n_tex: int = 50, *, specular: bool = False
+) -> TextureSpace:
     """Loads the albedo texture space, keeping its first `n_tex` components as float32.
 
     `model_path` names the texture: a file (read as it is: a file that is not a texture
     space is refused, never swapped for one beside it), a directory holding one,
-    'synthetic...', or None for discovery.
+    'synthetic...', or None for discovery. `specular=True` also reads AlbedoMM's specular
+    part (specMU / specPC) and looks for albedoModel2020_FLAME_albedoPart.npz first; a
+    texture without one is a ValueError naming it. An AlbedoMM file's specular arrays
+    are checked when it is loaded either way.
     """
-    where = _locate(TEXTURE_FILE_NAMES, model_path, pkl_means_directory=False)
+    names = ((ALBEDOMM_FILE_NAME,) + TEXTURE_FILE_NAMES) if specular is True \
+        else TEXTURE_FILE_NAMES
+    where = _locate(names, model_path, pkl_means_directory=False)
     if isinstance(where, _Synthetic):
-        raw = _synthetic_raw(where, TEXTURE_FILE_NAMES, n_tex)
-        return parse_texture_space(raw, where.source, n_tex)
-    return _load_texture_file(where, n_tex)
+        raw = _synthetic_raw(where, names, n_tex)
+        return parse_texture_space(raw, where.source, n_tex, specular=specular)
+    return _load_texture_file(where, n_tex, specular)

@@ -22,6 +22,9 @@ MODEL_FILE_NAMES = (
     "flame2023_no_jaw.pkl",
 )
 TEXTURE_FILE_NAMES = ("FLAME_albedo_from_BFM.npz", "FLAME_texture.npz")
+# AlbedoMM's FLAME texture (diffuse + specular): what FlameTex(specular=True) looks for
+# first.
+ALBEDOMM_FILE_NAME = "albedoModel2020_FLAME_albedoPart.npz"
 LANDMARK_FILE_NAMES = {
     "68": "landmark_embedding.npy",
     "mp": "mediapipe_landmark_embedding.npz",
@@ -168,7 +171,8 @@ def _locate(names, model_path, *, pkl_means_directory: bool, landmarks: bool = F
 
 
 _ALL_ASSET_NAMES = (
-    MODEL_FILE_NAMES + TEXTURE_FILE_NAMES + tuple(LANDMARK_FILE_NAMES.values())
+    MODEL_FILE_NAMES + TEXTURE_FILE_NAMES + (ALBEDOMM_FILE_NAME,)
+    + tuple(LANDMARK_FILE_NAMES.values())
     + (STATIC_EMBEDDING_FILE, DYNAMIC_EMBEDDING_FILE)
 )
 

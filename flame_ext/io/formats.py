@@ -246,6 +246,10 @@ class TextureSpace:
     height: int
     width: int
     source: str
+    # AlbedoMM's specular part (specMU / specPC), same layout and n_tex; None when it was
+    # not asked for or the file has none
+    specular_mean: Optional[np.ndarray] = None  # (H*W*3,) float32
+    specular_basis: Optional[np.ndarray] = None  # (H*W*3, n_tex) float32
 
     @property
     def n_tex(self) -> int:
@@ -262,3 +266,13 @@ class TextureSpace:
         _expect_shape(src, "basis", self.basis, (n, None), "(H*W*3, n_tex)")
         _expect_finite(src, "mean", self.mean)
         _expect_finite(src, "basis", self.basis)
+        if (self.specular_mean is None) != (self.specular_basis is None):
+            raise _fail(src, "specular_mean and specular_basis come together or not at all")
+        if self.specular_mean is not None:
+            _expect_array(src, "specular_mean", self.specular_mean, np.float32, 1)
+            _expect_shape(src, "specular_mean", self.specular_mean, (n,), "(H*W*3,)")
+            _expect_array(src, "specular_basis", self.specular_basis, np.float32, 2)
+            _expect_shape(src, "specular_basis", self.specular_basis, self.basis.shape,
+                          "(H*W*3, n_tex), as basis")
+            _expect_finite(src, "specular_mean", self.specular_mean)
+            _expect_finite(src, "specular_basis", self.specular_basis)

@@ -385,35 +385,24 @@ def _texture_grid(mean_shape, basis_shape, source, keys) -> Tuple[int, int, int]
     return int(hw[0]), int(hw[1]), int(P)
 
 
-def parse_texture_space(raw: Mapping, source: str, n_tex: int = 50) -> TextureSpace:
-    """Parses a texture archive's arrays: MU / PC (0..1) or mean / tex_dir (0..255).
+# AlbedoMM's FLAME file (albedoModel2020_FLAME_albedoPart.npz) adds its specular part to
+# the BFM-style diffuse MU / PC.
+SPECULAR_KEYS = ("specMU", "specPC")
 
-    Values of the mapping may be ndarrays or lazy npz members (see `_NpzArchive`).
-    """
-    if not isinstance(raw, Mapping):
-        raise _fail(source, f"expected a dict of texture arrays, got {type(raw).__name__}")
-    if "MU" in raw and "PC" in raw:
-        keys, divisor = ("MU", "PC"), None
-    elif "mean" in raw and "tex_dir" in raw:
-        keys, divisor = ("mean", "tex_dir"), 255.0
-    else:
-        raise _fail(
-            source,
-            "not a texture model: a texture space needs MU and PC (FLAME_albedo_from_BFM.npz) "
-            "or mean and tex_dir "
-            f"(FLAME_texture.npz); it holds {sorted(raw.keys())}",
-        )
-    mean_src, basis_src = (_array_source(raw[k], source, k) for k in keys)
-    for key, src in zip(keys, (mean_src, basis_src)):
+
+def _checked_sources(raw: Mapping, source: str, keys):
+    """The lazy array sources of `keys`, each numeric, and their (H, W, P)."""
+    sources = [_array_source(raw[k], source, k) for k in keys]
+    for key, src in zip(keys, sources):
         if src.dtype.kind not in "fiu":
             raise _fail_type(source, f"{key} must be a numeric array, got dtype {src.dtype}")
-    height, width, P = _texture_grid(mean_src.shape, basis_src.shape, source, keys)
-    if isinstance(n_tex, (bool, np.bool_)) or not isinstance(n_tex, (int, np.integer)):
-        raise TypeError(f"n_tex must be an int, got {type(n_tex).__name__} ({source} has P = {P})")
-    if not 0 <= n_tex <= P:
-        raise ValueError(f"n_tex must be in [0, P = {P}] for {source}, got n_tex = {n_tex}")
-    n_tex = int(n_tex)
+    return sources, _texture_grid(sources[0].shape, sources[1].shape, source, keys)
 
+
+def _read_texture(mean_src, basis_src, P: int, n_tex: int, divisor, source: str, basis_key):
+    """mean (H*W*3,) float64 and the first n_tex basis columns (H*W*3, n_tex) float32,
+    divided by `divisor` (when not None) in float64 and rounded once; the basis is read
+    in chunks of about _CHUNK_BYTES so that only n_tex columns are ever held."""
     mean = mean_src.read().reshape(-1).astype(np.float64)
     if divisor is not None:
         mean /= divisor
@@ -430,7 +419,71 @@ def parse_texture_space(raw: Mapping, source: str, n_tex: int = 50) -> TextureSp
         basis[start : start + block.shape[0]] = block
         start += block.shape[0]
     if n_tex and start != n:
-        raise _fail(source, f"{keys[1]} ended after {start} of {n} rows")
+        raise _fail(source, f"{basis_key} ended after {start} of {n} rows")
+    return mean, basis
+
+
+def parse_texture_space(
+    raw: Mapping, source: str, n_tex: int = 50, *, specular: bool = False
+) -> TextureSpace:
+    """Parses a texture archive's arrays: MU / PC (0..1; with specMU / specPC, AlbedoMM's
+    specular part, also 0..1) or mean / tex_dir (0..255, any component count).
+
+    Values of the mapping may be ndarrays or lazy npz members (see `_NpzArchive`). The
+    specular arrays, when the file has them, are checked (shapes, dtypes, agreement with
+    MU / PC) whatever `specular` is; they are read only when `specular` is True, which on
+    a file without them is a ValueError naming the file.
+    """
+    if not isinstance(specular, (bool, np.bool_)):
+        raise TypeError(f"specular must be a bool, got {type(specular).__name__}")
+    if not isinstance(raw, Mapping):
+        raise _fail(source, f"expected a dict of texture arrays, got {type(raw).__name__}")
+    if "MU" in raw and "PC" in raw:
+        keys, divisor = ("MU", "PC"), None
+    elif "mean" in raw and "tex_dir" in raw:
+        keys, divisor = ("mean", "tex_dir"), 255.0
+    else:
+        raise _fail(
+            source,
+            "not a texture model: a texture space needs MU and PC (FLAME_albedo_from_BFM.npz "
+            "or AlbedoMM's albedoModel2020_FLAME_albedoPart.npz) or mean and tex_dir "
+            f"(FLAME_texture.npz); it holds {sorted(raw.keys())}",
+        )
+    (mean_src, basis_src), (height, width, P) = _checked_sources(raw, source, keys)
+    present = [k for k in SPECULAR_KEYS if k in raw]
+    spec_srcs = None
+    if present and keys[0] != "MU":
+        raise _fail(source, f"{present} belong with MU / PC (AlbedoMM), not with {list(keys)}")
+    if len(present) == 1:
+        missing = (set(SPECULAR_KEYS) - set(present)).pop()
+        raise _fail(source, f"has {present[0]} but no {missing}: AlbedoMM's specular part "
+                    "needs both")
+    if present:
+        spec_srcs, spec_grid = _checked_sources(raw, source, SPECULAR_KEYS)
+        if spec_grid != (height, width, P) or spec_srcs[0].shape != mean_src.shape \
+                or spec_srcs[1].shape != basis_src.shape:
+            raise _fail(
+                source,
+                f"specMU {spec_srcs[0].shape} / specPC {spec_srcs[1].shape} must have the "
+                f"shapes of MU {mean_src.shape} / PC {basis_src.shape}",
+            )
+    if specular and spec_srcs is None:
+        raise ValueError(
+            f"specular=True needs a texture with a specular part (AlbedoMM's specMU and "
+            f"specPC); model_path {source} holds {sorted(raw.keys())}"
+        )
+    if isinstance(n_tex, (bool, np.bool_)) or not isinstance(n_tex, (int, np.integer)):
+        raise TypeError(f"n_tex must be an int, got {type(n_tex).__name__} ({source} has P = {P})")
+    if not 0 <= n_tex <= P:
+        raise ValueError(f"n_tex must be in [0, P = {P}] for {source}, got n_tex = {n_tex}")
+    n_tex = int(n_tex)
+
+    mean, basis = _read_texture(mean_src, basis_src, P, n_tex, divisor, source, keys[1])
+    spec_mean = spec_basis = None
+    if specular:
+        spec_mean, spec_basis = _read_texture(*spec_srcs, P, n_tex, None, source, "specPC")
+        spec_mean = spec_mean.astype(np.float32)
     return TextureSpace(
-        mean=mean.astype(np.float32), basis=basis, height=height, width=width, source=source
+        mean=mean.astype(np.float32), basis=basis, height=height, width=width, source=source,
+        specular_mean=spec_mean, specular_basis=spec_basis,
     )

@@ -2,7 +2,8 @@
 
 `build_assets(size, seed)` returns the objects exactly as the real files load
 (`generic_model.pkl`, `landmark_embedding.npy`, `mediapipe_landmark_embedding.npz`,
-`FLAME_albedo_from_BFM.npz`, `FLAME_texture.npz`), keyed by file name;
+`FLAME_albedo_from_BFM.npz`, `FLAME_texture.npz`, AlbedoMM's
+`albedoModel2020_FLAME_albedoPart.npz`), keyed by file name;
 `write_assets(out_dir, ...)` writes them in the real file formats, down to the Python 2
 pickle opcodes and the `chumpy.ch.Ch` / `scipy.sparse.csc.csc_matrix` globals of the
 official model file. `python -m flame_ext.synthetic --out DIR` does the same from a shell.
@@ -12,8 +13,8 @@ official model file. `python -m flame_ext.synthetic --out DIR` does the same fro
 Two sizes:
 - 'full': FLAME's exact dimensions (V=5023, F=9976, 5 joints, 300+100 components,
   36 pose correctives, 51 + 79x17 / 68 / 105 landmarks, 512x512x3 textures with 199 BFM and
-  200 FLAME components). Looks exactly like the real file: no extra keys.
-- 'small': 67 vertices, 6 shape + 4 expression components, 8x8 textures with 5 / 6
+  200 FLAME components, 145 AlbedoMM diffuse + specular). Looks exactly like the real file: no extra keys.
+- 'small': 67 vertices, 6 shape + 4 expression components, 8x8 textures with 5 / 6 / 7
   components, the same joints and landmark counts, so float64 gradcheck is fast. Its model
   dict carries the extra int key 'flame_ext_n_shape' (FLAME files lack it and mean 300).
 
@@ -41,31 +42,40 @@ from flame_ext._checks import check_count
 
 from .bases import _LMK_FILE, _MODEL_FILE, _MP_FILE, _build_model
 from .mesh import SIZES, _mesh, _size_spec
-from .texture import _BFM_FILE, _FLAME_TEX_FILE, _build_bfm, _build_flame_texture
+from .texture import (
+    _ALBEDOMM_FILE,
+    _BFM_FILE,
+    _FLAME_TEX_FILE,
+    _build_albedomm,
+    _build_bfm,
+    _build_flame_texture,
+)
 from .writers import _write_files, _write_smplx_files
 
 __all__ = ["ASSET_NAMES", "SIZES", "build_assets", "write_assets", "write_smplx_assets"]
 
-ASSET_NAMES = (_MODEL_FILE, _LMK_FILE, _MP_FILE, _BFM_FILE, _FLAME_TEX_FILE)
+ASSET_NAMES = (_MODEL_FILE, _LMK_FILE, _MP_FILE, _BFM_FILE, _FLAME_TEX_FILE, _ALBEDOMM_FILE)
 
 # The builders' caches, read by name (flame_ext.synthetic._build_model.cache_clear(), ...).
-_CACHED = (_build_model, _build_bfm, _build_flame_texture, _mesh, _size_spec)
+_CACHED = (_build_model, _build_bfm, _build_flame_texture, _build_albedomm, _mesh, _size_spec)
 
 
 class _AssetSet(Mapping):
     """The asset set by file name; each file's objects are built on first access."""
 
-    def __init__(self, size, seed, n_bfm, n_flame):
-        self._args = (size, seed, n_bfm, n_flame)
+    def __init__(self, size, seed, n_bfm, n_flame, n_albedomm):
+        self._args = (size, seed, n_bfm, n_flame, n_albedomm)
 
     def __getitem__(self, name):
-        size, seed, n_bfm, n_flame = self._args
+        size, seed, n_bfm, n_flame, n_albedomm = self._args
         if name in (_MODEL_FILE, _LMK_FILE, _MP_FILE):
             return _build_model(size, seed)[name]
         if name == _BFM_FILE:
             return _build_bfm(size, seed, n_bfm)
         if name == _FLAME_TEX_FILE:
             return _build_flame_texture(size, seed, n_flame)
+        if name == _ALBEDOMM_FILE:
+            return _build_albedomm(size, seed, n_albedomm)
         raise KeyError(name)
 
     def __iter__(self):
@@ -75,8 +85,9 @@ class _AssetSet(Mapping):
         return len(ASSET_NAMES)
 
     def __repr__(self):
-        size, seed, n_bfm, n_flame = self._args
-        return f"<synthetic FLAME assets size={size!r} seed={seed} n_tex={n_bfm}/{n_flame}>"
+        size, seed, n_bfm, n_flame, n_albedomm = self._args
+        return (f"<synthetic FLAME assets size={size!r} seed={seed} "
+                f"n_tex={n_bfm}/{n_flame}/{n_albedomm}>")
 
 
 def _check_size_seed(size, seed):
@@ -105,6 +116,9 @@ def build_assets(
     - 'FLAME_albedo_from_BFM.npz': {'MU': (H*W*3,), 'PC': (H*W*3, P)} float64, flat, BGR.
     - 'FLAME_texture.npz': {'mean': (H,W,3), 'tex_dir': (H,W,3,P)} float32 in 0..255,
       'vt' (NVT,2), 'ft' (F,3).
+    - 'albedoModel2020_FLAME_albedoPart.npz' (AlbedoMM): {'MU', 'specMU': (H,W,3),
+      'PC', 'specPC': (H,W,3,P)} float32 in 0..1, BGR, image-shaped as published (P = 145
+      full size, 7 small), 'vt', 'ft'.
 
     n_tex: keep only the first n_tex texture components of each texture file (all by
     default; the full-size BFM basis alone is 1.25 GB, so ask for few when texture is not
@@ -120,7 +134,8 @@ def build_assets(
         check_count('n_tex', n_tex, 1, n_max)
     n_bfm = spec.n_tex_bfm if n_tex is None else min(n_tex, spec.n_tex_bfm)
     n_flame = spec.n_tex_flame if n_tex is None else min(n_tex, spec.n_tex_flame)
-    return _AssetSet(size, seed, n_bfm, n_flame)
+    n_albedomm = spec.n_tex_albedomm if n_tex is None else min(n_tex, spec.n_tex_albedomm)
+    return _AssetSet(size, seed, n_bfm, n_flame, n_albedomm)
 
 
 def write_assets(

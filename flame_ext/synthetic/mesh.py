@@ -26,6 +26,7 @@ SIZES = ('full', 'small')
 # Random streams, one per part, so that parts are independent of each other.
 _STREAM_TEMPLATE, _STREAM_SHAPE, _STREAM_EXPR, _STREAM_POSE = 1, 2, 3, 4
 _STREAM_MEDIAPIPE, _STREAM_BFM, _STREAM_FLAME_TEX = 5, 6, 7
+_STREAM_ALBEDOMM_DIFFUSE, _STREAM_ALBEDOMM_SPECULAR = 8, 9
 
 # Head profile, metres.
 _THETA_MAX = 0.93 * np.pi  # polar angle of the neck boundary ring
@@ -67,6 +68,7 @@ class _SizeSpec:
     n_tex_bfm: int
     n_tex_flame: int
     tex_freq: int  # DCT frequencies per image axis (<= tex_hw keeps them orthogonal)
+    n_tex_albedomm: int  # AlbedoMM's diffuse and specular components (145 published)
 
 
 def _smoothstep(x):
@@ -135,9 +137,9 @@ def _full_ring_sizes(n_vertices=5023):
 @functools.lru_cache(maxsize=None)
 def _size_spec(size: str) -> _SizeSpec:
     if size == 'full':
-        return _SizeSpec(_full_ring_sizes(), 300, 100, 8, 512, 199, 200, 12)
+        return _SizeSpec(_full_ring_sizes(), 300, 100, 8, 512, 199, 200, 12, 145)
     if size == 'small':
-        return _SizeSpec((5, 9, 11, 12, 11, 10, 8), 6, 4, 3, 8, 5, 6, 8)
+        return _SizeSpec((5, 9, 11, 12, 11, 10, 8), 6, 4, 3, 8, 5, 6, 8, 7)
     raise ValueError(f"size must be one of {SIZES}, got {size!r}")
 
 

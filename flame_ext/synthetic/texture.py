@@ -1,5 +1,5 @@
-"""The synthetic albedo texture spaces, as FLAME_albedo_from_BFM.npz and FLAME_texture.npz
-hold them.
+"""The synthetic albedo texture spaces, as FLAME_albedo_from_BFM.npz, FLAME_texture.npz and
+AlbedoMM's albedoModel2020_FLAME_albedoPart.npz hold them.
 
 Textures are low-frequency DCT patterns with random coefficients. All coefficients are
 drawn whatever the number of components asked for, and the components are rendered in
@@ -12,10 +12,19 @@ import functools
 
 import numpy as np
 
-from .mesh import _STREAM_BFM, _STREAM_FLAME_TEX, _mesh, _rng, _size_spec
+from .mesh import (
+    _STREAM_ALBEDOMM_DIFFUSE,
+    _STREAM_ALBEDOMM_SPECULAR,
+    _STREAM_BFM,
+    _STREAM_FLAME_TEX,
+    _mesh,
+    _rng,
+    _size_spec,
+)
 
 _BFM_FILE = 'FLAME_albedo_from_BFM.npz'
 _FLAME_TEX_FILE = 'FLAME_texture.npz'
+_ALBEDOMM_FILE = 'albedoModel2020_FLAME_albedoPart.npz'
 
 _TEX_BLOCK = 8  # texture components rendered together
 
@@ -80,3 +89,23 @@ def _build_flame_texture(size: str, seed: int, n_tex: int) -> dict:
     )
     mesh = _mesh(size)
     return {'mean': mean, 'tex_dir': tex_dir, 'vt': mesh.vt, 'ft': mesh.ft}
+
+
+@functools.lru_cache(maxsize=2)
+def _build_albedomm(size: str, seed: int, n_tex: int) -> dict:
+    """AlbedoMM's FLAME file: diffuse MU / PC and specular specMU / specPC, image-shaped
+    (H,W,3) and (H,W,3,P) like the published file, values on the 0..1 scale, BGR, plus its
+    UV layout (vt, ft). float32: the full-size file's four arrays are then 0.9 GB."""
+    spec = _size_spec(size)
+    mu, pc = _dct_texture(
+        spec.tex_hw, spec.tex_freq, spec.n_tex_albedomm, n_tex,
+        _rng(seed, _STREAM_ALBEDOMM_DIFFUSE), (0.38, 0.48, 0.66), 0.04, 0.06, np.float32,
+    )
+    # specular albedo: grey-ish and dimmer than the diffuse part
+    spec_mu, spec_pc = _dct_texture(
+        spec.tex_hw, spec.tex_freq, spec.n_tex_albedomm, n_tex,
+        _rng(seed, _STREAM_ALBEDOMM_SPECULAR), (0.16, 0.16, 0.17), 0.02, 0.03, np.float32,
+    )
+    mesh = _mesh(size)
+    return {'MU': mu, 'PC': pc, 'specMU': spec_mu, 'specPC': spec_pc,
+            'vt': mesh.vt, 'ft': mesh.ft}

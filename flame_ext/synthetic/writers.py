@@ -25,7 +25,7 @@ import numpy as np
 import scipy.sparse
 
 from .bases import _LMK_FILE, _MODEL_FILE, _MP_FILE
-from .texture import _BFM_FILE, _FLAME_TEX_FILE
+from .texture import _ALBEDOMM_FILE, _BFM_FILE, _FLAME_TEX_FILE
 
 
 class _ChumpyCh:
@@ -136,6 +136,7 @@ def _write_files(
         bfm = {'MU': bfm['MU'].reshape(image), 'PC': bfm['PC'].reshape(image + (-1,))}
     np.savez(out / _BFM_FILE, **bfm)
     np.savez(out / _FLAME_TEX_FILE, **assets[_FLAME_TEX_FILE])
+    np.savez(out / _ALBEDOMM_FILE, **assets[_ALBEDOMM_FILE])
 
 
 _STATIC_FILE = 'flame_static_embedding.pkl'
