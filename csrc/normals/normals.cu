@@ -48,7 +48,7 @@ at::Tensor vertex_normals_cuda(const at::Tensor& v_in, const at::Tensor& faces,
 
   const at::Tensor v = v_in.contiguous();
   const AdjacencyTensors a = contiguous_adjacency(faces, offsets, entries);
-  const LaunchPlan plan = vertex_plan("vertex_normals_kernel", s, device_limits());
+  const LaunchPlan plan = vertex_normals_plan(s, device_limits());
   AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "flame_ext::vertex_normals", [&] {
     launch(plan, stream, &vertex_normals_kernel<scalar_t>, v.const_data_ptr<scalar_t>(),
            a.pointers(), s, n.mutable_data_ptr<scalar_t>());
@@ -74,8 +74,8 @@ at::Tensor vertex_normals_backward_cuda(const at::Tensor& grad_n_in, const at::T
   // by the second (same stream, so ordered).
   at::Tensor grad_sum = at::empty({s.batch, s.num_vertices, 3}, v_in.options());
   const DeviceLimits limits = device_limits();
-  const LaunchPlan sum_plan = vertex_plan("vertex_normals_sum_grad_kernel", s, limits);
-  const LaunchPlan plan = vertex_plan("vertex_normals_backward_kernel", s, limits);
+  const LaunchPlan sum_plan = vertex_normals_sum_grad_plan(s, limits);
+  const LaunchPlan plan = vertex_normals_backward_plan(s, limits);
   AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "flame_ext::vertex_normals_backward", [&] {
     launch(sum_plan, stream, &vertex_normals_sum_grad_kernel<scalar_t>,
            grad_n.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), a.pointers(), s,

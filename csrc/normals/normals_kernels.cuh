@@ -77,13 +77,24 @@ __global__ void __launch_bounds__(kThreads)
 // ---------------------------------------------------------------------------------------
 // Launch plans (host code).
 
-// Every kernel of the family: one thread per (sample, vertex), `kernel` names it.
-inline LaunchPlan vertex_plan(const char* kernel, const NormalSizes& s,
-                              const DeviceLimits& limits) {
+// The grid of every kernel of the family: one thread per (sample, vertex).
+inline dim3 vertex_grid(const NormalSizes& s, const DeviceLimits& limits) {
   const int64_t blocks = ceil_div(s.batch * s.num_vertices, kThreads);
   TORCH_CHECK(blocks <= limits.max_grid_x, "flame_ext::vertex_normals: batch ", s.batch, " x ",
               s.num_vertices, " vertices is too large");
-  return {kernel, dim3(static_cast<unsigned>(blocks)), dim3(kThreads)};
+  return dim3(static_cast<unsigned>(blocks));
+}
+
+inline LaunchPlan vertex_normals_plan(const NormalSizes& s, const DeviceLimits& limits) {
+  return {"vertex_normals_kernel", vertex_grid(s, limits), dim3(kThreads)};
+}
+
+inline LaunchPlan vertex_normals_sum_grad_plan(const NormalSizes& s, const DeviceLimits& limits) {
+  return {"vertex_normals_sum_grad_kernel", vertex_grid(s, limits), dim3(kThreads)};
+}
+
+inline LaunchPlan vertex_normals_backward_plan(const NormalSizes& s, const DeviceLimits& limits) {
+  return {"vertex_normals_backward_kernel", vertex_grid(s, limits), dim3(kThreads)};
 }
 
 }  // namespace normals_kernels
