@@ -22,21 +22,6 @@ namespace {
 
 using namespace normals_kernels;
 
-// Contiguous copies of the index tables (no copy when they already are) and their
-// pointers; the tensors must outlive the launches.
-struct AdjacencyTensors {
-  at::Tensor faces, offsets, entries;
-  Adjacency pointers() const {
-    return {faces.const_data_ptr<int64_t>(), offsets.const_data_ptr<int64_t>(),
-            entries.const_data_ptr<int64_t>()};
-  }
-};
-
-AdjacencyTensors contiguous_adjacency(const at::Tensor& faces, const at::Tensor& offsets,
-                                      const at::Tensor& entries) {
-  return {faces.contiguous(), offsets.contiguous(), entries.contiguous()};
-}
-
 at::Tensor vertex_normals_cuda(const at::Tensor& v_in, const at::Tensor& faces,
                                const at::Tensor& offsets, const at::Tensor& entries) {
   const NormalSizes s = check_vertex_normals_args(v_in, faces, offsets, entries);

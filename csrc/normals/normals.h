@@ -22,6 +22,13 @@ struct NormalSizes {
   int64_t num_entries;  // E, the adjacency's length (3F for a valid table)
 };
 
+// The faces and their vertex-face adjacency, as the loops and the kernels read them.
+struct Adjacency {
+  const int64_t* faces;    // (F, 3)
+  const int64_t* offsets;  // (V + 1,)
+  const int64_t* entries;  // (E,)
+};
+
 // The range [begin, end) of vertex i's entries, or false when the offsets are not a valid
 // range of the entries (never followed: the caller answers NaN or no gradient).
 FLAME_HD bool adjacency_range(const int64_t* offsets, int64_t i, int64_t num_entries,
@@ -111,15 +118,14 @@ FLAME_HD void face_normal_backward(const scalar_t* v, const int64_t* corners, in
 
 // s_i = sum of the incident faces' normals; false on a bad adjacency.
 template <typename scalar_t>
-FLAME_HD bool summed_normal(const scalar_t* vb, const int64_t* faces, const int64_t* offsets,
-                            const int64_t* entries, const NormalSizes& s, int64_t i,
-                            scalar_t* sum) {
+FLAME_HD bool summed_normal(const scalar_t* vb, const Adjacency& a, const NormalSizes& s,
+                            int64_t i, scalar_t* sum) {
   for (int c = 0; c < 3; ++c) sum[c] = scalar_t(0);
   int64_t begin, end;
-  if (!adjacency_range(offsets, i, s.num_entries, &begin, &end)) return false;
+  if (!adjacency_range(a.offsets, i, s.num_entries, &begin, &end)) return false;
   for (int64_t e = begin; e < end; ++e) {
     int64_t corners[3];
-    if (!entry_face(faces, entries[e], s, i, corners)) return false;
+    if (!entry_face(a.faces, a.entries[e], s, i, corners)) return false;
     scalar_t c[3];
     face_normal(vb, corners, c);
     for (int k = 0; k < 3; ++k) sum[k] += c[k];
@@ -129,11 +135,10 @@ FLAME_HD bool summed_normal(const scalar_t* vb, const int64_t* faces, const int6
 
 // n_i; NaN for a vertex whose adjacency is bad (never a read out of bounds).
 template <typename scalar_t>
-FLAME_HD void vertex_normal(const scalar_t* vb, const int64_t* faces, const int64_t* offsets,
-                            const int64_t* entries, const NormalSizes& s, int64_t i,
-                            scalar_t* n) {
+FLAME_HD void vertex_normal(const scalar_t* vb, const Adjacency& a, const NormalSizes& s,
+                            int64_t i, scalar_t* n) {
   scalar_t sum[3];
-  if (summed_normal(vb, faces, offsets, entries, s, i, sum)) {
+  if (summed_normal(vb, a, s, i, sum)) {
     normalize_normal(sum, n);
   } else {
     for (int c = 0; c < 3; ++c) n[c] = static_cast<scalar_t>(NAN);
@@ -143,11 +148,10 @@ FLAME_HD void vertex_normal(const scalar_t* vb, const int64_t* faces, const int6
 // Backward, first pass: g_s of vertex i from the gradient of its normal (zero on a bad
 // adjacency: its normal was NaN without gradient).
 template <typename scalar_t>
-FLAME_HD void vertex_sum_gradient(const scalar_t* vb, const scalar_t* gb, const int64_t* faces,
-                                  const int64_t* offsets, const int64_t* entries,
+FLAME_HD void vertex_sum_gradient(const scalar_t* vb, const scalar_t* gb, const Adjacency& a,
                                   const NormalSizes& s, int64_t i, scalar_t* g_s) {
   scalar_t sum[3];
-  if (summed_normal(vb, faces, offsets, entries, s, i, sum)) {
+  if (summed_normal(vb, a, s, i, sum)) {
     normalize_backward(sum, gb + 3 * i, g_s);
   } else {
     for (int c = 0; c < 3; ++c) g_s[c] = scalar_t(0);
@@ -157,16 +161,15 @@ FLAME_HD void vertex_sum_gradient(const scalar_t* vb, const scalar_t* gb, const 
 // Backward, second pass: grad_v of vertex i, gathering each incident face's adjoint for
 // the corner that i is (gsb: the sample's g_s). A bad entry adds nothing.
 template <typename scalar_t>
-FLAME_HD void vertex_gradient(const scalar_t* vb, const scalar_t* gsb, const int64_t* faces,
-                              const int64_t* offsets, const int64_t* entries,
+FLAME_HD void vertex_gradient(const scalar_t* vb, const scalar_t* gsb, const Adjacency& a,
                               const NormalSizes& s, int64_t i, scalar_t* grad) {
   for (int c = 0; c < 3; ++c) grad[c] = scalar_t(0);
   int64_t begin, end;
-  if (!adjacency_range(offsets, i, s.num_entries, &begin, &end)) return;
+  if (!adjacency_range(a.offsets, i, s.num_entries, &begin, &end)) return;
   for (int64_t e = begin; e < end; ++e) {
-    const int64_t entry = entries[e];
+    const int64_t entry = a.entries[e];
     int64_t corners[3];
-    if (!entry_face(faces, entry, s, i, corners)) continue;
+    if (!entry_face(a.faces, entry, s, i, corners)) continue;
     // The face's G in corner order, the same bits for each of its corners.
     scalar_t G[3];
     for (int c = 0; c < 3; ++c)

@@ -16,6 +16,21 @@
 
 namespace flame_ext {
 
+// Contiguous copies of the index tables (no copy when they already are) and their
+// pointers; the tensors must outlive every use of the pointers.
+struct AdjacencyTensors {
+  at::Tensor faces, offsets, entries;
+  Adjacency pointers() const {
+    return {faces.const_data_ptr<int64_t>(), offsets.const_data_ptr<int64_t>(),
+            entries.const_data_ptr<int64_t>()};
+  }
+};
+
+inline AdjacencyTensors contiguous_adjacency(const at::Tensor& faces, const at::Tensor& offsets,
+                                             const at::Tensor& entries) {
+  return {faces.contiguous(), offsets.contiguous(), entries.contiguous()};
+}
+
 // faces (F, 3), offsets (V + 1,), entries (E,): int64, on ref's device.
 inline void check_adjacency(const at::Tensor& ref, int64_t num_vertices, const at::Tensor& faces,
                             const at::Tensor& offsets, const at::Tensor& entries) {

@@ -25,17 +25,16 @@ constexpr int64_t kVerticesPerTask = 2048;
 
 // The adjacency's values, checked once per call (O(V + E), shared by every sample): a
 // bad table is an error naming what is wrong, never a read out of bounds.
-void check_adjacency_values(const int64_t* faces, const int64_t* offsets,
-                            const int64_t* entries, const NormalSizes& s) {
+void check_adjacency_values(const Adjacency& a, const NormalSizes& s) {
   for (int64_t i = 0; i < s.num_vertices; ++i) {
     int64_t begin, end;
-    TORCH_CHECK(adjacency_range(offsets, i, s.num_entries, &begin, &end),
-                "flame_ext::vertex_normals: offsets[", i, ":", i + 2, "] = (", offsets[i], ", ",
-                offsets[i + 1], ") is not a range of the ", s.num_entries, " entries");
+    TORCH_CHECK(adjacency_range(a.offsets, i, s.num_entries, &begin, &end),
+                "flame_ext::vertex_normals: offsets[", i, ":", i + 2, "] = (", a.offsets[i],
+                ", ", a.offsets[i + 1], ") is not a range of the ", s.num_entries, " entries");
     for (int64_t e = begin; e < end; ++e) {
       int64_t corners[3];
-      TORCH_CHECK(entry_face(faces, entries[e], s, i, corners),
-                  "flame_ext::vertex_normals: entries[", e, "] = ", entries[e],
+      TORCH_CHECK(entry_face(a.faces, a.entries[e], s, i, corners),
+                  "flame_ext::vertex_normals: entries[", e, "] = ", a.entries[e],
                   " is not a corner of vertex ", i, " in faces with ", s.num_faces,
                   " faces and ", s.num_vertices, " vertices");
     }
@@ -49,12 +48,9 @@ at::Tensor vertex_normals_cpu(const at::Tensor& v_in, const at::Tensor& faces_in
   if (s.batch * s.num_vertices == 0) return n;
 
   const at::Tensor v = v_in.contiguous();
-  const at::Tensor faces = faces_in.contiguous(), offsets = offsets_in.contiguous(),
-                   entries = entries_in.contiguous();
-  const int64_t* f_p = faces.const_data_ptr<int64_t>();
-  const int64_t* o_p = offsets.const_data_ptr<int64_t>();
-  const int64_t* e_p = entries.const_data_ptr<int64_t>();
-  check_adjacency_values(f_p, o_p, e_p, s);
+  const AdjacencyTensors tables = contiguous_adjacency(faces_in, offsets_in, entries_in);
+  const Adjacency a = tables.pointers();
+  check_adjacency_values(a, s);
 
   AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "flame_ext::vertex_normals", [&] {
     const scalar_t* v_p = v.const_data_ptr<scalar_t>();
@@ -63,8 +59,7 @@ at::Tensor vertex_normals_cpu(const at::Tensor& v_in, const at::Tensor& faces_in
                      [&](int64_t begin, int64_t end) {
                        for (int64_t t = begin; t < end; ++t) {
                          const int64_t base = (t / s.num_vertices) * s.num_vertices * 3;
-                         vertex_normal(v_p + base, f_p, o_p, e_p, s, t % s.num_vertices,
-                                       n_p + 3 * t);
+                         vertex_normal(v_p + base, a, s, t % s.num_vertices, n_p + 3 * t);
                        }
                      });
   });
@@ -81,12 +76,9 @@ at::Tensor vertex_normals_backward_cpu(const at::Tensor& grad_n_in, const at::Te
 
   const at::Tensor v = v_in.contiguous();
   const at::Tensor grad_n = grad_n_in.contiguous();
-  const at::Tensor faces = faces_in.contiguous(), offsets = offsets_in.contiguous(),
-                   entries = entries_in.contiguous();
-  const int64_t* f_p = faces.const_data_ptr<int64_t>();
-  const int64_t* o_p = offsets.const_data_ptr<int64_t>();
-  const int64_t* e_p = entries.const_data_ptr<int64_t>();
-  check_adjacency_values(f_p, o_p, e_p, s);
+  const AdjacencyTensors tables = contiguous_adjacency(faces_in, offsets_in, entries_in);
+  const Adjacency a = tables.pointers();
+  check_adjacency_values(a, s);
   // g_s of every vertex, complete before the gather reads the g_s of a face's corners
   // (the two parallel_for calls are the CUDA launchers' two launches).
   at::Tensor grad_sum = at::empty({s.batch, s.num_vertices, 3}, v_in.options());
@@ -100,15 +92,13 @@ at::Tensor vertex_normals_backward_cpu(const at::Tensor& grad_n_in, const at::Te
     at::parallel_for(0, n_items, kVerticesPerTask, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const int64_t base = (t / s.num_vertices) * s.num_vertices * 3;
-        vertex_sum_gradient(v_p + base, g_p + base, f_p, o_p, e_p, s, t % s.num_vertices,
-                            gs_p + 3 * t);
+        vertex_sum_gradient(v_p + base, g_p + base, a, s, t % s.num_vertices, gs_p + 3 * t);
       }
     });
     at::parallel_for(0, n_items, kVerticesPerTask, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const int64_t base = (t / s.num_vertices) * s.num_vertices * 3;
-        vertex_gradient(v_p + base, gs_p + base, f_p, o_p, e_p, s, t % s.num_vertices,
-                        out_p + 3 * t);
+        vertex_gradient(v_p + base, gs_p + base, a, s, t % s.num_vertices, out_p + 3 * t);
       }
     });
   });

@@ -24,13 +24,6 @@ namespace normals_kernels {
 
 constexpr int kThreads = 256;
 
-// The faces and their adjacency, as the kernels read them.
-struct Adjacency {
-  const int64_t* faces;    // (F, 3)
-  const int64_t* offsets;  // (V + 1,)
-  const int64_t* entries;  // (E,)
-};
-
 // The (sample, vertex) of this thread, or false past the end.
 __device__ __forceinline__ bool thread_vertex(const NormalSizes& s, int64_t* b, int64_t* i) {
   const int64_t t = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
@@ -47,7 +40,7 @@ __global__ void __launch_bounds__(kThreads)
   int64_t b, i;
   if (!thread_vertex(s, &b, &i)) return;
   const int64_t base = b * s.num_vertices * 3;
-  vertex_normal(v + base, a.faces, a.offsets, a.entries, s, i, n + base + 3 * i);
+  vertex_normal(v + base, a, s, i, n + base + 3 * i);
 }
 
 template <typename scalar_t>
@@ -58,8 +51,7 @@ __global__ void __launch_bounds__(kThreads)
   int64_t b, i;
   if (!thread_vertex(s, &b, &i)) return;
   const int64_t base = b * s.num_vertices * 3;
-  vertex_sum_gradient(v + base, grad_n + base, a.faces, a.offsets, a.entries, s, i,
-                      grad_sum + base + 3 * i);
+  vertex_sum_gradient(v + base, grad_n + base, a, s, i, grad_sum + base + 3 * i);
 }
 
 template <typename scalar_t>
@@ -70,8 +62,7 @@ __global__ void __launch_bounds__(kThreads)
   int64_t b, i;
   if (!thread_vertex(s, &b, &i)) return;
   const int64_t base = b * s.num_vertices * 3;
-  vertex_gradient(v + base, grad_sum + base, a.faces, a.offsets, a.entries, s, i,
-                  grad_v + base + 3 * i);
+  vertex_gradient(v + base, grad_sum + base, a, s, i, grad_v + base + 3 * i);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -61,6 +61,21 @@ def _load() -> bool:
         return _loaded
 
 
+def register_no_double_backward(backward_op: str) -> None:
+    """Registers autograd for `flame_ext::<backward_op>` (a backward op that is not
+    differentiable itself) that raises a clear error when it is differentiated."""
+
+    def setup_context(ctx, inputs, output):
+        pass
+
+    def backward(ctx, *grads):
+        raise RuntimeError(f"double backward through flame_ext::{backward_op} is not supported")
+
+    torch.library.register_autograd(
+        f"flame_ext::{backward_op}", backward, setup_context=setup_context
+    )
+
+
 def available() -> bool:
     """True when the compiled ops are loaded."""
     return _load()

@@ -27,6 +27,7 @@ from collections import OrderedDict
 
 import torch
 
+from . import register_no_double_backward
 from .._checks import check_tensor
 
 _op = torch.ops.flame_ext.vertex_normals
@@ -40,8 +41,11 @@ FACE_DTYPES = (torch.int64, torch.int32)
 @torch.library.impl("flame_ext::vertex_face_adjacency", "CompositeExplicitAutograd")
 def _vertex_face_adjacency(faces, num_vertices):
     flat = faces.reshape(-1)
-    if flat.numel():
-        # One host read per faces tensor: the index check every kernel relies on.
+    # One host read per faces tensor, the index check; skipped while a CUDA graph is
+    # captured (a read would break the capture). Unchecked, a face with a corner out of
+    # range never reaches a kernel's loads: its vertices' normals are NaN (normals.h).
+    capturing = flat.is_cuda and torch.cuda.is_current_stream_capturing()
+    if flat.numel() and not capturing:
         low, high = torch.aminmax(flat)
         low, high = int(low), int(high)
         if low < 0 or high >= num_vertices:
@@ -182,19 +186,7 @@ def _backward(ctx, grad_n):
     return grad_v, None, None, None
 
 
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError(
-        "double backward through flame_ext::vertex_normals_backward is not supported"
-    )
-
-
-def _no_setup(ctx, inputs, output):
-    pass
-
-
 torch.library.register_autograd(
     "flame_ext::vertex_normals", _backward, setup_context=_setup_context
 )
-torch.library.register_autograd(
-    "flame_ext::vertex_normals_backward", _no_double_backward, setup_context=_no_setup
-)
+register_no_double_backward("vertex_normals_backward")

@@ -132,3 +132,19 @@ def test_bad_table_gives_nan_not_a_read(kernels, dtype):
         assert_bitwise(n[:, keep], good[:, keep])
         grad_v = kernels.vertex_normals_backward(grad, v, faces, o, e)
         assert bool(torch.isfinite(grad_v).all())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_unchecked_adjacency_of_bad_faces_gives_nan(kernels, dtype):
+    """The adjacency of faces with an index out of range, built without the range check
+    (as inside a CUDA graph capture): the bad corners are in no vertex's run, and the
+    in-range vertices of a bad face are NaN without gradient."""
+    faces = torch.tensor([[0, 1, 2], [1, 3, 2], [3, 4, 9], [-2, 4, 5]])
+    values, entries = torch.sort(faces.reshape(-1), stable=True)
+    offsets = torch.searchsorted(values, torch.arange(7))
+    v = rand(torch.Generator().manual_seed(7), 2, 6, 3, dtype=dtype)
+    n = kernels.vertex_normals(v, faces, offsets, entries)
+    assert bool(torch.isnan(n[:, 3:6]).all())  # vertices of the bad faces
+    assert bool(torch.isfinite(n[:, :3]).all())
+    grad_v = kernels.vertex_normals_backward(torch.ones_like(v), v, faces, offsets, entries)
+    assert bool(torch.isfinite(grad_v).all())
