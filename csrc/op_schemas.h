@@ -17,6 +17,12 @@ inline constexpr const char* kOpSchemas[] = {
     // Barycentric landmark gathering with the contour-bin choice fused in.
     "landmarks(Tensor v, Tensor poses, Tensor tris, Tensor lmk_faces_idx, Tensor lmk_bary_coords, Tensor dynamic_lmk_faces_idx, Tensor dynamic_lmk_bary_coords, int contour_rule) -> (Tensor, Tensor)",
     "landmarks_backward(Tensor grad_lmk, Tensor bins, Tensor tris, Tensor lmk_faces_idx, Tensor lmk_bary_coords, Tensor dynamic_lmk_faces_idx, Tensor dynamic_lmk_bary_coords, SymInt num_vertices) -> Tensor",
+    // Area-weighted unit vertex normals, gathered over a vertex-face adjacency (CSR:
+    // offsets (V+1,), entries (E,) = 3 * face + corner). The adjacency is built by
+    // vertex_face_adjacency, implemented in torch ops in flame_ext/_ops/normals.py.
+    "vertex_face_adjacency(Tensor faces, SymInt num_vertices) -> (Tensor, Tensor)",
+    "vertex_normals(Tensor v, Tensor faces, Tensor offsets, Tensor entries) -> Tensor",
+    "vertex_normals_backward(Tensor grad_n, Tensor v, Tensor faces, Tensor offsets, Tensor entries) -> Tensor",
 };
 
 }  // namespace flame_ext

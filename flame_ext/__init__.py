@@ -6,13 +6,15 @@ works wherever ``from medusa.recon.flame.decoders import ...`` did. The compiled
 (fused C++/CUDA kernels with hand-written backward) are used when they load; otherwise the
 decoders run on ``flame_ext.reference`` (pure PyTorch) and warn once. A model file the
 loaders refuse raises ``ModelFileError`` (a ValueError), ``UnsafePickleError`` when a
-pickle names a global outside the allow-list.
+pickle names a global outside the allow-list. ``vertex_normals(v, faces)`` gives the
+meshes' unit vertex normals (deterministic compiled kernels, differentiable).
 """
 
 from . import synthetic
 from ._info import build_info
 from .decoders import DEVICE, FlameLandmark, FlameShape, FlameTex
 from .fitting import FlameShapeLandmark
+from .geometry import vertex_normals
 from .io import (
     ModelFileError,
     UnsafePickleError,
@@ -40,4 +42,5 @@ __all__ = [
     "patched_medusa",
     "synthetic",
     "unpatch_medusa",
+    "vertex_normals",
 ]

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import _backend, medusa_baseline, reference
+from . import _backend, geometry, medusa_baseline, reference
 from ._backend import CONTOUR_RULES
 from ._checks import check_count, check_tensor
 from ._ops import half_blend
@@ -36,8 +36,12 @@ TEXTURE_SIZE = 256
 def _rebuild_derived_buffers(module, _incompatible_keys) -> None:
     """load_state_dict post-hook: derive the non-persistent buffers from the loaded ones.
 
-    A module-level function (not a lambda), so the decoders can be pickled."""
+    A module-level function (not a lambda), so the decoders can be pickled. FlameShape
+    also forgets its vertex-face adjacency: the loaded ``tris`` may differ."""
     module._register_derived()
+    reset = getattr(module, "_reset_adjacency", None)
+    if reset is not None:
+        reset()
 
 
 def _as_tensor(array: np.ndarray, dtype=torch.float32) -> torch.Tensor:
@@ -115,6 +119,7 @@ class FlameShape(ParametricDecoder):
         self.register_buffer("parents", torch.from_numpy(model.parents.astype(np.int64)))
         self.register_buffer("lbs_weights", _as_tensor(model.lbs_weights))
         self._register_derived()
+        self._reset_adjacency()
         self.register_load_state_dict_post_hook(_rebuild_derived_buffers)
 
         sizes = {"shape": n_shape, "expr": n_expr, "eye_pose": 6}
@@ -162,6 +167,38 @@ class FlameShape(ParametricDecoder):
         super()._apply(fn, *args, **kwargs)
         self._register_derived()
         return self
+
+    def _reset_adjacency(self) -> None:
+        """Forgets the vertex-face adjacency of ``tris`` (built on the first
+        ``vertex_normals`` call, kept as non-persistent buffers that move with ``.to()``)."""
+        self.register_buffer("_normal_offsets", None, persistent=False)
+        self.register_buffer("_normal_entries", None, persistent=False)
+
+    def vertex_normals(self, v: torch.Tensor) -> torch.Tensor:
+        """Unit area-weighted vertex normals of meshes ``v`` (B, V, 3) or (V, 3) on this
+        model's faces (``tris``), as ``flame_ext.vertex_normals(v, self.tris)``; the
+        vertex-face adjacency is built once and kept on the module."""
+        check_tensor("v", v, floating=True)
+        if v.dim() not in (2, 3) or v.shape[-2:] != (self.v_template.shape[0], 3):
+            raise ValueError(
+                f"v must have shape (B, {self.v_template.shape[0]}, 3) or "
+                f"({self.v_template.shape[0]}, 3), got {tuple(v.shape)}"
+            )
+        if v.device != self.tris.device:
+            raise ValueError(f"v is on {v.device} but the module is on {self.tris.device}")
+        path = self.backend
+        if path == "auto":
+            path = "ext" if geometry._use_ops(v.device.type) else "reference"
+        if path != "ext":
+            return reference.vertex_normals(v, self.tris)
+        from ._ops import normals
+
+        if self._normal_offsets is None:
+            offsets, entries = normals.vertex_face_adjacency(self.tris, self.v_template.shape[0])
+            self._normal_offsets, self._normal_entries = offsets, entries
+        return normals.vertex_normals_with_adjacency(
+            v, self.tris, self._normal_offsets, self._normal_entries
+        )
 
     def forward(self, batch_size: Optional[int] = None, identity=None, **inputs):
         """Decodes a batch: returns ``(v, R)``.

@@ -418,3 +418,35 @@ def texture(mean, basis, texcode, height, width, out_size=256):
     rows = _nearest_source(height, out_size, image.device)
     cols = _nearest_source(width, out_size, image.device)
     return image.index_select(2, rows).index_select(3, cols).flip(1)
+
+
+def vertex_normals(v, faces):
+    """Area-weighted unit vertex normals (pytorch3d's ``verts_normals``), index_add style.
+
+    v (B, V, 3) or (V, 3), float32/float64; faces (F, 3) int64 (int32 accepted), values in
+    [0, V). n_i = normalize(sum over the faces incident to vertex i of
+    cross(v1 - v0, v2 - v0)), of v's shape. A vertex without faces, or whose sum is zero
+    (only degenerate faces), gets a zero normal and zero gradient; a NaN in v gives NaN.
+    The face normals are scattered with index_add (what pipelines write today), so the
+    sums' order (and the last bits) differ from flame_ext's op, which gathers per vertex.
+    """
+    check_tensor("v", v, floating=True)
+    if v.dim() not in (2, 3) or v.shape[-1] != 3:
+        raise ValueError(f"v must have shape (B, V, 3) or (V, 3), got {tuple(v.shape)}")
+    check_tensor("faces", faces, shape=(None, 3), dtype=(torch.int64, torch.int32))
+    if faces.device != v.device:
+        raise ValueError(
+            f"faces is on {faces.device} but v is on {v.device}; they must be on the same device"
+        )
+    faces = faces.long()
+    p0, p1, p2 = (v.index_select(-2, faces[:, k]) for k in range(3))
+    face_normals = torch.linalg.cross(p1 - p0, p2 - p0, dim=-1)
+    summed = torch.zeros_like(v)
+    for k in range(3):
+        summed = summed.index_add(-2, faces[:, k], face_normals)
+    length = torch.linalg.vector_norm(summed, dim=-1, keepdim=True)
+    # A zero sum has no direction: zero, without the 0/0 of s / |s| in the forward or in
+    # the backward (the where's other branch divides by 1 there).
+    zero = length == 0
+    safe = torch.where(zero, torch.ones_like(length), length)
+    return torch.where(zero, torch.zeros_like(summed), summed / safe)

@@ -13,7 +13,8 @@ rigid_transforms over FLAME's 5-joint tree and a 16-joint one, parents on the ho
 on the device, one and two blocks of samples; skin with and without the per-vertex
 transforms, over more vertices than one backward block takes (so the partial sums are
 reduced); landmarks with the 79-bin contour (medusa's and DECA's rule) and without, with
-more terms than one backward tile holds; then FlameShape (every `transforms` option,
+more terms than one backward tile holds; vertex normals (with their adjacency) over one
+and several blocks; then FlameShape (every `transforms` option,
 shared identity), FlameLandmark ('68', 'mp', 3d) and FlameTex, forward and backward, on
 the small synthetic model. Each op is compared with the reference on the same device, in
 float32 and float64; a profiler records which flame_ext ops ran, and an op that never
@@ -301,6 +302,44 @@ def check_landmarks(s: Smoke, dtype) -> None:
         s.check(f"landmarks {_dt(dtype)} B={batch} L={n_static} + {contour}", body)
 
 
+def check_normals(s: Smoke, dtype) -> None:
+    # The draws of the checks after this one stay what they were before it existed (their
+    # float32 inputs are part of what their tolerances were set for).
+    state = s.generator.get_state()
+    try:
+        _check_normals(s, dtype)
+    finally:
+        s.generator.set_state(state)
+
+
+def _check_normals(s: Smoke, dtype) -> None:
+    from flame_ext import reference
+
+    vertex_normals = _wrapper("vertex_normals")
+    # A height field over an n x n grid (two triangles per cell): every vertex's face
+    # normals point the same way, so float32 meets the common tolerance; n x n > 256
+    # vertices, more than one block per sample.
+    for batch, n in ((1, 9), (3, 20)):
+        def body(batch=batch, n=n):
+            index = torch.arange(n * n, device=s.device).view(n, n)
+            a, b = index[:-1, :-1].reshape(-1), index[:-1, 1:].reshape(-1)
+            c, d = index[1:, :-1].reshape(-1), index[1:, 1:].reshape(-1)
+            faces = torch.cat([torch.stack([a, b, d], 1), torch.stack([a, d, c], 1)])
+            grid = torch.stack(torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij"),
+                               -1).reshape(1, n * n, 2).to(s.device, dtype)
+            v = torch.cat([grid.expand(batch, -1, -1), s.randn(batch, n * n, 1, dtype=dtype,
+                                                               scale=0.3)], -1)
+            grad = s.randn(batch, n * n, 3, dtype=dtype)
+            ref_in, ext_in = _leaves([v]), _leaves([v])
+            want = reference.vertex_normals(ref_in[0], faces)
+            got = vertex_normals(ext_in[0], faces)
+            return {"out": (got, want, dtype),
+                    **_pairs("grad", _grads([got], ext_in, [grad]),
+                             _grads([want], ref_in, [grad]), dtype)}
+
+        s.check(f"vertex_normals {_dt(dtype)} B={batch} V={n * n}", body)
+
+
 def check_decoders(s: Smoke, dtype, model_path: str) -> None:
     from flame_ext import FlameLandmark, FlameShape, FlameTex, load_flame_model
     from flame_ext.decoders import INPUT_NAMES
@@ -423,6 +462,7 @@ def main(argv=None) -> int:
             check_rigid_transforms(smoke, dtype)
             check_skin(smoke, dtype)
             check_landmarks(smoke, dtype)
+            check_normals(smoke, dtype)
             check_decoders(smoke, dtype, args.model_path)
     if not smoke.results:
         smoke.results.append({"name": "selection", "ok": False,

@@ -146,7 +146,7 @@ class Models:
         # Every component the file holds (FLAME: 300 shape, 100 expression).
         self.n_shape, self.n_expr = model.n_shape, model.n_expr
         self._modules: Dict[tuple, torch.nn.Module] = {}
-        self._compiled: Dict[int, Callable] = {}
+        self._compiled: Dict[object, Callable] = {}
         self._vertices: Dict[int, torch.Tensor] = {}
 
     def _get(self, key, build):
@@ -189,6 +189,12 @@ class Models:
         if id(module) not in self._compiled:
             self._compiled[id(module)] = torch.compile(module.forward)
         return self._compiled[id(module)]
+
+    def compiled(self, key, fn: Callable) -> Callable:
+        """torch.compile(fn), one per key."""
+        if key not in self._compiled:
+            self._compiled[key] = torch.compile(fn)
+        return self._compiled[key]
 
     def shape_dims(self) -> floor.ShapeDims:
         m = self.shape("reference", "none")
@@ -549,6 +555,56 @@ def _texture_options_case(models: Models, name: str) -> Case:
                 cost, inputs, runner, skip)
 
 
+def _normals_case(models: Models, backward: bool) -> Case:
+    """Vertex normals of decoded FLAME meshes: flame_ext's op (FlameShape.vertex_normals,
+    the gather kernels over the adjacency it keeps) against the index_add reference (what
+    pipelines write today) and its torch.compile; medusa computes none."""
+    probe = models.shape("reference", "none")
+    num_vertices, num_faces = probe.v_template.shape[0], probe.tris.shape[0]
+    description = (f"vertex normals ({num_vertices} vertices, {num_faces} faces) "
+                   f"{'forward+backward' if backward else 'forward'}; reference: index_add")
+
+    def skip(impl: str, batch: int) -> Optional[str]:
+        if impl == "medusa":
+            return "medusa computes no vertex normals"
+        return None
+
+    def inputs(batch: int) -> List[dict]:
+        generator = _generator(models, 5000 + batch)
+        base = models.posed_vertices(batch)
+
+        def make_one() -> dict:
+            v = base + 1e-3 * torch.randn(base.shape, generator=generator, device=models.device)
+            if not backward:
+                return {"v": v}
+            return {"v": v.requires_grad_(True),
+                    "grad": torch.randn(base.shape, generator=generator, device=models.device)}
+        return _input_sets(make_one, models.device)
+
+    def runner(impl: str, batch: int) -> Callable[[dict], object]:
+        module = models.shape(BACKEND[impl], "none")
+        normals = module.vertex_normals
+        if impl == "compile":
+            normals = models.compiled(("normals", BACKEND[impl]), normals)
+        # The op path builds its adjacency on the first call: here, not inside a timed
+        # step or a CUDA graph capture.
+        with torch.no_grad():
+            normals(module.v_template)
+        if not backward:
+            def run(s):
+                with torch.no_grad():
+                    return normals(s["v"])
+        else:
+            def run(s):
+                return torch.autograd.grad(normals(s["v"]), s["v"], s["grad"])
+        return run
+
+    return Case(f"normals_{'fwdbwd' if backward else 'fwd'}", description,
+                lambda batch: floor.normals_cost(num_vertices, num_faces, batch,
+                                                 backward=backward),
+                inputs, runner, skip)
+
+
 def _smplx_folder(models: Models):
     """(smplx's FLAME folder for this model, None) or (None, why there is none). The
     synthetic model is written in that layout once per run (a temporary directory)."""
@@ -810,7 +866,7 @@ def _body_models_case(models: Models, backward: bool) -> Case:
 
 def build_cases(models: Models, impls: Optional[List[str]] = None) -> List[Case]:
     """Every case, in the order of the table: FlameShape, its mean transform, identity-
-    indexed batches, landmarks, texture, fitting step,
+    indexed batches, landmarks, texture, fitting step, vertex normals,
     then the peers' cases (smplx's FLAME layer, body-models' FLAME) when `impls` is None
     or holds the peer."""
     cases = []
@@ -826,6 +882,8 @@ def build_cases(models: Models, impls: Optional[List[str]] = None) -> List[Case]
     cases.append(_texture_case(models))
     cases += [_texture_options_case(models, name) for name in TEXTURE_OPTIONS]
     cases.append(_fit_case(models))
+    for backward in (False, True):
+        cases.append(_normals_case(models, backward))
     if impls is None or "smplx" in impls:
         cases += [_smplx_case(models, backward) for backward in (False, True)]
     if impls is None or any(i in impls for i in BODY_MODELS_KERNELS):

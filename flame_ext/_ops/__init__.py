@@ -29,6 +29,9 @@ OPS = (
     "skin_backward",
     "landmarks",
     "landmarks_backward",
+    "vertex_face_adjacency",
+    "vertex_normals",
+    "vertex_normals_backward",
 )
 
 
@@ -48,12 +51,29 @@ def _load() -> bool:
             else:
                 from flame_ext import _C  # noqa: F401  (loading registers the ops)
             # Fakes and autograd live beside each op family's Python wrapper.
-            from flame_ext._ops import blend, landmarks, rigid_transforms, skin  # noqa: F401
+            from flame_ext._ops import (  # noqa: F401
+                blend, landmarks, normals, rigid_transforms, skin,
+            )
 
             _loaded = True
         except Exception as exc:  # ImportError, OSError (undefined symbol), ...
             _loaded, _error = False, f"{type(exc).__name__}: {exc}"
         return _loaded
+
+
+def register_no_double_backward(backward_op: str) -> None:
+    """Registers autograd for `flame_ext::<backward_op>` (a backward op that is not
+    differentiable itself) that raises a clear error when it is differentiated."""
+
+    def setup_context(ctx, inputs, output):
+        pass
+
+    def backward(ctx, *grads):
+        raise RuntimeError(f"double backward through flame_ext::{backward_op} is not supported")
+
+    torch.library.register_autograd(
+        f"flame_ext::{backward_op}", backward, setup_context=setup_context
+    )
 
 
 def available() -> bool:
@@ -72,10 +92,15 @@ def has_kernel(op: str, device_type: str) -> bool:
     """Whether `flame_ext::<op>` has a kernel for the dispatch key ('CPU' or 'CUDA').
 
     Cached: the decoders ask on every call, and registrations do not change once loaded.
+    An op written in torch ops (vertex_face_adjacency, CompositeExplicitAutograd) has a
+    kernel for every key.
     """
     if not available():
         return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"flame_ext::{op}", device_type)
+    name = f"flame_ext::{op}"
+    return torch._C._dispatch_has_kernel_for_dispatch_key(
+        name, device_type
+    ) or torch._C._dispatch_has_kernel_for_dispatch_key(name, "CompositeExplicitAutograd")
 
 
 def build_config() -> dict:

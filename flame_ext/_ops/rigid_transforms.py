@@ -14,6 +14,7 @@ from typing import Tuple
 
 import torch
 
+from . import register_no_double_backward
 from .._checks import check_same, check_tensor
 
 # kMaxJoints of csrc/common.h: the kernels keep per-joint state in fixed-size arrays.
@@ -115,21 +116,9 @@ def _rigid_transforms_backward(ctx, grad_transforms, grad_pose_feature):
     return grad_pose, grad_joints, None
 
 
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError(
-        "double backward through flame_ext::rigid_transforms_backward is not supported"
-    )
-
-
-def _no_setup(ctx, inputs, output):
-    pass
-
-
 torch.library.register_autograd(
     "flame_ext::rigid_transforms",
     _rigid_transforms_backward,
     setup_context=_rigid_transforms_setup,
 )
-torch.library.register_autograd(
-    "flame_ext::rigid_transforms_backward", _no_double_backward, setup_context=_no_setup
-)
+register_no_double_backward("rigid_transforms_backward")

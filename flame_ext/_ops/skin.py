@@ -15,6 +15,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from . import register_no_double_backward
 from .._checks import check_same, check_tensor
 from .rigid_transforms import MAX_JOINTS
 
@@ -138,17 +139,7 @@ def _skin_backward(ctx, grad_v, grad_vertex_transforms):
     return grad_v_posed, grad_transforms, grad_weights, None
 
 
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError("double backward through flame_ext::skin_backward is not supported")
-
-
-def _no_setup(ctx, inputs, output):
-    pass
-
-
 torch.library.register_autograd(
     "flame_ext::skin", _skin_backward, setup_context=_skin_setup
 )
-torch.library.register_autograd(
-    "flame_ext::skin_backward", _no_double_backward, setup_context=_no_setup
-)
+register_no_double_backward("skin_backward")
