@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from flame_ext import _ops
-from flame_ext._bench import cases, floor, run, timing
+from flame_ext._bench import cases, floor, peers, run, timing
 
 CASES = {
     "shape_fwd", "shape_fwd_R", "shape_fwdbwd", "shape_fwdbwd_R",
@@ -259,7 +259,7 @@ def test_body_models_inputs_are_flame_ext_inputs_in_its_layout():
     inputs = {"shape": torch.randn(3, 7, generator=gen), "expr": torch.randn(3, 5, generator=gen),
               **{name: torch.randn(3, 6 if name == "eye_pose" else 3, generator=gen)
                  for name in cases.POSE_NAMES}}
-    mapped = cases.body_models_inputs(inputs, requires_grad=True)
+    mapped = peers.body_models_inputs(inputs, requires_grad=True)
     assert list(mapped) == ["shape", "expression", "head_rotation", "head_pose"]
     assert torch.equal(mapped["shape"], inputs["shape"])
     assert torch.equal(mapped["expression"], inputs["expr"])
@@ -269,7 +269,7 @@ def test_body_models_inputs_are_flame_ext_inputs_in_its_layout():
                                      inputs["eye_pose"][:, :3], inputs["eye_pose"][:, 3:]]):
         assert torch.equal(mapped["head_pose"][:, slot], expected)
     assert all(v.is_leaf and v.requires_grad for v in mapped.values())
-    assert not any(v.requires_grad for v in cases.body_models_inputs(inputs).values())
+    assert not any(v.requires_grad for v in peers.body_models_inputs(inputs).values())
 
 
 @pytest.fixture(scope="module")
@@ -283,18 +283,18 @@ def test_body_models_agrees_with_the_reference(full_models, monkeypatch):
     rounding; a pose in the wrong slot is caught by the same check, which the cases run
     before timing."""
     pytest.importorskip("body_models")
-    layer = cases.body_models_layer(full_models, "body_models")
-    assert cases.body_models_agreement(full_models, layer) <= cases.BODY_MODELS_RTOL
+    layer = peers.body_models_layer(full_models, "body_models")
+    assert peers.body_models_agreement(full_models, layer) <= peers.BODY_MODELS_RTOL
 
-    real = cases.body_models_inputs
+    real = peers.body_models_inputs
 
     def neck_and_jaw_swapped(inputs, requires_grad=False):
         mapped = real(inputs, requires_grad)
         mapped["head_pose"] = mapped["head_pose"][:, [1, 0, 2, 3]]
         return mapped
 
-    monkeypatch.setattr(cases, "body_models_inputs", neck_and_jaw_swapped)
-    assert cases.body_models_agreement(full_models, layer) > 100 * cases.BODY_MODELS_RTOL
+    monkeypatch.setattr(peers, "body_models_inputs", neck_and_jaw_swapped)
+    assert peers.body_models_agreement(full_models, layer) > 100 * peers.BODY_MODELS_RTOL
     case = next(c for c in cases.build_cases(full_models, ["body_models"])
                 if c.name == "body_models_fwd")
     with pytest.raises(ValueError, match="not the same computation"):
@@ -367,10 +367,10 @@ def test_body_models_status_says_what_is_missing(monkeypatch):
     models = cases.Models(torch.device("cpu"), "synthetic-small", 5)
     monkeypatch.setitem(sys.modules, "warp", None)  # import warp raises ImportError
     if importlib.util.find_spec("body_models") is not None:
-        assert "pip install warp-lang" in cases.body_models_status(models, "body_models_warp")
+        assert "pip install warp-lang" in peers.body_models_status(models, "body_models_warp")
     monkeypatch.setitem(sys.modules, "body_models.flame.torch", None)
     for impl in ("body_models", "body_models_warp"):
-        assert "pip install body-models" in cases.body_models_status(models, impl)
+        assert "pip install body-models" in peers.body_models_status(models, impl)
 
 
 @pytest.mark.skipif(not _ops.available(), reason="compiled ops not built")

@@ -14,24 +14,6 @@ An implementation is a decoder backend plus a way of calling it:
 | `body_models`     | (a peer)        | eager body-models FLAME, torch kernels, its cases |
 | `body_models_warp`| (a peer)        | the same with its NVIDIA Warp skinning kernels    |
 
-The smplx cases (`smplx_fwd`, `smplx_fwdbwd`: the FLAME layer of smplx, vertices and
-joints with the 68 landmarks) run `flame_ext.compat.smplx.FLAME` on each backend against
-`smplx.FLAME` itself on the same files (the synthetic model written in smplx's folder
-layout) and inputs; medusa has no such layer, and the other cases have no smplx column.
-They are built when the `smplx` implementation is asked for (it is by default); its
-cells say why not when smplx is not installed.
-
-The body-models cases (`body_models_fwd`, `body_models_fwdbwd`) are `shape_fwd` and
-`shape_fwdbwd` (FlameShape without R, per-sample identity, the same inputs) with two more
-columns: the FLAME model of body-models (PyPI body-models) read from the same model file,
-eager, with its torch kernels (`body_models`) and with its NVIDIA Warp skinning kernels
-(`body_models_warp`, PyPI warp-lang, which runs on the CPU too). Its inputs are flame_ext's
-mapped once per input set, outside the timed step (`body_models_inputs`); before timing,
-its vertices are checked against the reference's on the first input set
-(`body_models_agreement`), so that its column computes what the others do. They are
-built when either implementation is asked for (by default on the CPU); the cells say
-why not when body-models or Warp is not installed.
-
 Every implementation of a case runs on the same model (one load, buffers built per
 backend) and reads the very same input sets and upstream gradients (built once per case
 and batch). Forward+backward
@@ -41,10 +23,6 @@ decoders would see inside a loss, without the loss's own kernels.
 
 from __future__ import annotations
 
-import atexit
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -71,7 +49,7 @@ BACKEND = {
 # The implementations speed-ups are read against (derive() in run.py): each case's
 # baseline, and torch.compile of the reference.
 BASELINES = ("medusa", "compile", "smplx", "body_models", "body_models_warp")
-# Peers run only in the cases that name them (Case.peers): each peer with the name its
+# Peers run only in the cases that name them (Case.peers; their cases are in peers.py): each peer with the name its
 # cases start with.
 PEERS = {"smplx": "smplx", "body_models": "body_models", "body_models_warp": "body_models"}
 GRAPH_IMPLS = ("flame_ext_graph", "reference_graph")
@@ -274,84 +252,6 @@ def _shape_case(models: Models, shared: bool, backward: bool, with_R: bool) -> C
                 inputs, runner)
 
 
-def _mean_transform_case(models: Models) -> Case:
-    """What medusa's DECA pipeline keeps of R: medusa's FlameShape followed by
-    R.mean(1), against FlameShape(transforms='mean') on the other backends."""
-    description = ("FlameShape forward to (v, mean over vertices of R (B,4,4)), per-sample "
-                   "identity; medusa: FlameShape then R.mean(1)")
-
-    def inputs(batch: int) -> List[dict]:
-        generator = _generator(models, 6000 + batch)
-        return _input_sets(lambda: {"inputs": models.random_inputs(batch, False, generator)},
-                           models.device)
-
-    def runner(impl: str, batch: int) -> Callable[[dict], object]:
-        if BACKEND[impl] == "medusa":
-            shape = models.shape("medusa", "vertex")
-
-            def forward(**inputs):
-                v, R = shape(**inputs)
-                return v, R.mean(1)
-        else:
-            forward = models.forward(impl, models.shape(BACKEND[impl], "mean"))
-
-        def run(s):
-            with torch.no_grad():
-                return forward(**s["inputs"])
-        return run
-
-    dims = models.shape_dims()
-    return Case("meanR_fwd", description,
-                lambda batch: floor.shape_cost(dims, batch, shared=False, backward=False,
-                                               with_R=False),
-                inputs, runner)
-
-
-def _identities_case(models: Models) -> Case:
-    """Many videos in one batch: 8 identities, B/8 frames each, forward+backward (no R).
-    medusa takes per-frame shape rows (shape[identity], what users pass today); the other
-    backends the identity-indexed call, which blends each identity once."""
-    identities = 8
-    num_vertices = models.shape_dims().V
-    description = (f"FlameShape forward+backward, {identities} identities x B/{identities} "
-                   "frames: shape (8, n_shape) + identity (B,); medusa: per-frame shape rows")
-
-    def inputs(batch: int) -> List[dict]:
-        generator = _generator(models, 7000 + batch)
-        rows = min(identities, max(batch, 1))
-
-        def make_one() -> dict:
-            values = models.random_inputs(batch, False, generator)
-            values["shape"] = values["shape"][:rows].clone()
-            identity = torch.arange(batch, device=models.device) * rows // max(batch, 1)
-            grad = torch.randn(batch, num_vertices, 3, generator=generator,
-                               device=models.device)
-            return {"inputs": {k: v.requires_grad_(True) for k, v in values.items()},
-                    "identity": identity, "grad": grad}
-        return _input_sets(make_one, models.device)
-
-    def runner(impl: str, batch: int) -> Callable[[dict], object]:
-        if BACKEND[impl] == "medusa":
-            shape = models.shape("medusa", "vertex")
-
-            def forward(identity, **inputs):
-                inputs = dict(inputs, shape=inputs["shape"][identity])
-                return shape(**inputs)
-        else:
-            forward = models.forward(impl, models.shape(BACKEND[impl], "none"))
-
-        def run(s):
-            v, _ = forward(identity=s["identity"], **s["inputs"])
-            return torch.autograd.grad(v, list(s["inputs"].values()), s["grad"])
-        return run
-
-    dims = models.shape_dims()
-    return Case(f"ids{identities}_fwdbwd", description,
-                lambda batch: floor.shape_cost(dims, batch, shared=True, backward=True,
-                                               with_R=False),
-                inputs, runner)
-
-
 def _landmark_case(models: Models, lm_type: str, backward: bool) -> Case:
     probe = models.landmark("reference", lm_type)
     num_vertices = probe.num_vertices
@@ -478,393 +378,9 @@ def _texture_case(models: Models) -> Case:
                 lambda batch: floor.texture_cost(texels, n_tex, batch), inputs, runner, skip)
 
 
-def _module_bytes(module: torch.nn.Module) -> int:
-    return sum(b.numel() * b.element_size() for b in module.buffers())
-
-
-# The FlameTex options cases: name -> (what, the module's options). Their medusa column is
-# medusa's float32 algorithm on the full texture (the baseline); the other columns run
-# the module with the options on each backend.
-TEXTURE_OPTIONS = {
-    "tex_half_fwd": ("basis_dtype=float16", {"basis_dtype": torch.float16}),
-    "tex_bf16_fwd": ("basis_dtype=bfloat16", {"basis_dtype": torch.bfloat16}),
-    "tex_compact_fwd": ("compact=True", {"compact": True}),
-    "tex_specular_fwd": ("specular=True (AlbedoMM: diffuse + specular)", {"specular": True}),
-}
-
-
-def _texture_options_case(models: Models, name: str) -> Case:
-    what, options = TEXTURE_OPTIONS[name]
-    specular = options.get("specular", False)
-    built: dict = {}  # the module on the reference backend, or why there is none
-
-    def probe():
-        if "module" not in built:
-            try:
-                built["module"] = models.texture("reference", **options)
-                built["error"] = None
-            except (OSError, ValueError) as exc:  # no AlbedoMM file beside the model
-                built["module"], built["error"] = None, timing.describe_error(exc)
-        return built["module"]
-
-    def skip(impl: str, batch: int) -> Optional[str]:
-        if probe() is None:
-            return f"not run: {built['error']}"
-        if BACKEND[impl] == "medusa":
-            full = models.texture("medusa", **({"specular": True} if specular else {}))
-            need = batch * full.texture_basis.shape[1] * full.n_tex * 4
-            if need > available_memory(models.device):
-                return (f"not run: medusa's float32 (B, H*W*3, n_tex) intermediate would "
-                        f"take {need / 2**30:.1f} GiB")
-        return None
-
-    def inputs(batch: int) -> List[dict]:
-        generator = _generator(models, 3100 + batch)
-        return _input_sets(lambda: {"texcode": torch.randn(
-            batch, models.n_tex, generator=generator, device=models.device)}, models.device)
-
-    def runner(impl: str, batch: int) -> Callable[[dict], object]:
-        if BACKEND[impl] == "medusa":
-            module = models.texture("medusa", **({"specular": True} if specular else {}))
-        else:
-            module = models.texture(BACKEND[impl], **options)
-        forward = models.forward(impl, module)
-
-        def run(s):
-            with torch.no_grad():
-                return forward(s["texcode"])
-        return run
-
-    def cost(batch: int) -> floor.Cost:
-        module = probe()
-        texels = 2 * 3 * 256 * 256 if specular else 3 * 256 * 256
-        itemsize = 4 if module is None else module._tables()[1].element_size()
-        base = floor.texture_cost(texels, models.n_tex, batch)
-        # the basis is read at its own width; mean, codes and images stay float32
-        return floor.Cost(bytes=base.bytes - texels * models.n_tex * (4 - itemsize),
-                          flops=base.flops)
-
-    module = probe()
-    memory = ""
-    if module is not None:
-        default = models.texture("reference", **({"specular": True} if specular else {}))
-        memory = (f"; module buffers {_module_bytes(module) / 2**20:.1f} MiB vs "
-                  f"{_module_bytes(default) / 2**20:.1f} MiB float32 full")
-    return Case(name, f"FlameTex {what} forward (n_tex={models.n_tex}, 3x256x256 output"
-                f"{'s' if specular else ''}){memory}; medusa: its float32 algorithm",
-                cost, inputs, runner, skip)
-
-
-def _normals_case(models: Models, backward: bool) -> Case:
-    """Vertex normals of decoded FLAME meshes: flame_ext's op (FlameShape.vertex_normals,
-    the gather kernels over the adjacency it keeps) against the index_add reference (what
-    pipelines write today) and its torch.compile; medusa computes none."""
-    probe = models.shape("reference", "none")
-    num_vertices, num_faces = probe.v_template.shape[0], probe.tris.shape[0]
-    description = (f"vertex normals ({num_vertices} vertices, {num_faces} faces) "
-                   f"{'forward+backward' if backward else 'forward'}; reference: index_add")
-
-    def skip(impl: str, batch: int) -> Optional[str]:
-        if impl == "medusa":
-            return "medusa computes no vertex normals"
-        return None
-
-    def inputs(batch: int) -> List[dict]:
-        generator = _generator(models, 5000 + batch)
-        base = models.posed_vertices(batch)
-
-        def make_one() -> dict:
-            v = base + 1e-3 * torch.randn(base.shape, generator=generator, device=models.device)
-            if not backward:
-                return {"v": v}
-            return {"v": v.requires_grad_(True),
-                    "grad": torch.randn(base.shape, generator=generator, device=models.device)}
-        return _input_sets(make_one, models.device)
-
-    def runner(impl: str, batch: int) -> Callable[[dict], object]:
-        module = models.shape(BACKEND[impl], "none")
-        normals = module.vertex_normals
-        if impl == "compile":
-            normals = models.compiled(("normals", BACKEND[impl]), normals)
-        # The op path builds its adjacency on the first call: here, not inside a timed
-        # step or a CUDA graph capture.
-        with torch.no_grad():
-            normals(module.v_template)
-        if not backward:
-            def run(s):
-                with torch.no_grad():
-                    return normals(s["v"])
-        else:
-            def run(s):
-                return torch.autograd.grad(normals(s["v"]), s["v"], s["grad"])
-        return run
-
-    return Case(f"normals_{'fwdbwd' if backward else 'fwd'}", description,
-                lambda batch: floor.normals_cost(num_vertices, num_faces, batch,
-                                                 backward=backward),
-                inputs, runner, skip)
-
-
-def _smplx_folder(models: Models):
-    """(smplx's FLAME folder for this model, None) or (None, why there is none). The
-    synthetic model is written in that layout once per run (a temporary directory)."""
-    path = models.model_path
-    if path in ("synthetic", "synthetic-small"):
-        if not hasattr(models, "_smplx_folder"):
-            from flame_ext import synthetic
-
-            models._smplx_folder = tempfile.mkdtemp(prefix="flame_ext_bench_smplx_")
-            atexit.register(shutil.rmtree, models._smplx_folder, ignore_errors=True)
-            size = "full" if path == "synthetic" else "small"
-            synthetic.write_smplx_assets(models._smplx_folder, size, 0)
-        return models._smplx_folder, None
-    names = ("FLAME_NEUTRAL.pkl", "flame_static_embedding.pkl", "flame_dynamic_embedding.npy")
-    if path is not None and all(os.path.isfile(os.path.join(path, n)) for n in names):
-        return str(path), None
-    return None, f"no smplx FLAME folder ({', '.join(names)}) at model_path {path!r}"
-
-
-def _smplx_case(models: Models, backward: bool) -> Case:
-    """smplx's FLAME layer: per-sample betas (all shape components), expression, the five
-    poses and transl -> vertices and joints (5 joints + 51 static + 17 contour landmarks):
-    smplx.FLAME against flame_ext.compat.smplx.FLAME on each backend."""
-    located: list = []  # (folder, why not), found on first use: --list writes no files
-
-    def where():
-        if not located:
-            located.append(_smplx_folder(models))
-        return located[0]
-
-    dims = models.shape_dims()
-    layers: Dict[str, torch.nn.Module] = {}
-    try:
-        import smplx  # noqa: F401
-        no_smplx = None
-    except ImportError as exc:
-        no_smplx = f"smplx is not installed (pip install smplx): {timing.describe_error(exc)}"
-    if dims.n_shape != 300 or dims.n_expr < 100:
-        # smplx.FLAME reads the expression columns at 300..400 of a 400-column model
-        no_smplx = no_smplx or (f"smplx.FLAME needs FLAME's 300 + 100 components; this model "
-                                f"has {dims.n_shape} + {dims.n_expr}")
-    counts = {"num_betas": dims.n_shape, "num_expression_coeffs": min(dims.n_expr, 100),
-              "use_face_contour": True}
-
-    def layer(impl: str) -> torch.nn.Module:
-        backend = BACKEND[impl]
-        if backend not in layers:
-            folder = where()[0]
-            if backend == "smplx":
-                import smplx
-
-                layers[backend] = smplx.FLAME(folder, **counts).to(models.device)
-            else:
-                from flame_ext.compat.smplx import FLAME
-
-                layers[backend] = FLAME(folder, backend=backend, **counts).to(models.device)
-        return layers[backend]
-
-    def skip(impl: str, batch: int) -> Optional[str]:
-        if impl == "medusa":
-            return "medusa has no smplx layer: the smplx column is this case's baseline"
-        no_folder = where()[1]
-        if no_folder:
-            return no_folder
-        return no_smplx if impl == "smplx" else None
-
-    num_joints = 5 + 51 + 17
-
-    def inputs(batch: int) -> List[dict]:
-        generator = _generator(models, 5000 + batch)
-        sizes = {"betas": counts["num_betas"], "expression": counts["num_expression_coeffs"],
-                 "global_orient": 3, "neck_pose": 3, "jaw_pose": 3, "leye_pose": 3,
-                 "reye_pose": 3, "transl": 3}
-        scale = {"global_orient": 0.3, "neck_pose": 0.15, "jaw_pose": 0.1, "leye_pose": 0.1,
-                 "reye_pose": 0.1, "transl": 0.05}
-
-        def make_one() -> dict:
-            values = {name: scale.get(name, 1.0) * torch.randn(
-                batch, size, generator=generator, device=models.device)
-                for name, size in sizes.items()}
-            if not backward:
-                return {"inputs": values}
-            grads = [torch.randn(batch, shape, 3, generator=generator, device=models.device)
-                     for shape in (dims.V, num_joints)]
-            return {"inputs": {k: v.requires_grad_(True) for k, v in values.items()},
-                    "grads": grads}
-        return _input_sets(make_one, models.device)
-
-    def runner(impl: str, batch: int) -> Callable[[dict], object]:
-        forward = models.forward(impl, layer(impl))
-        if not backward:
-            def run(s):
-                with torch.no_grad():
-                    return forward(**s["inputs"])
-        else:
-            def run(s):
-                out = forward(**s["inputs"])
-                return torch.autograd.grad([out.vertices, out.joints],
-                                           list(s["inputs"].values()), s["grads"])
-        return run
-
-    description = (f"smplx's FLAME layer {'forward+backward' if backward else 'forward'}: "
-                   f"vertices + {num_joints} joints (5 + 68 landmarks), per-sample "
-                   "parameters; smplx.FLAME vs flame_ext.compat.smplx.FLAME")
-    return Case(f"smplx_{'fwdbwd' if backward else 'fwd'}", description,
-                lambda batch: floor.shape_cost(dims, batch, shared=False, backward=backward,
-                                               with_R=False)
-                + floor.landmark_cost(dims.V, 68, batch, backward=backward, dynamic=17),
-                inputs, runner, skip, peers=("smplx",))
-
-
-# body-models' kernel backend of each of its implementations.
-BODY_MODELS_KERNELS = {"body_models": "torch", "body_models_warp": "warp"}
-# body-models' FLAME splits the model's shape basis at this column: identity before,
-# expression after.
-BODY_MODELS_SHAPE_COLUMNS = 300
-# Agreement of body-models' vertices with the reference's, both float32: the largest
-# difference relative to the largest vertex coordinate. A 400-term blend and the pose
-# chain summed in another order differ by a few float32 ulps (~1e-7); a convention
-# mismatch (a pose in another slot, an expression column off) by 1e-2 and more.
-BODY_MODELS_RTOL = 1e-5
-
-
-def body_models_inputs(inputs: dict, requires_grad: bool = False) -> dict:
-    """FlameShape's inputs as body-models' `FLAME.forward_vertices` takes them, the same
-    values: shape and expression as they are; global_pose, the root joint's rotation, as
-    `head_rotation`; neck, jaw and the two eye rotations (eye_pose's first and last three
-    values) stacked as `head_pose` (B, 4, 3), in the order of FLAME's joints 1..4 that
-    both read. New tensors (leaves of their own with requires_grad)."""
-    eye = inputs["eye_pose"]
-    mapped = {
-        "shape": inputs["shape"],
-        "expression": inputs["expr"],
-        "head_rotation": inputs["global_pose"],
-        "head_pose": torch.stack([inputs["neck_pose"], inputs["jaw_pose"], eye[:, :3],
-                                  eye[:, 3:]], dim=1),
-    }
-    return {k: v.detach().clone().requires_grad_(requires_grad) for k, v in mapped.items()}
-
-
-def _body_models_file(models: Models):
-    """(the FLAME model file body-models reads, None) or (None, why there is none): the
-    synthetic model is the pickle of smplx's folder (_smplx_folder), the same arrays in
-    the official file's layout; otherwise the model file flame_ext reads itself."""
-    path = models.model_path
-    if path in ("synthetic", "synthetic-small"):
-        folder, why = _smplx_folder(models)
-        return os.path.join(folder, "FLAME_NEUTRAL.pkl"), why
-    from flame_ext.io import discovery
-
-    try:
-        found = discovery._locate(discovery.MODEL_FILE_NAMES, path, pkl_means_directory=False)
-    except (OSError, ValueError) as exc:
-        return None, f"no FLAME model file for body-models: {timing.describe_error(exc)}"
-    if getattr(found, "suffix", None) not in (".pkl", ".npz"):
-        return None, f"body-models reads a FLAME .pkl or .npz file; model_path is {path!r}"
-    return str(found), None
-
-
-def body_models_status(models: Models, impl: str) -> Optional[str]:
-    """None when `impl` (a BODY_MODELS_KERNELS key) can run on this model, else why not."""
-    try:
-        import body_models.flame.torch  # noqa: F401
-    except ImportError as exc:
-        return ("body-models is not installed (pip install body-models warp-lang): "
-                f"{timing.describe_error(exc)}")
-    if BODY_MODELS_KERNELS[impl] == "warp":
-        try:
-            import warp  # noqa: F401
-        except ImportError as exc:
-            return ("NVIDIA Warp is not installed (pip install warp-lang): "
-                    f"{timing.describe_error(exc)}")
-    dims = models.shape_dims()
-    if dims.n_shape != BODY_MODELS_SHAPE_COLUMNS:
-        return (f"body-models' FLAME reads the first {BODY_MODELS_SHAPE_COLUMNS} shape "
-                "columns as identity and the rest as expression; this model has "
-                f"{dims.n_shape} + {dims.n_expr}")
-    return None
-
-
-def body_models_layer(models: Models, impl: str) -> torch.nn.Module:
-    """body-models' FLAME on the model file, with the kernels of `impl`."""
-    from body_models.flame.torch import FLAME
-
-    path, why = _body_models_file(models)
-    if why:
-        raise FileNotFoundError(why)
-    if BODY_MODELS_KERNELS[impl] == "warp":
-        import warp
-
-        # Warp logs each module load on stdout, inside the table: warnings only.
-        warp.config.quiet = True
-        warp.config.log_level = max(warp.config.log_level, warp.LOG_WARNING)
-    return FLAME(model_path=path, kernel_backend=BODY_MODELS_KERNELS[impl]).to(models.device)
-
-
-def body_models_agreement(models: Models, layer: torch.nn.Module, batch: int = 4,
-                          seed: int = 8000) -> float:
-    """The largest difference between body-models' vertices and the reference
-    FlameShape's on random parameters (float32 both), relative to the largest vertex
-    coordinate: ~1e-7 when both compute the same mesh."""
-    values = models.random_inputs(batch, False, _generator(models, seed))
-    with torch.no_grad():
-        expected, _ = models.shape("reference", "none")(**values)
-        got = layer.forward_vertices(**body_models_inputs(values))
-    if got.shape != expected.shape:
-        raise ValueError(f"body-models' vertices are {tuple(got.shape)}, the reference's "
-                         f"{tuple(expected.shape)}")
-    return ((got - expected).abs().max() / expected.abs().max()).item()
-
-
-def _body_models_case(models: Models, backward: bool) -> Case:
-    """shape_fwd / shape_fwdbwd (FlameShape, no R, per-sample identity) with body-models'
-    FLAME beside it: its torch and its Warp kernels, on the same model file and inputs."""
-    base = _shape_case(models, shared=False, backward=backward, with_R=False)
-    layers: Dict[str, torch.nn.Module] = {}
-
-    def layer(impl: str) -> torch.nn.Module:
-        if impl not in layers:
-            built = body_models_layer(models, impl)
-            error = body_models_agreement(models, built)
-            if not error <= BODY_MODELS_RTOL:
-                raise ValueError(f"body-models' vertices differ from the reference's by "
-                                 f"{error:.2g} of the mesh's extent (tolerance "
-                                 f"{BODY_MODELS_RTOL:g}): not the same computation")
-            layers[impl] = built
-        return layers[impl]
-
-    def skip(impl: str, batch: int) -> Optional[str]:
-        if impl not in BODY_MODELS_KERNELS:
-            return None
-        return body_models_status(models, impl) or _body_models_file(models)[1]
-
-    def inputs(batch: int) -> List[dict]:
-        return [dict(s, body_models=body_models_inputs(s["inputs"], backward))
-                for s in base.inputs(batch)]
-
-    def runner(impl: str, batch: int) -> Callable[[dict], object]:
-        if impl not in BODY_MODELS_KERNELS:
-            return base.runner(impl, batch)
-        forward = layer(impl).forward_vertices
-        if not backward:
-            def run(s):
-                with torch.no_grad():
-                    return forward(**s["body_models"])
-        else:
-            def run(s):
-                leaves = s["body_models"]
-                return torch.autograd.grad(forward(**leaves), list(leaves.values()),
-                                           s["grads"])
-        return run
-
-    description = (f"{base.description}; + body-models' FLAME (torch / Warp kernels) on the "
-                   "same model file and inputs (global_pose as head_rotation, neck, jaw, "
-                   "eyes as head_pose (B,4,3)), checked against the reference first")
-    return Case(f"body_models_{'fwdbwd' if backward else 'fwd'}", description, base.cost,
-                inputs, runner, skip, peers=tuple(BODY_MODELS_KERNELS))
-
-
 def build_cases(models: Models, impls: Optional[List[str]] = None) -> List[Case]:
+    from . import options, peers  # they build on this module's Case and Models
+
     """Every case, in the order of the table: FlameShape, its mean transform, identity-
     indexed batches, landmarks, texture, fitting step, vertex normals,
     then the peers' cases (smplx's FLAME layer, body-models' FLAME) when `impls` is None
@@ -874,20 +390,20 @@ def build_cases(models: Models, impls: Optional[List[str]] = None) -> List[Case]
         for backward in (False, True):
             for with_R in (False, True):
                 cases.append(_shape_case(models, shared, backward, with_R))
-    cases.append(_mean_transform_case(models))
-    cases.append(_identities_case(models))
+    cases.append(options.mean_transform_case(models))
+    cases.append(options.identities_case(models))
     for lm_type in ("68", "mp"):
         for backward in (False, True):
             cases.append(_landmark_case(models, lm_type, backward))
     cases.append(_texture_case(models))
-    cases += [_texture_options_case(models, name) for name in TEXTURE_OPTIONS]
+    cases += [options.texture_options_case(models, name) for name in options.TEXTURE_OPTIONS]
     cases.append(_fit_case(models))
     for backward in (False, True):
-        cases.append(_normals_case(models, backward))
+        cases.append(options.normals_case(models, backward))
     if impls is None or "smplx" in impls:
-        cases += [_smplx_case(models, backward) for backward in (False, True)]
-    if impls is None or any(i in impls for i in BODY_MODELS_KERNELS):
-        cases += [_body_models_case(models, backward) for backward in (False, True)]
+        cases += [peers.smplx_case(models, backward) for backward in (False, True)]
+    if impls is None or any(i in impls for i in peers.BODY_MODELS_KERNELS):
+        cases += [peers.body_models_case(models, backward) for backward in (False, True)]
     return cases
 
 

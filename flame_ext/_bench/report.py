@@ -17,7 +17,7 @@ import sys
 from typing import List, Optional
 
 from .cases import PEERS
-from .run import format_time
+from .timing import format_time
 
 
 def _cell(cell: dict) -> str:

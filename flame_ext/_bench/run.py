@@ -60,6 +60,8 @@ import flame_ext
 from . import cases as bench_cases
 from . import fit as bench_fit
 from . import floor, timing
+from .targets import evaluate_targets, format_target
+from .timing import format_time
 
 SCHEMA = "flame_ext-bench/1"
 DEFAULT_BATCHES = {"cpu": [1, 16, 64, 256], "cuda": [1, 4, 16, 64, 256, 1024, 4096]}
@@ -73,29 +75,6 @@ DEFAULT_IMPLS = {"cpu": ["medusa", "smplx", "body_models", "body_models_warp", "
 BUDGET = {"cpu": 0.5, "cuda": 0.3, "quick": 0.04}
 FIT_SIZE = {"cpu": (32, 50), "cuda": (256, 100), "quick": (8, 3)}  # (frames, iterations)
 
-# The project's performance targets (docs/PERFORMANCE.md), read off a run and printed after
-# the table (never asserted: a shared 2-core machine is too noisy for that). (device, case, batch, metric, bound):
-# speed-ups are lower bounds, times and ratios to the floor upper bounds. The FlameShape
-# ones are read on both variants, without R (a fitting loop) and with R (medusa's outputs).
-TARGETS = [
-    ("cpu", "shape_fwd", 1, "speedup_vs_medusa", 1.0),
-    ("cpu", "shape_fwd", 16, "speedup_vs_medusa", 1.3),
-    ("cpu", "shape_fwd", 256, "speedup_vs_medusa", 1.5),
-    ("cpu", "shape_fwdbwd", 1, "speedup_vs_medusa", 1.1),
-    ("cpu", "shape_fwdbwd", 64, "speedup_vs_medusa", 1.3),
-    ("cpu", "shared_fwdbwd", 64, "speedup_vs_medusa", 2.5),
-    ("cpu", "shared_fwd", 256, "speedup_vs_medusa", 2.5),
-    ("cpu", "lmk68_fwd", 16, "speedup_vs_medusa", 5.0),
-    ("cpu", "lmkmp_fwd", 16, "speedup_vs_medusa", 2.0),
-    ("cpu", "tex_fwd", 1, "speedup_vs_medusa", 3.0),
-    ("cpu", "tex_fwd", 16, "speedup_vs_medusa", 3.0),
-    ("cpu", "fit68_fwdbwd", 256, "speedup_vs_medusa", 10.0),
-    ("cpu", "meanR_fwd", 256, "speedup_vs_medusa", 2.5),
-    ("cuda", "shape_fwd", 1, "median_s", 20e-6),
-    ("cuda", "shape_fwdbwd", 1, "median_s", 50e-6),
-    ("cuda", "shape_fwd", 1, "speedup_vs_compile", 5.0),
-    ("cuda", "shape_fwd", 4096, "x_floor", 1.4),
-]
 
 
 def parse_args(argv=None, prog: str = "python bench/run.py") -> argparse.Namespace:
@@ -215,14 +194,6 @@ def environment(device: torch.device, model_path) -> dict:
     return env
 
 
-def format_time(seconds: float) -> str:
-    if seconds < 1e-3:
-        return f"{seconds * 1e6:.1f}us"
-    if seconds < 1:
-        return f"{seconds * 1e3:.2f}ms"
-    return f"{seconds:.2f}s"
-
-
 def resolve_impls(args, device: torch.device) -> List[str]:
     impls = list(args.impls or DEFAULT_IMPLS["cuda" if device.type == "cuda" else "cpu"])
     if args.quick and not args.impls and not args.compile and "compile" in impls:
@@ -295,45 +266,6 @@ def derive(row: dict, impls: List[str]) -> None:
             reference_cell = row["impls"].get(base, {})
             if base != impl and "median_s" in reference_cell:
                 cell[f"speedup_vs_{base}"] = reference_cell["median_s"] / cell["median_s"]
-
-
-def evaluate_targets(results: List[dict], kind: str, impls: List[str]) -> List[dict]:
-    """The TARGETS of this device kind that the run measured, with the values read."""
-    rows = {(r["case"], r["batch"]): r for r in results}
-    candidates = [i for i in ("flame_ext", "flame_ext_graph") if i in impls]
-    read = []
-    for device, case, batch, metric, bound in TARGETS:
-        if device != kind:
-            continue
-        variants = [case, case + "_R"] if case.startswith(("shape", "shared")) else [case]
-        for name in variants:
-            row = rows.get((name, batch))
-            if row is None:
-                continue
-            values = {i: row["impls"][i][metric] for i in candidates
-                      if metric in row["impls"].get(i, {})}
-            upper = metric in ("median_s", "x_floor")
-            met = {i: (v <= bound if upper else v >= bound) for i, v in values.items()}
-            read.append({"case": name, "batch": batch, "metric": metric,
-                         "bound": ("<= " if upper else ">= ") + f"{bound:g}",
-                         "values": values, "met": met})
-    return read
-
-
-def format_target(target: dict) -> str:
-    def value(v):
-        return format_time(v) if target["metric"] == "median_s" else f"{v:.2f}"
-
-    if not target["values"]:
-        measured = "not measured (flame_ext did not run)"
-    else:
-        measured = ", ".join(
-            f"{impl} {value(v)} {'met' if target['met'][impl] else 'MISSED'}"
-            for impl, v in target["values"].items())
-    bound = target["bound"]
-    if target["metric"] == "median_s":
-        bound = bound[:3] + format_time(float(bound[3:]))
-    return f"  {target['case']:<16} B={target['batch']:<5} {target['metric']} {bound}: {measured}"
 
 
 class Table:

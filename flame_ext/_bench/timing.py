@@ -199,3 +199,11 @@ def graphed(run: Callable[[object], object], sets: Sequence, device: torch.devic
         graphs.append((graph, outputs))  # the outputs are the graph's static buffers
     next_graph = rotating(graphs)
     return lambda: next_graph()[0].replay()
+
+
+def format_time(seconds: float) -> str:
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.1f}us"
+    if seconds < 1:
+        return f"{seconds * 1e3:.2f}ms"
+    return f"{seconds:.2f}s"
