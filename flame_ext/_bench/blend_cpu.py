@@ -13,11 +13,11 @@ docs/PERFORMANCE.md come from this script.
 from __future__ import annotations
 
 import argparse
-import platform
 
 import torch
 
 from . import timing
+from .run import cpu_model
 
 # name: (N rows of dirs, K columns, P pose rows)
 SHAPES = {
@@ -26,17 +26,6 @@ SHAPES = {
     "tex": (196608, 50, 0),      # FlameTex: 3 x 256 x 256 texels, 50 components
 }
 BATCHES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128, 256)
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def sweep(shape: str, batches, threads: int, repeats: int, budget_s: float) -> None:
@@ -95,7 +84,7 @@ def main(argv=None) -> int:
         load = f", load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
     except (AttributeError, OSError):
         load = ""
-    print(f"# {_cpu_name()} | torch {torch.__version__}{load}")
+    print(f"# {cpu_model()} | torch {torch.__version__}{load}")
     for shape in args.shapes:
         for threads in args.threads:
             sweep(shape, args.batch_sizes, threads, args.repeats, args.budget)

@@ -131,7 +131,7 @@ def _git(*args) -> Optional[str]:
         return None
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -160,7 +160,7 @@ def environment(device: torch.device, model_path) -> dict:
         "git_sha": _git("rev-parse", "HEAD") or "unknown",
         "git_dirty": None if status is None else bool(status),
         "device_type": device.type,
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "python": platform.python_version(),
