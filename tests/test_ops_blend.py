@@ -509,7 +509,9 @@ def test_blend_every_tile_remainder(ops, device, dtype, batch, k, p):
 # ---------------------------------------------------------------------------------------
 # Instruction-set variants of the CPU hand loops
 
-_ISA_SCRIPT = r"""
+# Settings read once per process are tested in a subprocess: this preamble loads this
+# test module there as `t` (its helpers and sizes), then the case's script runs.
+_SUBPROCESS_PREAMBLE = r"""
 import importlib.util, os, sys, torch
 sys.path.insert(0, os.path.dirname(sys.argv[1]))  # the tests' helper modules
 from flame_ext import _ops
@@ -518,6 +520,26 @@ spec = importlib.util.spec_from_file_location("t", sys.argv[1])
 t = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(t)
 ops = torch.ops.flame_ext
+"""
+
+
+def _run_in_subprocess(script: str, **env_settings: str) -> None:
+    """Runs the preamble and script in a fresh interpreter with these environment
+    settings; asserts it printed "ok"."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, **env_settings)
+    result = subprocess.run(
+        [sys.executable, "-c", _SUBPROCESS_PREAMBLE + script, __file__],
+        env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+_ISA_SCRIPT = r"""
 for dtype in (torch.float32, torch.float64):
     for k in (5, 16, 37, 100):
         for batch in (1, 2, 3, 18, 37):
@@ -534,28 +556,10 @@ print("ok")
 @pytest.mark.parametrize("isa", ["avx2", "baseline"])
 def test_cpu_isa_variants(ops, isa):
     """The AVX2 and baseline builds of the hand loops (this machine picks its widest one)."""
-    import os
-    import subprocess
-    import sys
-
-    env = dict(os.environ, FLAME_EXT_CPU_ISA=isa)
-    result = subprocess.run(
-        [sys.executable, "-c", _ISA_SCRIPT, __file__],
-        env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-        capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+    _run_in_subprocess(_ISA_SCRIPT, FLAME_EXT_CPU_ISA=isa)
 
 
 _BLAS_SCRIPT = r"""
-import importlib.util, os, sys, torch
-sys.path.insert(0, os.path.dirname(sys.argv[1]))
-from flame_ext import _ops
-assert _ops.available(), _ops.load_error()
-spec = importlib.util.spec_from_file_location("t", sys.argv[1])
-t = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(t)
-ops = torch.ops.flame_ext
 for dtype in (torch.float32, torch.float64):
     for batch in (3, 4, 9):
         for k, p in ((37, 9), (37, 0), (0, 9)):
@@ -575,17 +579,7 @@ def test_blas_batch_setting(ops, setting):
     """$FLAME_EXT_BLEND_BLAS_BATCH=4 sends batches of 4 and more to BLAS (read once per
     process, hence the subprocess); 0 or a value that is not a positive integer leaves every
     batch to the hand loops. Both answer the reference."""
-    import os
-    import subprocess
-    import sys
-
-    env = dict(os.environ, FLAME_EXT_BLEND_BLAS_BATCH=setting)
-    result = subprocess.run(
-        [sys.executable, "-c", _BLAS_SCRIPT, __file__],
-        env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-        capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+    _run_in_subprocess(_BLAS_SCRIPT, FLAME_EXT_BLEND_BLAS_BATCH=setting)
 
 
 @pytest.mark.cuda
