@@ -17,12 +17,18 @@ POSE_NAMES = ("global_pose", "neck_pose", "jaw_pose", "eye_pose")
 INPUT_NAMES = ("shape", "expr") + POSE_NAMES
 
 
+def _range_checked_on_host(identity: torch.Tensor) -> bool:
+    """Whether identity's range is checked on the host (eager, on the CPU); elsewhere a
+    check would synchronise with the device or break a compiled graph."""
+    return identity.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def identity_rows(rows: torch.Tensor, identity: torch.Tensor) -> torch.Tensor:
     """rows[identity]: one row per frame. Advanced indexing, whose backward accumulates
     each row's frames with index_put_(accumulate=True): in frame order on the CPU, sorted
     by a stable sort on CUDA, so the gradients are deterministic. On a device an index out
     of range (not checked there: that would synchronise) gives that frame a NaN row."""
-    if identity.device.type == "cpu" and not torch.compiler.is_compiling():
+    if _range_checked_on_host(identity):
         return rows[identity]  # checked in _gather_inputs
     count = rows.shape[0]
     valid = (identity >= 0) & (identity < count)
@@ -119,7 +125,7 @@ class ParametricDecoder(DecoderModule):
         would synchronise with the device: the frame's outputs are NaN instead."""
         if count == 0:
             raise ValueError("identity needs at least one shape row, got shape with 0 rows")
-        if identity.device.type != "cpu" or torch.compiler.is_compiling():
+        if not _range_checked_on_host(identity):
             return
         bad = (identity < 0) | (identity >= count)
         if bool(bad.any()):
