@@ -8,9 +8,11 @@
 //   FLAME). The loop reads each block of rows once for all samples, with the coefficients
 //   kept hot, and adds base and the pose correctives while the output block is still in
 //   cache: one pass over memory where the eager path makes three.
-// - large B: compute bound. Register tiles of samples x rows (samples x columns in the
-//   backward), and groups of samples whose coefficients stay in L1, so that the time per
-//   sample stays flat as B grows. BLAS used to take over above a crossover batch measured
+// - large B (16 and more): compute bound. The forward copies strips of dirs k-major into
+//   an L1 block and runs broadcast tiles of samples x vectors of rows over it, every sample
+//   of the batch per copy (the dot tiles of the small batches reach half the FMA rate);
+//   the backward runs register tiles of samples x columns. The time per sample falls as B
+//   grows. BLAS used to take over above a crossover batch measured
 //   on one Intel Xeon. On a 2-core AMD EPYC MKL's sgemm at these shapes with 2 threads was
 //   1.5-4x slower than the hand loops up to B = 64 and only even at B = 256 (FlameShape
 //   forward: 2.4x the time for 1.5x the samples from B = 16 to 24 across the crossover),
