@@ -163,6 +163,58 @@ def test_floor_time_takes_the_binding_resource():
     assert compute["time_s"] == pytest.approx(5.0) and compute["bound"] == "compute"
 
 
+def test_fresh_outputs_cost_the_first_touch_rate():
+    """Outputs of 32 MiB and more are first-touched (fresh pages): with a first-touch rate
+    they cost it, without one (CUDA) the copy rate; smaller outputs never do."""
+    d = floor.ShapeDims(V=5023, n_shape=300, n_expr=100, P=36, J=5)
+    small = floor.shape_cost(d, 16, shared=False, backward=False, with_R=True)
+    assert small.fresh_bytes == 0
+    big = floor.shape_cost(d, 256, shared=False, backward=False, with_R=True)
+    assert big.fresh_bytes == 256 * 16 * 5023 * 4  # R; v (15 MB) stays below the threshold
+    rates = {"copy_bytes_per_s": 1e10, "matmul_flops_per_s": 1e15}
+    plain = floor.floor_time(big, rates)
+    touched = floor.floor_time(big, dict(rates, first_touch_bytes_per_s=1e9))
+    assert plain["time_s"] == pytest.approx(big.bytes / 1e10)
+    expected = (big.bytes - big.fresh_bytes) / 1e10 + big.fresh_bytes / 1e9
+    assert touched["time_s"] == pytest.approx(expected) and touched["bound"] == "memory"
+    assert touched["first_touch_s"] == pytest.approx(big.fresh_bytes / 1e9)
+    tex = floor.texture_cost(N=196608, K=50, batch=64)
+    assert tex.fresh_bytes == 64 * 196608 * 4
+    assert floor.texture_cost(N=196608, K=50, batch=16).fresh_bytes == 0
+
+
+def _cell(median_s, **more):
+    return {"median_s": median_s, **more}
+
+
+def test_speed_checks_find_cliffs_floor_and_peer_misses():
+    from flame_ext._bench import targets
+
+    results = [
+        {"case": "shape_fwd", "batch": 8, "impls": {"flame_ext": _cell(8e-3, x_floor=3.0)}},
+        {"case": "shape_fwd", "batch": 16, "impls": {"flame_ext": _cell(14e-3, x_floor=1.4)}},
+        # 1.2 ms -> 1.5 ms per sample: a cliff; 1.6x the floor at B >= 16: a miss.
+        {"case": "shape_fwd", "batch": 24, "impls": {"flame_ext": _cell(36e-3, x_floor=1.6)}},
+        {"case": "shape_fwd_R", "batch": 64, "impls": {"flame_ext": _cell(1.0, x_floor=1.25)}},
+        {"case": "body_models_fwd", "batch": 1,
+         "impls": {"flame_ext": _cell(1e-3, speedup_vs_body_models=3.5,
+                                      speedup_vs_body_models_warp=2.0)}},
+        {"case": "tex_fwd", "batch": 1, "impls": {"medusa": _cell(1.0)}},  # flame_ext absent
+    ]
+    found = targets.speed_checks(results)
+    misses = found["misses"]
+    assert len(misses["cliff"]) == 1 and "shape_fwd B=16->24" in misses["cliff"][0]
+    assert len(misses["floor"]) == 1 and "shape_fwd B=24" in misses["floor"][0]
+    assert len(misses["peer"]) == 1 and "body_models_warp" in misses["peer"][0]
+    # B=8 is below the floor check's batches; shape_fwd_R is within its 1.3x.
+    assert found["readings"] == {"cliff": 2, "floor": 3, "peer": 2}
+    lines = targets.format_speed_checks(found)
+    assert any("1 of 2" in line for line in lines)
+    level = [dict(r, impls={"flame_ext": _cell(r["batch"] * 1e-3, x_floor=1.0)})
+             for r in results[:3]]
+    assert targets.speed_checks(level)["misses"] == {"cliff": [], "floor": [], "peer": []}
+
+
 def test_summarize_and_rotation():
     stats = timing.summarize([5.0, 1.0, 4.0, 2.0, 3.0])
     assert stats["median_s"] == 3.0 and (stats["q1_s"], stats["q3_s"]) == (2.0, 4.0)

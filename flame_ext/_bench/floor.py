@@ -16,6 +16,13 @@ Counting rules (a lower bound, not a model of any implementation):
 - FLOPs count multiply and add separately (a multiply-add is 2). Work that is a tiny
   fraction of the total (Rodrigues, the 5-joint chain, the contour bin) is left out and
   said so next to each model.
+- Outputs of FRESH_OUTPUT_BYTES or more land on fresh pages on the CPU: glibc's malloc
+  maps (and unmaps on free) every block above its largest mmap threshold, 32 MiB on
+  64-bit Linux, so each call's first write faults in every page (medusa's (B, V, 4, 4) R
+  at B = 256 is 82 MB; FlameTex's output from B = 43). Those bytes are `fresh_bytes` and
+  cost fresh_bytes / the measured first-touch rate (allocate, write once) instead of the
+  copy rate: a lower bound no implementation that returns a new tensor can beat. On CUDA
+  the caching allocator reuses its blocks, and no first-touch rate is measured.
 - The floor uses DRAM bandwidth: at small batches the model arrays (FLAME's shape_dirs is
   24 MB in float32) can stay in a GPU's L2 or a CPU's L3 between calls, so a measured
   time may beat the floor there. The benchmark reports the ratio, never asserts it.
@@ -33,17 +40,27 @@ import torch
 from . import timing
 
 INDEX_BYTES = 8  # int64 face and landmark indices
+FRESH_OUTPUT_BYTES = 32 << 20  # glibc's largest mmap threshold (64-bit)
+
+
+def fresh(output_bytes: float) -> float:
+    """The bytes of one output tensor that are first-touched: all of them from
+    FRESH_OUTPUT_BYTES on, none below."""
+    return output_bytes if output_bytes >= FRESH_OUTPUT_BYTES else 0.0
 
 
 @dataclass(frozen=True)
 class Cost:
-    """Minimum traffic of one call: bytes read + written, and floating-point operations."""
+    """Minimum traffic of one call: bytes read + written, and floating-point operations;
+    `fresh_bytes` of the written bytes go to fresh pages (see `fresh`)."""
 
     bytes: float
     flops: float
+    fresh_bytes: float = 0.0
 
     def __add__(self, other: "Cost") -> "Cost":
-        return Cost(self.bytes + other.bytes, self.flops + other.flops)
+        return Cost(self.bytes + other.bytes, self.flops + other.flops,
+                    self.fresh_bytes + other.fresh_bytes)
 
     def as_dict(self) -> Dict[str, float]:
         return asdict(self)
@@ -97,10 +114,12 @@ def shape_cost(d: ShapeDims, batch: int, *, shared: bool, backward: bool, with_R
         input_floats = B * (K + 3 * d.J)
         blend_flops = 2 * B * V3 * K
     output_floats = B * V3 + (B * 16 * d.V if with_R else 0)
+    fresh_bytes = fresh(B * V3 * itemsize) + (fresh(B * 16 * d.V * itemsize) if with_R else 0.0)
     per_sample_flops = 2 * V3 * d.P + 2 * 3 * d.J * K + d.V * _skin_flops_per_vertex(d.J)
     forward = Cost(
         bytes=model_bytes + (input_floats + output_floats) * itemsize,
         flops=blend_flops + B * per_sample_flops,
+        fresh_bytes=fresh_bytes,
     )
     if not backward:
         return forward
@@ -170,16 +189,25 @@ def texture_cost(N: int, K: int, batch: int, itemsize: int = 4) -> Cost:
     Reads the gathered basis (N x K) and mean (N) once and the codes (B x K); writes the
     images (B x N). FLOPs: 2 B N K.
     """
-    return Cost(bytes=(N * K + N + batch * K + batch * N) * itemsize, flops=2 * batch * N * K)
+    return Cost(bytes=(N * K + N + batch * K + batch * N) * itemsize, flops=2 * batch * N * K,
+                fresh_bytes=fresh(batch * N * itemsize))
 
 
 def floor_time(cost: Cost, rates: Dict[str, float]) -> Dict[str, float]:
-    """The floor of one call, and which resource bounds it ('memory' or 'compute')."""
-    memory_s = cost.bytes / rates["copy_bytes_per_s"]
+    """The floor of one call, and which resource bounds it ('memory' or 'compute').
+
+    Fresh bytes cost the first-touch rate where one was measured (the CPU), the copy rate
+    elsewhere."""
+    fresh_rate = rates.get("first_touch_bytes_per_s")
+    fresh_bytes = cost.fresh_bytes if fresh_rate else 0.0
+    first_touch_s = fresh_bytes / fresh_rate if fresh_rate else 0.0
+    memory_s = (cost.bytes - fresh_bytes) / rates["copy_bytes_per_s"] + first_touch_s
     compute_s = cost.flops / rates["matmul_flops_per_s"]
     return {
         "bytes": cost.bytes,
         "flops": cost.flops,
+        "fresh_bytes": fresh_bytes,
+        "first_touch_s": first_touch_s,
         "memory_s": memory_s,
         "compute_s": compute_s,
         "time_s": max(memory_s, compute_s),
@@ -213,7 +241,9 @@ def measure_rates(device: torch.device, quick: bool = False) -> Dict[str, float]
     (CPU n=2048, GPU n=8192; --quick 512) at full fp32 precision (TF32 off: the decoders
     compute in fp32), 2 n^3 FLOPs. The rate is the best of the repeats: a floor must
     use the fastest the device was seen to go (on a shared machine the median is lower);
-    the median is kept too.
+    the median is kept too. First touch (CPU only): a fresh tensor of 128 MiB (above
+    FRESH_OUTPUT_BYTES, so its pages are mapped anew each time) allocated and written
+    once, bytes written per second.
     """
     cache = timing.last_level_cache_bytes(device)
     if device.type == "cuda":
@@ -237,6 +267,14 @@ def measure_rates(device: torch.device, quick: bool = False) -> Dict[str, float]
     finally:
         torch.set_float32_matmul_precision(previous)
     copy_bytes, flops = 2 * elements * 4, 2 * n**3
+    first_touch = {}
+    if device.type == "cpu":
+        fresh_elements = (128 << 20) // 4
+        touch_times = _best_of(lambda: torch.empty(fresh_elements).fill_(1.0), device, repeats)
+        first_touch = {
+            "first_touch_bytes_per_s": fresh_elements * 4 / min(touch_times),
+            "first_touch_bytes_per_s_median": fresh_elements * 4 / statistics.median(touch_times),
+        }
     return {
         "copy_bytes_per_s": copy_bytes / min(copy_times),
         "copy_bytes_per_s_median": copy_bytes / statistics.median(copy_times),
@@ -245,9 +283,12 @@ def measure_rates(device: torch.device, quick: bool = False) -> Dict[str, float]
         "matmul_flops_per_s_median": flops / statistics.median(matmul_times),
         "matmul_n": n,
         "repeats": repeats,
+        **first_touch,
     }
 
 
 def describe_rates(rates: Dict[str, float]) -> str:
+    touch = rates.get("first_touch_bytes_per_s")
     return (f"copy {rates['copy_bytes_per_s'] / 1e9:.1f} GB/s, "
-            f"fp32 matmul {rates['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s")
+            f"fp32 matmul {rates['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s"
+            + (f", first touch {touch / 1e9:.1f} GB/s" if touch else ""))

@@ -17,6 +17,7 @@ import sys
 from typing import List, Optional
 
 from .cases import PEERS
+from .floor import describe_rates
 from .timing import format_time
 
 
@@ -48,8 +49,7 @@ def markdown(data: dict, cases: Optional[List[str]] = None,
         "",
         f"Command: `{data.get('command', 'python bench/run.py')}`",
         "",
-        f"Floor rates measured in the same run: copy {rates['copy_bytes_per_s'] / 1e9:.1f} GB/s, "
-        f"fp32 matmul {rates['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s. Times: median ± "
+        f"Floor rates measured in the same run: {describe_rates(rates)}. Times: median ± "
         f"interquartile range / median.",
         "",
     ]

@@ -60,7 +60,7 @@ import flame_ext
 from . import cases as bench_cases
 from . import fit as bench_fit
 from . import floor, timing
-from .targets import evaluate_targets, format_target
+from .targets import evaluate_targets, format_speed_checks, format_target, speed_checks
 from .timing import format_time
 
 SCHEMA = "flame_ext-bench/1"
@@ -506,6 +506,11 @@ def main(argv=None, prog: str = "python bench/run.py") -> int:
         out("# performance targets (docs/PERFORMANCE.md), read off this run, never asserted:")
         for target in targets:
             out(format_target(target))
+    checks = speed_checks(results) if kind == "cpu" else None
+    if checks is not None:
+        out("# CPU speed checks (docs/PERFORMANCE.md), read off this run, never asserted:")
+        for line in format_speed_checks(checks):
+            out(line)
 
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, _stamp_name(env))
@@ -522,6 +527,7 @@ def main(argv=None, prog: str = "python bench/run.py") -> int:
         "results": results,
         "fit": fit_section,
         "targets": targets,
+        "speed_checks": checks,
         "files": {"json": stem + ".json", "png": None},
         "elapsed_s": None,
     }
