@@ -18,6 +18,7 @@ from typing import List, Optional
 
 from .cases import PEERS
 from .floor import describe_rates
+from .targets import format_speed_checks
 from .timing import format_time
 
 
@@ -94,6 +95,9 @@ def markdown(data: dict, cases: Optional[List[str]] = None,
                 f"| {r['impl']} | {r['frames_iters_per_s']:,.0f} | {r['ms_per_iteration']:.1f} | "
                 f"{_ratio(r, 'speedup_vs_medusa')} | {r['initial_lmk_error']:.3f} -> "
                 f"{r['final_lmk_error']:.4f} ({r['truth_lmk_error']:.4f}) |")
+    if data.get("speed_checks"):
+        lines += ["", "CPU speed checks (docs/PERFORMANCE.md), read off this run:", "", "```"]
+        lines += format_speed_checks(data["speed_checks"]) + ["```"]
     return "\n".join(lines)
 
 
