@@ -241,13 +241,26 @@ FLAME_CPU_INLINE void forward_rows_all_samples(const ForwardArgs<T>& a, const KT
   for (; b < b1; ++b) forward_tile<T, R, 1>(a, tail, n, b);
 }
 
+// acc[s][u] += c[s * ldc] * row[u W .. (u + 1) W): U vectors of one row, each scaled by S
+// coefficients (one per sample) that are broadcast.
+template <typename T, int S, int U>
+FLAME_CPU_INLINE void broadcast_step(const T* row, const T* c, int64_t ldc, Vec<T> (&acc)[S][U]) {
+  constexpr int W = kLanes<T>;
+  Vec<T> d[U];
+  T cs[S];
+  FLAME_UNROLL
+  for (int u = 0; u < U; ++u) load(d[u], row + u * W);
+  FLAME_UNROLL
+  for (int s = 0; s < S; ++s) cs[s] = c[s * ldc];
+  blend::scaled_step(cs, d, acc);
+}
+
 // out[b0..b0+S, n0:n1] += pose_coeffs @ pose_dirs[:, n0:n1], in order of p for each element:
 // U vectors of n times S samples per step, so each pose_dirs load feeds S FMAs.
-template <typename T, int S>
+template <typename T, int S, int U = 4>
 FLAME_CPU_INLINE void forward_pose_tile(const ForwardArgs<T>& a, int64_t n0, int64_t n1,
                                         int64_t b0) {
   constexpr int W = kLanes<T>;
-  constexpr int U = 4;
   T* out = a.out + b0 * a.N;
   const T* pc = a.pose_coeffs + b0 * a.P;
   int64_t n = n0;
@@ -258,16 +271,8 @@ FLAME_CPU_INLINE void forward_pose_tile(const ForwardArgs<T>& a, int64_t n0, int
       FLAME_UNROLL
       for (int u = 0; u < U; ++u) load(acc[s][u], out + s * a.N + n + u * W);
     }
-    for (int64_t p = 0; p < a.P; ++p) {
-      const T* row = a.pose_dirs + p * a.pose_stride + n;
-      Vec<T> d[U];
-      T c[S];
-      FLAME_UNROLL
-      for (int u = 0; u < U; ++u) load(d[u], row + u * W);
-      FLAME_UNROLL
-      for (int s = 0; s < S; ++s) c[s] = pc[s * a.P + p];
-      blend::scaled_step(c, d, acc);
-    }
+    for (int64_t p = 0; p < a.P; ++p)
+      broadcast_step(a.pose_dirs + p * a.pose_stride + n, pc + p, a.P, acc);
     FLAME_UNROLL
     for (int s = 0; s < S; ++s) {
       FLAME_UNROLL
@@ -337,44 +342,7 @@ FLAME_CPU_INLINE void strip_tile(const ForwardArgs<T>& a, const T* strip, int64_
     for (int u = 0; u < U; ++u) load(acc[s][u], src + u * W);
   }
   const T* c = a.coeffs + b * a.K;
-  for (int64_t k = k0; k < k1; ++k) {
-    const T* row = strip + (k - k0) * (U * W);
-    Vec<T> d[U];
-    T cs[S];
-    FLAME_UNROLL
-    for (int u = 0; u < U; ++u) load(d[u], row + u * W);
-    FLAME_UNROLL
-    for (int s = 0; s < S; ++s) cs[s] = c[s * a.K + k];
-    blend::scaled_step(cs, d, acc);
-  }
-  FLAME_UNROLL
-  for (int s = 0; s < S; ++s) {
-    FLAME_UNROLL
-    for (int u = 0; u < U; ++u) store(a.out + (b + s) * a.N + n + u * W, acc[s][u]);
-  }
-}
-
-// The pose correctives of one strip, read in place: rows of pose_dirs run along n already.
-template <typename T, int S, int U>
-FLAME_CPU_INLINE void strip_pose_tile(const ForwardArgs<T>& a, int64_t n, int64_t b) {
-  constexpr int W = kLanes<T>;
-  Vec<T> acc[S][U];
-  FLAME_UNROLL
-  for (int s = 0; s < S; ++s) {
-    FLAME_UNROLL
-    for (int u = 0; u < U; ++u) load(acc[s][u], a.out + (b + s) * a.N + n + u * W);
-  }
-  const T* pc = a.pose_coeffs + b * a.P;
-  for (int64_t p = 0; p < a.P; ++p) {
-    const T* row = a.pose_dirs + p * a.pose_stride + n;
-    Vec<T> d[U];
-    T cs[S];
-    FLAME_UNROLL
-    for (int u = 0; u < U; ++u) load(d[u], row + u * W);
-    FLAME_UNROLL
-    for (int s = 0; s < S; ++s) cs[s] = pc[s * a.P + p];
-    blend::scaled_step(cs, d, acc);
-  }
+  for (int64_t k = k0; k < k1; ++k) broadcast_step(strip + (k - k0) * (U * W), c + k, a.K, acc);
   FLAME_UNROLL
   for (int s = 0; s < S; ++s) {
     FLAME_UNROLL
@@ -456,9 +424,10 @@ FLAME_CPU_INLINE void forward_strip(const ForwardArgs<T>& a, T* strip, int64_t n
   }
   if (a.P > 0) {
     int64_t b = 0;
-    for (; b + S <= a.B; b += S) strip_pose_tile<T, S, U>(a, n, b);
-    for (; b + 2 <= a.B; b += 2) strip_pose_tile<T, 2, U>(a, n, b);
-    for (; b < a.B; ++b) strip_pose_tile<T, 1, U>(a, n, b);
+    // The pose correctives, read in place: rows of pose_dirs run along n already.
+    for (; b + S <= a.B; b += S) forward_pose_tile<T, S, U>(a, n, n + U * W, b);
+    for (; b + 2 <= a.B; b += 2) forward_pose_tile<T, 2, U>(a, n, n + U * W, b);
+    for (; b < a.B; ++b) forward_pose_tile<T, 1, U>(a, n, n + U * W, b);
   }
 }
 
