@@ -309,14 +309,14 @@ constexpr int64_t kForwardGroup = 16;
 // The dot tiles above reduce over k inside vectors and sum lanes at the end; with many
 // samples the forward is compute bound and that form ran at half the FMA rate of the
 // backward's broadcast tiles (AVX-512 and AVX2, AMD EPYC). Here a strip of kStripVectors
-// vectors of rows is copied k-major into a block on the stack (kStripK columns at a time,
-// so it stays in L1), and every sample of the batch reads it: acc[s][u] += coeffs[b+s, k]
+// vectors of rows is copied k-major into a block on the stack (strip_block_columns() of
+// k at a time, so it stays in L1), and every sample of the batch reads it: acc[s][u] += coeffs[b+s, k]
 // * strip[k][u], the lanes along n, each output's sum in order of k from its base value,
 // then the pose correctives in order of p. The copy costs about one load and store per
 // element of dirs, shared by all B samples.
 // Below kStripMinBatch samples the copy is not paid back (the batch is memory bound: the
-// dot tiles stream dirs once), from it on the strips are faster (1.35x at B = 16, 2.5x at
-// B = 256 on one thread). A size rule, the same on every machine: both paths are hand
+// dot tiles stream dirs once), from it on the strips are level or faster (FlameShape's
+// sizes on one thread, AMD EPYC: even at B = 16, 1.9x at B = 64, 2.5x at B = 256). A size rule, the same on every machine: both paths are hand
 // loops with their time per sample falling with the batch.
 constexpr int64_t kStripMinBatch = 16;
 constexpr int kStripVectors = FLAME_BLEND_VECTOR_BYTES >= 64 ? 4 : 3;
@@ -412,7 +412,7 @@ FLAME_CPU_INLINE void forward_strip(const ForwardArgs<T>& a, T* strip, int64_t n
   constexpr int W = kLanes<T>;
   constexpr int64_t kb = strip_block_columns<T>();
   constexpr int S = kStripSamples;
-  for (int64_t k0 = 0; k0 < a.K || k0 == 0; k0 += kb) {
+  for (int64_t k0 = 0;; k0 += kb) {  // once when K = 0: the outputs start from base
     const int64_t k1 = std::min(a.K, k0 + kb);
     pack_strip<T, U>(a.dirs + n * a.dirs_stride, a.dirs_stride, k0, k1, strip);
     const bool first = k0 == 0;
@@ -461,21 +461,15 @@ template <typename T>
 FLAME_CPU_INLINE void forward_range(const ForwardArgs<T>& a, int64_t n0, int64_t n1) {
   constexpr int R = 4;
   const KTail<T> tail = make_tail<T>(a.K);
-  if (a.B >= kStripMinBatch) {
-    const int64_t n = forward_strips(a, n0, n1);
-    for (int64_t b0 = 0; b0 < a.B; b0 += kForwardGroup)
-      for (int64_t m = n; m < n1; ++m)
-        forward_rows_all_samples<T, 1>(a, tail, m, b0, std::min(a.B, b0 + kForwardGroup));
-    if (a.P > 0 && n < n1) forward_pose(a, n, n1);
-    return;
-  }
+  // Large batches: strips first (pose included); the dot tiles take the rows left over.
+  const int64_t dot0 = a.B >= kStripMinBatch ? forward_strips(a, n0, n1) : n0;
   for (int64_t b0 = 0; b0 < a.B; b0 += kForwardGroup) {
     const int64_t b1 = std::min(a.B, b0 + kForwardGroup);
-    int64_t n = n0;
+    int64_t n = dot0;
     for (; n + R <= n1; n += R) forward_rows_all_samples<T, R>(a, tail, n, b0, b1);
     for (; n < n1; ++n) forward_rows_all_samples<T, 1>(a, tail, n, b0, b1);
   }
-  if (a.P > 0) forward_pose(a, n0, n1);
+  if (a.P > 0 && dot0 < n1) forward_pose(a, dot0, n1);
 }
 
 // ---------------------------------------------------------------------------------------
