@@ -7,6 +7,7 @@ No timing is asserted: only that every number is there, positive and consistent.
 import importlib.util
 import json
 import os
+import platform
 import statistics
 
 import pytest
@@ -51,6 +52,10 @@ def test_quick_run_writes_the_environment(quick_run):
     # The machine: CPU model, threads, and the build of the CPU loops that ran.
     assert env["cpu"] and env["cpu"] in env["device"] and env["threads"] >= 1
     assert env["cpu_isa"] == env["build_info"]["cpu_isa"]
+    # The generation behind a generic name: vendor, family and model read from cpuinfo.
+    if os.path.exists("/proc/cpuinfo") and platform.machine() == "x86_64":
+        cpu_id = env["cpu_id"]
+        assert cpu_id["vendor"] and cpu_id["family"].isdigit() and cpu_id["model"].isdigit()
     assert env["cpu_isa"] in (("avx512", "avx2", "baseline") if _ops.available() else (None,))
     assert env["torch"] == torch.__version__
     # The file name carries the device and the date.

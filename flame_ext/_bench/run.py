@@ -142,6 +142,31 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# The /proc/cpuinfo fields that tell CPU generations apart where a virtual machine shows
+# only a generic model name ("AMD EPYC"): the same name covers Zen 4 (family 25) and Zen 5
+# (family 26), whose loops run at different rates.
+_CPU_ID_FIELDS = {"vendor_id": "vendor", "cpu family": "family", "model": "model",
+                  "stepping": "stepping", "cache size": "cache"}
+
+
+def cpu_identity() -> Dict[str, str]:
+    """Vendor, family, model, stepping and cache of the first CPU in /proc/cpuinfo ({}
+    where there is none)."""
+    found: Dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break  # the end of the first processor's block
+                key, _, value = line.partition(":")
+                name = _CPU_ID_FIELDS.get(key.strip())
+                if name:
+                    found[name] = value.strip()
+    except OSError:
+        pass
+    return found
+
+
 def _load_average() -> Optional[List[float]]:
     """The 1, 5 and 15 minute load averages: how much else ran on the machine."""
     try:
@@ -161,6 +186,7 @@ def environment(device: torch.device, model_path) -> dict:
         "git_dirty": None if status is None else bool(status),
         "device_type": device.type,
         "cpu": cpu_model(),
+        "cpu_id": cpu_identity(),
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "python": platform.python_version(),
@@ -428,6 +454,9 @@ def main(argv=None, prog: str = "python bench/run.py") -> int:
     out = progress.write
     machine = env["device"]
     if kind == "cpu":
+        cpu_id = env["cpu_id"]
+        if "family" in cpu_id and "model" in cpu_id:
+            machine += f", family {cpu_id['family']} model {cpu_id['model']}"
         machine += (f", {env['cpu_count']} cores | CPU loops: "
                     f"{env['cpu_isa'] or 'none (compiled ops not loaded)'}")
     out(f"# flame_ext benchmark | {machine} | torch {env['torch']}"
