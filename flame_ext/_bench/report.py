@@ -39,6 +39,8 @@ def markdown(data: dict, cases: Optional[List[str]] = None,
     dirty = "+dirty" if env.get("git_dirty") else ""
     lines = [
         f"Machine: {env['device']}"
+        + (", family {family} model {model}".format(**env["cpu_id"])
+           if {"family", "model"} <= set(env.get("cpu_id", {})) else "")
         + (f", {env['cpu_count']} cores" if env["device_type"] == "cpu" else "")
         + (f", CPU loops {env['cpu_isa']}"
            if env["device_type"] == "cpu" and env.get("cpu_isa") else "")
