@@ -56,6 +56,7 @@ def test_quick_run_writes_the_environment(quick_run):
     if os.path.exists("/proc/cpuinfo") and platform.machine() == "x86_64":
         cpu_id = env["cpu_id"]
         assert cpu_id["vendor"] and cpu_id["family"].isdigit() and cpu_id["model"].isdigit()
+        assert run.cpu_generation(env) == f", family {cpu_id['family']} model {cpu_id['model']}"
     assert env["cpu_isa"] in (("avx512", "avx2", "baseline") if _ops.available() else (None,))
     assert env["torch"] == torch.__version__
     # The file name carries the device and the date.

@@ -18,6 +18,7 @@ from typing import List, Optional
 
 from .cases import PEERS
 from .floor import describe_rates
+from .run import cpu_generation
 from .targets import format_speed_checks
 from .timing import format_time
 
@@ -38,9 +39,7 @@ def markdown(data: dict, cases: Optional[List[str]] = None,
     rates = data["device_rates"]
     dirty = "+dirty" if env.get("git_dirty") else ""
     lines = [
-        f"Machine: {env['device']}"
-        + (", family {family} model {model}".format(**env["cpu_id"])
-           if {"family", "model"} <= set(env.get("cpu_id", {})) else "")
+        f"Machine: {env['device']}{cpu_generation(env)}"
         + (f", {env['cpu_count']} cores" if env["device_type"] == "cpu" else "")
         + (f", CPU loops {env['cpu_isa']}"
            if env["device_type"] == "cpu" and env.get("cpu_isa") else "")

@@ -131,17 +131,6 @@ def _git(*args) -> Optional[str]:
         return None
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 # The /proc/cpuinfo fields that tell CPU generations apart where a virtual machine shows
 # only a generic model name ("AMD EPYC"): the same name covers Zen 4 (family 25) and Zen 5
 # (family 26), whose loops run at different rates.
@@ -149,22 +138,39 @@ _CPU_ID_FIELDS = {"vendor_id": "vendor", "cpu family": "family", "model": "model
                   "stepping": "stepping", "cache size": "cache"}
 
 
-def cpu_identity() -> Dict[str, str]:
-    """Vendor, family, model, stepping and cache of the first CPU in /proc/cpuinfo ({}
-    where there is none)."""
-    found: Dict[str, str] = {}
+def _first_cpuinfo_block() -> Dict[str, str]:
+    """The fields of the first processor in /proc/cpuinfo ({} where there is none)."""
+    fields: Dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if not line.strip():
                     break  # the end of the first processor's block
                 key, _, value = line.partition(":")
-                name = _CPU_ID_FIELDS.get(key.strip())
-                if name:
-                    found[name] = value.strip()
+                fields[key.strip()] = value.strip()
     except OSError:
         pass
-    return found
+    return fields
+
+
+def cpu_model() -> str:
+    return (_first_cpuinfo_block().get("model name") or platform.processor()
+            or platform.machine())
+
+
+def cpu_identity() -> Dict[str, str]:
+    """Vendor, family, model, stepping and cache of the first CPU, those cpuinfo gives."""
+    fields = _first_cpuinfo_block()
+    return {name: fields[key] for key, name in _CPU_ID_FIELDS.items() if key in fields}
+
+
+def cpu_generation(env: dict) -> str:
+    """', family F model M' of a results environment's CPU, or '' where it was not read
+    (results written before it was recorded, or no /proc/cpuinfo)."""
+    cpu_id = env.get("cpu_id", {})
+    if "family" in cpu_id and "model" in cpu_id:
+        return f", family {cpu_id['family']} model {cpu_id['model']}"
+    return ""
 
 
 def _load_average() -> Optional[List[float]]:
@@ -454,10 +460,7 @@ def main(argv=None, prog: str = "python bench/run.py") -> int:
     out = progress.write
     machine = env["device"]
     if kind == "cpu":
-        cpu_id = env["cpu_id"]
-        if "family" in cpu_id and "model" in cpu_id:
-            machine += f", family {cpu_id['family']} model {cpu_id['model']}"
-        machine += (f", {env['cpu_count']} cores | CPU loops: "
+        machine += (f"{cpu_generation(env)}, {env['cpu_count']} cores | CPU loops: "
                     f"{env['cpu_isa'] or 'none (compiled ops not loaded)'}")
     out(f"# flame_ext benchmark | {machine} | torch {env['torch']}"
         f"{' cuda ' + env['cuda'] if env['cuda'] and kind == 'cuda' else ''} | "
