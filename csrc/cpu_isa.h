@@ -8,7 +8,8 @@
 //
 // Two ways of compiling the wider builds, depending on the compiler:
 // - FLAME_EXT_ISA_TARGET_ATTRIBUTE (GCC and Clang on x86): per-function
-//   `__attribute__((target(...)))`, as FLAME_TARGET_AVX2 below (skin's vertex loops);
+//   `__attribute__((target(...)))`, as FLAME_TARGET_AVX2 / FLAME_TARGET_AVX512 below
+//   (skin's vertex loops);
 // - FLAME_EXT_ISA_TARGET_PRAGMA (g++ on x86-64 only): `#pragma GCC target` around a whole
 //   included file of loops (blend's), which Clang does not honour.
 // A family reports to cpu_isa() only the builds it compiled: where it has none, it runs
@@ -21,6 +22,7 @@
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define FLAME_EXT_ISA_TARGET_ATTRIBUTE 1
 #define FLAME_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define FLAME_TARGET_AVX512 __attribute__((target("avx512f,avx512dq,avx512vl,avx2,fma")))
 #endif
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define FLAME_EXT_ISA_TARGET_PRAGMA 1

@@ -16,7 +16,9 @@ namespace flame_ext {
 // Skinning works on the rows of 4x4 transforms. row_t holds one row (4 scalars) and needs
 // only row + row, row * row (elementwise), row * scalar and [i]: Row4 below on the GPU,
 // a SIMD vector type on the CPU (skin_cpu.cpp), so one vertex costs a few vector
-// instructions there while the math stays written once.
+// instructions there while the math stays written once. The CPU's AVX-512 forward turns
+// it the other way round: scalar_t is a vector of 16 vertices' scalars (8 in float64)
+// and row_t a Row4 of those, so that each instruction works for 16 vertices.
 template <typename scalar_t>
 struct alignas(4 * sizeof(scalar_t)) Row4 {
   scalar_t v[4];
@@ -45,6 +47,13 @@ FLAME_HD Row4<scalar_t>& operator+=(Row4<scalar_t>& a, const Row4<scalar_t>& b) 
   return a;
 }
 
+// The scalar 1. skin_cpu.cpp's AVX-512 loop runs these functions with scalar_t a SIMD
+// vector holding one scalar of each of several vertices, and specializes this for it.
+template <typename scalar_t>
+FLAME_HD scalar_t unit() {
+  return scalar_t(1);
+}
+
 template <typename scalar_t, typename row_t>
 FLAME_HD scalar_t row_dot(const row_t& a, const row_t& b) {
   const row_t p = a * b;
@@ -69,7 +78,7 @@ template <int kRows, typename scalar_t, typename row_t>
 FLAME_HD void skin_vertex(const scalar_t* v_posed, const scalar_t* weights,
                           const row_t* transforms, int num_joints, scalar_t* v_out, row_t* t) {
   blend_rows<kRows>(weights, transforms, num_joints, t);
-  const row_t h = {v_posed[0], v_posed[1], v_posed[2], scalar_t(1)};
+  const row_t h = {v_posed[0], v_posed[1], v_posed[2], unit<scalar_t>()};
   for (int r = 0; r < 3; ++r) v_out[r] = row_dot<scalar_t>(t[r], h);
 }
 
@@ -88,7 +97,7 @@ FLAME_HD void skin_vertex_backward(const scalar_t* grad_v, const row_t* grad_ver
   // Lane k of t[0] g0 + t[1] g1 + t[2] g2 is sum_r T[r][k] g_r; lane 3 is unused.
   const row_t g = t[0] * grad_v[0] + t[1] * grad_v[1] + t[2] * grad_v[2];
   for (int k = 0; k < 3; ++k) grad_v_posed[k] = g[k];
-  const row_t h = {v_posed[0], v_posed[1], v_posed[2], scalar_t(1)};
+  const row_t h = {v_posed[0], v_posed[1], v_posed[2], unit<scalar_t>()};
   for (int r = 0; r < 3; ++r) grad_t[r] = h * grad_v[r];
   if (kHasGradT) {
     for (int r = 0; r < 3; ++r) grad_t[r] += grad_vertex_transform[r];

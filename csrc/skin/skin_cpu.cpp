@@ -1,6 +1,7 @@
 // CPU implementation of the skin op family: skin (+ backward), one vertex per loop
-// iteration. The math is in skin.h; this file checks inputs, splits the work over threads
-// and, for the reduction of grad_transforms over vertices, fixes the summation order.
+// iteration, or with AVX-512 one vector of 16 vertices (8 in float64) per iteration. The
+// math is in skin.h; this file checks inputs, splits the work over threads and, for the
+// reduction of grad_transforms over vertices, fixes the summation order.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -11,7 +12,15 @@
 #include <cstring>
 #include <tuple>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include "cpu_isa.h"
+// The AVX-512 loops below instantiate skin.h's functions for 64-byte vectors; flatten
+// inlines every call into AVX-512 code, so GCC's note that such a function's ABI differs
+// without AVX-512 concerns no call that is made.
+#pragma GCC diagnostic ignored "-Wpsabi"
 #include "skin/skin.h"
 #include "skin/skin_checks.h"
 
@@ -128,6 +137,254 @@ FLAME_TARGET_AVX2 void skin_backward_run_avx2(const scalar_t* gv, const scalar_t
 }
 #endif
 
+#if defined(FLAME_EXT_ISA_TARGET_ATTRIBUTE) && defined(__x86_64__)
+#define FLAME_SKIN_AVX512 1
+bool use_avx512() { return cpu_isa() >= Isa::kAvx512; }
+#else
+#define FLAME_SKIN_AVX512 0
+#endif
+
+#if FLAME_SKIN_AVX512
+// The AVX-512 loops (forward without vertex_transforms, the common case: FlameShape
+// returns the vertices only; backward without their gradient) put kLanes vertices of one
+// sample side by side, one per lane, and run skin.h's per-vertex functions on whole
+// vectors: scalar_t is the vector of the lanes' scalars and a transform entry is broadcast
+// to every lane, so each lane's arithmetic is the 4-wide loop's, in the same order. A task
+// takes a tile of vertices for a run of samples: the tile's weights are transposed to
+// lane order once and reused for every sample. (With vertex_transforms, or their
+// gradient, the 4-wide loop's rows are already the layout in memory.)
+constexpr int kTile = 128;      // vertices per forward task; a multiple of kLanes
+constexpr int kSampleRun = 16;  // samples per task
+
+template <typename scalar_t>
+struct Lanes;
+template <>
+struct Lanes<float> {
+  typedef float vec __attribute__((vector_size(64)));
+  using index = int32_t;
+  static constexpr int kLanes = 16;
+  FLAME_TARGET_AVX512 static vec load(const float* p) { return _mm512_loadu_ps(p); }
+  FLAME_TARGET_AVX512 static void store(float* p, vec x) { _mm512_storeu_ps(p, x); }
+  FLAME_TARGET_AVX512 static vec splat(float s) { return _mm512_set1_ps(s); }
+  // Lane i of the result: lane idx[i] of the 2 kLanes lanes of (a, b).
+  FLAME_TARGET_AVX512 static vec permute(vec a, const index* idx, vec b) {
+    return _mm512_permutex2var_ps(a, _mm512_loadu_si512(idx), b);
+  }
+};
+template <>
+struct Lanes<double> {
+  typedef double vec __attribute__((vector_size(64)));
+  using index = int64_t;
+  static constexpr int kLanes = 8;
+  FLAME_TARGET_AVX512 static vec load(const double* p) { return _mm512_loadu_pd(p); }
+  FLAME_TARGET_AVX512 static void store(double* p, vec x) { _mm512_storeu_pd(p, x); }
+  FLAME_TARGET_AVX512 static vec splat(double s) { return _mm512_set1_pd(s); }
+  FLAME_TARGET_AVX512 static vec permute(vec a, const index* idx, vec b) {
+    return _mm512_permutex2var_pd(a, _mm512_loadu_si512(idx), b);
+  }
+};
+
+}  // namespace
+template <>
+FLAME_TARGET_AVX512 inline Lanes<float>::vec unit<Lanes<float>::vec>() {
+  return _mm512_set1_ps(1.0f);
+}
+template <>
+FLAME_TARGET_AVX512 inline Lanes<double>::vec unit<Lanes<double>::vec>() {
+  return _mm512_set1_pd(1.0);
+}
+namespace {
+
+// Index vectors that turn kLanes (x, y, z) triples, three vectors as they lie in memory,
+// into one vector per coordinate and back, two two-source permutes per vector. Position
+// p = 3 l + c of the triples is coordinate c of lane l.
+template <typename index, int L>
+struct TripleShuffles {
+  index split_ab[3][L], split_c[3][L];  // coordinate c from (vector 0, vector 1), then 2
+  index join_xy[3][L], join_z[3][L];    // memory vector m from (x, y), then z
+  constexpr TripleShuffles() : split_ab{}, split_c{}, join_xy{}, join_z{} {
+    for (int c = 0; c < 3; ++c)
+      for (int l = 0; l < L; ++l) {
+        const int p = 3 * l + c;
+        split_ab[c][l] = p < 2 * L ? p : 0;
+        split_c[c][l] = p < 2 * L ? l : L + p - 2 * L;
+      }
+    for (int m = 0; m < 3; ++m)
+      for (int i = 0; i < L; ++i) {
+        const int q = m * L + i, l = q / 3, c = q % 3;
+        join_xy[m][i] = c == 0 ? l : c == 1 ? L + l : 0;
+        join_z[m][i] = c == 2 ? L + l : i;
+      }
+  }
+};
+
+// The lanes' (x, y, z) of `lanes` <= kLanes triples at src (the missing lanes 0) into p.
+template <typename scalar_t, typename vec = typename Lanes<scalar_t>::vec>
+FLAME_TARGET_AVX512 FLAME_ALWAYS_INLINE void load_triples(const scalar_t* src, int lanes,
+                                                          vec* p) {
+  using L = Lanes<scalar_t>;
+  constexpr int kLanes = L::kLanes;
+  static constexpr TripleShuffles<typename L::index, kLanes> shuffle{};
+  alignas(64) scalar_t tail[3 * kLanes];
+  if (lanes < kLanes) {
+    std::memset(tail, 0, sizeof(tail));
+    std::memcpy(tail, src, sizeof(scalar_t) * 3 * lanes);
+    src = tail;
+  }
+  const vec m0 = L::load(src), m1 = L::load(src + kLanes), m2 = L::load(src + 2 * kLanes);
+  for (int c = 0; c < 3; ++c)
+    p[c] = L::permute(L::permute(m0, shuffle.split_ab[c], m1), shuffle.split_c[c], m2);
+}
+
+// The reverse: the first `lanes` triples of p written to dst.
+template <typename scalar_t, typename vec = typename Lanes<scalar_t>::vec>
+FLAME_TARGET_AVX512 FLAME_ALWAYS_INLINE void store_triples(const vec* p, int lanes,
+                                                           scalar_t* dst) {
+  using L = Lanes<scalar_t>;
+  constexpr int kLanes = L::kLanes;
+  static constexpr TripleShuffles<typename L::index, kLanes> shuffle{};
+  alignas(64) scalar_t tail[3 * kLanes];
+  scalar_t* to = lanes < kLanes ? tail : dst;
+  for (int m = 0; m < 3; ++m)
+    L::store(to + m * kLanes, L::permute(L::permute(p[0], shuffle.join_xy[m], p[1]),
+                                         shuffle.join_z[m], p[2]));
+  if (lanes < kLanes) std::memcpy(dst, tail, sizeof(scalar_t) * 3 * lanes);
+}
+
+// weights[block * nj + j] = weight j of the kLanes vertices of block `block` of the n
+// vertices from v0 (0 past the end).
+template <typename scalar_t, typename vec = typename Lanes<scalar_t>::vec>
+FLAME_TARGET_AVX512 FLAME_ALWAYS_INLINE void transpose_weights(const scalar_t* w, int nj,
+                                                               int64_t v0, int n, vec* weights) {
+  constexpr int kLanes = Lanes<scalar_t>::kLanes;
+  for (int blk = 0; blk * kLanes < n; ++blk)
+    for (int j = 0; j < nj; ++j) {
+      alignas(64) scalar_t lane_w[kLanes];
+      for (int l = 0; l < kLanes; ++l) {
+        const int v = blk * kLanes + l;
+        lane_w[l] = v < n ? w[(v0 + v) * nj + j] : scalar_t(0);
+      }
+      weights[blk * nj + j] = Lanes<scalar_t>::load(lane_w);
+    }
+}
+
+// The sum of x's lanes, halving the vector each step (lane i + its partner half a width
+// up): the same order on every call.
+template <typename scalar_t, typename vec = typename Lanes<scalar_t>::vec>
+FLAME_TARGET_AVX512 FLAME_ALWAYS_INLINE scalar_t lane_sum(vec x) {
+  alignas(64) scalar_t lanes[Lanes<scalar_t>::kLanes];
+  Lanes<scalar_t>::store(lanes, x);
+  for (int width = Lanes<scalar_t>::kLanes / 2; width > 0; width /= 2)
+    for (int i = 0; i < width; ++i) lanes[i] += lanes[i + width];
+  return lanes[0];
+}
+
+// One sample's J transforms (16 J scalars) as rows of broadcast entries.
+template <typename scalar_t, typename vec = typename Lanes<scalar_t>::vec>
+FLAME_TARGET_AVX512 FLAME_ALWAYS_INLINE void broadcast_transforms(const scalar_t* a, int nj,
+                                                                  Row4<vec>* rows) {
+  for (int e = 0; e < 16 * nj; ++e) rows[e / 4][e % 4] = Lanes<scalar_t>::splat(a[e]);
+}
+
+// T_v = sum_j w_j A_j of n vertices, whole 4x4s (16 / kLanes vectors each), written to
+// t_out: the same products and sums, in the same order, as the lanes' rows.
+template <typename scalar_t>
+FLAME_TARGET_AVX512 FLAME_ALWAYS_INLINE void blend_transforms(const scalar_t* a,
+                                                              const scalar_t* w, int nj,
+                                                              int n, scalar_t* t_out) {
+  using L = Lanes<scalar_t>;
+  constexpr int kParts = 16 / L::kLanes;
+  typename L::vec transforms[kParts * kMaxJoints];
+  for (int k = 0; k < kParts * nj; ++k) transforms[k] = L::load(a + k * L::kLanes);
+  for (int v = 0; v < n; ++v, w += nj, t_out += 16)
+    for (int part = 0; part < kParts; ++part) {
+      typename L::vec t = transforms[part] * L::splat(w[0]);
+      for (int j = 1; j < nj; ++j) t += transforms[j * kParts + part] * L::splat(w[j]);
+      L::store(t_out + part * L::kLanes, t);
+    }
+}
+
+// Vertices [v0, v0 + n) (n <= kTile) of samples [b0, b1): v_out = skin(v_posed), and with
+// kRows = 4 the vertex transforms into t_out. flatten: skin.h's functions are inlined, so
+// compiled for AVX-512.
+template <int kRows, typename scalar_t>
+FLAME_TARGET_AVX512 __attribute__((flatten)) void skin_tile_avx512(
+    const scalar_t* vp, const scalar_t* a, const scalar_t* w, int nj, int64_t num_verts,
+    int64_t v0, int n, int64_t b0, int64_t b1, scalar_t* v_out, scalar_t* t_out) {
+  using vec = typename Lanes<scalar_t>::vec;
+  constexpr int kLanes = Lanes<scalar_t>::kLanes;
+  vec weights[kTile / kLanes * kMaxJoints];
+  transpose_weights(w, nj, v0, n, weights);
+  for (int64_t b = b0; b < b1; ++b) {
+    Row4<vec> rows[4 * kMaxJoints];
+    broadcast_transforms(a + b * 16 * nj, nj, rows);
+    const int64_t i0 = 3 * (b * num_verts + v0);
+    for (int blk = 0; blk * kLanes < n; ++blk) {
+      const int lanes = std::min(kLanes, n - blk * kLanes);
+      vec p[3], out[3];
+      load_triples(vp + i0 + 3 * kLanes * blk, lanes, p);
+      Row4<vec> t[3];
+      skin_vertex<3>(p, weights + blk * nj, rows, nj, out, t);
+      store_triples(out, lanes, v_out + i0 + 3 * kLanes * blk);
+    }
+    if (kRows == 4)
+      blend_transforms(a + b * 16 * nj, w + v0 * nj, nj, n, t_out + 16 * (b * num_verts + v0));
+  }
+}
+
+// Backward of chunk `chunk` (kReduceChunk vertices from v0, n of them) of samples
+// [b0, b1), without grad_vertex_transforms: grad_v_posed, and per sample the chunk's sum
+// of its vertices' contributions to grad_transforms into partials[b * chunks + chunk]
+// (16 J; the bottom rows get none: 0). Each lane sums its own vertices in vertex order,
+// then the lanes are summed: a fixed order, whatever the thread count.
+template <typename scalar_t>
+FLAME_TARGET_AVX512 __attribute__((flatten)) void skin_backward_chunk_avx512(
+    const scalar_t* gv, const scalar_t* vp, const scalar_t* a, const scalar_t* w, int nj,
+    int64_t num_verts, int64_t chunk, int64_t chunks, int n, int64_t b0, int64_t b1,
+    scalar_t* grad_vp, scalar_t* partials) {
+  using vec = typename Lanes<scalar_t>::vec;
+  constexpr int kLanes = Lanes<scalar_t>::kLanes;
+  const int64_t v0 = chunk * kReduceChunk;
+  vec weights[kReduceChunk / kLanes * kMaxJoints];
+  transpose_weights(w, nj, v0, n, weights);
+  for (int64_t b = b0; b < b1; ++b) {
+    Row4<vec> rows[4 * kMaxJoints], acc[4 * kMaxJoints];
+    broadcast_transforms(a + b * 16 * nj, nj, rows);
+    for (int e = 0; e < 16 * nj; ++e) acc[e / 4][e % 4] = vec{};
+    const int64_t i0 = 3 * (b * num_verts + v0);
+    for (int blk = 0; blk * kLanes < n; ++blk) {
+      const int lanes = std::min(kLanes, n - blk * kLanes);
+      const int64_t at = i0 + 3 * kLanes * blk;
+      vec g[3], p[3], grad_p[3];
+      load_triples(gv + at, lanes, g);
+      load_triples(vp + at, lanes, p);
+      Row4<vec> grad_t[4];
+      skin_vertex_backward<false>(g, static_cast<const Row4<vec>*>(nullptr), p,
+                                  weights + blk * nj, rows, nj, grad_p, grad_t);
+      accumulate_joint_grads<3>(weights + blk * nj, grad_t, nj, acc);
+      store_triples(grad_p, lanes, grad_vp + at);
+    }
+    scalar_t* out = partials + (b * chunks + chunk) * 16 * nj;
+    for (int e = 0; e < 16 * nj; ++e) out[e] = lane_sum<scalar_t>(acc[e / 4][e % 4]);
+  }
+}
+
+// Tasks of (run of samples, tile of vertices) for a loop over tiles of `tile` vertices:
+// fn(tile index, b0, b1), every task about kVertexGrain vertex-samples or more.
+template <typename Fn>
+void for_each_sample_run(int64_t batch, int64_t tiles, int64_t tile, const Fn& fn) {
+  const int64_t run = std::min<int64_t>(batch, kSampleRun);
+  const int64_t runs = (batch + run - 1) / run;
+  const int64_t grain = std::max<int64_t>(1, kVertexGrain / (tile * run));
+  at::parallel_for(0, runs * tiles, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b0 = (task / tiles) * run;
+      fn(task % tiles, b0, std::min(batch, b0 + run));
+    }
+  });
+}
+#endif
+
 template <int kRows, typename scalar_t>
 auto pick_skin_run() {
 #if FLAME_SKIN_AVX2
@@ -147,6 +404,17 @@ auto pick_skin_backward_run() {
 template <int kRows, typename scalar_t>
 void skin_loop(const scalar_t* vp, const scalar_t* a, const scalar_t* w, int64_t batch,
                int64_t num_verts, int nj, scalar_t* v_out, scalar_t* t_out) {
+#if FLAME_SKIN_AVX512
+  if (use_avx512()) {
+    const int64_t tiles = (num_verts + kTile - 1) / kTile;
+    for_each_sample_run(batch, tiles, kTile, [&](int64_t tile, int64_t b0, int64_t b1) {
+      const int64_t v0 = tile * kTile;
+      const int n = static_cast<int>(std::min<int64_t>(kTile, num_verts - v0));
+      skin_tile_avx512<kRows>(vp, a, w, nj, num_verts, v0, n, b0, b1, v_out, t_out);
+    });
+    return;
+  }
+#endif
   const auto run = pick_skin_run<kRows, scalar_t>();
   at::parallel_for(0, batch * num_verts, kVertexGrain, [&](int64_t begin, int64_t end) {
     for_each_vertex_run(begin, end, num_verts, [&](int64_t b, int64_t v0, int64_t v1) {
@@ -194,18 +462,31 @@ template <bool kHasGradT, typename scalar_t>
 void skin_backward_loop(const scalar_t* gv, const scalar_t* gvt, const scalar_t* vp,
                         const scalar_t* a, const scalar_t* w, int64_t batch, int64_t num_verts,
                         int nj, scalar_t* grad_vp, scalar_t* partials, scalar_t* grad_a) {
-  const auto run = pick_skin_backward_run<kHasGradT, scalar_t>();
   const int64_t chunks = (num_verts + kReduceChunk - 1) / kReduceChunk;
   const int64_t width = 16 * nj;
-  at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / chunks, v0 = (task % chunks) * kReduceChunk;
-      const int64_t v1 = std::min(num_verts, v0 + kReduceChunk);
-      const int64_t i = b * num_verts + v0;
-      run(gv + 3 * i, kHasGradT ? gvt + 16 * i : nullptr, vp + 3 * i, w + v0 * nj,
-          a + b * width, nj, v1 - v0, grad_vp + 3 * i, partials + task * width);
-    }
-  });
+  // Partial sums of grad_transforms per (sample, chunk), and grad_v_posed.
+  const auto four_wide = [&] {
+    const auto run = pick_skin_backward_run<kHasGradT, scalar_t>();
+    at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / chunks, v0 = (task % chunks) * kReduceChunk;
+        const int64_t v1 = std::min(num_verts, v0 + kReduceChunk);
+        const int64_t i = b * num_verts + v0;
+        run(gv + 3 * i, kHasGradT ? gvt + 16 * i : nullptr, vp + 3 * i, w + v0 * nj,
+            a + b * width, nj, v1 - v0, grad_vp + 3 * i, partials + task * width);
+      }
+    });
+  };
+#if FLAME_SKIN_AVX512
+  if (!kHasGradT && use_avx512()) {
+    for_each_sample_run(batch, chunks, kReduceChunk, [&](int64_t chunk, int64_t b0, int64_t b1) {
+      const int n = static_cast<int>(std::min(kReduceChunk, num_verts - chunk * kReduceChunk));
+      skin_backward_chunk_avx512(gv, vp, a, w, nj, num_verts, chunk, chunks, n, b0, b1,
+                                 grad_vp, partials);
+    });
+  } else
+#endif
+    four_wide();
   at::parallel_for(0, batch, 16, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       scalar_t* out = grad_a + b * width;
