@@ -131,22 +131,26 @@ def test_skin_grad_matches_reference(ops, device):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("with_t", [False, True], ids=["v", "v+T"])
 @pytest.mark.parametrize("num_joints", [1, 5, 16])
-def test_skin_vector_loop_edges(ops, device, dtype, num_joints):
+def test_skin_vector_loop_edges(ops, device, dtype, num_joints, with_t):
     """Sizes at the edges of the CPU's vertex-parallel loops (16 or 8 vertices per vector,
     tiles of 128 and chunks of 512 vertices, runs of 16 samples): 37 samples (two full runs
-    and a partial one) of 1100 vertices (partial tiles, chunks and vectors), v and the
-    gradients without a gradient for T, against the float64 reference."""
+    and a partial one) of 1100 vertices (partial tiles, chunks and vectors); v (and T) and
+    the gradients from v (and T), against the float64 reference."""
     v_posed, transforms, weights = skin_inputs(37, 1100, num_joints, dtype, device, seed=3)
     gen = torch.Generator().manual_seed(11)
-    grad_v = torch.randn(37, 1100, 3, generator=gen, dtype=torch.float64)
+    grads = [torch.randn(37, 1100, 3, generator=gen, dtype=torch.float64)]
+    if with_t:
+        grads.append(torch.randn(37, 1100, 4, 4, generator=gen, dtype=torch.float64))
     leaves = [x.clone().requires_grad_(True) for x in (v_posed, transforms)]
-    v, _ = _ops().skin(*leaves, weights, False)
-    got = torch.autograd.grad(v, leaves, grad_v.to(device, dtype))
+    outs = _ops().skin(*leaves, weights, with_t)[: len(grads)]
+    got = torch.autograd.grad(outs, leaves, [g.to(device, dtype) for g in grads])
     exact = [x.double().requires_grad_(True) for x in (v_posed, transforms)]
-    want_v, _ = reference.skin(*exact, weights.double(), False)
-    want = torch.autograd.grad(want_v, exact, grad_v.to(device))
-    assert_close_to_reference(v, want_v, dtype, F32_SKIN_TOL)
+    wants = reference.skin(*exact, weights.double(), with_t)[: len(grads)]
+    want = torch.autograd.grad(wants, exact, [g.to(device) for g in grads])
+    for out, want_out in zip(outs, wants):
+        assert_close_to_reference(out, want_out, dtype, F32_SKIN_TOL)
     assert_close_to_reference(got[0], want[0], dtype, F32_SKIN_TOL)
     # grad_transforms sums 1100 vertices' products of |.| ~ 1: the float32 error grows
     # with the count (~sqrt(1100) eps32 per unit of the sum's magnitude, ~30).

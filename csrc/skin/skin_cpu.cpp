@@ -145,14 +145,13 @@ bool use_avx512() { return cpu_isa() >= Isa::kAvx512; }
 #endif
 
 #if FLAME_SKIN_AVX512
-// The AVX-512 loops (forward without vertex_transforms, the common case: FlameShape
-// returns the vertices only; backward without their gradient) put kLanes vertices of one
-// sample side by side, one per lane, and run skin.h's per-vertex functions on whole
-// vectors: scalar_t is the vector of the lanes' scalars and a transform entry is broadcast
-// to every lane, so each lane's arithmetic is the 4-wide loop's, in the same order. A task
-// takes a tile of vertices for a run of samples: the tile's weights are transposed to
-// lane order once and reused for every sample. (With vertex_transforms, or their
-// gradient, the 4-wide loop's rows are already the layout in memory.)
+// The AVX-512 loops put kLanes vertices of one sample side by side, one per lane, and run
+// skin.h's per-vertex functions on whole vectors: scalar_t is the vector of the lanes'
+// scalars and a transform entry is broadcast to every lane, so each lane's arithmetic is
+// the 4-wide loop's, in the same order. A task takes a tile of vertices for a run of
+// samples: the tile's weights are transposed to lane order once and reused for every
+// sample. The vertex transforms (and their gradient), 16 scalars per vertex in memory,
+// are handled a whole 4x4 per vector instead.
 constexpr int kTile = 128;      // vertices per forward task; a multiple of kLanes
 constexpr int kSampleRun = 16;  // samples per task
 
@@ -333,24 +332,29 @@ FLAME_TARGET_AVX512 __attribute__((flatten)) void skin_tile_avx512(
 }
 
 // Backward of chunk `chunk` (kReduceChunk vertices from v0, n of them) of samples
-// [b0, b1), without grad_vertex_transforms: grad_v_posed, and per sample the chunk's sum
-// of its vertices' contributions to grad_transforms into partials[b * chunks + chunk]
-// (16 J; the bottom rows get none: 0). Each lane sums its own vertices in vertex order,
-// then the lanes are summed: a fixed order, whatever the thread count.
-template <typename scalar_t>
+// [b0, b1): grad_v_posed, and per sample the chunk's sum of its vertices' contributions
+// to grad_transforms into partials[b * chunks + chunk] (16 J). The grad_v (x) [v_posed; 1]
+// part is summed lane-parallel, each lane over its own vertices in vertex order, then
+// over the lanes; with kHasGradT the w_j grad_vertex_transform part is summed per vertex,
+// whole 4x4s, as in blend_transforms (without it the bottom rows get no gradient: 0). A
+// fixed order, whatever the thread count.
+template <bool kHasGradT, typename scalar_t>
 FLAME_TARGET_AVX512 __attribute__((flatten)) void skin_backward_chunk_avx512(
-    const scalar_t* gv, const scalar_t* vp, const scalar_t* a, const scalar_t* w, int nj,
-    int64_t num_verts, int64_t chunk, int64_t chunks, int n, int64_t b0, int64_t b1,
-    scalar_t* grad_vp, scalar_t* partials) {
-  using vec = typename Lanes<scalar_t>::vec;
-  constexpr int kLanes = Lanes<scalar_t>::kLanes;
+    const scalar_t* gv, const scalar_t* gvt, const scalar_t* vp, const scalar_t* a,
+    const scalar_t* w, int nj, int64_t num_verts, int64_t chunk, int64_t chunks, int n,
+    int64_t b0, int64_t b1, scalar_t* grad_vp, scalar_t* partials) {
+  using L = Lanes<scalar_t>;
+  using vec = typename L::vec;
+  constexpr int kLanes = L::kLanes, kParts = 16 / kLanes;
   const int64_t v0 = chunk * kReduceChunk;
   vec weights[kReduceChunk / kLanes * kMaxJoints];
   transpose_weights(w, nj, v0, n, weights);
   for (int64_t b = b0; b < b1; ++b) {
     Row4<vec> rows[4 * kMaxJoints], acc[4 * kMaxJoints];
+    vec acc_t[kParts * kMaxJoints];  // with kHasGradT: sum_v w_vj grad_vertex_transform_v
     broadcast_transforms(a + b * 16 * nj, nj, rows);
     for (int e = 0; e < 16 * nj; ++e) acc[e / 4][e % 4] = vec{};
+    for (int k = 0; k < kParts * nj; ++k) acc_t[k] = vec{};
     const int64_t i0 = 3 * (b * num_verts + v0);
     for (int blk = 0; blk * kLanes < n; ++blk) {
       const int lanes = std::min(kLanes, n - blk * kLanes);
@@ -363,9 +367,24 @@ FLAME_TARGET_AVX512 __attribute__((flatten)) void skin_backward_chunk_avx512(
                                   weights + blk * nj, rows, nj, grad_p, grad_t);
       accumulate_joint_grads<3>(weights + blk * nj, grad_t, nj, acc);
       store_triples(grad_p, lanes, grad_vp + at);
+      if (kHasGradT)
+        for (int l = 0; l < lanes; ++l) {
+          const int64_t v = v0 + blk * kLanes + l;
+          const scalar_t* gt = gvt + 16 * (b * num_verts + v);
+          for (int part = 0; part < kParts; ++part) {
+            const vec x = L::load(gt + part * kLanes);
+            for (int j = 0; j < nj; ++j) acc_t[j * kParts + part] += x * L::splat(w[v * nj + j]);
+          }
+        }
     }
     scalar_t* out = partials + (b * chunks + chunk) * 16 * nj;
     for (int e = 0; e < 16 * nj; ++e) out[e] = lane_sum<scalar_t>(acc[e / 4][e % 4]);
+    if (kHasGradT)
+      for (int k = 0; k < kParts * nj; ++k) {
+        alignas(64) scalar_t part[kLanes];
+        L::store(part, acc_t[k]);
+        for (int l = 0; l < kLanes; ++l) out[k * kLanes + l] += part[l];
+      }
   }
 }
 
@@ -478,11 +497,11 @@ void skin_backward_loop(const scalar_t* gv, const scalar_t* gvt, const scalar_t*
     });
   };
 #if FLAME_SKIN_AVX512
-  if (!kHasGradT && use_avx512()) {
+  if (use_avx512()) {
     for_each_sample_run(batch, chunks, kReduceChunk, [&](int64_t chunk, int64_t b0, int64_t b1) {
       const int n = static_cast<int>(std::min(kReduceChunk, num_verts - chunk * kReduceChunk));
-      skin_backward_chunk_avx512(gv, vp, a, w, nj, num_verts, chunk, chunks, n, b0, b1,
-                                 grad_vp, partials);
+      skin_backward_chunk_avx512<kHasGradT>(gv, gvt, vp, a, w, nj, num_verts, chunk, chunks,
+                                            n, b0, b1, grad_vp, partials);
     });
   } else
 #endif
