@@ -210,3 +210,27 @@ def test_cuda_out_of_range_frames_are_nan_without_a_sync(quiet):
     torch.testing.assert_close(v[keep], good[keep])
     torch.autograd.grad(v[keep].sum(), [leaves["shape"]])  # no device assert
     torch.cuda.synchronize()
+
+
+def test_identity_rows_sum_gradients_in_frame_order():
+    """On the CPU each row's gradient is the sum of its frames' gradients in frame order,
+    bit for bit and for any thread count (frames out of order, magnitudes 1e-3..1e3 so
+    that another order rounds differently)."""
+    from flame_ext._parametric import identity_rows
+
+    gen = torch.Generator().manual_seed(0)
+    frames = 64
+    identity = torch.randperm(frames, generator=gen) * 8 // frames
+    rows = torch.randn(8, 999, generator=gen, requires_grad=True)
+    grad = torch.randn(frames, 999, generator=gen) * torch.logspace(-3, 3, frames)[:, None]
+    want = torch.zeros(8, 999)
+    for frame in range(frames):
+        want[identity[frame]] += grad[frame]
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 4):
+            torch.set_num_threads(n)
+            (got,) = torch.autograd.grad(identity_rows(rows, identity), rows, grad)
+            assert torch.equal(got, want)
+    finally:
+        torch.set_num_threads(threads)
