@@ -138,6 +138,10 @@ def test_shape_floor_counts_each_array_once():
     assert with_R.bytes - fwd.bytes == 4 * 4 * 16 * 2 and with_R.flops == fwd.flops
     shared = floor.shape_cost(d, 4, shared=True, backward=False, with_R=False)
     assert shared.bytes == 4 * (model + 1 + 4 * (2 + 6) + 4 * 6)
+    # 3 identity rows, one picked per frame: 3 shape rows, 4 int64 indices, 3 blends
+    ids = floor.shape_cost(d, 4, shared=True, backward=False, with_R=False, identities=3)
+    assert ids.bytes == shared.bytes + 4 * 2 * d.n_shape + 4 * floor.INDEX_BYTES
+    assert ids.flops == shared.flops + 2 * 2 * 6 * d.n_shape
     both = floor.shape_cost(d, 4, shared=False, backward=True, with_R=False)
     assert both.bytes == 2 * fwd.bytes and both.flops == 2 * fwd.flops
 

@@ -90,34 +90,38 @@ def _skin_flops_per_vertex(J: int) -> int:
 
 
 def shape_cost(d: ShapeDims, batch: int, *, shared: bool, backward: bool, with_R: bool,
-               itemsize: int = 4) -> Cost:
+               itemsize: int = 4, identities: int = 1) -> Cost:
     """FlameShape forward (and backward) for `batch` samples.
 
     Forward reads: shape_dirs (3V x K), pose_dirs (P x 3V), v_template (3V), lbs_weights
     (V x J), the joint basis (3J x K + 3J), the inputs (per-sample: B x (K + 3J);
-    shared identity: n_shape + B x (n_expr + 3J)). Writes v (B x 3V) and, with R,
-    the per-vertex transforms (B x 16V).
-    Forward FLOPs: the blend 2 B 3V K (shared: 2 3V n_shape once + 2 B 3V n_expr), the
-    pose correctives 2 B 3V P, the joints 2 B 3J K, skinning B V (24J + 21).
+    shared identity: n_shape + B x (n_expr + 3J); `identities` S > 1 shared rows, one
+    picked per frame: S x n_shape + B x (n_expr + 3J) and the B int64 indices). Writes v
+    (B x 3V) and, with R, the per-vertex transforms (B x 16V).
+    Forward FLOPs: the blend 2 B 3V K (shared: 2 3V n_shape per identity + 2 B 3V n_expr),
+    the pose correctives 2 B 3V P, the joints 2 B 3J K, skinning B V (24J + 21).
     Backward reads grad v (and grad R) and the same model arrays, writes the input
     gradients; FLOPs mirror the forward (the transposed blends, the skinning adjoint,
-    and with R the 16-entry per-joint accumulation 2 B V 16 J; shared: the batch sum of
-    grad v_shaped, B 3V, before one 2 3V n_shape product).
+    and with R the 16-entry per-joint accumulation 2 B V 16 J; shared: the sum over each
+    identity's frames of grad v_shaped, B 3V, before one 2 3V n_shape product per
+    identity).
     Left out: Rodrigues and the joint chain (~300 FLOPs per sample).
     """
     V3, K, B = 3 * d.V, d.K, batch
     model_bytes = (V3 * K + d.P * V3 + V3 + d.V * d.J + 3 * d.J * K + 3 * d.J) * itemsize
+    S = identities
     if shared:
-        input_floats = d.n_shape + B * (d.n_expr + 3 * d.J)
-        blend_flops = 2 * V3 * d.n_shape + 2 * B * V3 * d.n_expr
+        input_floats = S * d.n_shape + B * (d.n_expr + 3 * d.J)
+        blend_flops = 2 * V3 * d.n_shape * S + 2 * B * V3 * d.n_expr
     else:
         input_floats = B * (K + 3 * d.J)
         blend_flops = 2 * B * V3 * K
     output_floats = B * V3 + (B * 16 * d.V if with_R else 0)
     fresh_bytes = fresh(B * V3 * itemsize) + (fresh(B * 16 * d.V * itemsize) if with_R else 0.0)
     per_sample_flops = 2 * V3 * d.P + 2 * 3 * d.J * K + d.V * _skin_flops_per_vertex(d.J)
+    index_bytes = B * INDEX_BYTES if shared and S > 1 else 0
     forward = Cost(
-        bytes=model_bytes + (input_floats + output_floats) * itemsize,
+        bytes=model_bytes + (input_floats + output_floats) * itemsize + index_bytes,
         flops=blend_flops + B * per_sample_flops,
         fresh_bytes=fresh_bytes,
     )
@@ -127,7 +131,7 @@ def shape_cost(d: ShapeDims, batch: int, *, shared: bool, backward: bool, with_R
     if with_R:
         grad_flops += B * d.V * 2 * 16 * d.J
     back = Cost(
-        bytes=model_bytes + (output_floats + input_floats) * itemsize,
+        bytes=model_bytes + (output_floats + input_floats) * itemsize + index_bytes,
         flops=grad_flops,
     )
     return forward + back

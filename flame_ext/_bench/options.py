@@ -90,7 +90,8 @@ def identities_case(models: Models) -> Case:
     dims = models.shape_dims()
     return Case(f"ids{identities}_fwdbwd", description,
                 lambda batch: floor.shape_cost(dims, batch, shared=True, backward=True,
-                                               with_R=False),
+                                               with_R=False,
+                                               identities=min(identities, max(batch, 1))),
                 inputs, runner)
 
 
