@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cstring>
 #include <tuple>
+#include <type_traits>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -155,45 +156,6 @@ bool use_avx512() { return cpu_isa() >= Isa::kAvx512; }
 constexpr int kTile = 128;      // vertices per forward task; a multiple of kLanes
 constexpr int kSampleRun = 16;  // samples per task
 
-template <typename scalar_t>
-struct Lanes;
-template <>
-struct Lanes<float> {
-  typedef float vec __attribute__((vector_size(64)));
-  using index = int32_t;
-  static constexpr int kLanes = 16;
-  FLAME_TARGET_AVX512 static vec load(const float* p) { return _mm512_loadu_ps(p); }
-  FLAME_TARGET_AVX512 static void store(float* p, vec x) { _mm512_storeu_ps(p, x); }
-  FLAME_TARGET_AVX512 static vec splat(float s) { return _mm512_set1_ps(s); }
-  // Lane i of the result: lane idx[i] of the 2 kLanes lanes of (a, b).
-  FLAME_TARGET_AVX512 static vec permute(vec a, const index* idx, vec b) {
-    return _mm512_permutex2var_ps(a, _mm512_loadu_si512(idx), b);
-  }
-};
-template <>
-struct Lanes<double> {
-  typedef double vec __attribute__((vector_size(64)));
-  using index = int64_t;
-  static constexpr int kLanes = 8;
-  FLAME_TARGET_AVX512 static vec load(const double* p) { return _mm512_loadu_pd(p); }
-  FLAME_TARGET_AVX512 static void store(double* p, vec x) { _mm512_storeu_pd(p, x); }
-  FLAME_TARGET_AVX512 static vec splat(double s) { return _mm512_set1_pd(s); }
-  FLAME_TARGET_AVX512 static vec permute(vec a, const index* idx, vec b) {
-    return _mm512_permutex2var_pd(a, _mm512_loadu_si512(idx), b);
-  }
-};
-
-}  // namespace
-template <>
-FLAME_TARGET_AVX512 inline Lanes<float>::vec unit<Lanes<float>::vec>() {
-  return _mm512_set1_ps(1.0f);
-}
-template <>
-FLAME_TARGET_AVX512 inline Lanes<double>::vec unit<Lanes<double>::vec>() {
-  return _mm512_set1_pd(1.0);
-}
-namespace {
-
 // Index vectors that turn kLanes (x, y, z) triples, three vectors as they lie in memory,
 // into one vector per coordinate and back, two two-source permutes per vector. Position
 // p = 3 l + c of the triples is coordinate c of lane l.
@@ -217,38 +179,63 @@ struct TripleShuffles {
   }
 };
 
-// The lanes' (x, y, z) of `lanes` <= kLanes triples at src (the missing lanes 0) into p.
-template <typename scalar_t, typename vec = typename Lanes<scalar_t>::vec>
-FLAME_TARGET_AVX512 FLAME_ALWAYS_INLINE void load_triples(const scalar_t* src, int lanes,
-                                                          vec* p) {
-  using L = Lanes<scalar_t>;
-  constexpr int kLanes = L::kLanes;
-  static constexpr TripleShuffles<typename L::index, kLanes> shuffle{};
-  alignas(64) scalar_t tail[3 * kLanes];
-  if (lanes < kLanes) {
-    std::memset(tail, 0, sizeof(tail));
-    std::memcpy(tail, src, sizeof(scalar_t) * 3 * lanes);
-    src = tail;
+// One AVX-512 vector of scalar_t (16 floats or 8 doubles) and the few operations the loops
+// need on it; arithmetic is the vector extension's operators.
+template <typename scalar_t>
+struct Lanes {
+  typedef scalar_t vec __attribute__((vector_size(64)));
+  using index = std::conditional_t<sizeof(scalar_t) == 4, int32_t, int64_t>;
+  static constexpr int kLanes = 64 / sizeof(scalar_t);
+  static constexpr TripleShuffles<index, kLanes> kTriples{};
+  FLAME_TARGET_AVX512 static vec load(const scalar_t* p) {
+    vec x;
+    std::memcpy(&x, p, sizeof(x));
+    return x;
   }
-  const vec m0 = L::load(src), m1 = L::load(src + kLanes), m2 = L::load(src + 2 * kLanes);
-  for (int c = 0; c < 3; ++c)
-    p[c] = L::permute(L::permute(m0, shuffle.split_ab[c], m1), shuffle.split_c[c], m2);
-}
+  FLAME_TARGET_AVX512 static void store(scalar_t* p, vec x) { std::memcpy(p, &x, sizeof(x)); }
+  FLAME_TARGET_AVX512 static vec splat(scalar_t s) { return vec{} + s; }
+  // Lane i of the result: lane idx[i] of the 2 kLanes lanes of (a, b).
+  FLAME_TARGET_AVX512 static vec permute(vec a, const index* idx, vec b) {
+    const __m512i i = _mm512_loadu_si512(idx);
+    if constexpr (sizeof(scalar_t) == 4)
+      return _mm512_permutex2var_ps(a, i, b);
+    else
+      return _mm512_permutex2var_pd(a, i, b);
+  }
+  // The (x, y, z) of `lanes` <= kLanes triples at src, one vector per coordinate (the
+  // missing lanes 0), into p.
+  FLAME_TARGET_AVX512 static void load_triples(const scalar_t* src, int lanes, vec* p) {
+    alignas(64) scalar_t tail[3 * kLanes];
+    if (lanes < kLanes) {
+      std::memset(tail, 0, sizeof(tail));
+      std::memcpy(tail, src, sizeof(scalar_t) * 3 * lanes);
+      src = tail;
+    }
+    const vec m0 = load(src), m1 = load(src + kLanes), m2 = load(src + 2 * kLanes);
+    for (int c = 0; c < 3; ++c)
+      p[c] = permute(permute(m0, kTriples.split_ab[c], m1), kTriples.split_c[c], m2);
+  }
+  // The reverse: the first `lanes` triples of p written to dst.
+  FLAME_TARGET_AVX512 static void store_triples(const vec* p, int lanes, scalar_t* dst) {
+    alignas(64) scalar_t tail[3 * kLanes];
+    scalar_t* to = lanes < kLanes ? tail : dst;
+    for (int m = 0; m < 3; ++m)
+      store(to + m * kLanes,
+            permute(permute(p[0], kTriples.join_xy[m], p[1]), kTriples.join_z[m], p[2]));
+    if (lanes < kLanes) std::memcpy(dst, tail, sizeof(scalar_t) * 3 * lanes);
+  }
+};
 
-// The reverse: the first `lanes` triples of p written to dst.
-template <typename scalar_t, typename vec = typename Lanes<scalar_t>::vec>
-FLAME_TARGET_AVX512 FLAME_ALWAYS_INLINE void store_triples(const vec* p, int lanes,
-                                                           scalar_t* dst) {
-  using L = Lanes<scalar_t>;
-  constexpr int kLanes = L::kLanes;
-  static constexpr TripleShuffles<typename L::index, kLanes> shuffle{};
-  alignas(64) scalar_t tail[3 * kLanes];
-  scalar_t* to = lanes < kLanes ? tail : dst;
-  for (int m = 0; m < 3; ++m)
-    L::store(to + m * kLanes, L::permute(L::permute(p[0], shuffle.join_xy[m], p[1]),
-                                         shuffle.join_z[m], p[2]));
-  if (lanes < kLanes) std::memcpy(dst, tail, sizeof(scalar_t) * 3 * lanes);
+}  // namespace
+template <>
+FLAME_TARGET_AVX512 inline Lanes<float>::vec unit<Lanes<float>::vec>() {
+  return Lanes<float>::splat(1.0f);
 }
+template <>
+FLAME_TARGET_AVX512 inline Lanes<double>::vec unit<Lanes<double>::vec>() {
+  return Lanes<double>::splat(1.0);
+}
+namespace {
 
 // weights[block * nj + j] = weight j of the kLanes vertices of block `block` of the n
 // vertices from v0 (0 past the end).
@@ -321,10 +308,10 @@ FLAME_TARGET_AVX512 __attribute__((flatten)) void skin_tile_avx512(
     for (int blk = 0; blk * kLanes < n; ++blk) {
       const int lanes = std::min(kLanes, n - blk * kLanes);
       vec p[3], out[3];
-      load_triples(vp + i0 + 3 * kLanes * blk, lanes, p);
+      Lanes<scalar_t>::load_triples(vp + i0 + 3 * kLanes * blk, lanes, p);
       Row4<vec> t[3];
       skin_vertex<3>(p, weights + blk * nj, rows, nj, out, t);
-      store_triples(out, lanes, v_out + i0 + 3 * kLanes * blk);
+      Lanes<scalar_t>::store_triples(out, lanes, v_out + i0 + 3 * kLanes * blk);
     }
     if (kRows == 4)
       blend_transforms(a + b * 16 * nj, w + v0 * nj, nj, n, t_out + 16 * (b * num_verts + v0));
@@ -360,13 +347,13 @@ FLAME_TARGET_AVX512 __attribute__((flatten)) void skin_backward_chunk_avx512(
       const int lanes = std::min(kLanes, n - blk * kLanes);
       const int64_t at = i0 + 3 * kLanes * blk;
       vec g[3], p[3], grad_p[3];
-      load_triples(gv + at, lanes, g);
-      load_triples(vp + at, lanes, p);
+      Lanes<scalar_t>::load_triples(gv + at, lanes, g);
+      Lanes<scalar_t>::load_triples(vp + at, lanes, p);
       Row4<vec> grad_t[4];
       skin_vertex_backward<false>(g, static_cast<const Row4<vec>*>(nullptr), p,
                                   weights + blk * nj, rows, nj, grad_p, grad_t);
       accumulate_joint_grads<3>(weights + blk * nj, grad_t, nj, acc);
-      store_triples(grad_p, lanes, grad_vp + at);
+      Lanes<scalar_t>::store_triples(grad_p, lanes, grad_vp + at);
       if (kHasGradT)
         for (int l = 0; l < lanes; ++l) {
           const int64_t v = v0 + blk * kLanes + l;
