@@ -450,3 +450,33 @@ def test_blend_cpu_sweep_prints_every_batch(capsys):
             if line.strip() and line.split()[0].isdigit()]
     assert [row[0] for row in rows] == ["1", "5"]
     assert all(len(row) == 9 and all(float(x) > 0 for x in row) for row in rows)
+
+
+@pytest.mark.skipif(not _ops.available(), reason="compiled ops not built")
+def test_skin_cpu_sweep_prints_every_batch(capsys):
+    """python -m flame_ext._bench.skin_cpu: one row per batch size, four ops, each with
+    the reference's time and the ratio."""
+    from flame_ext._bench import skin_cpu
+
+    threads = torch.get_num_threads()
+    try:
+        assert skin_cpu.main(["--batch-sizes", "1", "3", "--threads", "1", "--repeats", "3",
+                              "--budget", "0.01"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "CPU loops " in out
+    rows = [line.split() for line in out.splitlines()
+            if line.strip() and line.split()[0].isdigit()]
+    assert [row[0] for row in rows] == ["1", "3"]
+    assert all(len(row) == 13 and all(float(x) > 0 for x in row) for row in rows)
+
+
+@pytest.mark.skipif(not _ops.available(), reason="compiled ops not built")
+def test_skin_cpu_sweep_runs_each_isa_in_its_own_process(capfd):
+    from flame_ext._bench import skin_cpu
+
+    assert skin_cpu.main(["--isa", "avx2", "baseline", "--batch-sizes", "2", "--threads",
+                          "1", "--repeats", "3", "--budget", "0.01"]) == 0
+    out = capfd.readouterr().out
+    assert out.count("# CPU loops ") == 2 and "CPU loops baseline" in out
