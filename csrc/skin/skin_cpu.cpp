@@ -29,7 +29,8 @@ namespace flame_ext {
 namespace {
 
 // Vertices per partial sum of grad_transforms. Fixed (not derived from the thread count)
-// so that the summation order, and so the result, is the same on every run and machine.
+// so that the summation order, and so the result, is the same on every run for any
+// thread count (each build of the loops, AVX-512 or narrower, has its own order).
 constexpr int64_t kReduceChunk = 512;
 // Vertices per task of skin forward.
 constexpr int64_t kVertexGrain = 2048;
@@ -148,8 +149,10 @@ bool use_avx512() { return cpu_isa() >= Isa::kAvx512; }
 #if FLAME_SKIN_AVX512
 // The AVX-512 loops put kLanes vertices of one sample side by side, one per lane, and run
 // skin.h's per-vertex functions on whole vectors: scalar_t is the vector of the lanes'
-// scalars and a transform entry is broadcast to every lane, so each lane's arithmetic is
-// the 4-wide loop's, in the same order. A task takes a tile of vertices for a run of
+// scalars and a transform entry is broadcast to every lane, so each lane does the
+// 4-wide loop's products and sums in the same order (where the compiler fuses a multiply
+// and an add may differ). Only grad_transforms' sum over vertices is regrouped, by lane
+// (skin_backward_chunk_avx512). A task takes a tile of vertices for a run of
 // samples: the tile's weights are transposed to lane order once and reused for every
 // sample. The vertex transforms (and their gradient), 16 scalars per vertex in memory,
 // are handled a whole 4x4 per vector instead.
@@ -227,13 +230,16 @@ struct Lanes {
 };
 
 }  // namespace
+// Called from skin.h's functions, which have no target attribute: none here either (a
+// target-attributed callee would return the vector in a register where a baseline caller
+// expects it in memory, had the call not been inlined), and always inlined.
 template <>
-FLAME_TARGET_AVX512 inline Lanes<float>::vec unit<Lanes<float>::vec>() {
-  return Lanes<float>::splat(1.0f);
+inline __attribute__((always_inline)) Lanes<float>::vec unit<Lanes<float>::vec>() {
+  return Lanes<float>::vec{} + 1.0f;
 }
 template <>
-FLAME_TARGET_AVX512 inline Lanes<double>::vec unit<Lanes<double>::vec>() {
-  return Lanes<double>::splat(1.0);
+inline __attribute__((always_inline)) Lanes<double>::vec unit<Lanes<double>::vec>() {
+  return Lanes<double>::vec{} + 1.0;
 }
 namespace {
 
@@ -375,13 +381,12 @@ FLAME_TARGET_AVX512 __attribute__((flatten)) void skin_backward_chunk_avx512(
   }
 }
 
-// Tasks of (run of samples, tile of vertices) for a loop over tiles of `tile` vertices:
-// fn(tile index, b0, b1), every task about kVertexGrain vertex-samples or more.
+// Tasks of (run of up to kSampleRun samples, tile) for a loop over `tiles` tiles:
+// fn(tile index, b0, b1), each thread taking at least `grain` tasks.
 template <typename Fn>
-void for_each_sample_run(int64_t batch, int64_t tiles, int64_t tile, const Fn& fn) {
+void for_each_sample_run(int64_t batch, int64_t tiles, int64_t grain, const Fn& fn) {
   const int64_t run = std::min<int64_t>(batch, kSampleRun);
   const int64_t runs = (batch + run - 1) / run;
-  const int64_t grain = std::max<int64_t>(1, kVertexGrain / (tile * run));
   at::parallel_for(0, runs * tiles, grain, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b0 = (task / tiles) * run;
@@ -413,7 +418,10 @@ void skin_loop(const scalar_t* vp, const scalar_t* a, const scalar_t* w, int64_t
 #if FLAME_SKIN_AVX512
   if (use_avx512()) {
     const int64_t tiles = (num_verts + kTile - 1) / kTile;
-    for_each_sample_run(batch, tiles, kTile, [&](int64_t tile, int64_t b0, int64_t b1) {
+    // Tasks of about kVertexGrain vertex-samples or more, as the 4-wide loop's.
+    const int64_t grain =
+        std::max<int64_t>(1, kVertexGrain / (kTile * std::min<int64_t>(batch, kSampleRun)));
+    for_each_sample_run(batch, tiles, grain, [&](int64_t tile, int64_t b0, int64_t b1) {
       const int64_t v0 = tile * kTile;
       const int n = static_cast<int>(std::min<int64_t>(kTile, num_verts - v0));
       skin_tile_avx512<kRows>(vp, a, w, nj, num_verts, v0, n, b0, b1, v_out, t_out);
@@ -485,7 +493,8 @@ void skin_backward_loop(const scalar_t* gv, const scalar_t* gvt, const scalar_t*
   };
 #if FLAME_SKIN_AVX512
   if (use_avx512()) {
-    for_each_sample_run(batch, chunks, kReduceChunk, [&](int64_t chunk, int64_t b0, int64_t b1) {
+    // One chunk per task at least, as the 4-wide loop's.
+    for_each_sample_run(batch, chunks, 1, [&](int64_t chunk, int64_t b0, int64_t b1) {
       const int n = static_cast<int>(std::min(kReduceChunk, num_verts - chunk * kReduceChunk));
       skin_backward_chunk_avx512<kHasGradT>(gv, gvt, vp, a, w, nj, num_verts, chunk, chunks,
                                             n, b0, b1, grad_vp, partials);
