@@ -12,6 +12,8 @@ reference's 4x4 products turn into 0 * NaN). The decoders, whole pipelines, are 
 the fixed tolerances of `decoder_bound`.
 """
 
+import sys
+
 import pytest
 import torch
 from hypothesis import assume
@@ -204,3 +206,24 @@ def assert_close_to_reference(got, want, dtype, f32_tol):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     else:
         torch.testing.assert_close(got.double(), want, rtol=f32_tol, atol=f32_tol)
+
+
+HUGE_PAGE_BYTES = 2 << 20
+HUGE_OUTPUT_BYTES = 32 << 20  # kHugeOutputBytes of csrc/cpu_output.h
+
+
+def assert_huge_page_output(t):
+    """A CPU output of HUGE_OUTPUT_BYTES or more comes from the huge-page allocator
+    (csrc/cpu_output.h): on Linux its block starts on a 2 MiB boundary (the default
+    allocator's 64-byte alignment never lands there for a block glibc maps itself). It must
+    behave as any tensor: written in place, grown (its allocator reallocates and copies)
+    and freed."""
+    assert t.device.type == "cpu" and t.nbytes >= HUGE_OUTPUT_BYTES
+    if sys.platform.startswith("linux"):
+        assert t.untyped_storage().data_ptr() % HUGE_PAGE_BYTES == 0, (
+            "a large CPU output is not on the huge-page allocator")
+    kept = t.detach().clone().flatten()
+    grown = t.detach()
+    grown.resize_(t.numel() + HUGE_PAGE_BYTES)
+    assert torch.equal(grown[: kept.numel()], kept)
+    grown.add_(1)

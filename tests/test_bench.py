@@ -65,6 +65,10 @@ def test_quick_run_writes_the_environment(quick_run):
     assert data["args"]["batch_sizes"] == run.QUICK_BATCHES
     rates = data["device_rates"]
     assert rates["copy_bytes_per_s"] > 0 and rates["matmul_flops_per_s"] > 0
+    # First touch: both ways measured, the floor taking the faster.
+    ways = {way: rates[f"first_touch_{way}_bytes_per_s"] for way in ("torch", "huge_pages")}
+    assert rates["first_touch_way"] in ways
+    assert rates["first_touch_bytes_per_s"] == max(ways.values()) > 0
 
 
 def test_quick_run_measures_every_case(quick_run):

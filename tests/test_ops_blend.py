@@ -25,6 +25,7 @@ from _oracle import (
     a64,
     assert_bad_argument_is_named,
     assert_deterministic_and_fully_written,
+    assert_huge_page_output,
     assert_independent_of_thread_count,
     assert_matches,
     d64,
@@ -105,6 +106,17 @@ def test_blend_matches_reference(ops, device, dtype, batch, k, p):
     args = blend_inputs(batch, N, k, p, dtype, device)
     out = _blend_mod().blend(*args)
     _assert_blend_close(out, *args)
+
+
+# 16 samples of 525000 values: a 33.6 MB float32 output, over the huge-page threshold.
+HUGE_CASE = (16, 525000, 5, 3)
+
+
+def test_blend_large_output_on_huge_pages(ops):
+    args = blend_inputs(*HUGE_CASE, F32, "cpu")
+    out = _blend_mod().blend(*args)
+    _assert_blend_close(out, *args)
+    assert_huge_page_output(out)
 
 
 @pytest.mark.parametrize("base_kind", ["flat", "shared", "batched"])
@@ -593,6 +605,10 @@ for dtype in (torch.float32, torch.float64):
             grad_coeffs, grad_pose = ops.blend_backward(grad_out, args[1], pose_dirs, True, True)
             t._assert_adjoint_close(grad_coeffs, grad_out, args[1])
             t._assert_adjoint_close(grad_pose, grad_out, pose_dirs.mT)
+args = t.blend_inputs(*t.HUGE_CASE, torch.float32, "cpu")
+out = t._blend_mod().blend(*args)
+t._assert_blend_close(out, *args)
+t.assert_huge_page_output(out)
 print("ok")
 """
 

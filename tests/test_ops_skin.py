@@ -20,6 +20,7 @@ from _oracle import (
     assert_bad_argument_is_named,
     assert_deterministic_and_fully_written,
     assert_error_names,
+    assert_huge_page_output,
     assert_independent_of_thread_count,
     assert_matches,
     d64,
@@ -71,6 +72,16 @@ def test_skin_matches_reference(ops, device, dtype, batch, write):
         assert vertex_transforms is None
         raw = ops.skin(v_posed, transforms, weights, False)[1]
         assert raw.shape == (0,)
+
+
+def test_skin_large_outputs_on_huge_pages(ops):
+    # 2 x 263000 vertices: T_v is 33.7 MB float32, over the huge-page threshold; v is not.
+    v_posed, transforms, weights = skin_inputs(2, 263000, 5, F32, "cpu")
+    v, vertex_transforms = _ops().skin(v_posed, transforms, weights, True)
+    want_v, want_t = reference.skin(v_posed.double(), transforms.double(), weights.double())
+    assert_close_to_reference(v, want_v, F32, F32_SKIN_TOL)
+    assert_close_to_reference(vertex_transforms, want_t, F32, F32_SKIN_TOL)
+    assert_huge_page_output(vertex_transforms)
 
 
 @pytest.mark.parametrize("num_joints", [1, 16])

@@ -46,6 +46,7 @@
 #include "blend/blend.h"
 #include "blend/blend_checks.h"
 #include "cpu_isa.h"
+#include "cpu_output.h"
 
 namespace flame_ext {
 namespace {
@@ -214,7 +215,8 @@ at::Tensor blend_cpu(const at::Tensor& base_in, const at::Tensor& dirs_in,
   if (B == 0 || N == 0) return at::empty({B, N}, coeffs_in.options());
 
   if (use_blas(B)) {
-    at::Tensor out = at::addmm(base_in, coeffs_in, dirs_in.t());
+    at::Tensor out = empty_output({B, N}, coeffs_in.options());
+    at::addmm_out(out, base_in, coeffs_in, dirs_in.t());
     if (P > 0) out.addmm_(pose_coeffs_in, pose_dirs_in);
     return out;
   }
@@ -225,7 +227,7 @@ at::Tensor blend_cpu(const at::Tensor& base_in, const at::Tensor& dirs_in,
   const at::Tensor coeffs = coeffs_in.contiguous();
   const at::Tensor pose_dirs = P > 0 ? blend::rows_readable(pose_dirs_in) : pose_dirs_in;
   const at::Tensor pose_coeffs = P > 0 ? pose_coeffs_in.contiguous() : pose_coeffs_in;
-  at::Tensor out = at::empty({B, N}, coeffs.options());
+  at::Tensor out = empty_output({B, N}, coeffs.options());
 
   AT_DISPATCH_FLOATING_TYPES(coeffs.scalar_type(), "flame_ext::blend", [&] {
     ForwardArgs<scalar_t> a;

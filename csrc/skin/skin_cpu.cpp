@@ -18,6 +18,7 @@
 #endif
 
 #include "cpu_isa.h"
+#include "cpu_output.h"
 // The AVX-512 loops below instantiate skin.h's functions for 64-byte vectors; flatten
 // inlines every call into AVX-512 code, so GCC's note that such a function's ABI differs
 // without AVX-512 concerns no call that is made.
@@ -448,9 +449,9 @@ std::tuple<at::Tensor, at::Tensor> skin_cpu(const at::Tensor& v_posed_in,
   const int64_t num_joints = transforms_in.size(1);
   const at::Tensor v_posed = v_posed_in.contiguous(), transforms = transforms_in.contiguous();
   const at::Tensor lbs_weights = lbs_weights_in.contiguous();
-  at::Tensor v = at::empty({batch, num_verts, 3}, v_posed.options());
+  at::Tensor v = empty_output({batch, num_verts, 3}, v_posed.options());
   at::Tensor vertex_transforms =
-      write_vertex_transforms ? at::empty({batch, num_verts, 4, 4}, v_posed.options())
+      write_vertex_transforms ? empty_output({batch, num_verts, 4, 4}, v_posed.options())
                               : at::empty({0}, v_posed.options());
   if (batch == 0 || num_verts == 0) return {v, vertex_transforms};
 
