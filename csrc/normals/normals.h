@@ -180,4 +180,60 @@ FLAME_HD void vertex_gradient(const scalar_t* vb, const scalar_t* gsb, const Adj
   }
 }
 
+// The same steps with the per-face values formed once per face of a sample (the CPU loops:
+// one thread per sample), for an adjacency the caller has checked: the same terms added
+// in the same order as in the per-vertex forms above.
+
+// face_normal of face f, or zero when one of its corners is out of range (such a face is
+// named by no valid entry: its value is never read).
+template <typename scalar_t>
+FLAME_HD void face_normal_of(const scalar_t* vb, const int64_t* faces, int64_t f,
+                             int64_t num_vertices, scalar_t* c) {
+  const int64_t* corners = faces + 3 * f;
+  if (in_range(corners[0], num_vertices) && in_range(corners[1], num_vertices) &&
+      in_range(corners[2], num_vertices)) {
+    face_normal(vb, corners, c);
+  } else {
+    for (int k = 0; k < 3; ++k) c[k] = scalar_t(0);
+  }
+}
+
+// The face's G, the sum of its corners' g_s in corner order (zero for a face out of range).
+template <typename scalar_t>
+FLAME_HD void face_sum_gradient(const scalar_t* gsb, const int64_t* faces, int64_t f,
+                                int64_t num_vertices, scalar_t* G) {
+  const int64_t* corners = faces + 3 * f;
+  if (!(in_range(corners[0], num_vertices) && in_range(corners[1], num_vertices) &&
+        in_range(corners[2], num_vertices))) {
+    for (int c = 0; c < 3; ++c) G[c] = scalar_t(0);
+    return;
+  }
+  for (int c = 0; c < 3; ++c)
+    G[c] = gsb[3 * corners[0] + c] + gsb[3 * corners[1] + c] + gsb[3 * corners[2] + c];
+}
+
+// s_i from the face normals fn (F, 3) of the sample.
+template <typename scalar_t>
+FLAME_HD void summed_face_normals(const scalar_t* fn, const Adjacency& a, int64_t i,
+                                  scalar_t* sum) {
+  for (int c = 0; c < 3; ++c) sum[c] = scalar_t(0);
+  for (int64_t e = a.offsets[i]; e < a.offsets[i + 1]; ++e) {
+    const scalar_t* c = fn + 3 * (a.entries[e] / 3);
+    for (int k = 0; k < 3; ++k) sum[k] += c[k];
+  }
+}
+
+// grad_v of vertex i from the faces' G (F, 3) of the sample.
+template <typename scalar_t>
+FLAME_HD void vertex_gradient_of_faces(const scalar_t* vb, const scalar_t* G, const Adjacency& a,
+                                       int64_t i, scalar_t* grad) {
+  for (int c = 0; c < 3; ++c) grad[c] = scalar_t(0);
+  for (int64_t e = a.offsets[i]; e < a.offsets[i + 1]; ++e) {
+    const int64_t entry = a.entries[e], face = entry / 3;
+    scalar_t d[3];
+    face_normal_backward(vb, a.faces + 3 * face, static_cast<int>(entry % 3), G + 3 * face, d);
+    for (int c = 0; c < 3; ++c) grad[c] += d[c];
+  }
+}
+
 }  // namespace flame_ext
