@@ -38,6 +38,12 @@ FLAME_HD bool adjacency_range(const int64_t* offsets, int64_t i, int64_t num_ent
   return *begin >= 0 && *begin <= *end && *end <= num_entries;
 }
 
+// Whether the three corners of a face are vertices of a mesh of num_vertices.
+FLAME_HD bool corners_in_range(const int64_t* corners, int64_t num_vertices) {
+  return in_range(corners[0], num_vertices) && in_range(corners[1], num_vertices) &&
+         in_range(corners[2], num_vertices);
+}
+
 // The three vertex indices of the face of vertex i's entry, or false when the entry is
 // out of range, one of the face's corners is, or the entry's corner is not vertex i (a
 // table that does not belong to these faces).
@@ -45,12 +51,8 @@ FLAME_HD bool entry_face(const int64_t* faces, int64_t entry, const NormalSizes&
                          int64_t* corners) {
   if (!in_range(entry, 3 * s.num_faces)) return false;
   const int64_t face = entry / 3;
-  bool ok = faces[entry] == i;
-  for (int k = 0; k < 3; ++k) {
-    corners[k] = faces[3 * face + k];
-    ok = ok && in_range(corners[k], s.num_vertices);
-  }
-  return ok;
+  for (int k = 0; k < 3; ++k) corners[k] = faces[3 * face + k];
+  return faces[entry] == i && corners_in_range(corners, s.num_vertices);
 }
 
 // c = (p1 - p0) x (p2 - p0): twice the face's area along its normal. Computed from the
@@ -190,8 +192,7 @@ template <typename scalar_t>
 FLAME_HD void face_normal_of(const scalar_t* vb, const int64_t* faces, int64_t f,
                              int64_t num_vertices, scalar_t* c) {
   const int64_t* corners = faces + 3 * f;
-  if (in_range(corners[0], num_vertices) && in_range(corners[1], num_vertices) &&
-      in_range(corners[2], num_vertices)) {
+  if (corners_in_range(corners, num_vertices)) {
     face_normal(vb, corners, c);
   } else {
     for (int k = 0; k < 3; ++k) c[k] = scalar_t(0);
@@ -203,8 +204,7 @@ template <typename scalar_t>
 FLAME_HD void face_sum_gradient(const scalar_t* gsb, const int64_t* faces, int64_t f,
                                 int64_t num_vertices, scalar_t* G) {
   const int64_t* corners = faces + 3 * f;
-  if (!(in_range(corners[0], num_vertices) && in_range(corners[1], num_vertices) &&
-        in_range(corners[2], num_vertices))) {
+  if (!corners_in_range(corners, num_vertices)) {
     for (int c = 0; c < 3; ++c) G[c] = scalar_t(0);
     return;
   }
