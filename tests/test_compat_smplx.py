@@ -20,6 +20,7 @@ import torch
 
 import flame_ext.compat
 from flame_ext import ModelFileError, UnsafePickleError, reference, synthetic
+from flame_ext.compat import _layer
 from flame_ext.compat.smplx import FLAME, FLAMEOutput
 
 from conftest import DEVICES
@@ -147,6 +148,50 @@ def test_explicit_inputs(folder, backend, dtype):
     _compare_outputs(out_ours, out_theirs, dtype)
     wrt = list(values.values())
     _compare_grads(_grads(out_ours, wrt), _grads(out_theirs, wrt), names, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_large_batch_translation(folder, dtype):
+    """A batch large enough for the BLAS form of the translation (12 x 5023 x 3 values):
+    every field and gradient against smplx, as at batch 4."""
+    theirs, ours = _pair(folder, dtype=dtype)
+    values = {k: v.requires_grad_() for k, v in _inputs(12, dtype, seed=3).items()}
+    assert 12 * 5023 * 3 >= _layer._TRANSLATE_BLAS_ELEMENTS
+    out_ours, out_theirs = ours(**values), theirs(**values)
+    _compare_outputs(out_ours, out_theirs, dtype)
+    wrt = list(values.values())
+    _compare_grads(_grads(out_ours, wrt), _grads(out_theirs, wrt), list(values), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("transl_batch", [12, 1], ids=["per-sample", "broadcast"])
+def test_translate_is_the_broadcast_add(dtype, transl_batch):
+    """_layer.translate against points + transl[:, None]: the same bits, the same point
+    gradient, the translation gradient up to the order of its sum over the points; under
+    inference mode first (its cached selector must still serve autograd later); and
+    non-finite translations (the add's infs and NaNs, coordinate by coordinate)."""
+    g = torch.Generator().manual_seed(5)
+    points = torch.randn(12, 5023, 3, generator=g, dtype=torch.float64).to(dtype)
+    transl = torch.randn(transl_batch, 3, generator=g, dtype=torch.float64).to(dtype)
+    _layer._coordinate_selector.cache_clear()
+    with torch.inference_mode():
+        assert torch.equal(_layer.translate(points, transl), points + transl.unsqueeze(1))
+    points.requires_grad_()
+    transl.requires_grad_()
+    got, want = _layer.translate(points, transl), points + transl.unsqueeze(1)
+    assert got.shape == want.shape and torch.equal(got, want)
+    upstream = torch.randn(got.shape, generator=g, dtype=torch.float64).to(dtype)
+    got_grads = torch.autograd.grad(got, [points, transl], upstream)
+    want_grads = torch.autograd.grad(want, [points, transl], upstream)
+    assert torch.equal(got_grads[0], want_grads[0])
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(got_grads[1], want_grads[1], rtol=tol, atol=tol)
+    for bad in (float("inf"), float("nan")):
+        shift = transl.detach().clone()
+        shift[0, 1] = bad
+        torch.testing.assert_close(_layer.translate(points.detach(), shift),
+                                   points.detach() + shift.unsqueeze(1), rtol=0, atol=0,
+                                   equal_nan=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

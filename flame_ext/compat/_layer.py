@@ -18,6 +18,7 @@ so they resolve 'auto' as it does; `steps` is the one place that reads the path.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional
 
 import torch
@@ -149,3 +150,49 @@ def posed_joints(transforms: torch.Tensor, joints: torch.Tensor) -> torch.Tensor
     J_j (A_j = [R_j | t_j - R_j J_j], so this is t_j, the chain's joint translation)."""
     rot, trans = transforms[..., :3, :3], transforms[..., :3, 3]
     return (rot @ joints.unsqueeze(-1)).squeeze(-1) + trans
+
+
+# Points per call from which translate() takes the BLAS form on the CPU (below it the
+# broadcast add is as fast: the product's fixed cost is ~30 us).
+_TRANSLATE_BLAS_ELEMENTS = 1 << 17
+
+
+@functools.lru_cache(maxsize=8)
+def _coordinate_selector(num_points: int, dtype: torch.dtype, device: torch.device):
+    """(3, 3 num_points): row c is 1 at the columns of coordinate c of every point. A
+    normal tensor even when first asked for under inference mode, so that later calls
+    with autograd can save it."""
+    with torch.inference_mode(False):
+        selector = torch.zeros(3, num_points, 3, dtype=dtype, device=device)
+        selector[0, :, 0] = selector[1, :, 1] = selector[2, :, 2] = 1
+        return selector.view(3, 3 * num_points)
+
+
+def translate(points: torch.Tensor, transl: torch.Tensor) -> torch.Tensor:
+    """points (B, n, 3) + transl (B or 1, 3) per sample, equal to
+    ``points + transl.unsqueeze(1)`` bit for bit.
+
+    On the CPU torch's broadcast add over an inner dimension of 3 runs at about a third of
+    its same-shape rate (1.4 ms for a FLAME mesh at B = 64 on 2 threads, against 0.4 ms for
+    a plain add of two meshes). Large float batches there go through one BLAS update
+    instead, points (B, 3n) + transl @ S with the 0/1 selector S: each output is its
+    point plus one translation coordinate plus zeros, exactly the sum of the add, and the
+    gradients are those of the add. Non-finite translations (0 * inf is NaN) take the
+    add, and so do traced and transformed calls (torch.compile, torch.func), where the
+    finiteness test would be a data-dependent branch.
+    """
+    batch, num_points = points.shape[0], points.shape[1]
+    if (
+        torch.compiler.is_compiling()
+        or torch._C._are_functorch_transforms_active()
+        or points.device.type != "cpu"
+        or points.dtype not in (torch.float32, torch.float64)
+        or transl.dtype != points.dtype
+        or points.numel() < _TRANSLATE_BLAS_ELEMENTS
+        or not bool(torch.isfinite(transl).all())
+    ):
+        return points + transl.unsqueeze(1)
+    selector = _coordinate_selector(num_points, points.dtype, points.device)
+    flat = torch.addmm(points.reshape(batch, 3 * num_points), transl.expand(batch, 3), selector)
+    return flat.view(batch, num_points, 3)
+

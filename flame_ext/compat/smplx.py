@@ -434,8 +434,8 @@ class FLAME(nn.Module):
         if self.joint_mapper is not None:
             joints = self.joint_mapper(joints=joints, vertices=v)
         if apply_trans:
-            joints = joints + transl.unsqueeze(1)
-            v = v + transl.unsqueeze(1)
+            joints = _layer.translate(joints, transl)
+            v = _layer.translate(v, transl)
         if betas.shape[0] == 1 and batch > 1:
             betas = betas.expand(batch, -1)  # smplx reports the betas expanded
         return FLAMEOutput(
