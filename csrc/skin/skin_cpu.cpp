@@ -157,7 +157,10 @@ bool use_avx512() { return cpu_isa() >= Isa::kAvx512; }
 // samples: the tile's weights are transposed to lane order once and reused for every
 // sample. The vertex transforms (and their gradient), 16 scalars per vertex in memory,
 // are handled a whole 4x4 per vector instead.
-constexpr int kTile = 128;      // vertices per forward task; a multiple of kLanes
+// Vertices per forward task, a multiple of kLanes. Each (sample, tile) first broadcasts
+// the sample's transforms (16 J vectors); at 128 vertices that took about a third of the
+// forward (perf, FLAME on an Intel Xeon), at 512 it is a few percent.
+constexpr int kTile = 512;
 constexpr int kSampleRun = 16;  // samples per task
 
 // Index vectors that turn kLanes (x, y, z) triples, three vectors as they lie in memory,
@@ -261,15 +264,42 @@ FLAME_TARGET_AVX512 FLAME_ALWAYS_INLINE void transpose_weights(const scalar_t* w
     }
 }
 
-// The sum of x's lanes, halving the vector each step (lane i + its partner half a width
-// up): the same order on every call.
+// Index vectors of the folds of lane_sums: level `level` takes vectors holding
+// accumulators of L = kLanes >> level lanes each, two vectors (x, then y) at a time, to one
+// vector of accumulators of L / 2 lanes; output lane i (accumulator i / (L/2) of x's then
+// y's, element i % (L/2)) is lo[i] + hi[i], the element and its partner half an
+// accumulator up.
+template <typename index, int L>
+struct FoldShuffles {
+  static constexpr int kLevels = L == 16 ? 4 : L == 8 ? 3 : 0;
+  index lo[kLevels][L], hi[kLevels][L];
+  constexpr FoldShuffles() : lo{}, hi{} {
+    for (int level = 0; level < kLevels; ++level) {
+      const int width = L >> level, half = width / 2;
+      for (int i = 0; i < L; ++i) {
+        lo[level][i] = (i / half) * width + i % half;
+        hi[level][i] = lo[level][i] + half;
+      }
+    }
+  }
+};
+
+// Lane m of the result is the sum of the lanes of x[m], for the kLanes accumulators x:
+// each sum halves its vector at every step (lane i plus lane i + width / 2, width =
+// kLanes, kLanes / 2, ...), the same order on every call. All kLanes sums at once: each
+// level packs two vectors' worth of halved accumulators into one, log2(kLanes) levels of
+// two-source permutes. x is clobbered.
 template <typename scalar_t, typename vec = typename Lanes<scalar_t>::vec>
-FLAME_TARGET_AVX512 FLAME_ALWAYS_INLINE scalar_t lane_sum(vec x) {
-  alignas(64) scalar_t lanes[Lanes<scalar_t>::kLanes];
-  Lanes<scalar_t>::store(lanes, x);
-  for (int width = Lanes<scalar_t>::kLanes / 2; width > 0; width /= 2)
-    for (int i = 0; i < width; ++i) lanes[i] += lanes[i + width];
-  return lanes[0];
+FLAME_TARGET_AVX512 FLAME_ALWAYS_INLINE vec lane_sums(vec* x) {
+  using L = Lanes<scalar_t>;
+  static constexpr FoldShuffles<typename L::index, L::kLanes> kFolds{};
+  static_assert(FoldShuffles<typename L::index, L::kLanes>::kLevels > 0, "16 or 8 lanes");
+  int count = L::kLanes;
+  for (int level = 0; count > 1; ++level, count /= 2)
+    for (int i = 0; i < count / 2; ++i)
+      x[i] = L::permute(x[2 * i], kFolds.lo[level], x[2 * i + 1]) +
+             L::permute(x[2 * i], kFolds.hi[level], x[2 * i + 1]);
+  return x[0];
 }
 
 // One sample's J transforms (16 J scalars) as rows of broadcast entries.
@@ -372,7 +402,11 @@ FLAME_TARGET_AVX512 __attribute__((flatten)) void skin_backward_chunk_avx512(
         }
     }
     scalar_t* out = partials + (b * chunks + chunk) * 16 * nj;
-    for (int e = 0; e < 16 * nj; ++e) out[e] = lane_sum<scalar_t>(acc[e / 4][e % 4]);
+    for (int e0 = 0; e0 < 16 * nj; e0 += kLanes) {  // 16 nj is a multiple of kLanes
+      vec group[kLanes];
+      for (int e = 0; e < kLanes; ++e) group[e] = acc[(e0 + e) / 4][(e0 + e) % 4];
+      L::store(out + e0, lane_sums<scalar_t>(group));
+    }
     if (kHasGradT)
       for (int k = 0; k < kParts * nj; ++k) {
         alignas(64) scalar_t part[kLanes];
