@@ -47,6 +47,7 @@
 #include "blend/blend_checks.h"
 #include "cpu_isa.h"
 #include "cpu_output.h"
+#include "cpu_parallel.h"
 
 namespace flame_ext {
 namespace {
@@ -72,8 +73,8 @@ constexpr int64_t kForwardRows = 256;
 // (not one per thread) make the result independent of the thread count. A chunk has
 // ceil(N / kMaxChunks) rows, fewer if they would hold more than kBackwardChunkBytes of
 // dirs and pose_dirs, never fewer than kBackwardMinRows. The tasks are (chunk, group of
-// kBackwardGroup samples) pairs, chunk-major, so one thread's consecutive tasks are the
-// groups of one chunk and re-read its rows from L2. (Chunks that grow with the batch, to
+// kBackwardGroup samples) pairs, chunk-major, handed to the threads a chunk at a time, so
+// one thread runs the groups of a chunk in a row and re-reads its rows from L2. (Chunks that grow with the batch, to
 // keep the (chunks, B, K) workspace small, were tried: every group then re-read a chunk
 // larger than L2, and the time per sample rose 1.45x from B = 64 to 256 on one thread.
 // The reduction of the workspace costs about 1 / kBackwardMinRows of the FMAs.)
@@ -246,10 +247,10 @@ at::Tensor blend_cpu(const at::Tensor& base_in, const at::Tensor& dirs_in,
     a.P = P;
     const ForwardFn<scalar_t> kernel = forward_kernel<scalar_t>();
     const int64_t chunks = (N + kForwardRows - 1) / kForwardRows;
-    // Let at::parallel_for run tiny problems inline: a task is worth it above ~64K FMAs.
+    // Tiny problems run inline: a task is worth it above ~64K FMAs.
     const int64_t per_chunk = std::max<int64_t>(1, kForwardRows * (K + P + 1) * B);
     const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / per_chunk);
-    at::parallel_for(0, chunks, grain, [&](int64_t c0, int64_t c1) {
+    dynamic_parallel_for(chunks, grain, [&](int64_t c0, int64_t c1) {
       kernel(a, c0 * kForwardRows, std::min(N, c1 * kForwardRows));
     });
   });
@@ -310,9 +311,11 @@ std::tuple<at::Tensor, at::Tensor> blend_backward_cpu(const at::Tensor& grad_out
     const BackwardFn<scalar_t> kernel = backward_kernel<scalar_t>();
     const int64_t per_task = std::max<int64_t>(
         1, rows * ((do_coeffs ? K : 0) + (do_pose ? P : 0)) * std::min(B, kBackwardGroup));
-    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / per_task);
-    // Task t: chunk t / groups, group t % groups (a thread's consecutive tasks share rows).
-    at::parallel_for(0, chunks * groups, grain, [&](int64_t t0, int64_t t1) {
+    // Task t: chunk t / groups, group t % groups. A block of tasks is whole chunks, so the
+    // groups of a chunk run on one thread, one after another, and share its rows.
+    const int64_t min_tasks = std::max<int64_t>(1, (int64_t(1) << 16) / per_task);
+    const int64_t grain = (min_tasks + groups - 1) / groups * groups;
+    dynamic_parallel_for(chunks * groups, grain, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t c = t / groups, g = t % groups;
         kernel(a, c, c * rows, std::min(N, (c + 1) * rows), g * kBackwardGroup,

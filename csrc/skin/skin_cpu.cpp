@@ -19,6 +19,7 @@
 
 #include "cpu_isa.h"
 #include "cpu_output.h"
+#include "cpu_parallel.h"
 // The AVX-512 loops below instantiate skin.h's functions for 64-byte vectors; flatten
 // inlines every call into AVX-512 code, so GCC's note that such a function's ABI differs
 // without AVX-512 concerns no call that is made.
@@ -417,12 +418,12 @@ FLAME_TARGET_AVX512 __attribute__((flatten)) void skin_backward_chunk_avx512(
 }
 
 // Tasks of (run of up to kSampleRun samples, tile) for a loop over `tiles` tiles:
-// fn(tile index, b0, b1), each thread taking at least `grain` tasks.
+// fn(tile index, b0, b1), in blocks of `grain` tasks.
 template <typename Fn>
 void for_each_sample_run(int64_t batch, int64_t tiles, int64_t grain, const Fn& fn) {
   const int64_t run = std::min<int64_t>(batch, kSampleRun);
   const int64_t runs = (batch + run - 1) / run;
-  at::parallel_for(0, runs * tiles, grain, [&](int64_t begin, int64_t end) {
+  dynamic_parallel_for(runs * tiles, grain, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b0 = (task / tiles) * run;
       fn(task % tiles, b0, std::min(batch, b0 + run));
