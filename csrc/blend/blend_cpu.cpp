@@ -74,9 +74,10 @@ constexpr int64_t kForwardRows = 256;
 // ceil(N / kMaxChunks) rows, fewer if they would hold more than kBackwardChunkBytes of
 // dirs and pose_dirs, never fewer than kBackwardMinRows. The tasks are (chunk, group of
 // kBackwardGroup samples) pairs, chunk-major, handed to the threads a chunk at a time, so
-// one thread runs the groups of a chunk in a row and re-reads its rows from L2. (Chunks that grow with the batch, to
-// keep the (chunks, B, K) workspace small, were tried: every group then re-read a chunk
-// larger than L2, and the time per sample rose 1.45x from B = 64 to 256 on one thread.
+// one thread runs the groups of a chunk in a row and re-reads its rows from L2. (Chunks
+// that grow with the batch, to keep the (chunks, B, K) workspace small, were tried: every
+// group then re-read a chunk larger than L2, and the time per sample rose 1.45x from
+// B = 64 to 256 on one thread.
 // The reduction of the workspace costs about 1 / kBackwardMinRows of the FMAs.)
 constexpr int64_t kBackwardMinRows = 256;
 constexpr int64_t kMaxChunks = 64;

@@ -195,4 +195,3 @@ def translate(points: torch.Tensor, transl: torch.Tensor) -> torch.Tensor:
     selector = _coordinate_selector(num_points, points.dtype, points.device)
     flat = torch.addmm(points.reshape(batch, 3 * num_points), transl.expand(batch, 3), selector)
     return flat.view(batch, num_points, 3)
-
