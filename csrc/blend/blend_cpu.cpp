@@ -7,8 +7,10 @@
 // - small B (the per-frame decoder call): the cost is streaming dirs once (24 MB for
 //   FLAME). The loop reads each block of rows once for all samples, with the coefficients
 //   kept hot, and adds base and the pose correctives while the output block is still in
-//   cache: one pass over memory where the eager path makes three.
-// - large B (16 and more): compute bound. The forward copies strips of dirs k-major into
+//   cache: one pass over memory where the eager path makes three. The rows are
+//   prefetched into L2 ahead of the tiles, so the loads from memory overlap the
+//   arithmetic (the strips below prefetch the next strip's block while they compute).
+// - large B (17 and more): compute bound. The forward copies strips of dirs k-major into
 //   an L1 block and runs broadcast tiles of samples x vectors of rows over it, every sample
 //   of the batch per copy (the dot tiles of the small batches reach half the FMA rate);
 //   the backward runs register tiles of samples x columns. The time per sample falls as B
