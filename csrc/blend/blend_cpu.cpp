@@ -13,9 +13,9 @@
 // - large B (17 and more): compute bound. The forward copies strips of dirs k-major into
 //   an L1 block and runs broadcast tiles of samples x vectors of rows over it, every sample
 //   of the batch per copy (the dot tiles of the small batches reach half the FMA rate);
-//   the backward runs register tiles of samples x columns. The time per sample falls as B
-//   grows. BLAS used to take over above a crossover batch measured
-//   on one Intel Xeon. On a 2-core AMD EPYC MKL's sgemm at these shapes with 2 threads was
+//   the backward runs register tiles of samples x columns, prefetching the next rows.
+//   The time per sample falls as B grows. BLAS used to take over above a crossover
+//   batch measured on one Intel Xeon. On a 2-core AMD EPYC MKL's sgemm at these shapes with 2 threads was
 //   1.5-4x slower than the hand loops up to B = 64 and only even at B = 256 (FlameShape
 //   forward: 2.4x the time for 1.5x the samples from B = 16 to 24 across the crossover),
 //   so no fixed crossover holds on every x86 machine. $FLAME_EXT_BLEND_BLAS_BATCH (read
