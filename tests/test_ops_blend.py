@@ -8,8 +8,8 @@ shape, layout and value; 64-bit indexing past 2^31 elements; the CUDA kernels ag
 CPU ones.
 
 Sizes are chosen to reach every code path of the CPU kernels: batches below, at and past
-the sample tiles (2 or 4) and the sample groups (16), below and from the batch of 17 where
-the forward switches from dot tiles to k-major strips (every strip width: STRIP_ROWS), N
+the sample tiles (2 or 4) and the sample groups (16), below and from the batch of 16 (17
+for a dirs over 4 MiB) where the forward switches from dot tiles to k-major strips (every strip width: STRIP_ROWS), N
 spanning several row chunks (256 rows forward, 256 to N/64 backward, fewer and longer for
 large batches, 64-row blocks), and K below, at and between multiples of the SIMD width (16
 float32 or 8 float64 lanes), including the masked tail vector. The BLAS path of $FLAME_EXT_BLEND_BLAS_BATCH runs in a
@@ -168,7 +168,7 @@ def test_blend_degenerate_sizes(ops, device, dtype):
 
 
 # Row counts whose last 256-row forward chunk ends in each narrower strip of the CPU loops
-# for batches of 17 and more (strips of 4, 3, 2, 1 vectors of rows: 64/48/32/16 rows in
+# for batches of 16 and more (strips of 4, 3, 2, 1 vectors of rows: 64/48/32/16 rows in
 # float32 with AVX-512, 32/24/16/8 in float64; 24/16/8 with AVX2), then fewer rows than a
 # vector: 256 + 63, 256 + 47, 256 + 31, 256 + 23, 256 + 15 and 5.
 STRIP_ROWS = (319, 303, 287, 279, 271, 5)
@@ -177,16 +177,17 @@ STRIP_ROWS = (319, 303, 287, 279, 271, 5)
 @pytest.mark.parametrize("n", STRIP_ROWS)
 @pytest.mark.parametrize("k,p", [(3, 2), (37, 9), (150, 0)])
 def test_blend_strip_widths(ops, device, dtype, n, k, p):
-    """Batches of 17 and more read dirs through k-major strips (K in blocks of 64 or more
-    columns: 150 spans three in float32 with AVX-512); every strip width and the rows past
-    the last one, against the reference (16: the dot tiles on the same rows)."""
+    """Batches of 16 and more read a dirs of this size through k-major strips (K in blocks
+    of 64 or more columns: 150 spans three in float32 with AVX-512); every strip width and
+    the rows past the last one, against the reference."""
     for batch in (16, 17, 21):
         args = blend_inputs(batch, n, k, p, dtype, device)
         _assert_blend_close(_blend_mod().blend(*args), *args)
 
 
 def test_blend_flame_sizes(ops, device):
-    """The decoder's call: 15069 rows, the 100 expression columns of a 400-wide matrix, P = 36."""
+    """The decoder's call: 15069 rows, the 100 expression columns of a 400-wide matrix, P = 36
+    (6 MB: B = 16 on the dot tiles, 17 on strips)."""
     n = 3 * 5023
     for batch in (1, 16, 17):
         args = blend_inputs(batch, n, 100, 36, torch.float32, device, column_offset=300)

@@ -10,9 +10,9 @@
 //   cache: one pass over memory where the eager path makes three. The rows are
 //   prefetched into L2 ahead of the tiles, so the loads from memory overlap the
 //   arithmetic (the strips below prefetch the next strip's block while they compute).
-// - large B (17 and more): compute bound. The forward copies strips of dirs k-major into
-//   an L1 block and runs broadcast tiles of samples x vectors of rows over it, every sample
-//   of the batch per copy (the dot tiles of the small batches reach half the FMA rate);
+// - large B (16 and more; 17 for a dirs over 4 MiB): compute bound. The forward copies
+//   strips of dirs k-major into an L1 block and runs broadcast tiles of samples x vectors
+//   of rows over it, every sample of the batch per copy (the dot tiles of the small batches reach half the FMA rate);
 //   the backward runs register tiles of samples x columns, prefetching the next rows.
 //   The time per sample falls as B grows. BLAS used to take over above a crossover
 //   batch measured on one Intel Xeon. On a 2-core AMD EPYC MKL's sgemm at these shapes with 2 threads was

@@ -354,15 +354,22 @@ constexpr int64_t kForwardGroup = 16;
 // * strip[k][u], the lanes along n, each output's sum in order of k from its base value,
 // then the pose correctives in order of p. The copy costs about one load and store per
 // element of dirs, shared by all B samples.
-// Below kStripMinBatch samples the copy is not paid back (the batch is memory bound: the
-// dot tiles stream dirs once). Without prefetching the strips were level at B = 16 and
-// faster above (FlameShape's sizes on one thread, AMD EPYC: 1.9x at B = 64, 2.5x at
-// B = 256); with the dot tiles' prefetch, one group of 16 samples ran 15% faster on dot
-// tiles than on strips (Intel Xeon, one thread), and a second group (B = 17-32) made the
-// dot tiles 1.5-2x slower. So: dot tiles for one group, strips from two. A size rule,
-// the same on every machine: both paths are hand loops with their time per sample
+// Below strip_min_batch() samples the copy is not paid back (the batch is memory bound:
+// the dot tiles stream dirs once). Without prefetching the strips were level at B = 16
+// and faster above (FlameShape's sizes on one thread, AMD EPYC: 1.9x at B = 64, 2.5x at
+// B = 256). With the dot tiles' prefetch, a dirs streamed from memory (FlameShape's
+// 24 MB) ran one group of 16 samples 15-40% faster on dot tiles than on strips (Intel
+// Xeon), and a second group (B = 17-32) made the dot tiles 1.5-2x slower; a dirs that
+// stays in cache (the landmark decoder's 600 x 100) ran B = 16 10-30% faster on strips.
+// So: strips from 16 samples, from 17 when dirs is larger than kStreamedDirsBytes. A size
+// rule, the same on every machine: both paths are hand loops with their time per sample
 // falling with the batch.
-constexpr int64_t kStripMinBatch = kForwardGroup + 1;
+constexpr int64_t kStreamedDirsBytes = 4 << 20;
+template <typename T>
+int64_t strip_min_batch(const ForwardArgs<T>& a) {
+  const int64_t dirs_bytes = a.N * a.K * int64_t(sizeof(T));
+  return dirs_bytes > kStreamedDirsBytes ? kForwardGroup + 1 : kForwardGroup;
+}
 constexpr int kStripVectors = FLAME_BLEND_VECTOR_BYTES >= 64 ? 4 : 3;
 constexpr int kStripSamples = 4;
 constexpr int64_t kStripBlockBytes = 16 << 10;
@@ -530,7 +537,7 @@ FLAME_CPU_INLINE void forward_range(const ForwardArgs<T>& a, int64_t n0, int64_t
   constexpr int R = 4;
   const KTail<T> tail = make_tail<T>(a.K);
   // Large batches: strips first (pose included); the dot tiles take the rows left over.
-  const int64_t dot0 = a.B >= kStripMinBatch ? forward_strips(a, n0, n1) : n0;
+  const int64_t dot0 = a.B >= strip_min_batch(a) ? forward_strips(a, n0, n1) : n0;
   const int64_t ahead = dot_prefetch_rows<T>(a.dirs_stride);
   for (int64_t b0 = 0; b0 < a.B; b0 += kForwardGroup) {
     const int64_t b1 = std::min(a.B, b0 + kForwardGroup);
