@@ -12,17 +12,17 @@
 //   arithmetic (the strips below prefetch the next strip's block while they compute).
 // - large B (16 and more; 17 for a dirs over 4 MiB): compute bound. The forward copies
 //   strips of dirs k-major into an L1 block and runs broadcast tiles of samples x vectors
-//   of rows over it, every sample of the batch per copy (the dot tiles of the small batches reach half the FMA rate);
-//   the backward runs register tiles of samples x columns, prefetching the next rows.
-//   The time per sample falls as B grows. BLAS used to take over above a crossover
-//   batch measured on one Intel Xeon. On a 2-core AMD EPYC MKL's sgemm at these shapes with 2 threads was
-//   1.5-4x slower than the hand loops up to B = 64 and only even at B = 256 (FlameShape
-//   forward: 2.4x the time for 1.5x the samples from B = 16 to 24 across the crossover),
-//   so no fixed crossover holds on every x86 machine. $FLAME_EXT_BLEND_BLAS_BATCH (read
-//   once per process) sends batches of at least that many samples to at::addmm / at::mm
-//   instead, for a machine where BLAS is measured faster (python -m
-//   flame_ext._bench.blend_cpu prints both); unset or 0, never. docs/PERFORMANCE.md has
-//   the numbers.
+//   of rows over it, every sample of the batch per copy (the dot tiles of the small
+//   batches reach half the FMA rate); the backward runs register tiles of samples x
+//   columns, prefetching the next rows. The time per sample falls as B grows. BLAS used
+//   to take over above a crossover batch measured on one Intel Xeon. On a 2-core AMD
+//   EPYC MKL's sgemm at these shapes with 2 threads was 1.5-4x slower than the hand
+//   loops up to B = 64 and only even at B = 256 (FlameShape forward: 2.4x the time for
+//   1.5x the samples from B = 16 to 24 across the crossover), so no fixed crossover
+//   holds on every x86 machine. $FLAME_EXT_BLEND_BLAS_BATCH (read once per process)
+//   sends batches of at least that many samples to at::addmm / at::mm instead, for a
+//   machine where BLAS is measured faster (python -m flame_ext._bench.blend_cpu prints
+//   both); unset or 0, never. docs/PERFORMANCE.md has the numbers.
 //
 // The hand loops (blend_cpu_kernels.h) use GCC/Clang vector extensions and are compiled
 // three times, for AVX-512 (64-byte vectors), AVX2+FMA (32) and the x86-64 baseline (16),

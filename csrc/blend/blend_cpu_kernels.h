@@ -172,13 +172,13 @@ FLAME_CPU_INLINE void prefetch_l2(const void* p) {
 // backward's next 64 rows), prefetched into L2 a cache line or two per step of the tiles
 // that read the current block (row by row, row_bytes from each row's start). Issued all
 // at once, the prefetches queue behind each other and stall the tiles; spread over the
-// FMAs, the loads from memory overlap the arithmetic. One thread, FlameShape's sizes,
-// Intel Xeon: the forward at B = 20-32 20-30% faster, the backward at B = 8-32 15-25%.
+// FMAs, the loads from memory overlap the arithmetic (docs/PERFORMANCE.md has the
+// measurements). A value-initialised cursor has no rows: nothing to prefetch.
 struct LineCursor {
   const char* row;
   int64_t stride;     // bytes between rows
   int64_t row_bytes;  // bytes of the block per row
-  int64_t rows;       // rows left; none: nothing to prefetch
+  int64_t rows;       // rows left
   int64_t offset;
   FLAME_CPU_INLINE void step() {
     prefetch_l2(row + offset);
@@ -190,6 +190,15 @@ struct LineCursor {
     }
   }
 };
+
+// Rows [n, n + rows) of a (., stride) table, columns [k0, k1); none when rows <= 0.
+template <typename T>
+FLAME_CPU_INLINE LineCursor block_lines(const T* table, int64_t stride, int64_t n, int64_t rows,
+                                        int64_t k0, int64_t k1) {
+  if (rows <= 0) return LineCursor{};
+  return LineCursor{reinterpret_cast<const char*>(table + n * stride + k0),
+                    int64_t(stride * sizeof(T)), int64_t((k1 - k0) * sizeof(T)), rows, 0};
+}
 
 // ---------------------------------------------------------------------------------------
 // Dot products of short rows, the inner loop of the forward (rows of dirs with rows of
@@ -466,7 +475,8 @@ FLAME_CPU_INLINE void pack_strip(const T* rows, int64_t stride, int64_t k0, int6
 // Rows [n, n + U W) for every sample; the task's rows end at n_end (the next strip's
 // rows are prefetched up to there, not into another thread's task).
 template <typename T, int U>
-FLAME_CPU_INLINE void forward_strip(const ForwardArgs<T>& a, T* strip, int64_t n, int64_t n_end) {
+FLAME_CPU_INLINE void forward_strip(const ForwardArgs<T>& a, T* strip, int64_t n,
+                                    int64_t n_end) {
   constexpr int W = kLanes<T>;
   constexpr int64_t kb = strip_block_columns<T>();
   constexpr int S = kStripSamples;
@@ -474,9 +484,8 @@ FLAME_CPU_INLINE void forward_strip(const ForwardArgs<T>& a, T* strip, int64_t n
     const int64_t k1 = std::min(a.K, k0 + kb);
     pack_strip<T, U>(a.dirs + n * a.dirs_stride, a.dirs_stride, k0, k1, strip);
     const int64_t next_n = n + U * W;
-    LineCursor next{nullptr, int64_t(a.dirs_stride * sizeof(T)), int64_t((k1 - k0) * sizeof(T)),
-                    std::min<int64_t>(U * W, n_end - next_n), 0};
-    if (next.rows > 0) next.row = reinterpret_cast<const char*>(a.dirs + next_n * a.dirs_stride + k0);
+    LineCursor next = block_lines(a.dirs, a.dirs_stride, next_n,
+                                  std::min<int64_t>(U * W, n_end - next_n), k0, k1);
     const bool first = k0 == 0;
     int64_t b = 0;
     for (; b + S <= a.B; b += S) strip_tile<T, S, U>(a, strip, n, k0, k1, b, first, next);
@@ -523,8 +532,7 @@ FLAME_CPU_INLINE int64_t forward_strips(const ForwardArgs<T>& a, int64_t n0, int
 // of them to hide memory behind the FMAs. The rows kDotPrefetchBytes ahead of each step of
 // 4 rows (never past the task's rows) are prefetched into L2 by the step's tiles, two lines
 // per k vector, the rest after the step. One thread, FlameShape's sizes, Intel Xeon: B = 8
-// 4.2-4.4 ms with the hardware alone, 2.1-2.5 with this; B = 16 (on strips before) 5.2-6.2
-// against 3.2-3.5.
+// 4.5 ms with the hardware prefetchers alone, 3.2-3.4 with this.
 constexpr int64_t kDotPrefetchBytes = 16 << 10;
 template <typename T>
 constexpr int64_t dot_prefetch_rows(int64_t stride) {
@@ -545,14 +553,13 @@ FLAME_CPU_INLINE void forward_range(const ForwardArgs<T>& a, int64_t n0, int64_t
     for (; n + R <= n1; n += R) {
       // The first group streams the rows from memory: prefetched a distance ahead.
       const int64_t pn = n + ahead;
-      LineCursor next{nullptr, int64_t(a.dirs_stride * sizeof(T)), int64_t(a.K * sizeof(T)),
-                      b0 == 0 ? std::min<int64_t>(R, n1 - pn) : 0, 0};
-      if (next.rows > 0) next.row = reinterpret_cast<const char*>(a.dirs + pn * a.dirs_stride);
+      LineCursor next = block_lines(a.dirs, a.dirs_stride, pn,
+                                    b0 == 0 ? std::min<int64_t>(R, n1 - pn) : 0, 0, a.K);
       forward_rows_all_samples<T, R>(a, tail, n, b0, b1, next);
       while (next.rows > 0) next.step();
     }
     for (; n < n1; ++n) {
-      LineCursor none{nullptr, 0, 0, 0, 0};
+      LineCursor none{};
       forward_rows_all_samples<T, 1>(a, tail, n, b0, b1, none);
     }
   }
@@ -671,7 +678,7 @@ FLAME_CPU_INLINE void pose_adjoint_tile(const BackwardArgs<T>& a, const KTail<T>
                                         T* partial, int64_t n0, int64_t n1, int64_t p,
                                         int64_t b) {
   T sums[S * R];
-  LineCursor none{nullptr, 0, 0, 0, 0};
+  LineCursor none{};
   dot_tile<T, R, S>(a.pose_dirs + p * a.pose_stride + n0, a.pose_stride,
                     a.grad_out + b * a.N + n0, a.N, n1 - n0, tail, sums, none);
   FLAME_UNROLL
@@ -694,9 +701,8 @@ FLAME_CPU_INLINE void backward_chunk(const BackwardArgs<T>& a, int64_t chunk, in
       const bool accumulate = m0 > n0;
       // The first sample group streams the chunk from memory: the next block of rows is
       // prefetched while this one computes (the later groups find the chunk in L2).
-      LineCursor next{nullptr, int64_t(a.dirs_stride * sizeof(T)), int64_t(a.K * sizeof(T)),
-                      b0 == 0 ? std::min(kAdjointRows, n1 - m1) : 0, 0};
-      if (next.rows > 0) next.row = reinterpret_cast<const char*>(a.dirs + m1 * a.dirs_stride);
+      LineCursor next = block_lines(a.dirs, a.dirs_stride, m1,
+                                    b0 == 0 ? std::min(kAdjointRows, n1 - m1) : 0, 0, a.K);
       if (a.K < W) {
         adjoint_columns(a, partial, m0, m1, b0, b1, accumulate);
         continue;
