@@ -9,11 +9,11 @@ CPU ones.
 
 Sizes are chosen to reach every code path of the CPU kernels: batches below, at and past
 the sample tiles (2 or 4) and the sample groups (16), below and from the batch of 16 (17
-for a dirs over 4 MiB) where the forward switches from dot tiles to k-major strips (every strip width: STRIP_ROWS), N
-spanning several row chunks (256 rows forward, 256 to N/64 backward, fewer and longer for
-large batches, 64-row blocks), and K below, at and between multiples of the SIMD width (16
-float32 or 8 float64 lanes), including the masked tail vector. The BLAS path of $FLAME_EXT_BLEND_BLAS_BATCH runs in a
-subprocess.
+for a dirs over 4 MiB) where the forward switches from dot tiles to k-major strips (every
+strip width: STRIP_ROWS), N spanning several row chunks (256 rows forward, 256 to N/64
+backward, fewer and longer for large batches, 64-row blocks), and K below, at and between
+multiples of the SIMD width (16 float32 or 8 float64 lanes), including the masked tail
+vector. The BLAS path of $FLAME_EXT_BLEND_BLAS_BATCH runs in a subprocess.
 """
 
 import pytest
