@@ -44,8 +44,24 @@ class ParametricDecoder(DecoderModule):
     the blend -> rigid transforms -> blend -> skinning pipeline. Subclasses define the
     six parameters, ``parameters_``, ``n_shape``, ``transforms`` and the tables
     ``v_template``, ``shape_dirs``, ``pose_dirs``, ``lbs_weights``, ``parents``,
-    ``_J_template``, ``_J_dirs`` (FlameShapeLandmark: restricted to a vertex subset).
+    ``_J_template``, ``_J_dirs`` (FlameShapeLandmark: restricted to a vertex subset), and
+    ``_identity_dirs``, ``_expr_dirs`` (`_register_split_dirs`).
     """
+
+    def _register_split_dirs(self) -> None:
+        """The vertex basis' shape and expression columns as two contiguous (3V, n) tables.
+
+        With one identity for many frames the shape columns are blended once and the
+        expression columns per frame. As column slices of the (3V, n_shape + n_expr) basis
+        each table's rows are strided (400 of 1600 bytes for FLAME's expression), and the
+        CPU loops streamed them 10-45% slower than contiguous copies (docs/PERFORMANCE.md):
+        the copies cost the basis' bytes once more. Derived, not part of the state_dict.
+        """
+        num_vertices, _, components = self.shape_dirs.shape
+        dirs = self.shape_dirs.reshape(num_vertices * 3, components)
+        n = self.n_shape
+        self.register_buffer("_identity_dirs", dirs[:, :n].contiguous(), persistent=False)
+        self.register_buffer("_expr_dirs", dirs[:, n:].contiguous(), persistent=False)
 
     def get_full_pose(self) -> torch.Tensor:
         """cat([global_pose, neck_pose, jaw_pose, eye_pose], dim=1): (B, 15)."""
@@ -151,11 +167,16 @@ class ParametricDecoder(DecoderModule):
         j_dirs = self._J_dirs
         if identity is not None or (shape.shape[0] == 1 and batch_size > 1):
             n = self.n_shape
-            v_base = k.blend(v_base, v_dirs[:, :n], shape)
+            # A basis being fitted takes its gradient through slices of itself.
+            if self.shape_dirs.requires_grad:
+                identity_dirs, expr_dirs = v_dirs[:, :n], v_dirs[:, n:]
+            else:
+                identity_dirs, expr_dirs = self._identity_dirs, self._expr_dirs
+            v_base = k.blend(v_base, identity_dirs, shape)
             j_base = k.blend(j_base, j_dirs[:, :n], shape)
             if identity is not None:
                 v_base, j_base = identity_rows(v_base, identity), identity_rows(j_base, identity)
-            v_dirs, j_dirs, coeffs = v_dirs[:, n:], j_dirs[:, n:], expr.expand(batch_size, -1)
+            v_dirs, j_dirs, coeffs = expr_dirs, j_dirs[:, n:], expr.expand(batch_size, -1)
         else:
             coeffs = torch.cat(
                 [shape.expand(batch_size, -1), expr.expand(batch_size, -1)], dim=1

@@ -142,8 +142,9 @@ class FlameShape(ParametricDecoder):
         return value.detach().clone()
 
     def _register_derived(self) -> None:
-        """Precomputes joints = J_template + J_dirs . beta (J_regressor applied to the basis)
-        and the mean skinning weight of each joint (transforms='mean').
+        """Precomputes joints = J_template + J_dirs . beta (J_regressor applied to the basis),
+        the mean skinning weight of each joint (transforms='mean') and the basis' shape and
+        expression columns apart (`_register_split_dirs`).
 
         Derived from the buffers, so it is recomputed after load_state_dict; computed in
         float64 and stored in the buffers' dtype. Not part of the state_dict.
@@ -160,6 +161,7 @@ class FlameShape(ParametricDecoder):
         self.register_buffer(
             "_mean_weights", self.lbs_weights.double().mean(0).to(dtype), persistent=False
         )
+        self._register_split_dirs()
 
     def _apply(self, fn, *args, **kwargs):
         # .double()/.to(): derive the joint basis again from the converted buffers, so it

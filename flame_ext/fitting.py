@@ -177,6 +177,7 @@ class FlameShapeLandmark(ParametricDecoder):
         self.register_buffer("pose_dirs", shape.pose_dirs[:, xyz], persistent=False)
         self.register_buffer("lbs_weights", shape.lbs_weights[vertex_idx], persistent=False)
         self.register_buffer("parents", shape.parents.clone(), persistent=False)
+        self._register_split_dirs()
 
         # The joints need the whole mesh: keep FlameShape's joint basis, computed as it
         # computes it (float64, from its buffers). Kept in float64 beside the buffers, so

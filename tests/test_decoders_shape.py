@@ -356,6 +356,45 @@ def test_state_dict_round_trip_recomputes_joint_basis():
     torch.testing.assert_close(v, v0, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["ext", "reference"])
+def test_shared_identity_tables_follow_the_basis(backend):
+    """The shared-identity path blends contiguous copies of the basis' shape and expression
+    columns: they are those columns after construction, .double() and load_state_dict, so
+    its outputs follow a loaded basis exactly as the per-frame path does."""
+    a, b = _shape(backend), _shape(backend)
+    state = a.state_dict()
+    state["shape_dirs"] = state["shape_dirs"] * 1.5
+    b.load_state_dict(state)
+    for convert in (lambda m: m, lambda m: m.double()):
+        module = convert(b)
+        dirs = module.shape_dirs.reshape(-1, module.shape_dirs.shape[-1])
+        n = module.n_shape
+        for table, columns in ((module._identity_dirs, dirs[:, :n]),
+                               (module._expr_dirs, dirs[:, n:])):
+            assert table.is_contiguous() and table.dtype == dirs.dtype
+            assert torch.equal(table, columns)
+    inputs = flame_inputs(b, 3, 7, shared=True)
+    v_shared, _ = b(**inputs)
+    inputs["shape"] = inputs["shape"].expand(3, -1)
+    v_frames, _ = b(**inputs)
+    torch.testing.assert_close(v_shared, v_frames, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["ext", "reference"])
+def test_a_fitted_basis_gets_its_gradient_on_the_shared_path(backend):
+    """A basis that requires grad is read through slices of itself, so its gradient with one
+    identity is the per-frame path's."""
+    m = _shape(backend).double()
+    m.shape_dirs.requires_grad_(True)
+    inputs = flame_inputs(m, 3, 11, shared=True)
+    grads = []
+    for shape in (inputs["shape"], inputs["shape"].expand(3, -1)):
+        v, _ = m(**{**inputs, "shape": shape})
+        grads.append(torch.autograd.grad(v.square().sum(), m.shape_dirs)[0])
+    assert torch.count_nonzero(grads[0]) > 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)
+
+
 def test_module_in_an_unsupported_dtype_is_named():
     m = _shape("ext").half()
     with pytest.raises(TypeError, match="float32 or float64"):
