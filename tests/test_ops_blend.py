@@ -175,11 +175,12 @@ STRIP_ROWS = (319, 303, 287, 279, 271, 5)
 
 
 @pytest.mark.parametrize("n", STRIP_ROWS)
-@pytest.mark.parametrize("k,p", [(3, 2), (37, 9), (150, 0)])
+@pytest.mark.parametrize("k,p", [(3, 2), (37, 9), (150, 0), (5, 70)])
 def test_blend_strip_widths(ops, device, dtype, n, k, p):
     """Batches of 16 and more read a dirs of this size through k-major strips (K in blocks
-    of 64 or more columns: 150 spans three in float32 with AVX-512); every strip width and
-    the rows past the last one, against the reference."""
+    of 64 or more columns: 150 spans three in float32 with AVX-512, and the pose rows are
+    packed in blocks of as many: P = 70 spans two); every strip width and the rows past the
+    last one, against the reference."""
     for batch in (16, 17, 21):
         args = blend_inputs(batch, n, k, p, dtype, device)
         _assert_blend_close(_blend_mod().blend(*args), *args)
