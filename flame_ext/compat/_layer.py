@@ -51,6 +51,11 @@ class Tables(NamedTuple):
     pose_dirs: torch.Tensor  # (P, 3V)
     parents: torch.Tensor  # (J,)
     lbs_weights: torch.Tensor  # (V, J)
+    # dirs' identity and rest columns as contiguous (3V, n) and (3V, K - n) tables, where
+    # the layer has them: the one-identity path blends them apart, and column slices of
+    # dirs (None: what it reads then) stream slower (docs/PERFORMANCE.md).
+    identity_dirs: Optional[torch.Tensor] = None
+    rest_dirs: Optional[torch.Tensor] = None
 
 
 def joint_basis(J_regressor, v_template, dirs):
@@ -118,9 +123,12 @@ def decode(
     n = identity.shape[1]
     if identity.shape[0] == 1 and batch > 1:
         # one identity for the whole batch (a fitting loop): blended once
-        v_base = k.blend(v_base, v_dirs[:, :n], identity)
+        identity_dirs, rest_dirs = tables.identity_dirs, tables.rest_dirs
+        if identity_dirs is None:
+            identity_dirs, rest_dirs = v_dirs[:, :n], v_dirs[:, n:]
+        v_base = k.blend(v_base, identity_dirs, identity)
         j_base = k.blend(j_base, j_dirs[:, :n], identity)
-        v_dirs, j_dirs, coeffs = v_dirs[:, n:], j_dirs[:, n:], rest.expand(batch, -1)
+        v_dirs, j_dirs, coeffs = rest_dirs, j_dirs[:, n:], rest.expand(batch, -1)
     else:
         coeffs = torch.cat([identity.expand(batch, -1), rest.expand(batch, -1)], dim=1)
 

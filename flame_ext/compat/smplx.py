@@ -346,8 +346,12 @@ class FLAME(nn.Module):
         return self
 
     def _tables(self) -> _layer.Tables:
+        # smplx keeps the betas' and the expression's columns apart already.
+        num_rows = 3 * self.v_template.shape[0]
         return _layer.Tables(self.v_template, self._dirs, self._J_template, self._J_dirs,
-                             self.posedirs, self.parents, self.lbs_weights)
+                             self.posedirs, self.parents, self.lbs_weights,
+                             self.shapedirs.reshape(num_rows, -1),
+                             self.expr_dirs.reshape(num_rows, -1))
 
     # ----------------------------------------------------------------------------------
     # Forward
