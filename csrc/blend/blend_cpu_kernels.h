@@ -159,15 +159,6 @@ FLAME_CPU_INLINE void sum_lanes(Vec<T> (&acc)[M], T (&sums)[M]) {
 }
 #endif
 
-// A hint to bring the cache line at p into L2 (prefetcht1); nothing without GCC/Clang.
-FLAME_CPU_INLINE void prefetch_l2(const void* p) {
-#if defined(__GNUC__)
-  __builtin_prefetch(p, 0, 2);
-#else
-  (void)p;
-#endif
-}
-
 // The next block of rows of dirs (the dot tiles' rows ahead, the forward's next strip, the
 // backward's next 64 rows), prefetched into L2 a cache line or two per step of the tiles
 // that read the current block (row by row, row_bytes from each row's start). Issued all
