@@ -46,6 +46,24 @@ inline void check_like(const at::Tensor& x, const char* name, const at::Tensor& 
               like_name, " is on ", like.device());
 }
 
+// dirs may be stored in half precision (float16 or bfloat16: FlameTex's basis_dtype),
+// read as the dtype of everything else; otherwise it has that dtype.
+inline bool half_dirs(const at::Tensor& dirs) {
+  return dirs.scalar_type() == at::kHalf || dirs.scalar_type() == at::kBFloat16;
+}
+
+inline void check_dirs(const at::Tensor& dirs, const at::Tensor& like, const char* like_name) {
+  if (half_dirs(dirs)) {
+    TORCH_CHECK(dirs.device() == like.device(), "blend: dirs is on ", dirs.device(), " but ",
+                like_name, " is on ", like.device());
+    return;
+  }
+  TORCH_CHECK(dirs.scalar_type() == like.scalar_type(), "blend: dirs has dtype ",
+              dirs.scalar_type(), " but ", like_name, " has ", like.scalar_type(),
+              " (dirs may also be float16 or bfloat16)");
+  check_like(dirs, "dirs", like, like_name);
+}
+
 // blend(base, dirs, coeffs, pose_dirs, pose_coeffs): base (N,), (1, N) or (B, N); dirs
 // (N, K); coeffs (B, K); pose_dirs (P, N) and pose_coeffs (B, P), or both empty.
 inline Sizes check_forward(const at::Tensor& base, const at::Tensor& dirs,
@@ -53,7 +71,7 @@ inline Sizes check_forward(const at::Tensor& base, const at::Tensor& dirs,
                            const at::Tensor& pose_coeffs) {
   check_float(coeffs, "blend: coeffs");
   check_like(base, "base", coeffs, "coeffs");
-  check_like(dirs, "dirs", coeffs, "coeffs");
+  check_dirs(dirs, coeffs, "coeffs");
   check_like(pose_dirs, "pose_dirs", coeffs, "coeffs");
   check_like(pose_coeffs, "pose_coeffs", coeffs, "coeffs");
   TORCH_CHECK(coeffs.dim() == 2, "blend: coeffs must be (B, K), got ", coeffs.sizes());
@@ -86,7 +104,7 @@ inline Sizes check_forward(const at::Tensor& base, const at::Tensor& dirs,
 inline Sizes check_backward(const at::Tensor& grad_out, const at::Tensor& dirs,
                             const at::Tensor& pose_dirs) {
   check_float(grad_out, "blend: grad_out");
-  check_like(dirs, "dirs", grad_out, "grad_out");
+  check_dirs(dirs, grad_out, "grad_out");
   check_like(pose_dirs, "pose_dirs", grad_out, "grad_out");
   TORCH_CHECK(grad_out.dim() == 2, "blend_backward: grad_out must be (B, N), got ",
               grad_out.sizes());

@@ -35,7 +35,13 @@
 #include <cstdlib>
 #include <cstring>
 #include <tuple>
+#include <type_traits>
 #include <utility>
+#include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -128,6 +134,9 @@ struct BackwardArgs {
   int64_t B, N, K, P;
 };
 
+// The storage of a half-precision dirs.
+enum class HalfFormat { kFloat16, kBFloat16 };
+
 // ---------------------------------------------------------------------------------------
 // The hand loops, compiled once per instruction set.
 
@@ -207,6 +216,93 @@ BackwardFn<T> backward_kernel() {
   return &baseline::backward_rows<T>;
 }
 
+template <typename T>
+using WidenFn = void (*)(const uint16_t*, int64_t, int64_t, int64_t, T*, int64_t);
+
+template <typename T, HalfFormat F>
+WidenFn<T> widen_kernel() {
+#if defined(FLAME_EXT_ISA_TARGET_PRAGMA)
+  switch (blend_isa()) {
+    case Isa::kAvx512:
+      return &avx512::widen_rows<T, F>;
+    case Isa::kAvx2:
+      return &avx2::widen_rows<T, F>;
+    default:
+      break;
+  }
+#endif
+  return &baseline::widen_rows<T, F>;
+}
+
+template <typename T>
+WidenFn<T> widen_kernel(const at::Tensor& dirs) {
+  return dirs.scalar_type() == at::kBFloat16 ? widen_kernel<T, HalfFormat::kBFloat16>()
+                                             : widen_kernel<T, HalfFormat::kFloat16>();
+}
+
+// The bits of a half-precision dirs, and its row stride.
+struct HalfRows {
+  const uint16_t* data;
+  int64_t stride;
+};
+
+HalfRows half_rows(const at::Tensor& dirs) {
+  return {reinterpret_cast<const uint16_t*>(dirs.const_data_ptr()), blend::row_stride(dirs)};
+}
+
+// A thread's block of widened rows, reused from call to call.
+template <typename T>
+T* widened_block(int64_t values) {
+  thread_local std::vector<T> block;
+  if (int64_t(block.size()) < values) block.resize(values);
+  return block.data();
+}
+
+// A half-precision dirs (float16 or bfloat16 storage: FlameTex's basis_dtype). Each task
+// widens its rows, a chunk at a time, into a block of T in cache and runs the same loops on
+// it, so dirs is read from memory at half the bytes and is never copied whole; the
+// widening is one load and store per element of dirs, shared by all B samples.
+template <typename T>
+void forward_half(const ForwardArgs<T>& a, HalfRows dirs, WidenFn<T> widen,
+                  ForwardFn<T> kernel, int64_t c0, int64_t c1) {
+  T* block = widened_block<T>(kForwardRows * a.K);
+  for (int64_t c = c0; c < c1; ++c) {
+    const int64_t n0 = c * kForwardRows, rows = std::min(kForwardRows, a.N - n0);
+    widen(dirs.data + n0 * dirs.stride, dirs.stride, rows, a.K, block, a.N - n0);
+    ForwardArgs<T> chunk = a;
+    chunk.base = a.base + n0;
+    chunk.dirs = block;
+    chunk.dirs_stride = a.K;
+    if (a.P > 0) chunk.pose_dirs = a.pose_dirs + n0;
+    chunk.out = a.out + n0;
+    kernel(chunk, 0, rows);
+  }
+}
+
+// The backward's tasks [t0, t1) over a half-precision dirs: the sample groups of a chunk
+// run one after another, so its rows are widened once for all of them.
+template <typename T>
+void backward_half(const BackwardArgs<T>& a, HalfRows dirs, WidenFn<T> widen,
+                   BackwardFn<T> kernel, int64_t rows, int64_t groups, int64_t t0,
+                   int64_t t1) {
+  T* block = a.partial_coeffs != nullptr ? widened_block<T>(rows * a.K) : nullptr;
+  int64_t widened = -1;
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t c = t / groups, g = t % groups;
+    const int64_t m0 = c * rows, m1 = std::min(a.N, m0 + rows);
+    if (block != nullptr && c != widened) {
+      widen(dirs.data + m0 * dirs.stride, dirs.stride, m1 - m0, a.K, block, a.N - m0);
+      widened = c;
+    }
+    BackwardArgs<T> chunk = a;
+    chunk.grad_out = a.grad_out + m0;
+    chunk.dirs = block;
+    chunk.dirs_stride = a.K;
+    if (a.pose_dirs != nullptr) chunk.pose_dirs = a.pose_dirs + m0;
+    kernel(chunk, c, 0, m1 - m0, g * kBackwardGroup, std::min(a.B, (g + 1) * kBackwardGroup));
+  }
+}
+
 // ---------------------------------------------------------------------------------------
 // The ops.
 
@@ -217,8 +313,10 @@ at::Tensor blend_cpu(const at::Tensor& base_in, const at::Tensor& dirs_in,
       blend::check_forward(base_in, dirs_in, coeffs_in, pose_dirs_in, pose_coeffs_in);
   const int64_t B = sizes.B, N = sizes.N, K = sizes.K, P = sizes.P;
   if (B == 0 || N == 0) return at::empty({B, N}, coeffs_in.options());
+  // BLAS reads one dtype: a half-precision dirs always takes the hand loops.
+  const bool half = blend::half_dirs(dirs_in);
 
-  if (use_blas(B)) {
+  if (use_blas(B) && !half) {
     at::Tensor out = empty_output({B, N}, coeffs_in.options());
     at::addmm_out(out, base_in, coeffs_in, dirs_in.t());
     if (P > 0) out.addmm_(pose_coeffs_in, pose_dirs_in);
@@ -237,7 +335,7 @@ at::Tensor blend_cpu(const at::Tensor& base_in, const at::Tensor& dirs_in,
     ForwardArgs<scalar_t> a;
     a.base = base.const_data_ptr<scalar_t>();
     a.base_stride = base.size(0) == 1 ? 0 : base.stride(0);
-    a.dirs = dirs.const_data_ptr<scalar_t>();
+    a.dirs = half ? nullptr : dirs.const_data_ptr<scalar_t>();
     a.dirs_stride = blend::row_stride(dirs);
     a.coeffs = coeffs.const_data_ptr<scalar_t>();
     a.pose_dirs = P > 0 ? pose_dirs.const_data_ptr<scalar_t>() : nullptr;
@@ -253,6 +351,14 @@ at::Tensor blend_cpu(const at::Tensor& base_in, const at::Tensor& dirs_in,
     // Tiny problems run inline: a task is worth it above ~64K FMAs.
     const int64_t per_chunk = std::max<int64_t>(1, kForwardRows * (K + P + 1) * B);
     const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / per_chunk);
+    if (half) {
+      const HalfRows rows = half_rows(dirs);
+      const WidenFn<scalar_t> widen = widen_kernel<scalar_t>(dirs);
+      dynamic_parallel_for(chunks, grain, [&](int64_t c0, int64_t c1) {
+        forward_half(a, rows, widen, kernel, c0, c1);
+      });
+      return;
+    }
     dynamic_parallel_for(chunks, grain, [&](int64_t c0, int64_t c1) {
       kernel(a, c0 * kForwardRows, std::min(N, c1 * kForwardRows));
     });
@@ -279,7 +385,8 @@ std::tuple<at::Tensor, at::Tensor> blend_backward_cpu(const at::Tensor& grad_out
     return {grad_coeffs, grad_pose};
   }
 
-  if (use_blas(B)) {
+  const bool half = blend::half_dirs(dirs_in);
+  if (use_blas(B) && !half) {
     if (do_coeffs) at::mm_out(grad_coeffs, grad_out_in, dirs_in);
     if (do_pose) at::mm_out(grad_pose, grad_out_in, pose_dirs_in.t());
     return {grad_coeffs, grad_pose};
@@ -301,7 +408,7 @@ std::tuple<at::Tensor, at::Tensor> blend_backward_cpu(const at::Tensor& grad_out
   AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), "flame_ext::blend_backward", [&] {
     BackwardArgs<scalar_t> a;
     a.grad_out = grad_out.const_data_ptr<scalar_t>();
-    a.dirs = dirs.const_data_ptr<scalar_t>();
+    a.dirs = half ? nullptr : dirs.const_data_ptr<scalar_t>();
     a.dirs_stride = blend::row_stride(dirs);
     a.pose_dirs = do_pose ? pose_dirs.const_data_ptr<scalar_t>() : nullptr;
     a.pose_stride = do_pose ? blend::row_stride(pose_dirs) : 0;
@@ -318,7 +425,13 @@ std::tuple<at::Tensor, at::Tensor> blend_backward_cpu(const at::Tensor& grad_out
     // groups of a chunk run on one thread, one after another, and share its rows.
     const int64_t min_tasks = std::max<int64_t>(1, (int64_t(1) << 16) / per_task);
     const int64_t grain = (min_tasks + groups - 1) / groups * groups;
+    const HalfRows half_dirs = half ? half_rows(dirs) : HalfRows{nullptr, 0};
+    const WidenFn<scalar_t> widen = half ? widen_kernel<scalar_t>(dirs) : nullptr;
     dynamic_parallel_for(chunks * groups, grain, [&](int64_t t0, int64_t t1) {
+      if (half) {
+        backward_half(a, half_dirs, widen, kernel, rows, groups, t0, t1);
+        return;
+      }
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t c = t / groups, g = t % groups;
         kernel(a, c, c * rows, std::min(N, (c + 1) * rows), g * kBackwardGroup,

@@ -759,6 +759,115 @@ FLAME_CPU_INLINE void backward_chunk(const BackwardArgs<T>& a, int64_t chunk, in
 }
 
 // ---------------------------------------------------------------------------------------
+// A half-precision dirs: rows widened to T, into a block the loops above then read from
+// cache. The values are read by their bits, exactly: a bfloat16 is the top half of a
+// float32; a float16 normal, infinity or NaN moves its exponent (rebiased) and mantissa into
+// float32's fields, a zero or subnormal one is its 10-bit mantissa times 2^-24.
+
+template <HalfFormat F>
+FLAME_CPU_INLINE float half_value(uint16_t h) {
+  uint32_t bits;
+  if constexpr (F == HalfFormat::kBFloat16) {
+    bits = uint32_t(h) << 16;
+  } else {
+    const uint32_t em = h & 0x7fffu;
+    if (em < 0x400u) {
+      const float magnitude = float(int32_t(em)) * 0x1p-24f;
+      std::memcpy(&bits, &magnitude, sizeof(bits));
+    } else {
+      bits = (em << 13) + (em >= 0x7c00u ? 0x70000000u : 0x38000000u);
+    }
+    bits |= uint32_t(h & 0x8000u) << 16;
+  }
+  float value;
+  std::memcpy(&value, &bits, sizeof(value));
+  return value;
+}
+
+#if defined(__GNUC__)
+// half_value for one vector of float lanes, branch-free.
+typedef uint16_t HalfBits __attribute__((vector_size(FLAME_BLEND_VECTOR_BYTES / 2)));
+typedef uint32_t WideBits __attribute__((vector_size(FLAME_BLEND_VECTOR_BYTES)));
+template <HalfFormat F>
+FLAME_CPU_INLINE Vec<float> half_vector(const uint16_t* p) {
+  typedef HalfBits Narrow;
+  typedef WideBits Wide;
+  typedef Bits<float> Signed;
+  typedef Vec<float> Float;
+#if FLAME_BLEND_VECTOR_BYTES >= 64
+  if constexpr (F == HalfFormat::kFloat16) {
+    // AVX-512F has the conversion itself (vcvtph2ps): the same values, fewer instructions.
+    const __m512 value = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    Vec<float> out;
+    std::memcpy(&out, &value, sizeof(out));
+    return out;
+  }
+#endif
+  Narrow narrow;
+  std::memcpy(&narrow, p, sizeof(narrow));
+  const Wide h = __builtin_convertvector(narrow, Wide);
+  Wide bits;
+  if constexpr (F == HalfFormat::kBFloat16) {
+    bits = h << 16;
+  } else {
+    const Wide em = h & 0x7fffu;
+    const Wide special = (Wide)(em >= 0x7c00u);  // all ones for infinity and NaN
+    const Wide small = (Wide)(em < 0x400u);      // all ones for zero and subnormals
+    const Wide normal = (em << 13) + (0x38000000u + (special & 0x38000000u));
+    const Float magnitude = __builtin_convertvector((Signed)em, Float) * 0x1p-24f;
+    Wide sub;
+    std::memcpy(&sub, &magnitude, sizeof(sub));
+    bits = (normal & ~small) | (sub & small) | ((h & 0x8000u) << 16);
+  }
+  Vec<float> value;
+  std::memcpy(&value, &bits, sizeof(value));
+  return value;
+}
+#endif
+
+// dst[i] = T(src[i]) for i in [0, count). The values come from memory: the hardware
+// prefetchers alone left the loads waiting (most of the time of a batch-1 blend), so a
+// line kDotPrefetchBytes ahead is prefetched into L2 per line read, while it is one of the
+// `available` values src holds.
+template <typename T, HalfFormat F>
+FLAME_CPU_INLINE void widen_span(const uint16_t* src, int64_t count, T* dst, int64_t available) {
+  constexpr int64_t kLine = 64 / int64_t(sizeof(uint16_t));
+  constexpr int64_t kAhead = kDotPrefetchBytes / int64_t(sizeof(uint16_t));
+  int64_t i = 0;
+#if defined(__GNUC__)
+  if constexpr (std::is_same_v<T, float>) {
+    constexpr int W = kLanes<float>;
+    for (; i + W <= count; i += W) {
+      if (i % kLine < W && i + kAhead < available) prefetch_l2(src + i + kAhead);
+      store(dst + i, half_vector<F>(src + i));
+    }
+  }
+#endif
+  for (; i < count; ++i) dst[i] = T(half_value<F>(src[i]));
+}
+
+// dst[r * K + k] = T(src[r * stride + k]) for r in [0, rows), k in [0, K); src holds
+// `available` rows. Contiguous rows are one span (the vectors run across rows).
+template <typename T, HalfFormat F>
+void widen_rows(const uint16_t* src, int64_t stride, int64_t rows, int64_t K, T* dst,
+                int64_t available) {
+  if (stride == K) {
+    widen_span<T, F>(src, rows * K, dst, available * K);
+    return;
+  }
+  const int64_t ahead = dot_prefetch_rows<uint16_t>(stride);
+  const int64_t row_bytes = K * int64_t(sizeof(uint16_t));
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint16_t* row = src + r * stride;
+    if (r + ahead < available) {
+      const char* line = reinterpret_cast<const char*>(row + ahead * stride);
+      for (int64_t offset = 0; offset < row_bytes; offset += 64) prefetch_l2(line + offset);
+    }
+    widen_span<T, F>(row, K, dst + r * K, 0);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
 // Entry points (their addresses are what blend_cpu.cpp dispatches to).
 
 template <typename T>
