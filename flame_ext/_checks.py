@@ -62,9 +62,10 @@ def check_tensor(
     return value
 
 
-def check_same(name: str, value: torch.Tensor, like: torch.Tensor, like_name: str):
-    """Checks that `value` has the dtype and device of `like`."""
-    if value.dtype != like.dtype:
+def check_same(name: str, value: torch.Tensor, like: torch.Tensor, like_name: str,
+               dtype: bool = True):
+    """Checks that `value` has the dtype (unless dtype=False) and device of `like`."""
+    if dtype and value.dtype != like.dtype:
         raise TypeError(
             f"{name} has dtype {value.dtype} but {like_name} has {like.dtype}; "
             "they must match"

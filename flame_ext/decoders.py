@@ -344,8 +344,9 @@ def _chain_to_root(parents: np.ndarray, joint: int) -> list:
     return chain
 
 
-# What FlameTex(basis_dtype=...) accepts: float32 (medusa's), or a half basis read by
-# flame_ext._ops.half_blend with float32 sums.
+# What FlameTex(basis_dtype=...) accepts: float32 (medusa's), or a half basis, read by the
+# compiled blend op (or, on the reference path, by flame_ext._ops.half_blend) with float32
+# sums.
 BASIS_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -531,7 +532,7 @@ class FlameTex(_backend.DecoderModule):
                 for p in self._parts()
             )
             return outs if self.specular else outs[0]
-        if basis.dtype in half_blend.HALF_DTYPES:
+        if basis.dtype in half_blend.HALF_DTYPES and path == "reference":
             out = half_blend.half_blend_unchecked(mean, basis, texcode)
         else:
             out = _backend.steps(path).blend(mean, basis, texcode)

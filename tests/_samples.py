@@ -245,6 +245,9 @@ BAD_FLOAT_DTYPES = (torch.int32, torch.int64, torch.float16, torch.bfloat16, tor
                     torch.bool)
 BAD_INDEX_DTYPES = (torch.int32, torch.float32, torch.uint8)
 CORRUPTIONS = ("rank_up", "rank_down", "size", "dtype", "device", "not_tensor", "sparse")
+# (op, argument) -> the dtypes of BAD_FLOAT_DTYPES that argument also takes: blend's dirs
+# may be stored in half precision.
+ALSO_ACCEPTED = {("blend", "dirs"): (torch.float16, torch.bfloat16)}
 
 
 def corrupt(x, how, size_dims, draw_index):

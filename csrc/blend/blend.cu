@@ -8,13 +8,15 @@
 // (deterministic, full fp32; ATen's CUDA GEMM raises there unless CUBLAS_WORKSPACE_CONFIG
 // is set, which the CPU op does not ask for), in slices of the batch that fit the grid.
 // With TF32 enabled (torch.backends.cuda.matmul.allow_tf32, off by default) the cuBLAS
-// path follows it.
+// path follows it. A half-precision dirs (float16 / bfloat16) is read as such by the hand
+// kernels; cuBLAS takes one dtype, so there it is widened a block of rows at a time.
 //
 // Every launch is asynchronous on the current stream, allocates through the caching
 // allocator and never reads device memory on the host: CUDA-graph capturable.
 #include <algorithm>
 #include <cstdint>
 #include <tuple>
+#include <type_traits>
 
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
@@ -33,6 +35,33 @@ namespace {
 
 using namespace blend_kernels;
 
+// fn(pointer to the values of dirs): T, or c10::Half / c10::BFloat16 for a half-precision
+// dirs.
+template <typename T, typename Fn>
+void with_dirs(const at::Tensor& dirs, const Fn& fn) {
+  switch (dirs.scalar_type()) {
+    case at::kHalf:
+      fn(dirs.const_data_ptr<c10::Half>());
+      break;
+    case at::kBFloat16:
+      fn(dirs.const_data_ptr<c10::BFloat16>());
+      break;
+    default:
+      fn(dirs.const_data_ptr<T>());
+      break;
+  }
+}
+
+// Rows of a half-precision dirs widened per cuBLAS call: blocks of 2^22 values (16 MB in
+// float32), never a copy of the whole table.
+int64_t widened_rows(int64_t K) {
+  return std::max<int64_t>(1, (int64_t(1) << 22) / std::max<int64_t>(1, K));
+}
+
+at::Tensor widened(const at::Tensor& dirs, int64_t n0, int64_t n, at::ScalarType dtype) {
+  return dirs.narrow(0, n0, n).to(dtype);
+}
+
 at::Tensor blend_cuda(const at::Tensor& base_in, const at::Tensor& dirs_in,
                       const at::Tensor& coeffs_in, const at::Tensor& pose_dirs_in,
                       const at::Tensor& pose_coeffs_in) {
@@ -46,7 +75,19 @@ at::Tensor blend_cuda(const at::Tensor& base_in, const at::Tensor& dirs_in,
 
   const DeviceLimits limits = device_limits();
   if (blend_use_gemm(B, at::globalContext().deterministicAlgorithms())) {
-    at::Tensor out = at::addmm(base_in, coeffs_in, dirs_in.t());
+    if (!blend::half_dirs(dirs_in)) {
+      at::Tensor out = at::addmm(base_in, coeffs_in, dirs_in.t());
+      if (P > 0) out.addmm_(pose_coeffs_in, pose_dirs_in);
+      return out;
+    }
+    at::Tensor out = at::empty({B, N}, coeffs_in.options());
+    const int64_t rows = widened_rows(K);
+    for (int64_t n0 = 0; n0 < N; n0 += rows) {
+      const int64_t n = std::min(rows, N - n0);
+      at::Tensor columns = out.narrow(1, n0, n);
+      at::addmm_out(columns, base_in.narrow(-1, n0, n), coeffs_in,
+                    widened(dirs_in, n0, n, coeffs_in.scalar_type()).t());
+    }
     if (P > 0) out.addmm_(pose_coeffs_in, pose_dirs_in);
     return out;
   }
@@ -65,20 +106,22 @@ at::Tensor blend_cuda(const at::Tensor& base_in, const at::Tensor& dirs_in,
   AT_DISPATCH_FLOATING_TYPES(coeffs.scalar_type(), "flame_ext::blend", [&] {
     const scalar_t* pose_dirs_ptr = P > 0 ? pose_dirs.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* pose_coeffs_ptr = P > 0 ? pose_coeffs.const_data_ptr<scalar_t>() : nullptr;
-    with_tile_samples(tile_samples(B), [&](auto tile) {
-      constexpr int kS = decltype(tile)::value;
-      // Slices of the batch, each within the grid (one slice but for huge batches).
-      const int64_t slice = blend_forward_slice(kS, limits);
-      for (int64_t b0 = 0; b0 < B; b0 += slice) {
-        const int64_t Bs = std::min(slice, B - b0);
-        launch(blend_forward_plan<kS>(Bs, N, limits), stream,
-               &blend_forward_kernel<scalar_t, kS>,
-               base.const_data_ptr<scalar_t>() + b0 * base_stride, base_stride,
-               dirs.const_data_ptr<scalar_t>(), dirs_stride,
-               coeffs.const_data_ptr<scalar_t>() + b0 * K, pose_dirs_ptr, pose_stride,
-               P > 0 ? pose_coeffs_ptr + b0 * P : nullptr,
-               out.mutable_data_ptr<scalar_t>() + b0 * N, Bs, N, K, P);
-      }
+    with_dirs<scalar_t>(dirs, [&](auto dirs_ptr) {
+      using D = std::remove_cv_t<std::remove_pointer_t<decltype(dirs_ptr)>>;
+      with_tile_samples(tile_samples(B), [&](auto tile) {
+        constexpr int kS = decltype(tile)::value;
+        // Slices of the batch, each within the grid (one slice but for huge batches).
+        const int64_t slice = blend_forward_slice(kS, limits);
+        for (int64_t b0 = 0; b0 < B; b0 += slice) {
+          const int64_t Bs = std::min(slice, B - b0);
+          launch(blend_forward_plan<kS>(Bs, N, limits), stream,
+                 &blend_forward_kernel<scalar_t, kS, D>,
+                 base.const_data_ptr<scalar_t>() + b0 * base_stride, base_stride, dirs_ptr,
+                 dirs_stride, coeffs.const_data_ptr<scalar_t>() + b0 * K, pose_dirs_ptr,
+                 pose_stride, P > 0 ? pose_coeffs_ptr + b0 * P : nullptr,
+                 out.mutable_data_ptr<scalar_t>() + b0 * N, Bs, N, K, P);
+        }
+      });
     });
   });
   return out;
@@ -108,7 +151,20 @@ std::tuple<at::Tensor, at::Tensor> blend_backward_cuda(const at::Tensor& grad_ou
 
   const DeviceLimits limits = device_limits();
   if (blend_use_gemm(B, at::globalContext().deterministicAlgorithms())) {
-    if (do_coeffs) at::mm_out(grad_coeffs, grad_out_in, dirs_in);
+    if (do_coeffs && !blend::half_dirs(dirs_in)) {
+      at::mm_out(grad_coeffs, grad_out_in, dirs_in);
+    } else if (do_coeffs) {
+      const int64_t rows = widened_rows(K);
+      for (int64_t n0 = 0; n0 < N; n0 += rows) {
+        const int64_t n = std::min(rows, N - n0);
+        const at::Tensor part = widened(dirs_in, n0, n, grad_out_in.scalar_type());
+        if (n0 == 0) {
+          at::mm_out(grad_coeffs, grad_out_in.narrow(1, n0, n), part);
+        } else {
+          grad_coeffs.addmm_(grad_out_in.narrow(1, n0, n), part);
+        }
+      }
+    }
     if (do_pose) at::mm_out(grad_pose, grad_out_in, pose_dirs_in.t());
     return {grad_coeffs, grad_pose};
   }
@@ -135,10 +191,13 @@ std::tuple<at::Tensor, at::Tensor> blend_backward_cuda(const at::Tensor& grad_ou
         };
         if (do_coeffs) {
           const at::Tensor partial = at::empty({chunks.count, Bs, K}, options);
-          launch(adjoint_coeffs_plan<kS>(Bs, K, chunks, limits), stream,
-                 &adjoint_coeffs_kernel<scalar_t, kS>, grad_ptr, dirs.const_data_ptr<scalar_t>(),
-                 blend::row_stride(dirs), partial.mutable_data_ptr<scalar_t>(), Bs, N, K,
-                 chunks.rows);
+          with_dirs<scalar_t>(dirs, [&](auto dirs_ptr) {
+            using D = std::remove_cv_t<std::remove_pointer_t<decltype(dirs_ptr)>>;
+            launch(adjoint_coeffs_plan<kS>(Bs, K, chunks, limits), stream,
+                   &adjoint_coeffs_kernel<scalar_t, kS, D>, grad_ptr, dirs_ptr,
+                   blend::row_stride(dirs), partial.mutable_data_ptr<scalar_t>(), Bs, N, K,
+                   chunks.rows);
+          });
           reduce(partial, grad_coeffs.mutable_data_ptr<scalar_t>() + b0 * K, K);
         }
         if (do_pose) {

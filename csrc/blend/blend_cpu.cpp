@@ -24,6 +24,12 @@
 //   machine where BLAS is measured faster (python -m flame_ext._bench.blend_cpu prints
 //   both); unset or 0, never. docs/PERFORMANCE.md has the numbers.
 //
+// A half-precision dirs (float16 / bfloat16 storage, everything else float32 or float64:
+// FlameTex's basis_dtype) is widened exactly, a chunk of rows at a time, into a block in
+// cache that the same loops then read (forward_half, backward_half): the results are the
+// bits of the op on the widened table, dirs is read at half the bytes and never copied
+// whole. BLAS reads one dtype, so such a dirs always takes the hand loops.
+//
 // The hand loops (blend_cpu_kernels.h) use GCC/Clang vector extensions and are compiled
 // three times, for AVX-512 (64-byte vectors), AVX2+FMA (32) and the x86-64 baseline (16),
 // one picked at run time (cpu_isa.h). Every reduction runs in a fixed order over fixed row

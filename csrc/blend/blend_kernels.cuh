@@ -12,11 +12,17 @@
 //   (chunks, B, K); grad_pose_coeffs: the forward's warp dots over a chunk of n, into
 //   (chunks, B, P); then one thread per output adds the chunks in order.
 // Large batches go to cuBLAS (blend_use_gemm; see blend.cu).
+//
+// dirs may be stored in half precision (D = c10::Half or c10::BFloat16, FlameTex's
+// basis_dtype): each value is widened to T where it is loaded; everything else is T.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include "blend/blend.h"
 #include "common.h"
@@ -83,18 +89,29 @@ __device__ __forceinline__ T warp_transpose_sum(T (&v)[M], int lane) {
   return v[0];
 }
 
+// A value of dirs (or of any T table) as T: through the read-only cache, a half-precision
+// one widened.
+template <typename T, typename D>
+__device__ __forceinline__ T load_as(const D* p) {
+  if constexpr (std::is_same_v<T, D>) {
+    return __ldg(p);
+  } else {
+    return static_cast<T>(static_cast<float>(*p));
+  }
+}
+
 // The R x S dot products (R = tile_rows<S>()) of rows x[n0 .. n0+R) (row stride ldx) with
 // rows y[b0 .. b0+S) (row stride ldy) over k in [k0, k1), computed by one warp with lanes
 // along k (coalesced loads). Returns, in every lane of group g = lane / (32 / (R S)), dot
 // (r, s) = (g / S, g % S). Rows and samples past the end (n >= rows, b >= samples) read
 // the last valid one instead: their results are discarded by the caller.
-template <typename T, int S>
-__device__ __forceinline__ T warp_dots(const T* __restrict__ x, int64_t ldx, int64_t n0,
+template <typename T, int S, typename X>
+__device__ __forceinline__ T warp_dots(const X* __restrict__ x, int64_t ldx, int64_t n0,
                                        int64_t rows, const T* __restrict__ y, int64_t ldy,
                                        int64_t b0, int64_t samples, int64_t k0, int64_t k1,
                                        int lane) {
   constexpr int R = tile_rows<S>();
-  const T* xr[R];
+  const X* xr[R];
   const T* ys[S];
 #pragma unroll
   for (int r = 0; r < R; ++r) xr[r] = x + min(n0 + r, rows - 1) * ldx;
@@ -108,7 +125,7 @@ __device__ __forceinline__ T warp_dots(const T* __restrict__ x, int64_t ldx, int
   for (int64_t k = k0 + lane; k < k1; k += kWarp) {
     T d[R], c[S];
 #pragma unroll
-    for (int r = 0; r < R; ++r) d[r] = __ldg(xr[r] + k);
+    for (int r = 0; r < R; ++r) d[r] = load_as<T>(xr[r] + k);
 #pragma unroll
     for (int s = 0; s < S; ++s) c[s] = __ldg(ys[s] + k);
     blend::outer_step(d, c, acc);
@@ -129,9 +146,9 @@ struct LaneDot {
 
 // out[b, n] = base[b, n] + dot(dirs[n, :], coeffs[b, :]) + sum_p pose_coeffs[b, p] *
 // pose_dirs[p, n]. Grid: x over warps of R rows, y over tiles of S samples.
-template <typename T, int S>
+template <typename T, int S, typename D>
 __global__ void blend_forward_kernel(const T* __restrict__ base, int64_t base_stride,
-                                     const T* __restrict__ dirs, int64_t dirs_stride,
+                                     const D* __restrict__ dirs, int64_t dirs_stride,
                                      const T* __restrict__ coeffs,
                                      const T* __restrict__ pose_dirs, int64_t pose_stride,
                                      const T* __restrict__ pose_coeffs, T* __restrict__ out,
@@ -154,9 +171,9 @@ __global__ void blend_forward_kernel(const T* __restrict__ base, int64_t base_st
 
 // partial[chunk, b, k] = sum over n in the chunk of grad_out[b, n] * dirs[n, k]. Grid: x over
 // blocks of columns, y over chunks, z over tiles of S samples.
-template <typename T, int S>
+template <typename T, int S, typename D>
 __global__ void adjoint_coeffs_kernel(const T* __restrict__ grad_out,
-                                      const T* __restrict__ dirs, int64_t dirs_stride,
+                                      const D* __restrict__ dirs, int64_t dirs_stride,
                                       T* __restrict__ partial, int64_t B, int64_t N, int64_t K,
                                       int64_t chunk_rows) {
   const int64_t k = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -172,7 +189,7 @@ __global__ void adjoint_coeffs_kernel(const T* __restrict__ grad_out,
   for (int s = 0; s < S; ++s) acc[s][0] = T(0);
 #pragma unroll 4
   for (int64_t n = n0; n < n1; ++n) {
-    const T d[1] = {__ldg(dirs + n * dirs_stride + k)};  // coalesced along k
+    const T d[1] = {load_as<T>(dirs + n * dirs_stride + k)};  // coalesced along k
     T gs[S];
 #pragma unroll
     for (int s = 0; s < S; ++s) gs[s] = __ldg(g[s] + n);  // one address per warp: broadcast

@@ -24,6 +24,9 @@ from .._checks import check_same, check_tensor
 
 _ops = torch.ops.flame_ext
 
+# The storage dtypes of a half-precision dirs.
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
 # Device types with compiled kernels, read once: a lookup here keeps the wrapper traceable.
 _HAS_KERNEL = {
     device: torch._C._dispatch_has_kernel_for_dispatch_key("flame_ext::blend", key)
@@ -42,7 +45,10 @@ def blend(
 
     base (N,), (1, N) or (B, N); dirs (N, K); coeffs (B, K); pose_dirs (P, N) and
     pose_coeffs (B, P), both or neither (P may be 0). One dtype (float32 or float64) and
-    device. Returns out (B, N) = base + coeffs @ dirs.T + pose_coeffs @ pose_dirs.
+    device, except that dirs may be stored as float16 or bfloat16 (a half-precision basis,
+    as FlameTex(basis_dtype=...) keeps it): its values are widened exactly and summed in
+    the dtype of the rest. Returns out (B, N) = base + coeffs @ dirs.T + pose_coeffs @
+    pose_dirs, in that dtype.
 
     dirs may be a column slice of a wider matrix (row stride > K, unit column stride): it
     is read in place, never copied. Any other layout works too (copied once per call).
@@ -52,7 +58,7 @@ def blend(
     batch, n_components = coeffs.shape
     check_tensor("dirs", dirs, ndim=2)
     check_tensor("dirs", dirs, shape=(None, n_components))
-    check_same("dirs", dirs, coeffs, "coeffs")
+    check_same("dirs", dirs, coeffs, "coeffs", dtype=dirs.dtype not in HALF_DTYPES)
     n = dirs.shape[0]
     check_tensor("base", base)
     if not (
@@ -168,7 +174,7 @@ def _blend_backward(ctx, grad):
     # Matrix products in torch: dirs and pose_dirs are model constants in the decoders, so
     # these only run when a caller fits the bases themselves.
     if need_dirs:
-        grad_dirs = grad.mT @ coeffs
+        grad_dirs = (grad.mT @ coeffs).to(dirs.dtype)
     if need_pose_dirs:
         grad_pose_dirs = pose_coeffs.mT @ grad
     return grad_base, grad_dirs, grad_coeffs, grad_pose_dirs, grad_pose_coeffs
@@ -211,7 +217,7 @@ def _blend_backward_backward(ctx, grad_grad_coeffs, grad_grad_pose):
             grad_out.new_zeros((n,)), blend_dirs, blend_coeffs, blend_pose_dirs, blend_pose_coeffs
         )
     if need_dirs and use_coeffs:
-        d_dirs = grad_out.mT @ grad_grad_coeffs
+        d_dirs = (grad_out.mT @ grad_grad_coeffs).to(dirs.dtype)
     if need_pose_dirs and use_pose and _pose_count(pose_dirs, n) > 0:
         d_pose_dirs = grad_grad_pose.mT @ grad_out
     return d_grad_out, d_dirs, d_pose_dirs, None, None

@@ -1,10 +1,13 @@
-"""The texture blend over a half-precision basis: out = mean + coeffs @ basis.T, with the
-basis stored as float16 or bfloat16 and everything else (coeffs, mean, the sums, the
-output) float32.
+"""The texture blend over a half-precision basis in plain PyTorch: out = mean + coeffs @
+basis.T, with the basis stored as float16 or bfloat16 and everything else (coeffs, mean,
+the sums, the output) float32.
 
 FlameTex(basis_dtype=torch.float16 | torch.bfloat16) keeps its basis at half the bytes.
-A float32 matmul cannot read a half operand, and rounding the codes to half instead would
-lose their precision, so this op walks the basis in blocks of rows: each block is widened
+The compiled `blend` op reads such a basis itself (flame_ext._ops.blend); this op is the
+reference path's (FlameTex(backend="reference"), and the fallback without the
+extension), and an oracle of the tests. A float32 matmul cannot read a half operand, and
+rounding the codes to half instead would lose their precision, so this op walks the basis
+in blocks of rows: each block is widened
 to float32 (a small temporary, cache-sized on the CPU) and multiplied in float32 straight
 into its columns of the output. No float32 copy of the whole basis is ever made, and the
 basis bytes read per call are half of the float32 module's.

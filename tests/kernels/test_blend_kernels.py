@@ -13,7 +13,8 @@ float64 reference within a rounding bound, and is bitwise the same under every s
 import pytest
 import torch
 
-from _simt import DTYPES, F64, assert_within, launches, rand, sum_bound, under_every_schedule
+from _simt import (DTYPES, F32, F64, assert_bitwise, assert_within, launches, rand, sum_bound,
+                   under_every_schedule)
 
 FORWARD = "blend_forward_kernel"
 BACKWARD = ("adjoint_coeffs_kernel", "adjoint_pose_kernel", "sum_chunks_kernel")
@@ -152,3 +153,68 @@ def test_large_batch_uses_the_gemm_outside_deterministic_mode(kernels):
         out = kernels.blend(*args)
     exact, _ = _forward_exact(*args)
     torch.testing.assert_close(out, exact, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------
+# A half-precision dirs (float16 / bfloat16 storage): each value widened where it is
+# loaded, everything else as for a dirs of the other arguments' dtype.
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+def _every_half_value(half):
+    bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    return bits.view(half).reshape(1024, 64)
+
+
+@pytest.mark.parametrize("half", HALF)
+@pytest.mark.parametrize("batch", [1, 5])  # tiles of 1 and 8 samples
+def test_half_dirs_every_value_widens_exactly(kernels, half, batch):
+    dirs = _every_half_value(half)
+    coeffs = torch.zeros(batch, 64)
+    coeffs[torch.arange(batch), torch.arange(batch) * 13 % 64] = 1.0
+    with launches(FORWARD, exactly=True):
+        out = kernels.blend(torch.zeros(1024), dirs, coeffs, torch.empty(0, 1024),
+                            torch.empty(batch, 0))
+    want = (coeffs.double() @ dirs.double().T).float()  # NaN where 0 * inf, as IEEE says
+    assert bool(((out == want) | (out.isnan() & want.isnan())).all())
+
+
+@pytest.mark.parametrize("half", HALF)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch, n, k, p", [(1, 61, 37, 36), (5, 613, 70, 0), (13, 97, 129, 5)])
+def test_half_dirs_give_the_bits_of_the_widened_table(kernels, half, dtype, batch, n, k, p):
+    base, dirs, coeffs, pose_dirs, pose_coeffs = _inputs(batch, n, k, p, dtype, seed=6)
+    stored = dirs.to(half)
+    stored = torch.cat([stored, stored[:, :3]], 1)[:, :k]  # a column slice, row stride k + 3
+    widened = stored.to(dtype)
+    with launches(FORWARD, exactly=True):
+        out = under_every_schedule(
+            lambda: kernels.blend(base, stored, coeffs, pose_dirs, pose_coeffs))
+    assert_bitwise(out, kernels.blend(base, widened, coeffs, pose_dirs, pose_coeffs), "blend")
+    grad = rand(torch.Generator().manual_seed(7), batch, n, dtype=dtype)
+    expected = [BACKWARD[0], BACKWARD[2]] + ([BACKWARD[1]] if p else [])
+    with launches(*expected):
+        got = under_every_schedule(
+            lambda: kernels.blend_backward(grad, stored, pose_dirs, True, True))
+    want = kernels.blend_backward(grad, widened, pose_dirs, True, True)
+    assert_bitwise(got[0], want[0], "grad_coeffs")
+    assert_bitwise(got[1], want[1], "grad_pose_coeffs")
+
+
+@pytest.mark.parametrize("half", HALF)
+def test_half_dirs_large_batch_widens_blocks_for_the_gemm(kernels, half):
+    """B = 40: cuBLAS's path, which reads one dtype: dirs widened a block of rows at a
+    time (no hand kernel runs), against the float64 reference of the stored values."""
+    base, dirs, coeffs, pose_dirs, pose_coeffs = _inputs(40, 61, 37, 36, F32, "batched")
+    stored = dirs.to(half)
+    with launches(exactly=True):
+        out = kernels.blend(base, stored, coeffs, pose_dirs, pose_coeffs)
+    exact, magnitude = _forward_exact(base, stored, coeffs, pose_dirs, pose_coeffs)
+    assert_within(out, exact, sum_bound(37 + 36 + 1, magnitude, F32), "blend")
+    grad = rand(torch.Generator().manual_seed(8), 40, 61, dtype=F32)
+    with launches(exactly=True):
+        grad_coeffs, grad_pose = kernels.blend_backward(grad, stored, pose_dirs, True, True)
+    (gc, gc_mag), (gp, gp_mag) = _backward_exact(grad, stored, pose_dirs)
+    assert_within(grad_coeffs, gc, sum_bound(61, gc_mag, F32), "grad_coeffs")
+    assert_within(grad_pose, gp, sum_bound(61, gp_mag, F32), "grad_pose_coeffs")
