@@ -8,7 +8,8 @@ are bit for bit those of the same op on the widened table (itself tested against
 float64 reference in test_ops_blend.py), on every path of the CPU loops (dot tiles and
 k-major strips, contiguous rows and column slices, pose correctives or none, every
 instruction-set build, any thread count). Then float64 gradcheck / gradgradcheck through
-a half dirs, opcheck, the argument errors, and the CUDA kernels against the CPU ones.
+a half dirs, opcheck, the argument errors, and on a GPU the CUDA kernels against the
+float64 reference and (the hand kernels) the bits of the widened table.
 """
 
 import pytest
@@ -31,11 +32,12 @@ def _every_value(half, device, finite=False, columns=64):
     return values.to(device)
 
 
-def _half_inputs(batch, n, k, p, half, dtype, device, layout="slice", seed=0):
+def _half_inputs(batch, n, k, p, half, dtype, device, layout="slice", seed=0,
+                 base_kind="shared"):
     """blend_inputs with dirs stored as `half`: a column slice of a wider half matrix
     (row stride k + 8), or contiguous rows."""
     base, dirs, coeffs, pose_dirs, pose_coeffs = blend_inputs(batch, n, k, p, dtype, device,
-                                                              seed=seed)
+                                                              seed=seed, base_kind=base_kind)
     if layout == "slice":
         wide = torch.randn(n, k + 8, generator=torch.Generator().manual_seed(seed + 1))
         dirs = wide.to(device=device, dtype=half)[:, 3:3 + k]
@@ -81,11 +83,14 @@ def test_every_half_value_is_widened_exactly(ops, device, half, batch, layout, c
 @pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
 @pytest.mark.parametrize("batch", [1, 3, 16, 17, 40])
 @pytest.mark.parametrize("k,p", [(5, 0), (50, 9), (100, 36), (0, 9)])
-@pytest.mark.parametrize("layout", ["contiguous", "slice"])
-def test_half_dirs_give_the_bits_of_the_widened_table(ops, half, dtype, batch, k, p, layout):
+@pytest.mark.parametrize("layout, base_kind", [("contiguous", "flat"), ("slice", "shared"),
+                                               ("slice", "batched")])
+def test_half_dirs_give_the_bits_of_the_widened_table(ops, half, dtype, batch, k, p, layout,
+                                                      base_kind):
     """CPU: forward and both gradients equal the op on dirs.to(dtype), bit for bit."""
     base, dirs, coeffs, pose_dirs, pose_coeffs = _half_inputs(batch, N, k, p, half, dtype,
-                                                              "cpu", layout)
+                                                              "cpu", layout,
+                                                              base_kind=base_kind)
     widened = dirs.to(dtype)
     out = ops.blend(base, dirs, coeffs, pose_dirs, pose_coeffs)
     assert out.dtype == dtype
@@ -128,33 +133,31 @@ def test_half_dirs_are_independent_of_thread_count(ops, half):
         assert all(torch.equal(a, b) for a, b in zip(results[0], other))
 
 
+# Run by test_ops_blend's subprocess helper (its preamble loads that module as `t`); this
+# module is loaded as `h`.
 _ISA_SCRIPT = r"""
-import os, sys, torch
-sys.path.insert(0, os.path.dirname(sys.argv[1]))
-import importlib.util
-spec = importlib.util.spec_from_file_location("t", sys.argv[1])
-t = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(t)
-from flame_ext import _ops
-assert _ops.available(), _ops.load_error()
-ops = torch.ops.flame_ext
+spec = importlib.util.spec_from_file_location(
+    "h", os.path.join(os.path.dirname(sys.argv[1]), "test_ops_blend_half.py"))
+h = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(h)
 for half in (torch.float16, torch.bfloat16):
-  for columns in (64, 1):
-    values = t._every_value(half, "cpu", columns=columns)
-    rows = values.shape[0]
-    for dirs in (values, torch.cat([values, values], 1)[:, :columns]):
-      for batch in (1, 20):
-        coeffs = torch.zeros(batch, columns)
-        coeffs[torch.arange(batch), torch.arange(batch) % columns] = 1.0
-        out = ops.blend(torch.zeros(rows), dirs, coeffs, torch.empty(0, rows),
-                        torch.empty(batch, 0))
-        want = (coeffs.double() @ dirs.double().T).float()
-        assert bool(((out == want) | (out.isnan() & want.isnan())).all()), (half, batch)
-    for batch, k, p, layout in ((3, 37, 9, "slice"), (21, 50, 0, "contiguous"), (21, 100, 9, "slice")):
-        args = t._half_inputs(batch, t.N, k, p, half, torch.float32, "cpu", layout)
+    for columns in (64, 1):
+        values = h._every_value(half, "cpu", columns=columns)
+        rows = values.shape[0]
+        for dirs in (values, torch.cat([values, values], 1)[:, :columns]):
+            for batch in (1, 20):
+                coeffs = torch.zeros(batch, columns)
+                coeffs[torch.arange(batch), torch.arange(batch) % columns] = 1.0
+                out = ops.blend(torch.zeros(rows), dirs, coeffs, torch.empty(0, rows),
+                                torch.empty(batch, 0))
+                want = (coeffs.double() @ dirs.double().T).float()
+                assert bool(((out == want) | (out.isnan() & want.isnan())).all()), half
+    for batch, k, p, layout in ((3, 37, 9, "slice"), (21, 50, 0, "contiguous"),
+                                (21, 100, 9, "slice")):
+        args = h._half_inputs(batch, h.N, k, p, half, torch.float32, "cpu", layout)
         widened = (args[0], args[1].float()) + args[2:]
         assert torch.equal(ops.blend(*args), ops.blend(*widened))
-        grad_out = torch.randn(batch, t.N)
+        grad_out = torch.randn(batch, h.N)
         for a, b in zip(ops.blend_backward(grad_out, args[1], args[3], True, True),
                         ops.blend_backward(grad_out, widened[1], args[3], True, True)):
             assert torch.equal(a, b)
@@ -166,17 +169,9 @@ print("ok")
 def test_half_dirs_cpu_isa_variants(ops, isa):
     """The widening of the AVX2 and baseline builds (AVX-512 converts float16 with its own
     instruction; the others by the bits)."""
-    import os
-    import subprocess
-    import sys
+    from test_ops_blend import _run_in_subprocess
 
-    result = subprocess.run(
-        [sys.executable, "-c", _ISA_SCRIPT, __file__],
-        env=dict(os.environ, FLAME_EXT_CPU_ISA=isa),
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-        capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+    _run_in_subprocess(_ISA_SCRIPT, FLAME_EXT_CPU_ISA=isa)
 
 
 @pytest.mark.parametrize("half", HALF)
@@ -248,7 +243,7 @@ def test_half_dirs_argument_errors(ops):
 @pytest.mark.cuda
 @pytest.mark.parametrize("half", HALF)
 @pytest.mark.parametrize("batch", [3, 16, 40])  # hand kernels; widened blocks for cuBLAS
-def test_half_dirs_cuda_matches_cpu(ops, half, batch):
+def test_half_dirs_cuda_match_float64_and_the_widened_table(ops, half, batch):
     needs_kernels("cuda", "blend")
     args = _half_inputs(batch, 5000, 50, 9, half, F32, "cpu")
     grad_out = torch.randn(batch, 5000, generator=torch.Generator().manual_seed(4))

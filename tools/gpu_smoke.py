@@ -14,11 +14,11 @@ on the device, one and two blocks of samples; skin with and without the per-vert
 transforms, over more vertices than one backward block takes (so the partial sums are
 reduced); landmarks with the 79-bin contour (medusa's and DECA's rule) and without, with
 more terms than one backward tile holds; vertex normals (with their adjacency) over one
-and several blocks; then FlameShape (every `transforms` option,
-shared identity), FlameLandmark ('68', 'mp', 3d) and FlameTex, forward and backward, on
-the small synthetic model. Each op is compared with the reference on the same device, in
-float32 and float64; a profiler records which flame_ext ops ran, and an op that never
-ran is a failure too.
+and several blocks; then FlameShape (every `transforms` option, shared identity),
+FlameLandmark ('68', 'mp', 3d) and FlameTex (with a half-precision basis too, below and
+above the cuBLAS batch), forward and backward, on the small synthetic model. Each op is
+compared with the reference on the same device, in float32 and float64; a profiler
+records which flame_ext ops ran, and an op that never ran is a failure too.
 
 Exit status: 0 when every check passed, 3 when one failed (a mismatch, an exception, an
 op not exercised), 2 for a usage error; the sanitizer's own status (--error-exitcode)
@@ -398,6 +398,25 @@ def check_decoders(s: Smoke, dtype, model_path: str) -> None:
                          _grads([want], ref_in, [grad]), dtype)}
 
     s.check(f"FlameTex {_dt(dtype)} B=2", texture)
+
+    if dtype != torch.float32:
+        return  # a half basis is read with float32 sums
+    for half in (torch.float16, torch.bfloat16):
+        for batch in (2, 40):  # the hand kernels; cuBLAS over widened blocks
+            def half_texture(half=half, batch=batch):
+                ext, ref = [FlameTex(model_path=model_path, n_tex=5, backend=backend,
+                                     basis_dtype=half).to(s.device)
+                            for backend in ("ext", "reference")]
+                code = s.randn(batch, ext.n_tex, dtype=dtype)
+                ext_in = _leaves([code])
+                want, got = ref(code), ext(ext_in[0])
+                # The backward runs for the sanitizer; its values (float32 sums over the
+                # 196608 rows, which the fixed tolerance here cannot judge) are tested
+                # against their rounding bound in tests/test_ops_blend_half.py.
+                _grads([got], ext_in, [s.randn(*want.shape, dtype=dtype)])
+                return {"out": (got, want, dtype)}
+
+            s.check(f"FlameTex half basis {str(half)[6:]} B={batch}", half_texture)
 
 
 def _dt(dtype) -> str:

@@ -274,7 +274,7 @@ void forward_half(const ForwardArgs<T>& a, HalfRows dirs, WidenFn<T> widen,
   T* block = widened_block<T>(kForwardRows * a.K);
   for (int64_t c = c0; c < c1; ++c) {
     const int64_t n0 = c * kForwardRows, rows = std::min(kForwardRows, a.N - n0);
-    widen(dirs.data + n0 * dirs.stride, dirs.stride, rows, a.K, block, a.N - n0);
+    if (a.K > 0) widen(dirs.data + n0 * dirs.stride, dirs.stride, rows, a.K, block, a.N - n0);
     ForwardArgs<T> chunk = a;
     chunk.base = a.base + n0;
     chunk.dirs = block;
@@ -431,11 +431,11 @@ std::tuple<at::Tensor, at::Tensor> blend_backward_cpu(const at::Tensor& grad_out
     // groups of a chunk run on one thread, one after another, and share its rows.
     const int64_t min_tasks = std::max<int64_t>(1, (int64_t(1) << 16) / per_task);
     const int64_t grain = (min_tasks + groups - 1) / groups * groups;
-    const HalfRows half_dirs = half ? half_rows(dirs) : HalfRows{nullptr, 0};
+    const HalfRows half_table = half ? half_rows(dirs) : HalfRows{nullptr, 0};
     const WidenFn<scalar_t> widen = half ? widen_kernel<scalar_t>(dirs) : nullptr;
     dynamic_parallel_for(chunks * groups, grain, [&](int64_t t0, int64_t t1) {
       if (half) {
-        backward_half(a, half_dirs, widen, kernel, rows, groups, t0, t1);
+        backward_half(a, half_table, widen, kernel, rows, groups, t0, t1);
         return;
       }
       for (int64_t t = t0; t < t1; ++t) {

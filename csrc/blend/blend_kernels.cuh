@@ -89,14 +89,15 @@ __device__ __forceinline__ T warp_transpose_sum(T (&v)[M], int lane) {
   return v[0];
 }
 
-// A value of dirs (or of any T table) as T: through the read-only cache, a half-precision
-// one widened.
+// A value of dirs (or of any T table) as T, through the read-only cache; a half-precision
+// one is loaded as its bits and widened exactly.
 template <typename T, typename D>
 __device__ __forceinline__ T load_as(const D* p) {
   if constexpr (std::is_same_v<T, D>) {
     return __ldg(p);
   } else {
-    return static_cast<T>(static_cast<float>(*p));
+    const unsigned short bits = __ldg(reinterpret_cast<const unsigned short*>(p));
+    return static_cast<T>(static_cast<float>(D(bits, D::from_bits())));
   }
 }
 

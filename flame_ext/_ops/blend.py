@@ -21,11 +21,9 @@ from typing import Optional
 import torch
 
 from .._checks import check_same, check_tensor
+from .half_blend import HALF_DTYPES  # the storage dtypes of a half-precision dirs
 
 _ops = torch.ops.flame_ext
-
-# The storage dtypes of a half-precision dirs.
-HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 # Device types with compiled kernels, read once: a lookup here keeps the wrapper traceable.
 _HAS_KERNEL = {

@@ -7,10 +7,10 @@ The compiled `blend` op reads such a basis itself (flame_ext._ops.blend); this o
 reference path's (FlameTex(backend="reference"), and the fallback without the
 extension), and an oracle of the tests. A float32 matmul cannot read a half operand, and
 rounding the codes to half instead would lose their precision, so this op walks the basis
-in blocks of rows: each block is widened
-to float32 (a small temporary, cache-sized on the CPU) and multiplied in float32 straight
-into its columns of the output. No float32 copy of the whole basis is ever made, and the
-basis bytes read per call are half of the float32 module's.
+in blocks of rows: each block is widened to float32 (a small temporary, cache-sized on
+the CPU) and multiplied in float32 straight into its columns of the output. No float32
+copy of the whole basis is ever made, and the basis bytes read per call are half of the
+float32 module's.
 
 Plain PyTorch, defined with `torch.library.custom_op` (namespace `flame_ext_py`) so that
 torch.compile(fullgraph=True) treats it as one opaque node, with its fake kernel and

@@ -8,6 +8,9 @@ alone and together, one and several row chunks. Large batches: under
 use_deterministic_algorithms the hand kernels serve any batch; with the grid limits
 scaled down, the batch spreads over several launches. Every result is compared with the
 float64 reference within a rounding bound, and is bitwise the same under every schedule.
+A half-precision dirs (float16 / bfloat16): every stored value widens exactly, the hand
+kernels give the bits of the same kernels on the widened table, and the cuBLAS path
+widens it in blocks (one, and several with a short last one).
 """
 
 import pytest
@@ -203,18 +206,21 @@ def test_half_dirs_give_the_bits_of_the_widened_table(kernels, half, dtype, batc
 
 
 @pytest.mark.parametrize("half", HALF)
-def test_half_dirs_large_batch_widens_blocks_for_the_gemm(kernels, half):
-    """B = 40: cuBLAS's path, which reads one dtype: dirs widened a block of rows at a
-    time (no hand kernel runs), against the float64 reference of the stored values."""
-    base, dirs, coeffs, pose_dirs, pose_coeffs = _inputs(40, 61, 37, 36, F32, "batched")
+@pytest.mark.parametrize("base_kind", ["flat", "shared", "batched"])
+@pytest.mark.parametrize("n, k", [(61, 37), (90001, 50)])  # one block; two, the last short
+def test_half_dirs_large_batch_widens_blocks_for_the_gemm(kernels, half, base_kind, n, k):
+    """B = 40: cuBLAS's path, which reads one dtype: dirs widened 2^22 values at a time
+    into its columns of the output (no hand kernel runs), against the float64 reference
+    of the stored values."""
+    base, dirs, coeffs, pose_dirs, pose_coeffs = _inputs(40, n, k, 9, F32, base_kind)
     stored = dirs.to(half)
     with launches(exactly=True):
         out = kernels.blend(base, stored, coeffs, pose_dirs, pose_coeffs)
     exact, magnitude = _forward_exact(base, stored, coeffs, pose_dirs, pose_coeffs)
-    assert_within(out, exact, sum_bound(37 + 36 + 1, magnitude, F32), "blend")
-    grad = rand(torch.Generator().manual_seed(8), 40, 61, dtype=F32)
+    assert_within(out, exact.expand_as(out), sum_bound(k + 9 + 1, magnitude, F32), "blend")
+    grad = rand(torch.Generator().manual_seed(8), 40, n, dtype=F32)
     with launches(exactly=True):
         grad_coeffs, grad_pose = kernels.blend_backward(grad, stored, pose_dirs, True, True)
     (gc, gc_mag), (gp, gp_mag) = _backward_exact(grad, stored, pose_dirs)
-    assert_within(grad_coeffs, gc, sum_bound(61, gc_mag, F32), "grad_coeffs")
-    assert_within(grad_pose, gp, sum_bound(61, gp_mag, F32), "grad_pose_coeffs")
+    assert_within(grad_coeffs, gc, sum_bound(n, gc_mag, F32), "grad_coeffs")
+    assert_within(grad_pose, gp, sum_bound(n, gp_mag, F32), "grad_pose_coeffs")
