@@ -75,18 +75,18 @@ at::Tensor blend_cuda(const at::Tensor& base_in, const at::Tensor& dirs_in,
 
   const DeviceLimits limits = device_limits();
   if (blend_use_gemm(B, at::globalContext().deterministicAlgorithms())) {
+    at::Tensor out;
     if (!blend::half_dirs(dirs_in)) {
-      at::Tensor out = at::addmm(base_in, coeffs_in, dirs_in.t());
-      if (P > 0) out.addmm_(pose_coeffs_in, pose_dirs_in);
-      return out;
-    }
-    at::Tensor out = at::empty({B, N}, coeffs_in.options());
-    const int64_t rows = widened_rows(K);
-    for (int64_t n0 = 0; n0 < N; n0 += rows) {
-      const int64_t n = std::min(rows, N - n0);
-      at::Tensor columns = out.narrow(1, n0, n);
-      at::addmm_out(columns, base_in.narrow(-1, n0, n), coeffs_in,
-                    widened(dirs_in, n0, n, coeffs_in.scalar_type()).t());
+      out = at::addmm(base_in, coeffs_in, dirs_in.t());
+    } else {
+      out = at::empty({B, N}, coeffs_in.options());
+      const int64_t rows = widened_rows(K);
+      for (int64_t n0 = 0; n0 < N; n0 += rows) {
+        const int64_t n = std::min(rows, N - n0);
+        at::Tensor columns = out.narrow(1, n0, n);
+        at::addmm_out(columns, base_in.narrow(-1, n0, n), coeffs_in,
+                      widened(dirs_in, n0, n, coeffs_in.scalar_type()).t());
+      }
     }
     if (P > 0) out.addmm_(pose_coeffs_in, pose_dirs_in);
     return out;

@@ -53,15 +53,11 @@ inline bool half_dirs(const at::Tensor& dirs) {
 }
 
 inline void check_dirs(const at::Tensor& dirs, const at::Tensor& like, const char* like_name) {
-  if (half_dirs(dirs)) {
-    TORCH_CHECK(dirs.device() == like.device(), "blend: dirs is on ", dirs.device(), " but ",
-                like_name, " is on ", like.device());
-    return;
-  }
-  TORCH_CHECK(dirs.scalar_type() == like.scalar_type(), "blend: dirs has dtype ",
-              dirs.scalar_type(), " but ", like_name, " has ", like.scalar_type(),
-              " (dirs may also be float16 or bfloat16)");
-  check_like(dirs, "dirs", like, like_name);
+  TORCH_CHECK(half_dirs(dirs) || dirs.scalar_type() == like.scalar_type(),
+              "blend: dirs has dtype ", dirs.scalar_type(), " but ", like_name, " has ",
+              like.scalar_type(), " (dirs may also be float16 or bfloat16)");
+  TORCH_CHECK(dirs.device() == like.device(), "blend: dirs is on ", dirs.device(), " but ",
+              like_name, " is on ", like.device());
 }
 
 // blend(base, dirs, coeffs, pose_dirs, pose_coeffs): base (N,), (1, N) or (B, N); dirs
