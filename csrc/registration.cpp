@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "cpu_isa.h"
+#include "cpu_output.h"
 #include "op_schemas.h"
 
 #ifndef FLAME_EXT_CUDA_ARCHS
@@ -55,6 +56,9 @@ TORCH_LIBRARY(flame_ext, m) {
   // Every operator's schema (op_schemas.h, shared with the SIMT test build).
   for (const char* schema : kOpSchemas) m.def(schema);
   m.def("build_config() -> str", &build_config);
+  // The reuse cache of large CPU output blocks (cpu_output.h).
+  m.def("cpu_output_cache_stats() -> int[]", &output_cache_stats);
+  m.def("empty_cpu_output_cache() -> int", &empty_output_cache);
 }
 
 }  // namespace flame_ext

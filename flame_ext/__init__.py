@@ -8,10 +8,12 @@ decoders run on ``flame_ext.reference`` (pure PyTorch) and warn once. A model fi
 loaders refuse raises ``ModelFileError`` (a ValueError), ``UnsafePickleError`` when a
 pickle names a global outside the allow-list. ``vertex_normals(v, faces)`` gives the
 meshes' unit vertex normals (deterministic compiled kernels, differentiable).
+``cpu_output_cache_info()`` / ``empty_cpu_output_cache()``: the blocks the CPU ops keep for
+reuse by their large outputs.
 """
 
 from . import synthetic
-from ._info import build_info
+from ._info import build_info, cpu_output_cache_info, empty_cpu_output_cache
 from .decoders import DEVICE, FlameLandmark, FlameShape, FlameTex
 from .fitting import FlameShapeLandmark
 from .geometry import vertex_normals
@@ -35,6 +37,8 @@ __all__ = [
     "ModelFileError",
     "UnsafePickleError",
     "build_info",
+    "cpu_output_cache_info",
+    "empty_cpu_output_cache",
     "load_flame_model",
     "load_landmark_embedding",
     "load_texture_space",

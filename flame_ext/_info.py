@@ -1,4 +1,6 @@
-"""`build_info()`: what the compiled library holds and which path each decoder takes."""
+"""`build_info()`: what the compiled library holds and which path each decoder takes;
+`cpu_output_cache_info()` / `empty_cpu_output_cache()`: the blocks the CPU ops keep for
+their large outputs."""
 
 from __future__ import annotations
 
@@ -39,3 +41,25 @@ def build_info() -> dict:
             for name in _backend.DECODER_OPS
         },
     }
+
+
+def cpu_output_cache_info() -> dict:
+    """The blocks the CPU ops keep for reuse by their large outputs.
+
+    A CPU output of 32 MiB or more (medusa's (B, V, 4, 4) R from B = 103, FlameTex images
+    from B = 43) is put on transparent huge pages, and when its tensor is freed the block
+    is kept for the next output of about its size, so that a decoder called in a loop maps
+    and zeroes those pages once instead of on every call (as torch's CUDA allocator keeps
+    its blocks). At most ``limit_bytes`` are kept, the most recently freed blocks: 1 GiB,
+    or $FLAME_EXT_CPU_OUTPUT_CACHE_MB MiB (read once per process; 0 keeps none).
+    Keys: ``cached_bytes``, ``cached_blocks``, ``limit_bytes``, ``reused`` (outputs that got a
+    kept block) and ``mapped`` (outputs that got a new one), all 0 without the library or
+    off Linux.
+    """
+    return _ops.cpu_output_cache_stats()
+
+
+def empty_cpu_output_cache() -> int:
+    """Frees the blocks `cpu_output_cache_info` counts; returns the bytes freed. Blocks of
+    tensors still alive are not touched (they return to the cache when freed)."""
+    return _ops.empty_cpu_output_cache()

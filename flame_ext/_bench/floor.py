@@ -21,7 +21,10 @@ Counting rules (a lower bound, not a model of any implementation):
   64-bit Linux, so each call's first write faults in every page (medusa's (B, V, 4, 4) R
   at B = 256 is 82 MB; FlameTex's output from B = 43). Those bytes are `fresh_bytes` and
   cost fresh_bytes / the measured first-touch rate (allocate, write once) instead of the
-  copy rate: a lower bound no implementation that returns a new tensor can beat. The rate
+  copy rate: what an allocator that maps fresh pages on every call pays (torch's CPU
+  allocator, so medusa and the peers). flame_ext's CPU ops keep such a block when its
+  tensor is freed and hand it to the next output of its size (csrc/cpu_output.h), so in a
+  loop they write those bytes at the copy rate and may beat this term. The rate
   is the faster of two ways to get the pages: torch's allocator (4 KiB pages) and an
   anonymous mapping advised MADV_HUGEPAGE (one fault per 2 MiB where the kernel grants
   transparent huge pages, as flame_ext's own large outputs do: csrc/cpu_output.h). On

@@ -113,3 +113,21 @@ def build_config() -> dict:
     config = json.loads(torch.ops.flame_ext.build_config())
     config.setdefault("cpu_isa", None)
     return config
+
+
+CPU_OUTPUT_CACHE_KEYS = ("cached_bytes", "cached_blocks", "limit_bytes", "reused", "mapped")
+
+
+def cpu_output_cache_stats() -> dict:
+    """The reuse cache of large CPU output blocks (csrc/cpu_output.h), as counters named by
+    CPU_OUTPUT_CACHE_KEYS; all 0 without the library."""
+    if not available():
+        return dict.fromkeys(CPU_OUTPUT_CACHE_KEYS, 0)
+    return dict(zip(CPU_OUTPUT_CACHE_KEYS, torch.ops.flame_ext.cpu_output_cache_stats()))
+
+
+def empty_cpu_output_cache() -> int:
+    """Frees the cached blocks; returns the bytes freed (0 without the library)."""
+    if not available():
+        return 0
+    return int(torch.ops.flame_ext.empty_cpu_output_cache())
