@@ -171,6 +171,7 @@ struct LineCursor {
   int64_t row_bytes;  // bytes of the block per row
   int64_t rows;       // rows left
   int64_t offset;
+  int64_t per_step;   // lines per step_many()
   FLAME_CPU_INLINE void step() {
     prefetch_l2(row + offset);
     offset += 64;
@@ -180,6 +181,14 @@ struct LineCursor {
       --rows;
     }
   }
+  FLAME_CPU_INLINE void step_many() {
+    for (int64_t i = 0; i < per_step && rows > 0; ++i) step();
+  }
+  // per_step such that `steps` calls of step_many() cover every line left.
+  void spread_over(int64_t steps) {
+    const int64_t lines = rows * ((row_bytes + 63) / 64);
+    per_step = std::max<int64_t>(1, (lines + steps - 1) / std::max<int64_t>(1, steps));
+  }
 };
 
 // Rows [n, n + rows) of a (., stride) table, columns [k0, k1); none when rows <= 0.
@@ -188,7 +197,7 @@ FLAME_CPU_INLINE LineCursor block_lines(const T* table, int64_t stride, int64_t 
                                         int64_t k0, int64_t k1) {
   if (rows <= 0) return LineCursor{};
   return LineCursor{reinterpret_cast<const char*>(table + n * stride + k0),
-                    int64_t(stride * sizeof(T)), int64_t((k1 - k0) * sizeof(T)), rows, 0};
+                    int64_t(stride * sizeof(T)), int64_t((k1 - k0) * sizeof(T)), rows, 0, 1};
 }
 
 // ---------------------------------------------------------------------------------------
@@ -614,7 +623,7 @@ FLAME_CPU_INLINE void adjoint_tile(const BackwardArgs<T>& a, const KTail<T>& tai
   };
   int64_t n = m0;
   for (; n < m1 && next.rows > 0; ++n) {
-    next.step();
+    next.step_many();
     step(n);
   }
   for (; n < m1; ++n) step(n);
@@ -718,6 +727,16 @@ FLAME_CPU_INLINE void backward_chunk(const BackwardArgs<T>& a, int64_t chunk, in
       if (a.K < W) {
         adjoint_columns(a, partial, m0, m1, b0, b1, accumulate);
         continue;
+      }
+      // The tiles below step the cursor once per row each: with few samples (a shared
+      // identity's one row) that is fewer steps than the block has lines, so each step
+      // then prefetches several (docs/PERFORMANCE.md has the measurements).
+      {
+        const int64_t samples = b1 - b0, S = kAdjointSamples;
+        const int64_t tiles = samples / S + (S > 2 ? samples % S / 2 : 0) +
+                              (S > 2 ? samples % S % 2 : samples % S);
+        const int64_t column_blocks = (a.K + kAdjointVectors * W - 1) / (kAdjointVectors * W);
+        next.spread_over(tiles * column_blocks * (m1 - m0));
       }
       // Column blocks of up to kAdjointVectors vectors; a block reaching past K ends with
       // the masked tail vector. Samples inside, so the block's slab of rows is reused from
