@@ -1,13 +1,15 @@
 // Large CPU outputs on transparent huge pages, their blocks reused.
 //
 // glibc maps every block above its largest mmap threshold (32 MiB on 64-bit Linux) anew
-// on each allocation and unmaps it on free, so an op that returns such a tensor (medusa's
-// (B, V, 4, 4) vertex transforms at B = 256 are 82 MB, a texture batch of 43 is 32 MiB)
-// faults in every page of it on every call: under a hypervisor that costs more than
-// writing the bytes. An output of kHugeOutputBytes or more is therefore allocated aligned
-// to 2 MiB and advised MADV_HUGEPAGE, so that where the kernel grants transparent huge
-// pages (its `enabled` setting `madvise` or `always`) the first write takes one fault per
-// 2 MiB. Where huge pages are off the block behaves as any other.
+// on each allocation and unmaps it on free, and below it, once its heap's free top grows
+// past the trim threshold, gives the pages back: an op that returns a tensor of some MiB
+// faults in its pages again and again (medusa's (B, V, 4, 4) vertex transforms, 20 MB at
+// B = 64, took about 1400 faults per call on an AMD EPYC; 82 MB at B = 256), and under a
+// hypervisor that costs more than writing the bytes. An output of kHugeOutputBytes or more
+// is therefore allocated aligned to 2 MiB and advised MADV_HUGEPAGE, so that where the
+// kernel grants transparent huge pages (its `enabled` setting `madvise` or `always`) the
+// first write takes one fault per 2 MiB; where huge pages are off the block behaves as any
+// other.
 //
 // Even on huge pages a fresh block costs the kernel's page zeroing (and, with `defrag`
 // set to `madvise`, compaction) on every call. So a freed block is kept in a small cache
@@ -39,7 +41,7 @@
 namespace flame_ext {
 
 constexpr std::size_t kHugePageBytes = std::size_t(2) << 20;
-constexpr std::size_t kHugeOutputBytes = std::size_t(32) << 20;
+constexpr std::size_t kHugeOutputBytes = std::size_t(4) << 20;
 
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
 

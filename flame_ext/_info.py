@@ -46,12 +46,13 @@ def build_info() -> dict:
 def cpu_output_cache_info() -> dict:
     """The blocks the CPU ops keep for reuse by their large outputs.
 
-    A CPU output of 32 MiB or more (medusa's (B, V, 4, 4) R from B = 103, FlameTex images
-    from B = 43) is put on transparent huge pages, and when its tensor is freed the block
-    is kept for the next output of about its size, so that a decoder called in a loop maps
-    and zeroes those pages once instead of on every call (as torch's CUDA allocator keeps
-    its blocks). At most ``limit_bytes`` are kept, the most recently freed blocks: 1 GiB,
-    or $FLAME_EXT_CPU_OUTPUT_CACHE_MB MiB (read once per process; 0 keeps none).
+    A CPU output of 4 MiB or more (medusa's (B, V, 4, 4) R from B = 14, FlameTex images
+    from B = 6, FlameShape's vertices from B = 70) is put on transparent huge pages, and
+    when its tensor is freed the block is kept for the next output of about its size, so
+    that a decoder called in a loop maps and zeroes those pages once instead of on every
+    call (as torch's CUDA allocator keeps its blocks). At most ``limit_bytes`` are kept,
+    the most recently freed blocks: 1 GiB, or $FLAME_EXT_CPU_OUTPUT_CACHE_MB MiB (read
+    once per process; 0 keeps none).
     Keys: ``cached_bytes``, ``cached_blocks``, ``limit_bytes``, ``reused`` (outputs that got a
     kept block) and ``mapped`` (outputs that got a new one), all 0 without the library or
     off Linux.

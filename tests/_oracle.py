@@ -210,7 +210,7 @@ def assert_close_to_reference(got, want, dtype, f32_tol):
 
 
 HUGE_PAGE_BYTES = 2 << 20
-HUGE_OUTPUT_BYTES = 32 << 20  # kHugeOutputBytes of csrc/cpu_output.h
+HUGE_OUTPUT_BYTES = 4 << 20  # kHugeOutputBytes of csrc/cpu_output.h
 
 
 def assert_huge_page_output(t):

@@ -1,4 +1,4 @@
-"""The reuse cache of large CPU output blocks (csrc/cpu_output.h): a freed output of 32 MiB
+"""The reuse cache of large CPU output blocks (csrc/cpu_output.h): a freed output of 4 MiB
 or more keeps its huge-page block for the next output of about its size, up to a limit.
 
 Outputs here come from the blend op with a tiny basis (K = 2): base (N,) + coeffs @ dirs.T
@@ -105,7 +105,7 @@ def test_block_size_rule(cache):
 
 def test_below_the_threshold_nothing_is_kept(cache):
     before = cache()
-    small = _output(31)  # under 32 MiB: at::empty, not the huge-page allocator
+    small = _output(3)  # under 4 MiB: at::empty, not the huge-page allocator
     del small
     assert cache() == before
 

@@ -84,6 +84,34 @@ def test_skin_large_outputs_on_huge_pages(ops):
     assert_huge_page_output(vertex_transforms)
 
 
+def _largest_cpu_cache_bytes():
+    """The largest cache of cpu0 as sysfs lists it (csrc/cpu_isa.h reads the same), or
+    32 MiB, the op's assumption when sysfs does not say."""
+    from flame_ext._bench.timing import last_level_cache_bytes
+
+    size = last_level_cache_bytes(torch.device("cpu"))
+    return 32 << 20 if size == 64 * 2**20 else size  # 64 MB: timing's own "unknown"
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_skin_streamed_transforms_are_the_stored_ones(ops, dtype):
+    """T_v of at least half the last-level cache is written with streaming stores
+    (skin_cpu.cpp streams_transforms): every value is the one the same call writes with
+    ordinary stores for a few vertices at a time (each vertex is computed alone, so the
+    bits are the same), and v with it."""
+    batch, num_joints, chunk = 2, 5, 4096
+    num_verts = max(_largest_cpu_cache_bytes(), 32 << 20) // (batch * 16 * dtype.itemsize) + 777
+    v_posed, transforms, weights = skin_inputs(batch, num_verts, num_joints, dtype, "cpu")
+    v, t = _ops().skin(v_posed, transforms, weights, True)
+    for v0 in range(0, num_verts, 97 * chunk):  # a sample of the chunks, the last included
+        v1 = min(num_verts, v0 + chunk)
+        part_v, part_t = _ops().skin(v_posed[:, v0:v1], transforms, weights[v0:v1], True)
+        assert torch.equal(v[:, v0:v1], part_v)
+        assert torch.equal(t[:, v0:v1], part_t)
+    last_v, last_t = _ops().skin(v_posed[:, -chunk:], transforms, weights[-chunk:], True)
+    assert torch.equal(t[:, -chunk:], last_t) and torch.equal(v[:, -chunk:], last_v)
+
+
 @pytest.mark.parametrize("num_joints", [1, 16])
 def test_skin_joint_counts_and_views(ops, device, num_joints):
     """Any joint count up to 16; non-contiguous v_posed and transforms are accepted."""

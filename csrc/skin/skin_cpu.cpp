@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <tuple>
 #include <type_traits>
@@ -201,6 +202,18 @@ struct Lanes {
     return x;
   }
   FLAME_TARGET_AVX512 static void store(scalar_t* p, vec x) { std::memcpy(p, &x, sizeof(x)); }
+  // A store that bypasses the caches (p 64-byte aligned); _mm_sfence() orders it.
+  FLAME_TARGET_AVX512 static void stream(scalar_t* p, vec x) {
+    if constexpr (sizeof(scalar_t) == 4) {
+      __m512 value;
+      std::memcpy(&value, &x, sizeof(value));
+      _mm512_stream_ps(reinterpret_cast<float*>(p), value);
+    } else {
+      __m512d value;
+      std::memcpy(&value, &x, sizeof(value));
+      _mm512_stream_pd(reinterpret_cast<double*>(p), value);
+    }
+  }
   FLAME_TARGET_AVX512 static vec splat(scalar_t s) { return vec{} + s; }
   // Lane i of the result: lane idx[i] of the 2 kLanes lanes of (a, b).
   FLAME_TARGET_AVX512 static vec permute(vec a, const index* idx, vec b) {
@@ -311,8 +324,9 @@ FLAME_TARGET_AVX512 FLAME_ALWAYS_INLINE void broadcast_transforms(const scalar_t
 }
 
 // T_v = sum_j w_j A_j of n vertices, whole 4x4s (16 / kLanes vectors each), written to
-// t_out: the same products and sums, in the same order, as the lanes' rows.
-template <typename scalar_t>
+// t_out: the same products and sums, in the same order, as the lanes' rows. With kStream
+// the 4x4s (each one or two whole cache lines) bypass the caches (see streams_transforms).
+template <bool kStream, typename scalar_t>
 FLAME_TARGET_AVX512 FLAME_ALWAYS_INLINE void blend_transforms(const scalar_t* a,
                                                               const scalar_t* w, int nj,
                                                               int n, scalar_t* t_out) {
@@ -324,8 +338,22 @@ FLAME_TARGET_AVX512 FLAME_ALWAYS_INLINE void blend_transforms(const scalar_t* a,
     for (int part = 0; part < kParts; ++part) {
       typename L::vec t = transforms[part] * L::splat(w[0]);
       for (int j = 1; j < nj; ++j) t += transforms[j * kParts + part] * L::splat(w[j]);
-      L::store(t_out + part * L::kLanes, t);
+      if (kStream)
+        L::stream(t_out + part * L::kLanes, t);
+      else
+        L::store(t_out + part * L::kLanes, t);
     }
+}
+
+// Whether the vertex transforms (B, V, 4, 4) of `bytes` at t_out are written with
+// streaming stores: when they are at least half the last-level cache (cpu_isa.h; 32 MiB
+// assumed where the system does not say), they cannot stay in it for whoever reads them
+// next, and a normal store would first read each line from memory. The skin op with R on
+// an AMD EPYC: docs/PERFORMANCE.md. The rows must be 64-byte aligned (the CPU allocators
+// align more).
+bool streams_transforms(const void* t_out, int64_t bytes) {
+  return bytes >= last_level_cache_bytes(int64_t(32) << 20) / 2 &&
+         reinterpret_cast<std::uintptr_t>(t_out) % 64 == 0;
 }
 
 // Vertices [v0, v0 + n) (n <= kTile) of samples [b0, b1): v_out = skin(v_posed), and with
@@ -334,7 +362,7 @@ FLAME_TARGET_AVX512 FLAME_ALWAYS_INLINE void blend_transforms(const scalar_t* a,
 template <int kRows, typename scalar_t>
 FLAME_TARGET_AVX512 __attribute__((flatten)) void skin_tile_avx512(
     const scalar_t* vp, const scalar_t* a, const scalar_t* w, int nj, int64_t num_verts,
-    int64_t v0, int n, int64_t b0, int64_t b1, scalar_t* v_out, scalar_t* t_out) {
+    int64_t v0, int n, int64_t b0, int64_t b1, scalar_t* v_out, scalar_t* t_out, bool stream) {
   using vec = typename Lanes<scalar_t>::vec;
   constexpr int kLanes = Lanes<scalar_t>::kLanes;
   vec weights[kTile / kLanes * kMaxJoints];
@@ -351,9 +379,15 @@ FLAME_TARGET_AVX512 __attribute__((flatten)) void skin_tile_avx512(
       skin_vertex<3>(p, weights + blk * nj, rows, nj, out, t);
       Lanes<scalar_t>::store_triples(out, lanes, v_out + i0 + 3 * kLanes * blk);
     }
-    if (kRows == 4)
-      blend_transforms(a + b * 16 * nj, w + v0 * nj, nj, n, t_out + 16 * (b * num_verts + v0));
+    if (kRows == 4) {
+      scalar_t* t = t_out + 16 * (b * num_verts + v0);
+      if (stream)
+        blend_transforms<true>(a + b * 16 * nj, w + v0 * nj, nj, n, t);
+      else
+        blend_transforms<false>(a + b * 16 * nj, w + v0 * nj, nj, n, t);
+    }
   }
+  if (stream) _mm_sfence();  // the streamed lines reach memory before the op returns
 }
 
 // Backward of chunk `chunk` (kReduceChunk vertices from v0, n of them) of samples
@@ -469,10 +503,12 @@ void skin_loop(const scalar_t* vp, const scalar_t* a, const scalar_t* w, int64_t
     // Tasks of about kVertexGrain vertex-samples or more, as the 4-wide loop's.
     const int64_t grain =
         std::max<int64_t>(1, kVertexGrain / (kTile * std::min<int64_t>(batch, kSampleRun)));
+    const bool stream =
+        kRows == 4 && streams_transforms(t_out, batch * num_verts * 16 * int64_t(sizeof(scalar_t)));
     for_each_sample_run(batch, tiles, grain, [&](int64_t tile, int64_t b0, int64_t b1) {
       const int64_t v0 = tile * kTile;
       const int n = static_cast<int>(std::min<int64_t>(kTile, num_verts - v0));
-      skin_tile_avx512<kRows>(vp, a, w, nj, num_verts, v0, n, b0, b1, v_out, t_out);
+      skin_tile_avx512<kRows>(vp, a, w, nj, num_verts, v0, n, b0, b1, v_out, t_out, stream);
     });
     return;
   }
