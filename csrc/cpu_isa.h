@@ -68,7 +68,7 @@ inline __attribute__((always_inline)) void prefetch_l2(const void* p) {
 inline void prefetch_l2(const void*) {}
 #endif
 
-// The largest cache of the CPU the process starts on, in bytes, as Linux's sysfs lists
+// The largest cache of cpu0, in bytes, as Linux's sysfs lists
 // it (one instance: the L3 of one core complex on an AMD EPYC, where glibc's
 // sysconf(_SC_LEVEL3_CACHE_SIZE) adds up every complex of the host); `fallback` where
 // sysfs does not say. Read once per process.

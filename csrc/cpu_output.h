@@ -26,6 +26,7 @@
 #include <cstddef>
 #include <cstdlib>
 #include <mutex>
+#include <unordered_map>
 #include <vector>
 
 #include <ATen/EmptyTensor.h>
@@ -35,6 +36,7 @@
 #include <c10/util/Exception.h>
 
 #if defined(__linux__)
+#include <pthread.h>
 #include <sys/mman.h>
 #endif
 
@@ -45,7 +47,8 @@ constexpr std::size_t kHugeOutputBytes = std::size_t(4) << 20;
 
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
 
-// Freed huge-page blocks, most recent first, for reuse (see the top of this file).
+// Freed huge-page blocks, most recent first, for reuse (see the top of this file), and the
+// sizes of the blocks in use.
 class OutputCache {
  public:
   struct Stats {
@@ -59,63 +62,78 @@ class OutputCache {
   }
 
   // A block of `bytes` (a multiple of kHugePageBytes): a cached one of bytes to 5/4 bytes,
-  // the smallest such, else a new one; nullptr when there is no memory. *block_bytes is
-  // the block's size.
-  void* take(std::size_t bytes, std::size_t* block_bytes) {
+  // the smallest such, else a new one (after freeing the cached blocks when memory is
+  // short); nullptr when there is no memory.
+  void* take(std::size_t bytes) {
     {
-      std::lock_guard<std::mutex> lock(mutex_);
-      auto best = blocks_.end();
-      for (auto it = blocks_.begin(); it != blocks_.end(); ++it) {
+      std::lock_guard<std::mutex> lock(*mutex_);
+      State& s = *state_;
+      auto best = s.blocks.end();
+      for (auto it = s.blocks.begin(); it != s.blocks.end(); ++it) {
         if (it->bytes >= bytes && it->bytes <= bytes + bytes / 4 &&
-            (best == blocks_.end() || it->bytes < best->bytes))
+            (best == s.blocks.end() || it->bytes < best->bytes))
           best = it;
       }
-      if (best != blocks_.end()) {
-        void* data = best->data;
-        *block_bytes = best->bytes;
-        cached_bytes_ -= best->bytes;
-        blocks_.erase(best);
-        ++reused_;
-        return data;
+      if (best != s.blocks.end()) {
+        const Block block = *best;
+        s.live.emplace(block.data, block.bytes);  // may throw: the block stays cached
+        s.blocks.erase(best);
+        s.cached_bytes -= block.bytes;
+        ++s.reused;
+        return block.data;
       }
-      ++mapped_;
     }
-    void* data = nullptr;
-    if (posix_memalign(&data, kHugePageBytes, bytes) != 0) return nullptr;
-    // Advice only: a kernel without transparent huge pages refuses it, and the block is
-    // then an ordinary one.
-    (void)madvise(data, bytes, MADV_HUGEPAGE);
-    *block_bytes = bytes;
+    void* data = map(bytes);
+    if (data == nullptr && empty() > 0) data = map(bytes);
+    if (data == nullptr) return nullptr;
+    try {
+      std::lock_guard<std::mutex> lock(*mutex_);
+      state_->live.emplace(data, bytes);
+      ++state_->mapped;
+    } catch (...) {
+      std::free(data);
+      return nullptr;
+    }
     return data;
   }
 
-  // Keeps a freed block (the most recent first), dropping the oldest beyond the limit.
-  void give(void* data, std::size_t bytes) {
-    std::vector<void*> dropped;
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      if (bytes <= limit_bytes_) {
-        blocks_.insert(blocks_.begin(), Block{data, bytes});
-        cached_bytes_ += bytes;
-        data = nullptr;
-      }
-      while (cached_bytes_ > limit_bytes_) {
-        dropped.push_back(blocks_.back().data);
-        cached_bytes_ -= blocks_.back().bytes;
-        blocks_.pop_back();
-      }
+  // Keeps a freed block (the most recent first), freeing the oldest beyond the limit.
+  // Called from a deleter: never throws (a block it cannot keep is freed).
+  void give(void* data) noexcept {
+    std::lock_guard<std::mutex> lock(*mutex_);
+    State& s = *state_;
+    const auto it = s.live.find(data);
+    if (it == s.live.end()) {  // a block of a forked parent: not ours to keep
+      std::free(data);
+      return;
     }
-    if (data != nullptr) std::free(data);
-    for (void* block : dropped) std::free(block);
+    const std::size_t bytes = it->second;
+    s.live.erase(it);
+    if (bytes > limit_bytes_) {
+      std::free(data);
+      return;
+    }
+    try {
+      s.blocks.insert(s.blocks.begin(), Block{data, bytes});
+    } catch (...) {
+      std::free(data);
+      return;
+    }
+    s.cached_bytes += bytes;
+    while (s.cached_bytes > limit_bytes_) {
+      std::free(s.blocks.back().data);
+      s.cached_bytes -= s.blocks.back().bytes;
+      s.blocks.pop_back();
+    }
   }
 
   // Frees every cached block; returns the bytes freed.
   std::size_t empty() {
     std::vector<Block> blocks;
     {
-      std::lock_guard<std::mutex> lock(mutex_);
-      blocks.swap(blocks_);
-      cached_bytes_ = 0;
+      std::lock_guard<std::mutex> lock(*mutex_);
+      blocks.swap(state_->blocks);
+      state_->cached_bytes = 0;
     }
     std::size_t freed = 0;
     for (const Block& block : blocks) {
@@ -126,8 +144,9 @@ class OutputCache {
   }
 
   Stats stats() {
-    std::lock_guard<std::mutex> lock(mutex_);
-    return {cached_bytes_, blocks_.size(), limit_bytes_, reused_, mapped_};
+    std::lock_guard<std::mutex> lock(*mutex_);
+    const State& s = *state_;
+    return {s.cached_bytes, s.blocks.size(), limit_bytes_, s.reused, s.mapped};
   }
 
  private:
@@ -135,9 +154,33 @@ class OutputCache {
     void* data;
     std::size_t bytes;
   };
+  struct State {
+    std::vector<Block> blocks;
+    std::unordered_map<void*, std::size_t> live;
+    std::size_t cached_bytes = 0, reused = 0, mapped = 0;
+  };
 
-  OutputCache() : limit_bytes_(read_limit()) {}
+  OutputCache() : limit_bytes_(read_limit()) {
+    // A child forked while another thread held the lock (or was changing the lists)
+    // starts with a new lock and empty lists; the parent's blocks it inherited are freed
+    // as ordinary memory (give() does not know them).
+    pthread_atfork(nullptr, nullptr, [] {
+      OutputCache& cache = instance();
+      cache.mutex_ = new std::mutex();
+      cache.state_ = new State();
+    });
+  }
 
+  static void* map(std::size_t bytes) {
+    void* data = nullptr;
+    if (posix_memalign(&data, kHugePageBytes, bytes) != 0) return nullptr;
+    // Advice only: a kernel without transparent huge pages refuses it, and the block is
+    // then an ordinary one.
+    (void)madvise(data, bytes, MADV_HUGEPAGE);
+    return data;
+  }
+
+  // $FLAME_EXT_CPU_OUTPUT_CACHE_MB: a whole number of MiB, 0 or more; 1024 otherwise.
   static std::size_t read_limit() {
     const char* value = std::getenv("FLAME_EXT_CPU_OUTPUT_CACHE_MB");
     std::size_t mib = 1024;
@@ -151,48 +194,40 @@ class OutputCache {
     return mib << 20;
   }
 
-  std::mutex mutex_;
-  std::vector<Block> blocks_;
-  std::size_t cached_bytes_ = 0;
+  // Pointers, so that a forked child can replace them (the parent's may be mid-change).
+  std::mutex* mutex_ = new std::mutex();
+  State* state_ = new State();
   const std::size_t limit_bytes_;
-  std::size_t reused_ = 0, mapped_ = 0;
 };
 
 class HugePageAllocator final : public c10::Allocator {
  public:
   c10::DataPtr allocate(std::size_t nbytes) override {
+    if (nbytes == 0) return {nullptr, nullptr, &release, c10::Device(c10::DeviceType::CPU)};
     const std::size_t rounded = (nbytes + kHugePageBytes - 1) / kHugePageBytes * kHugePageBytes;
-    std::size_t block_bytes = 0;
-    void* data = rounded == 0 ? nullptr : OutputCache::instance().take(rounded, &block_bytes);
+    void* data = OutputCache::instance().take(rounded);
     TORCH_CHECK_WITH(OutOfMemoryError, data != nullptr, "flame_ext: could not allocate ",
                      nbytes, " bytes for an output tensor");
-    // The context remembers the block's size for the cache.
-    auto* block = new Block{data, block_bytes};
-    return {data, block, &release, c10::Device(c10::DeviceType::CPU)};
+    return {data, data, &release, c10::Device(c10::DeviceType::CPU)};
   }
 
-  // The deleter takes the context, not the data pointer: no raw allocation API.
-  c10::DeleterFnPtr raw_deleter() const override { return nullptr; }
+  c10::DeleterFnPtr raw_deleter() const override { return &release; }
 
   void copy_data(void* dest, const void* src, std::size_t count) const override {
     default_copy_data(dest, src, count);
   }
 
  private:
-  struct Block {
-    void* data;
-    std::size_t bytes;
-  };
-  static void release(void* context) {
-    auto* block = static_cast<Block*>(context);
-    OutputCache::instance().give(block->data, block->bytes);
-    delete block;
+  static void release(void* data) {
+    if (data != nullptr) OutputCache::instance().give(data);
   }
 };
 
+// Never destroyed: storages keep a pointer to their allocator, and one may be resized or
+// freed after static destructors have run.
 inline HugePageAllocator* huge_page_allocator() {
-  static HugePageAllocator allocator;
-  return &allocator;
+  static HugePageAllocator* allocator = new HugePageAllocator();
+  return allocator;
 }
 
 // at::empty(sizes, options), contiguous; on huge pages when it is a CPU tensor of

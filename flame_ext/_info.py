@@ -50,9 +50,10 @@ def cpu_output_cache_info() -> dict:
     from B = 6, FlameShape's vertices from B = 70) is put on transparent huge pages, and
     when its tensor is freed the block is kept for the next output of about its size, so
     that a decoder called in a loop maps and zeroes those pages once instead of on every
-    call (as torch's CUDA allocator keeps its blocks). At most ``limit_bytes`` are kept,
-    the most recently freed blocks: 1 GiB, or $FLAME_EXT_CPU_OUTPUT_CACHE_MB MiB (read
-    once per process; 0 keeps none).
+    call (as torch's CUDA allocator keeps its blocks). At most ``limit_bytes`` are kept
+    per process, the most recently freed blocks: 1 GiB, or $FLAME_EXT_CPU_OUTPUT_CACHE_MB
+    MiB (a whole number, read once per process; 0 keeps none). Blocks are whole 2 MiB
+    pages: an output just over 4 MiB takes 6 MiB. A forked child starts with none kept.
     Keys: ``cached_bytes``, ``cached_blocks``, ``limit_bytes``, ``reused`` (outputs that got a
     kept block) and ``mapped`` (outputs that got a new one), all 0 without the library or
     off Linux.
