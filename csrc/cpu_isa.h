@@ -68,6 +68,16 @@ inline __attribute__((always_inline)) void prefetch_l2(const void* p) {
 inline void prefetch_l2(const void*) {}
 #endif
 
+// A whole number, 0 or more, from the environment variable `name`; `fallback` when it is
+// unset or anything else.
+inline int64_t env_count(const char* name, int64_t fallback) {
+  const char* value = std::getenv(name);
+  if (value == nullptr) return fallback;
+  char* end = nullptr;
+  const long long parsed = std::strtoll(value, &end, 10);
+  return end != value && *end == '\0' && parsed >= 0 ? int64_t(parsed) : fallback;
+}
+
 // The largest cache of cpu0, in bytes, as Linux's sysfs lists
 // it (one instance: the L3 of one core complex on an AMD EPYC, where glibc's
 // sysconf(_SC_LEVEL3_CACHE_SIZE) adds up every complex of the host); `fallback` where

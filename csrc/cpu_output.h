@@ -35,6 +35,8 @@
 #include <c10/core/Allocator.h>
 #include <c10/util/Exception.h>
 
+#include "cpu_isa.h"
+
 #if defined(__linux__)
 #include <pthread.h>
 #include <sys/mman.h>
@@ -182,16 +184,10 @@ class OutputCache {
 
   // $FLAME_EXT_CPU_OUTPUT_CACHE_MB: a whole number of MiB, 0 or more; 1024 otherwise.
   static std::size_t read_limit() {
-    const char* value = std::getenv("FLAME_EXT_CPU_OUTPUT_CACHE_MB");
-    std::size_t mib = 1024;
-    if (value != nullptr) {
-      char* end = nullptr;
-      const long long parsed = std::strtoll(value, &end, 10);
-      // Up to 1 PiB: beyond any machine, short of overflowing the shift below.
-      if (end != value && *end == '\0' && parsed >= 0)
-        mib = static_cast<std::size_t>(std::min<long long>(parsed, 1LL << 30));
-    }
-    return mib << 20;
+    // Up to 1 PiB: beyond any machine, short of overflowing the shift below.
+    const int64_t mib = std::min<int64_t>(env_count("FLAME_EXT_CPU_OUTPUT_CACHE_MB", 1024),
+                                          int64_t(1) << 30);
+    return static_cast<std::size_t>(mib) << 20;
   }
 
   // Pointers, so that a forked child can replace them (the parent's may be mid-change).

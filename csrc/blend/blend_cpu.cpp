@@ -69,13 +69,7 @@ namespace {
 // Batches of at least this many samples go to BLAS ($FLAME_EXT_BLEND_BLAS_BATCH; 0, the
 // default: none do).
 int64_t blas_batch() {
-  static const int64_t batch = [] {
-    const char* value = std::getenv("FLAME_EXT_BLEND_BLAS_BATCH");
-    if (value == nullptr) return int64_t(0);
-    char* end = nullptr;
-    const long long parsed = std::strtoll(value, &end, 10);
-    return end != value && *end == '\0' && parsed > 0 ? int64_t(parsed) : int64_t(0);
-  }();
+  static const int64_t batch = env_count("FLAME_EXT_BLEND_BLAS_BATCH", 0);
   return batch;
 }
 bool use_blas(int64_t B) { return blas_batch() > 0 && B >= blas_batch(); }
