@@ -169,7 +169,7 @@ class DecoderModule(nn.Module):
         prepare(self.backend)
 
 
-def _no_fused_chain(*args) -> None:
+def _no_fused_chain(*args, **kwargs) -> None:
     return None
 
 

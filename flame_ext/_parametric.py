@@ -165,6 +165,7 @@ class ParametricDecoder(DecoderModule):
         v_dirs = self.shape_dirs.view(num_vertices * 3, -1)
         v_base, j_base = self.v_template.view(-1), self._J_template
         j_dirs = self._J_dirs
+        shared = (None, None)  # (shared_dirs, shared_coeffs): one identity row for all
         if identity is not None or (shape.shape[0] == 1 and batch_size > 1):
             n = self.n_shape
             # A basis being fitted takes its gradient through slices of itself.
@@ -172,10 +173,12 @@ class ParametricDecoder(DecoderModule):
                 identity_dirs, expr_dirs = v_dirs[:, :n], v_dirs[:, n:]
             else:
                 identity_dirs, expr_dirs = self._identity_dirs, self._expr_dirs
-            v_base = k.blend(v_base, identity_dirs, shape)
             j_base = k.blend(j_base, j_dirs[:, :n], shape)
             if identity is not None:
-                v_base, j_base = identity_rows(v_base, identity), identity_rows(j_base, identity)
+                v_base = identity_rows(k.blend(v_base, identity_dirs, shape), identity)
+                j_base = identity_rows(j_base, identity)
+            else:
+                shared = (identity_dirs, shape)
             v_dirs, j_dirs, coeffs = expr_dirs, j_dirs[:, n:], expr.expand(batch_size, -1)
         else:
             coeffs = torch.cat(
@@ -185,10 +188,13 @@ class ParametricDecoder(DecoderModule):
         tables = (self.pose_dirs, self.parents, self.lbs_weights)
         want_vertex_transforms = self.transforms == "vertex"
         # The compiled ops' single autograd node where it applies, else the four steps.
-        fused = k.lbs(v_base, v_dirs, j_base, j_dirs, coeffs, pose, *tables, want_vertex_transforms)
+        fused = k.lbs(v_base, v_dirs, j_base, j_dirs, coeffs, pose, *tables, want_vertex_transforms,
+                      *shared)
         if fused is not None:
             v, vertex_transforms, transforms = fused
         else:
+            if shared[0] is not None:
+                v_base = k.blend(v_base, *shared)
             joints = k.blend(j_base, j_dirs, coeffs).view(batch_size, num_joints, 3)
             transforms, pose_feature = k.rigid_transforms(pose, joints, self.parents)
             v_posed = k.blend(v_base, v_dirs, coeffs, self.pose_dirs, pose_feature)

@@ -9,6 +9,8 @@ slowest of its tools, yet it launches every CUDA kernel of csrc/ on the launch p
 that differ: blend at each sample-tile size (B = 1, 2, 3-4, 5-16), above the small-batch
 limit (cuBLAS) and there in deterministic mode (the hand kernels again, several tiles),
 with a (N,), (1, N) and (B, N) base, a column-sliced basis and no pose correctives;
+blend_shared (one row of coefficients for the batch) at one and two tiles, cuBLAS and
+deterministic;
 rigid_transforms over FLAME's 5-joint tree and a 16-joint one, parents on the host and
 on the device, one and two blocks of samples; skin with and without the per-vertex
 transforms, over more vertices than one backward block takes (so the partial sums are
@@ -207,6 +209,34 @@ def check_blend(s: Smoke, dtype) -> None:
         label = (f"blend {_dt(dtype)} B={batch} base={layout}{' sliced' if sliced else ''}"
                  f"{'' if with_pose else ' P=0'}{' deterministic' if det else ''}")
         s.check(label, body)
+
+
+def check_blend_shared(s: Smoke, dtype) -> None:
+    """blend_shared against the reference's two blends (the shared row, then the batch)."""
+    from flame_ext import reference
+
+    blend_shared = _wrapper("blend_shared")
+    n, ks, k, p = 203, 9, 7, 36
+    for batch, det in ((1, False), (13, False), (20, False), (20, True)):
+        def body(batch=batch, det=det):
+            base = s.randn(n, dtype=dtype)
+            shared_dirs = s.randn(n, ks, dtype=dtype)
+            dirs = s.randn(n, k, dtype=dtype)
+            pose_dirs = s.randn(p, n, dtype=dtype, scale=0.1)
+            leaves = [s.randn(1, ks, dtype=dtype), s.randn(batch, k, dtype=dtype),
+                      s.randn(batch, p, dtype=dtype)]
+            grad_out = s.randn(batch, n, dtype=dtype)
+            ref_in, ext_in = _leaves(leaves), _leaves(leaves)
+            shaped = reference.blend(base, shared_dirs, ref_in[0])
+            want = reference.blend(shaped, dirs, ref_in[1], pose_dirs, ref_in[2])
+            want_grads = _grads([want], ref_in, [grad_out])
+            with deterministic() if det else _nothing():
+                got = blend_shared(base, shared_dirs, ext_in[0], dirs, ext_in[1], pose_dirs,
+                                   ext_in[2])
+                got_grads = _grads([got], ext_in, [grad_out])
+            return {"out": (got, want, dtype), **_pairs("grad", got_grads, want_grads, dtype)}
+
+        s.check(f"blend_shared {_dt(dtype)} B={batch}{' deterministic' if det else ''}", body)
 
 
 @contextmanager
@@ -478,6 +508,7 @@ def main(argv=None) -> int:
     with op_recorder(not (args.no_coverage or args.only)) as seen:
         for dtype in dtypes:
             check_blend(smoke, dtype)
+            check_blend_shared(smoke, dtype)
             check_rigid_transforms(smoke, dtype)
             check_skin(smoke, dtype)
             check_landmarks(smoke, dtype)

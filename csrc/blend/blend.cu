@@ -1,6 +1,6 @@
-// CUDA launchers of flame_ext::blend and flame_ext::blend_backward (schemas in
-// csrc/registration.cpp, kernels and launch plans in blend_kernels.cuh, math in blend.h,
-// argument checks in blend_checks.h).
+// CUDA launchers of flame_ext::blend, blend_backward, blend_shared and
+// blend_shared_backward (schemas in csrc/op_schemas.h, kernels and launch plans in
+// blend_kernels.cuh, math in blend.h, argument checks in blend_checks.h).
 //
 // Small batches run the hand kernels. Large batches: the product is a real GEMM and
 // cuBLAS (at::addmm / at::mm) is the right tool; a hand-written kernel would be a slower
@@ -214,11 +214,49 @@ std::tuple<at::Tensor, at::Tensor> blend_backward_cuda(const at::Tensor& grad_ou
   return {grad_coeffs, grad_pose};
 }
 
+// blend_shared as two blends: the shared row (one sample), then the batch on it as base.
+// On a GPU the second launch reads the (1, N) row from L2; the CPU op fuses the two
+// passes because there the row would come back from memory.
+at::Tensor blend_shared_cuda(const at::Tensor& base, const at::Tensor& shared_dirs,
+                             const at::Tensor& shared_coeffs, const at::Tensor& dirs,
+                             const at::Tensor& coeffs, const at::Tensor& pose_dirs,
+                             const at::Tensor& pose_coeffs) {
+  int64_t Ks = 0;
+  const blend::Sizes s = blend::check_shared_forward(base, shared_dirs, shared_coeffs, dirs,
+                                                     coeffs, pose_dirs, pose_coeffs, &Ks);
+  const auto options = coeffs.options();
+  const at::Tensor shaped = blend_cuda(base, shared_dirs, shared_coeffs,
+                                       at::empty({0, s.N}, options), at::empty({1, 0}, options));
+  return blend_cuda(shaped, dirs, coeffs, pose_dirs, pose_coeffs);
+}
+
+// blend_shared_backward: the shared coefficients' adjoint on the batch sum of grad_out
+// (one sample), and blend_backward for the rest.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> blend_shared_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& shared_dirs, const at::Tensor& dirs,
+    const at::Tensor& pose_dirs, bool need_shared_coeffs, bool need_coeffs,
+    bool need_pose_coeffs) {
+  const blend::Sizes s = blend::check_shared_backward(grad_out, shared_dirs, dirs, pose_dirs);
+  const auto options = grad_out.options();
+  at::Tensor grad_shared = at::empty({0}, options);
+  if (need_shared_coeffs) {
+    grad_shared = std::get<0>(blend_backward_cuda(
+        grad_out.sum(0, /*keepdim=*/true), shared_dirs, at::empty({0, s.N}, options), true,
+        false));
+  }
+  at::Tensor grad_coeffs, grad_pose;
+  std::tie(grad_coeffs, grad_pose) =
+      blend_backward_cuda(grad_out, dirs, pose_dirs, need_coeffs, need_pose_coeffs);
+  return {grad_shared, grad_coeffs, grad_pose};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(FLAME_EXT_KERNEL_LIB, FLAME_EXT_KERNEL_KEY, m) {
   m.impl("blend", &blend_cuda);
   m.impl("blend_backward", &blend_backward_cuda);
+  m.impl("blend_shared", &blend_shared_cuda);
+  m.impl("blend_shared_backward", &blend_shared_backward_cuda);
 }
 
 }  // namespace flame_ext

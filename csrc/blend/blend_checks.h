@@ -114,6 +114,43 @@ inline Sizes check_backward(const at::Tensor& grad_out, const at::Tensor& dirs,
   return s;
 }
 
+// blend_shared(base, shared_dirs, shared_coeffs, dirs, coeffs, pose_dirs, pose_coeffs):
+// blend's arguments (dirs in the dtype of coeffs: no half-precision table here) plus one
+// row of coefficients shared by every sample, shared_coeffs (1, Ks), for shared_dirs
+// (N, Ks); base (N,) or (1, N). Returns blend's sizes; *shared_K = Ks.
+inline Sizes check_shared_forward(const at::Tensor& base, const at::Tensor& shared_dirs,
+                                  const at::Tensor& shared_coeffs, const at::Tensor& dirs,
+                                  const at::Tensor& coeffs, const at::Tensor& pose_dirs,
+                                  const at::Tensor& pose_coeffs, int64_t* shared_K) {
+  const Sizes s = check_forward(base, dirs, coeffs, pose_dirs, pose_coeffs);
+  check_like(dirs, "dirs", coeffs, "coeffs");
+  check_like(shared_dirs, "shared_dirs", coeffs, "coeffs");
+  check_like(shared_coeffs, "shared_coeffs", coeffs, "coeffs");
+  TORCH_CHECK(base.dim() == 1 || base.size(0) == 1, "blend_shared: base must be (", s.N,
+              ",) or (1, ", s.N, "), got ", base.sizes());
+  TORCH_CHECK(shared_coeffs.dim() == 2 && shared_coeffs.size(0) == 1,
+              "blend_shared: shared_coeffs must be (1, Ks), got ", shared_coeffs.sizes());
+  TORCH_CHECK(shared_dirs.dim() == 2 && shared_dirs.size(0) == s.N &&
+                  shared_dirs.size(1) == shared_coeffs.size(1),
+              "blend_shared: shared_dirs must be (", s.N, ", ", shared_coeffs.size(1),
+              ") to match dirs and shared_coeffs, got ", shared_dirs.sizes());
+  *shared_K = shared_coeffs.size(1);
+  return s;
+}
+
+// blend_shared_backward(grad_out, shared_dirs, dirs, pose_dirs, ...): blend_backward's
+// arguments plus shared_dirs (N, Ks), all in grad_out's dtype.
+inline Sizes check_shared_backward(const at::Tensor& grad_out, const at::Tensor& shared_dirs,
+                                   const at::Tensor& dirs, const at::Tensor& pose_dirs) {
+  const Sizes s = check_backward(grad_out, dirs, pose_dirs);
+  check_like(dirs, "dirs", grad_out, "grad_out");
+  check_like(shared_dirs, "shared_dirs", grad_out, "grad_out");
+  TORCH_CHECK(shared_dirs.dim() == 2 && shared_dirs.size(0) == s.N,
+              "blend_shared_backward: shared_dirs must be (", s.N, ", Ks), got ",
+              shared_dirs.sizes());
+  return s;
+}
+
 // The outputs of blend_backward before any kernel runs: (B, K) / (B, P) when asked for,
 // else (0,) as the schema promises.
 inline std::tuple<at::Tensor, at::Tensor> backward_outputs(const at::Tensor& grad_out,

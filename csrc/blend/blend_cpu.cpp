@@ -1,5 +1,5 @@
-// CPU implementation of flame_ext::blend and flame_ext::blend_backward (schemas in
-// csrc/registration.cpp, math in blend.h).
+// CPU implementation of flame_ext::blend, blend_backward, blend_shared and
+// blend_shared_backward (schemas in csrc/op_schemas.h, math in blend.h).
 //
 // out (B,N) = base + coeffs @ dirs^T + pose_coeffs @ pose_dirs is a GEMM with a tall, thin
 // dirs (N = 15069 rows of K = 400 for FLAME, 196608 x 50 for the texture). Hand loops run
@@ -250,9 +250,10 @@ HalfRows half_rows(const at::Tensor& dirs) {
   return {reinterpret_cast<const uint16_t*>(dirs.const_data_ptr()), blend::row_stride(dirs)};
 }
 
-// A thread's block of widened rows, reused from call to call.
+// A thread's scratch block (widened rows, a shared row, a column sum), reused from call to
+// call; one use at a time per thread.
 template <typename T>
-T* widened_block(int64_t values) {
+T* thread_block(int64_t values) {
   thread_local std::vector<T> block;
   if (int64_t(block.size()) < values) block.resize(values);
   return block.data();
@@ -265,7 +266,7 @@ T* widened_block(int64_t values) {
 template <typename T>
 void forward_half(const ForwardArgs<T>& a, HalfRows dirs, WidenFn<T> widen,
                   ForwardFn<T> kernel, int64_t c0, int64_t c1) {
-  T* block = widened_block<T>(kForwardRows * a.K);
+  T* block = thread_block<T>(kForwardRows * a.K);
   for (int64_t c = c0; c < c1; ++c) {
     const int64_t n0 = c * kForwardRows, rows = std::min(kForwardRows, a.N - n0);
     if (a.K > 0) widen(dirs.data + n0 * dirs.stride, dirs.stride, rows, a.K, block, a.N - n0);
@@ -285,7 +286,7 @@ template <typename T>
 void backward_half(const BackwardArgs<T>& a, HalfRows dirs, WidenFn<T> widen,
                    BackwardFn<T> kernel, int64_t rows, int64_t groups, int64_t t0,
                    int64_t t1) {
-  T* block = a.partial_coeffs != nullptr ? widened_block<T>(rows * a.K) : nullptr;
+  T* block = a.partial_coeffs != nullptr ? thread_block<T>(rows * a.K) : nullptr;
   int64_t widened = -1;
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t c = t / groups, g = t % groups;
@@ -301,6 +302,22 @@ void backward_half(const BackwardArgs<T>& a, HalfRows dirs, WidenFn<T> widen,
     if (a.pose_dirs != nullptr) chunk.pose_dirs = a.pose_dirs + m0;
     kernel(chunk, c, 0, m1 - m0, g * kBackwardGroup, std::min(a.B, (g + 1) * kBackwardGroup));
   }
+}
+
+// result = the sum of partial's (chunks, ...) slices in chunk order (vectorised over the
+// outputs, not the chunks): the backward's last step.
+template <typename T>
+void sum_chunks(const at::Tensor& partial, at::Tensor& result) {
+  const T* src = partial.const_data_ptr<T>();
+  T* dst = result.mutable_data_ptr<T>();
+  const int64_t count = result.numel(), chunks = partial.size(0);
+  at::parallel_for(0, count, 4096, [&](int64_t i0, int64_t i1) {
+    std::copy(src + i0, src + i1, dst + i0);
+    for (int64_t c = 1; c < chunks; ++c) {
+      const T* part = src + c * count;
+      for (int64_t i = i0; i < i1; ++i) dst[i] += part[i];
+    }
+  });
 }
 
 // ---------------------------------------------------------------------------------------
@@ -439,23 +456,201 @@ std::tuple<at::Tensor, at::Tensor> blend_backward_cpu(const at::Tensor& grad_out
       }
     });
 
-    // Chunk partials summed in chunk order (vectorised over the outputs, not the chunks).
-    auto reduce = [&](const at::Tensor& partial, at::Tensor& result) {
-      const scalar_t* src = partial.const_data_ptr<scalar_t>();
-      scalar_t* dst = result.mutable_data_ptr<scalar_t>();
-      const int64_t count = result.numel();
-      at::parallel_for(0, count, 4096, [&](int64_t i0, int64_t i1) {
-        std::copy(src + i0, src + i1, dst + i0);
-        for (int64_t c = 1; c < chunks; ++c) {
-          const scalar_t* part = src + c * count;
-          for (int64_t i = i0; i < i1; ++i) dst[i] += part[i];
-        }
-      });
-    };
-    if (do_coeffs) reduce(partial_coeffs, grad_coeffs);
-    if (do_pose) reduce(partial_pose, grad_pose);
+    if (do_coeffs) sum_chunks<scalar_t>(partial_coeffs, grad_coeffs);
+    if (do_pose) sum_chunks<scalar_t>(partial_pose, grad_pose);
   });
   return {grad_coeffs, grad_pose};
+}
+
+// blend_shared in one pass over the rows: a task's chunk of rows first blends the shared
+// row (base + shared_coeffs @ shared_dirs^T, one sample) into a block in cache, then runs
+// the per-sample blend with that block as its base. Each table is read once per call and
+// the shared row never goes to memory (two calls of blend read it back, and at small
+// batches the second one finds shared_dirs' 18 MB of FLAME evicted the rest). Same kernels,
+// same chunks, same order of summation: the bits of blend(blend(base, shared_dirs,
+// shared_coeffs), dirs, coeffs, pose_dirs, pose_coeffs).
+at::Tensor blend_shared_cpu(const at::Tensor& base_in, const at::Tensor& shared_dirs_in,
+                            const at::Tensor& shared_coeffs_in, const at::Tensor& dirs_in,
+                            const at::Tensor& coeffs_in, const at::Tensor& pose_dirs_in,
+                            const at::Tensor& pose_coeffs_in) {
+  int64_t Ks = 0;
+  const blend::Sizes sizes = blend::check_shared_forward(
+      base_in, shared_dirs_in, shared_coeffs_in, dirs_in, coeffs_in, pose_dirs_in,
+      pose_coeffs_in, &Ks);
+  const int64_t B = sizes.B, N = sizes.N, K = sizes.K, P = sizes.P;
+  if (B == 0 || N == 0) return at::empty({B, N}, coeffs_in.options());
+
+  if (use_blas(B)) {
+    const at::Tensor shaped = at::addmm(base_in.reshape({1, N}), shared_coeffs_in,
+                                        shared_dirs_in.t());
+    at::Tensor out = empty_output({B, N}, coeffs_in.options());
+    at::addmm_out(out, shaped, coeffs_in, dirs_in.t());
+    if (P > 0) out.addmm_(pose_coeffs_in, pose_dirs_in);
+    return out;
+  }
+
+  const at::Tensor base = base_in.reshape({1, N}).contiguous();
+  const at::Tensor shared_dirs = blend::rows_readable(shared_dirs_in);
+  const at::Tensor shared_coeffs = shared_coeffs_in.contiguous();
+  const at::Tensor dirs = blend::rows_readable(dirs_in);
+  const at::Tensor coeffs = coeffs_in.contiguous();
+  const at::Tensor pose_dirs = P > 0 ? blend::rows_readable(pose_dirs_in) : pose_dirs_in;
+  const at::Tensor pose_coeffs = P > 0 ? pose_coeffs_in.contiguous() : pose_coeffs_in;
+  at::Tensor out = empty_output({B, N}, coeffs.options());
+
+  AT_DISPATCH_FLOATING_TYPES(coeffs.scalar_type(), "flame_ext::blend_shared", [&] {
+    ForwardArgs<scalar_t> shared{};
+    shared.base = base.const_data_ptr<scalar_t>();
+    shared.dirs = shared_dirs.const_data_ptr<scalar_t>();
+    shared.dirs_stride = blend::row_stride(shared_dirs);
+    shared.coeffs = shared_coeffs.const_data_ptr<scalar_t>();
+    shared.B = 1;
+    shared.N = N;
+    shared.K = Ks;
+    ForwardArgs<scalar_t> a{};
+    a.dirs = dirs.const_data_ptr<scalar_t>();
+    a.dirs_stride = blend::row_stride(dirs);
+    a.coeffs = coeffs.const_data_ptr<scalar_t>();
+    a.pose_dirs = P > 0 ? pose_dirs.const_data_ptr<scalar_t>() : nullptr;
+    a.pose_stride = P > 0 ? blend::row_stride(pose_dirs) : 0;
+    a.pose_coeffs = P > 0 ? pose_coeffs.const_data_ptr<scalar_t>() : nullptr;
+    a.out = out.mutable_data_ptr<scalar_t>();
+    a.B = B;
+    a.N = N;
+    a.K = K;
+    a.P = P;
+    const ForwardFn<scalar_t> kernel = forward_kernel<scalar_t>();
+    const int64_t chunks = (N + kForwardRows - 1) / kForwardRows;
+    const int64_t per_chunk = std::max<int64_t>(1, kForwardRows * ((K + P + 1) * B + Ks));
+    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / per_chunk);
+    dynamic_parallel_for(chunks, grain, [&](int64_t c0, int64_t c1) {
+      scalar_t* shaped = thread_block<scalar_t>(kForwardRows);
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t n0 = c * kForwardRows, rows = std::min(kForwardRows, N - n0);
+        ForwardArgs<scalar_t> row = shared;
+        row.base += n0;
+        row.dirs += n0 * shared.dirs_stride;
+        row.out = shaped;
+        kernel(row, 0, rows);
+        ForwardArgs<scalar_t> chunk = a;
+        chunk.base = shaped;  // base_stride 0: one row for every sample
+        chunk.dirs += n0 * a.dirs_stride;
+        if (P > 0) chunk.pose_dirs += n0;
+        chunk.out += n0;
+        kernel(chunk, 0, rows);
+      }
+    });
+  });
+  return out;
+}
+
+// blend_shared_backward in one pass over the rows: the tasks are blend_backward's (chunk,
+// sample group) pairs with its chunks, and the first group of each chunk also sums the
+// chunk's grad_out over the batch (in order of the samples) and runs the one-sample
+// adjoint of shared_dirs on it. grad_coeffs and grad_pose_coeffs have the bits of
+// blend_backward(grad_out, dirs, pose_dirs); grad_shared_coeffs is (sum_b grad_out[b]) @
+// shared_dirs, independent of the thread count.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> blend_shared_backward_cpu(
+    const at::Tensor& grad_out_in, const at::Tensor& shared_dirs_in, const at::Tensor& dirs_in,
+    const at::Tensor& pose_dirs_in, bool need_shared_coeffs, bool need_coeffs,
+    bool need_pose_coeffs) {
+  const blend::Sizes sizes =
+      blend::check_shared_backward(grad_out_in, shared_dirs_in, dirs_in, pose_dirs_in);
+  const int64_t B = sizes.B, N = sizes.N, K = sizes.K, P = sizes.P;
+  const int64_t Ks = shared_dirs_in.size(1);
+  at::Tensor grad_coeffs, grad_pose;
+  std::tie(grad_coeffs, grad_pose) =
+      blend::backward_outputs(grad_out_in, sizes, need_coeffs, need_pose_coeffs);
+  at::Tensor grad_shared = need_shared_coeffs ? at::empty({1, Ks}, grad_out_in.options())
+                                              : at::empty({0}, grad_out_in.options());
+  const bool do_shared = need_shared_coeffs && Ks > 0;
+  const bool do_coeffs = need_coeffs && B * K > 0;
+  const bool do_pose = need_pose_coeffs && B * P > 0;
+  if (!do_shared && !do_coeffs && !do_pose) return {grad_shared, grad_coeffs, grad_pose};
+  if (B == 0 || N == 0) {
+    grad_shared.zero_();
+    grad_coeffs.zero_();
+    grad_pose.zero_();
+    return {grad_shared, grad_coeffs, grad_pose};
+  }
+
+  if (use_blas(B)) {
+    if (do_shared) at::mm_out(grad_shared, grad_out_in.sum(0, true), shared_dirs_in);
+    if (do_coeffs) at::mm_out(grad_coeffs, grad_out_in, dirs_in);
+    if (do_pose) at::mm_out(grad_pose, grad_out_in, pose_dirs_in.t());
+    return {grad_shared, grad_coeffs, grad_pose};
+  }
+
+  const at::Tensor grad_out = grad_out_in.contiguous();
+  const at::Tensor shared_dirs = blend::rows_readable(shared_dirs_in);
+  const at::Tensor dirs = blend::rows_readable(dirs_in);
+  const at::Tensor pose_dirs = P > 0 ? blend::rows_readable(pose_dirs_in) : pose_dirs_in;
+  const int64_t groups = (B + kBackwardGroup - 1) / kBackwardGroup;
+  // blend_backward's chunks, so that grad_coeffs and grad_pose_coeffs keep its bits.
+  const int64_t row_bytes =
+      std::max<int64_t>(1, ((do_coeffs ? K : 0) + (do_pose ? P : 0)) * grad_out_in.element_size());
+  const int64_t rows = std::max(
+      kBackwardMinRows, std::min((N + kMaxChunks - 1) / kMaxChunks, kBackwardChunkBytes / row_bytes));
+  const int64_t chunks = (N + rows - 1) / rows;
+  const auto options = grad_out.options();
+  at::Tensor partial_shared = do_shared ? at::empty({chunks, 1, Ks}, options) : at::Tensor();
+  at::Tensor partial_coeffs = do_coeffs ? at::empty({chunks, B, K}, options) : at::Tensor();
+  at::Tensor partial_pose = do_pose ? at::empty({chunks, B, P}, options) : at::Tensor();
+
+  AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), "flame_ext::blend_shared_backward", [&] {
+    const scalar_t* grad = grad_out.const_data_ptr<scalar_t>();
+    BackwardArgs<scalar_t> a{};
+    a.grad_out = grad;
+    a.dirs = do_coeffs ? dirs.const_data_ptr<scalar_t>() : nullptr;
+    a.dirs_stride = blend::row_stride(dirs);
+    a.pose_dirs = do_pose ? pose_dirs.const_data_ptr<scalar_t>() : nullptr;
+    a.pose_stride = do_pose ? blend::row_stride(pose_dirs) : 0;
+    a.partial_coeffs = do_coeffs ? partial_coeffs.mutable_data_ptr<scalar_t>() : nullptr;
+    a.partial_pose_coeffs = do_pose ? partial_pose.mutable_data_ptr<scalar_t>() : nullptr;
+    a.B = B;
+    a.N = N;
+    a.K = K;
+    a.P = P;
+    BackwardArgs<scalar_t> shared{};
+    shared.dirs = do_shared ? shared_dirs.const_data_ptr<scalar_t>() : nullptr;
+    shared.dirs_stride = blend::row_stride(shared_dirs);
+    shared.partial_coeffs = do_shared ? partial_shared.mutable_data_ptr<scalar_t>() : nullptr;
+    shared.B = 1;
+    shared.K = Ks;
+    const BackwardFn<scalar_t> kernel = backward_kernel<scalar_t>();
+    const int64_t per_task = std::max<int64_t>(
+        1, rows * ((do_coeffs ? K : 0) + (do_pose ? P : 0)) * std::min(B, kBackwardGroup) +
+               (do_shared ? rows * (Ks + B) / groups : 0));
+    const int64_t min_tasks = std::max<int64_t>(1, (int64_t(1) << 16) / per_task);
+    const int64_t grain = (min_tasks + groups - 1) / groups * groups;
+    dynamic_parallel_for(chunks * groups, grain, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t c = t / groups, g = t % groups;
+        const int64_t m0 = c * rows, m1 = std::min(N, m0 + rows);
+        if (do_shared && g == 0) {
+          scalar_t* sum = thread_block<scalar_t>(m1 - m0);
+          std::copy(grad + m0, grad + m1, sum);
+          for (int64_t b = 1; b < B; ++b) {
+            const scalar_t* row = grad + b * N + m0;
+            for (int64_t i = 0; i < m1 - m0; ++i) sum[i] += row[i];
+          }
+          BackwardArgs<scalar_t> chunk = shared;
+          chunk.grad_out = sum;
+          chunk.dirs += m0 * shared.dirs_stride;
+          chunk.N = m1 - m0;
+          kernel(chunk, c, 0, m1 - m0, 0, 1);
+        }
+        if (do_coeffs || do_pose) {
+          kernel(a, c, m0, m1, g * kBackwardGroup, std::min(B, (g + 1) * kBackwardGroup));
+        }
+      }
+    });
+
+    if (do_shared) sum_chunks<scalar_t>(partial_shared, grad_shared);
+    if (do_coeffs) sum_chunks<scalar_t>(partial_coeffs, grad_coeffs);
+    if (do_pose) sum_chunks<scalar_t>(partial_pose, grad_pose);
+  });
+  return {grad_shared, grad_coeffs, grad_pose};
 }
 
 }  // namespace
@@ -463,6 +658,8 @@ std::tuple<at::Tensor, at::Tensor> blend_backward_cpu(const at::Tensor& grad_out
 TORCH_LIBRARY_IMPL(flame_ext, CPU, m) {
   m.impl("blend", &blend_cpu);
   m.impl("blend_backward", &blend_backward_cpu);
+  m.impl("blend_shared", &blend_shared_cpu);
+  m.impl("blend_shared_backward", &blend_shared_backward_cpu);
 }
 
 }  // namespace flame_ext

@@ -23,6 +23,8 @@ _error: Optional[str] = None
 OPS = (
     "blend",
     "blend_backward",
+    "blend_shared",
+    "blend_shared_backward",
     "rigid_transforms",
     "rigid_transforms_backward",
     "skin",

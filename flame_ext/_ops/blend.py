@@ -12,6 +12,10 @@ base by summing over the broadcast batch (`blend_base_grad`; the fused node of l
 calls both too), dirs and pose_dirs through plain matrix products (they are model
 constants in the decoders, so that path is never hot). `blend` is linear in coeffs, so the
 backward of `blend_backward` is again a blend: double backward (and higher) works.
+
+`blend_shared` adds a table whose coefficients are one row for the whole batch (FlameShape
+with one identity for many frames); its op pair `blend_shared` / `blend_shared_backward`
+is registered the same way, with the same gradients.
 """
 
 from __future__ import annotations
@@ -68,20 +72,31 @@ def blend(
             f"{tuple(dirs.shape)} and coeffs {tuple(coeffs.shape)}, got {tuple(base.shape)}"
         )
     check_same("base", base, coeffs, "coeffs")
+    pose_dirs, pose_coeffs = _checked_pose(pose_dirs, pose_coeffs, coeffs, n)
+    _check_has_kernel(coeffs, "blend")
+    return blend_unchecked(base, dirs, coeffs, pose_dirs, pose_coeffs)
+
+
+def _checked_pose(pose_dirs, pose_coeffs, coeffs, n):
+    """The pose correctives' pair, checked against coeffs (B, K) and N = n: both or
+    neither."""
     if (pose_dirs is None) != (pose_coeffs is None):
         raise ValueError("pose_dirs and pose_coeffs must be given together or not at all")
     if pose_dirs is not None:
         check_tensor("pose_dirs", pose_dirs, ndim=2)
         check_tensor("pose_dirs", pose_dirs, shape=(None, n))
-        check_tensor("pose_coeffs", pose_coeffs, shape=(batch, pose_dirs.shape[0]))
+        check_tensor("pose_coeffs", pose_coeffs, shape=(coeffs.shape[0], pose_dirs.shape[0]))
         check_same("pose_dirs", pose_dirs, coeffs, "coeffs")
         check_same("pose_coeffs", pose_coeffs, coeffs, "coeffs")
+    return pose_dirs, pose_coeffs
+
+
+def _check_has_kernel(coeffs, op):
     if not _HAS_KERNEL.get(coeffs.device.type, False):
         raise RuntimeError(
-            f"flame_ext::blend has no kernel for {coeffs.device.type} tensors in this build "
+            f"flame_ext::{op} has no kernel for {coeffs.device.type} tensors in this build "
             "(see flame_ext.build_info())"
         )
-    return blend_unchecked(base, dirs, coeffs, pose_dirs, pose_coeffs)
 
 
 def blend_unchecked(base, dirs, coeffs, pose_dirs=None, pose_coeffs=None) -> torch.Tensor:
@@ -95,6 +110,72 @@ def blend_unchecked(base, dirs, coeffs, pose_dirs=None, pose_coeffs=None) -> tor
         pose_dirs = coeffs.new_empty((0, dirs.shape[0]))
         pose_coeffs = coeffs.new_empty((coeffs.shape[0], 0))
     return _ops.blend(base, dirs, coeffs, pose_dirs, pose_coeffs)
+
+
+def blend_shared(
+    base: torch.Tensor,
+    shared_dirs: torch.Tensor,
+    shared_coeffs: torch.Tensor,
+    dirs: torch.Tensor,
+    coeffs: torch.Tensor,
+    pose_dirs: Optional[torch.Tensor] = None,
+    pose_coeffs: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """`blend` with one more table whose coefficients are one row for the whole batch.
+
+    out (B, N) = base + shared_coeffs @ shared_dirs.T + coeffs @ dirs.T + pose_coeffs @
+    pose_dirs, with base (N,) or (1, N), shared_dirs (N, Ks), shared_coeffs (1, Ks) and the
+    rest as `blend` takes them (one dtype, float32 or float64: no half-precision table).
+    The same as ``blend(blend(base, shared_dirs, shared_coeffs), dirs, coeffs, pose_dirs,
+    pose_coeffs)`` (FlameShape with one identity for many frames), in one pass over the
+    tables on the CPU. Differentiable w.r.t. every tensor argument, to any order.
+    """
+    check_tensor("coeffs", coeffs, ndim=2, floating=True)
+    n_components = coeffs.shape[1]
+    check_tensor("dirs", dirs, ndim=2)
+    check_tensor("dirs", dirs, shape=(None, n_components))
+    check_same("dirs", dirs, coeffs, "coeffs")
+    n = dirs.shape[0]
+    check_tensor("shared_coeffs", shared_coeffs, ndim=2)
+    check_tensor("shared_coeffs", shared_coeffs, shape=(1, None))
+    check_same("shared_coeffs", shared_coeffs, coeffs, "coeffs")
+    check_tensor("shared_dirs", shared_dirs, shape=(n, shared_coeffs.shape[1]))
+    check_same("shared_dirs", shared_dirs, coeffs, "coeffs")
+    check_tensor("base", base)
+    if not ((base.dim() == 1 and base.shape[0] == n)
+            or (base.dim() == 2 and tuple(base.shape) == (1, n))):
+        raise ValueError(
+            f"base must have shape ({n},) or (1, {n}) to match dirs {tuple(dirs.shape)}, "
+            f"got {tuple(base.shape)}"
+        )
+    check_same("base", base, coeffs, "coeffs")
+    pose_dirs, pose_coeffs = _checked_pose(pose_dirs, pose_coeffs, coeffs, n)
+    _check_has_kernel(coeffs, "blend_shared")
+    return blend_shared_unchecked(
+        base, shared_dirs, shared_coeffs, dirs, coeffs, pose_dirs, pose_coeffs
+    )
+
+
+def blend_shared_unchecked(
+    base, shared_dirs, shared_coeffs, dirs, coeffs, pose_dirs=None, pose_coeffs=None
+) -> torch.Tensor:
+    """`blend_shared` without the Python argument checks (as `blend_unchecked`)."""
+    if pose_dirs is None:
+        pose_dirs = coeffs.new_empty((0, dirs.shape[0]))
+        pose_coeffs = coeffs.new_empty((coeffs.shape[0], 0))
+    return _ops.blend_shared(base, shared_dirs, shared_coeffs, dirs, coeffs, pose_dirs,
+                             pose_coeffs)
+
+
+def blend_shared_grads(grad, shared_dirs, dirs, pose_dirs, need_shared_coeffs: bool,
+                       need_coeffs: bool, need_pose_coeffs: bool):
+    """(grad_shared_coeffs (1, Ks), grad_coeffs, grad_pose_coeffs) from the gradient (B, N)
+    of blend_shared's output, each None unless asked for."""
+    grads = _ops.blend_shared_backward(
+        grad, shared_dirs, dirs, pose_dirs, need_shared_coeffs, need_coeffs, need_pose_coeffs
+    )
+    return tuple(g if need else None for g, need in
+                 zip(grads, (need_shared_coeffs, need_coeffs, need_pose_coeffs)))
 
 
 def blend_grads(grad, dirs, pose_dirs, need_coeffs: bool, need_pose_coeffs: bool):
@@ -146,6 +227,19 @@ def _blend_backward_fake(grad_out, dirs, pose_dirs, need_coeffs, need_pose_coeff
     n_pose = _pose_count(pose_dirs, n)
     grad_pose = grad_out.new_empty((batch, n_pose) if need_pose_coeffs else (0,))
     return grad_coeffs, grad_pose
+
+
+@torch.library.register_fake("flame_ext::blend_shared")
+def _blend_shared_fake(base, shared_dirs, shared_coeffs, dirs, coeffs, pose_dirs, pose_coeffs):
+    return coeffs.new_empty((coeffs.shape[0], dirs.shape[0]))
+
+
+@torch.library.register_fake("flame_ext::blend_shared_backward")
+def _blend_shared_backward_fake(grad_out, shared_dirs, dirs, pose_dirs, need_shared_coeffs,
+                                need_coeffs, need_pose_coeffs):
+    grad_shared = grad_out.new_empty((1, shared_dirs.shape[1]) if need_shared_coeffs else (0,))
+    return (grad_shared,) + _blend_backward_fake(grad_out, dirs, pose_dirs, need_coeffs,
+                                                 need_pose_coeffs)
 
 
 # ---------------------------------------------------------------------------------------
@@ -221,6 +315,81 @@ def _blend_backward_backward(ctx, grad_grad_coeffs, grad_grad_pose):
     return d_grad_out, d_dirs, d_pose_dirs, None, None
 
 
+def _blend_shared_setup_context(ctx, inputs, output):
+    base, shared_dirs, shared_coeffs, dirs, coeffs, pose_dirs, pose_coeffs = inputs
+    ctx.save_for_backward(shared_dirs, shared_coeffs, dirs, coeffs, pose_dirs, pose_coeffs)
+    ctx.base_dim = base.dim()
+
+
+def _blend_shared_backward(ctx, grad):
+    shared_dirs, shared_coeffs, dirs, coeffs, pose_dirs, pose_coeffs = ctx.saved_tensors
+    (need_base, need_shared_dirs, need_shared_coeffs, need_dirs, need_coeffs, need_pose_dirs,
+     need_pose_coeffs) = ctx.needs_input_grad
+    grad_shared_coeffs = grad_coeffs = grad_pose_coeffs = None
+    if need_shared_coeffs or need_coeffs or need_pose_coeffs:
+        grad_shared_coeffs, grad_coeffs, grad_pose_coeffs = blend_shared_grads(
+            grad, shared_dirs, dirs, pose_dirs, need_shared_coeffs, need_coeffs,
+            need_pose_coeffs,
+        )
+    grad_sum = grad.sum(0, keepdim=True) if (need_base or need_shared_dirs) else None
+    grad_base = None
+    if need_base:
+        grad_base = grad_sum if ctx.base_dim == 2 else grad_sum[0]
+    # Plain products, as blend's: the tables are model constants in the decoders.
+    grad_shared_dirs = grad_sum.mT @ shared_coeffs if need_shared_dirs else None
+    grad_dirs = grad.mT @ coeffs if need_dirs else None
+    grad_pose_dirs = pose_coeffs.mT @ grad if need_pose_dirs else None
+    return (grad_base, grad_shared_dirs, grad_shared_coeffs, grad_dirs, grad_coeffs,
+            grad_pose_dirs, grad_pose_coeffs)
+
+
+def _blend_shared_backward_setup_context(ctx, inputs, output):
+    grad_out, shared_dirs, dirs, pose_dirs, need_shared, need_coeffs, need_pose = inputs
+    ctx.save_for_backward(grad_out, shared_dirs, dirs, pose_dirs)
+    ctx.needs = (need_shared, need_coeffs, need_pose)
+
+
+def _blend_shared_backward_backward(ctx, grad_grad_shared, grad_grad_coeffs, grad_grad_pose):
+    """Backward of blend_shared_backward, linear in grad_out: its gradient is blend_shared
+    with zero base and the incoming gradients as coefficients; the tables' gradients are
+    the transposed products."""
+    grad_out, shared_dirs, dirs, pose_dirs = ctx.saved_tensors
+    need_grad_out, need_shared_dirs, need_dirs, need_pose_dirs = ctx.needs_input_grad[:4]
+    batch, n = grad_out.shape
+    # An output that was not asked for is (0,); one that was not used may come back as
+    # None: both contribute nothing.
+    use_shared, use_coeffs, use_pose = (
+        need and g is not None
+        for need, g in zip(ctx.needs, (grad_grad_shared, grad_grad_coeffs, grad_grad_pose))
+    )
+    use_pose = use_pose and _pose_count(pose_dirs, n) > 0
+    d_grad_out = d_shared_dirs = d_dirs = d_pose_dirs = None
+    if need_grad_out:
+        shared = grad_grad_shared if use_shared else grad_out.new_zeros((1, shared_dirs.shape[1]))
+        coeffs = grad_grad_coeffs if use_coeffs else grad_out.new_zeros((batch, dirs.shape[1]))
+        if use_pose:
+            pose_pair = (pose_dirs, grad_grad_pose)
+        else:
+            pose_pair = (grad_out.new_empty((0, n)), grad_out.new_zeros((batch, 0)))
+        d_grad_out = _ops.blend_shared(grad_out.new_zeros((n,)), shared_dirs, shared, dirs,
+                                       coeffs, *pose_pair)
+    if need_shared_dirs and use_shared:
+        d_shared_dirs = grad_out.sum(0, keepdim=True).mT @ grad_grad_shared
+    if need_dirs and use_coeffs:
+        d_dirs = grad_out.mT @ grad_grad_coeffs
+    if need_pose_dirs and use_pose:
+        d_pose_dirs = grad_grad_pose.mT @ grad_out
+    return d_grad_out, d_shared_dirs, d_dirs, d_pose_dirs, None, None, None
+
+
+torch.library.register_autograd(
+    "flame_ext::blend_shared", _blend_shared_backward, setup_context=_blend_shared_setup_context
+)
+torch.library.register_autograd(
+    "flame_ext::blend_shared_backward",
+    _blend_shared_backward_backward,
+    setup_context=_blend_shared_backward_setup_context,
+)
 torch.library.register_autograd(
     "flame_ext::blend", _blend_backward, setup_context=_blend_setup_context
 )

@@ -21,7 +21,7 @@ from typing import Optional, Tuple
 import torch
 from torch.autograd.function import once_differentiable
 
-from .blend import blend_base_grad, blend_grads
+from .blend import blend_base_grad, blend_grads, blend_shared_grads
 from .rigid_transforms import rigid_transforms_grads
 from .skin import skin_grads
 
@@ -35,7 +35,7 @@ class FusedLbs(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, v_base, v_dirs, j_base, j_dirs, coeffs, pose, pose_dirs, parents, lbs_weights,
-        want_vertex_transforms,
+        want_vertex_transforms, shared_dirs, shared_coeffs,
     ):
         batch, n_joints = pose.shape[:2]
         n_verts = lbs_weights.shape[0]
@@ -45,14 +45,19 @@ class FusedLbs(torch.autograd.Function):
                 j_base, j_dirs, coeffs, no_pose_dirs, coeffs.new_empty((batch, 0))
             ).view(batch, n_joints, 3)
             transforms, pose_feature = _ops.rigid_transforms.default(pose, joints, parents)
-            v_posed = _ops.blend.default(v_base, v_dirs, coeffs, pose_dirs, pose_feature)
+            if shared_dirs is None:
+                v_posed = _ops.blend.default(v_base, v_dirs, coeffs, pose_dirs, pose_feature)
+            else:
+                v_posed = _ops.blend_shared.default(
+                    v_base, shared_dirs, shared_coeffs, v_dirs, coeffs, pose_dirs, pose_feature
+                )
             v_posed = v_posed.view(batch, n_verts, 3)
             v, vertex_transforms = _ops.skin.default(
                 v_posed, transforms, lbs_weights, want_vertex_transforms
             )
         ctx.save_for_backward(
             v_base, j_base, v_dirs, j_dirs, pose, joints, transforms, v_posed, pose_dirs,
-            no_pose_dirs, parents, lbs_weights,
+            no_pose_dirs, parents, lbs_weights, shared_dirs,
         )
         ctx.want_vertex_transforms = want_vertex_transforms
         ctx.set_materialize_grads(False)
@@ -65,12 +70,13 @@ class FusedLbs(torch.autograd.Function):
     def backward(ctx, grad_v, grad_vertex_transforms, grad_transforms):
         (
             v_base, j_base, v_dirs, j_dirs, pose, joints, transforms, v_posed, pose_dirs,
-            no_pose_dirs, parents, lbs_weights,
+            no_pose_dirs, parents, lbs_weights, shared_dirs,
         ) = ctx.saved_tensors
         need_v_base, _, need_j_base, _, need_coeffs, need_pose = ctx.needs_input_grad[:6]
+        need_shared = ctx.needs_input_grad[11]
         need_chain = need_pose or need_coeffs or need_j_base
         batch = pose.shape[0]
-        grad_v_base = grad_j_base = grad_coeffs = grad_pose = None
+        grad_v_base = grad_j_base = grad_coeffs = grad_pose = grad_shared = None
         with _below_autograd():
             grad_v_posed, grad_from_skin = skin_grads(
                 grad_v, grad_vertex_transforms, v_posed, transforms, lbs_weights,
@@ -79,10 +85,16 @@ class FusedLbs(torch.autograd.Function):
             grad_v_posed = grad_v_posed.view(batch, v_dirs.shape[0])
             if need_v_base:
                 grad_v_base = blend_base_grad(grad_v_posed, v_base.dim(), v_base.shape[0])
-            if need_chain:
+            if shared_dirs is not None and (need_chain or need_shared):
+                grad_shared, grad_coeffs, grad_pose_feature = blend_shared_grads(
+                    grad_v_posed, shared_dirs, v_dirs, pose_dirs, need_shared, need_coeffs,
+                    need_chain,
+                )
+            elif need_chain:
                 grad_coeffs, grad_pose_feature = blend_grads(
                     grad_v_posed, v_dirs, pose_dirs, need_coeffs, True
                 )
+            if need_chain:
                 if grad_transforms is not None:
                     grad_from_skin = grad_from_skin + grad_transforms
                 grad_pose, grad_joints = rigid_transforms_grads(
@@ -97,7 +109,7 @@ class FusedLbs(torch.autograd.Function):
                     )[0]
         return (
             grad_v_base, None, grad_j_base, None, grad_coeffs,
-            grad_pose if need_pose else None, None, None, None, None,
+            grad_pose if need_pose else None, None, None, None, None, None, grad_shared,
         )
 
 
@@ -112,13 +124,17 @@ def lbs(
     parents: torch.Tensor,
     lbs_weights: torch.Tensor,
     want_vertex_transforms: bool,
+    shared_dirs: Optional[torch.Tensor] = None,
+    shared_coeffs: Optional[torch.Tensor] = None,
 ) -> Optional[Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]]:
     """The FLAME chain in one autograd node, or None where the caller must run the steps.
 
     v_base (N,) or (1, N) with N = 3V, v_dirs (N, K), j_base (3J,) or (1, 3J), j_dirs
     (3J, K), coeffs (B, K), pose (B, J, 3), pose_dirs (P, N), parents (J,), lbs_weights
     (V, J): the decoders' tables and checked inputs (no Python checks here; the ops check
-    shapes). Returns (v (B, V, 3), vertex_transforms (B, V, 4, 4) or None, transforms
+    shapes). With shared_dirs (N, Ks) and shared_coeffs (1, Ks) (one identity for the whole
+    batch) the mesh blend is `blend_shared`: v_base is then the template, and the shared
+    row is blended in the same pass as the rest; gradients reach shared_coeffs too. Returns (v (B, V, 3), vertex_transforms (B, V, 4, 4) or None, transforms
     (B, J, 4, 4)). Gradients reach v_base, j_base, coeffs and pose; double backward is
     not supported (nor is it through the skin op). None under torch.compile (which traces
     the ops' own registrations), under torch.func transforms, and when a model table needs
@@ -130,11 +146,11 @@ def lbs(
         return None
     if torch.is_grad_enabled() and (
         v_dirs.requires_grad or j_dirs.requires_grad or pose_dirs.requires_grad
-        or lbs_weights.requires_grad
+        or lbs_weights.requires_grad or (shared_dirs is not None and shared_dirs.requires_grad)
     ):
         return None
     v, vertex_transforms, transforms = FusedLbs.apply(
         v_base, v_dirs, j_base, j_dirs, coeffs, pose, pose_dirs, parents, lbs_weights,
-        want_vertex_transforms,
+        want_vertex_transforms, shared_dirs, shared_coeffs,
     )
     return v, (vertex_transforms if want_vertex_transforms else None), transforms

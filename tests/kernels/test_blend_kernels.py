@@ -11,6 +11,8 @@ float64 reference within a rounding bound, and is bitwise the same under every s
 A half-precision dirs (float16 / bfloat16): every stored value widens exactly, the hand
 kernels give the bits of the same kernels on the widened table, and the cuBLAS path
 widens it in blocks (one, and several with a short last one).
+blend_shared and its backward: the same kernels on the shared row and on the batch sum of
+grad_out, against the reference, the per-sample gradients bitwise blend_backward's.
 """
 
 import pytest
@@ -156,6 +158,43 @@ def test_large_batch_uses_the_gemm_outside_deterministic_mode(kernels):
         out = kernels.blend(*args)
     exact, _ = _forward_exact(*args)
     torch.testing.assert_close(out, exact, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------
+# blend_shared: the launcher runs the blend kernels twice (the shared row, then the batch
+# on it); its backward runs the adjoint kernels on the batch sum of grad_out, then
+# blend_backward's.
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch, n, ks, k, p", [(1, 61, 37, 5, 36), (6, 613, 9, 70, 5),
+                                                (16, 97, 40, 0, 36)])
+def test_blend_shared_matches_reference(kernels, batch, n, ks, k, p, dtype):
+    base, dirs, coeffs, pose_dirs, pose_coeffs = _inputs(batch, n, k, p, dtype, "flat", seed=6)
+    g = torch.Generator().manual_seed(7)
+    shared_dirs, shared_coeffs = rand(g, n, ks, dtype=dtype), rand(g, 1, ks, dtype=dtype)
+    with launches(FORWARD, exactly=True):
+        out = under_every_schedule(lambda: kernels.blend_shared(
+            base, shared_dirs, shared_coeffs, dirs, coeffs, pose_dirs, pose_coeffs))
+    shaped, shaped_mag = _forward_exact(base, shared_dirs, shared_coeffs, pose_dirs[:0],
+                                        pose_coeffs[:1, :0])
+    d = [x.double() for x in (dirs, coeffs, pose_dirs, pose_coeffs)]
+    exact = shaped + d[1] @ d[0].T + d[3] @ d[2]
+    magnitude = shaped_mag + d[1].abs() @ d[0].abs().T + d[3].abs() @ d[2].abs()
+    assert_within(out, exact, sum_bound(ks + k + p + 2, magnitude, dtype), "blend_shared")
+
+    grad = rand(g, batch, n, dtype=dtype)
+    with launches(*BACKWARD):
+        grads = under_every_schedule(lambda: kernels.blend_shared_backward(
+            grad, shared_dirs, dirs, pose_dirs, True, True, True))
+    summed = grad.double().sum(0, keepdim=True)
+    assert_within(grads[0], summed @ shared_dirs.double(),
+                  sum_bound(n + batch, grad.double().abs().sum(0, keepdim=True)
+                            @ shared_dirs.double().abs(), dtype), "grad_shared_coeffs")
+    (gc, gc_mag), (gp, gp_mag) = _backward_exact(grad, dirs, pose_dirs)
+    assert_within(grads[1], gc, sum_bound(n, gc_mag, dtype), "grad_coeffs")
+    assert_within(grads[2], gp, sum_bound(n, gp_mag, dtype), "grad_pose_coeffs")
+    assert_bitwise(grads[1:], kernels.blend_backward(grad, dirs, pose_dirs, True, True))
 
 
 # ---------------------------------------------------------------------------------------
