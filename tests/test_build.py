@@ -189,7 +189,7 @@ def test_family_folder(family):
 
 # Ops whose family folder has another name, and ops implemented in torch ops (by the
 # Python module of their family) rather than by C++ kernels.
-FAMILY_OF_OP = {"vertex_normals": "normals"}
+FAMILY_OF_OP = {"vertex_normals": "normals", "blend_shared": "blend"}
 TORCH_OPS_IMPLS = {"vertex_face_adjacency": "normals"}
 
 
@@ -197,7 +197,7 @@ def test_every_op_registered_by_its_family():
     registration = _read("csrc/registration.cpp")
     assert "for (const char* schema : kOpSchemas) m.def(schema);" in registration
     schemas = re.findall(r'^\s*"(\w+)\(', _read("csrc/op_schemas.h"), flags=re.M)
-    assert len(schemas) == 11
+    assert len(schemas) == 13
     for op in schemas:
         if op in TORCH_OPS_IMPLS:
             # written in torch ops, registered for every device by its Python module

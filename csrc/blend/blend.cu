@@ -62,6 +62,92 @@ at::Tensor widened(const at::Tensor& dirs, int64_t n0, int64_t n, at::ScalarType
   return dirs.narrow(0, n0, n).to(dtype);
 }
 
+// The forward's operands as the kernels read them: base (1 or B, N) with unit column
+// stride, dirs and pose_dirs with readable rows, coeffs and pose_coeffs contiguous.
+struct Operands {
+  at::Tensor base, dirs, coeffs, pose_dirs, pose_coeffs;
+};
+
+Operands readable(const at::Tensor& base, const at::Tensor& dirs, const at::Tensor& coeffs,
+                  const at::Tensor& pose_dirs, const at::Tensor& pose_coeffs, int64_t P) {
+  const at::Tensor base2 = base.dim() == 1 ? base.unsqueeze(0) : base;
+  return {base2.stride(1) == 1 ? base2 : base2.contiguous(), blend::rows_readable(dirs),
+          coeffs.contiguous(), P > 0 ? blend::rows_readable(pose_dirs) : pose_dirs,
+          P > 0 ? pose_coeffs.contiguous() : pose_coeffs};
+}
+
+// The forward kernels writing out (B, N) = base + coeffs @ dirs^T + pose_coeffs @ pose_dirs,
+// in slices of the batch that fit the grid (one but for huge batches).
+template <typename T>
+void launch_forward(const Operands& in, at::Tensor& out, const blend::Sizes& s,
+                    const DeviceLimits& limits, const Stream& stream) {
+  const int64_t B = s.B, N = s.N, K = s.K, P = s.P;
+  const int64_t base_stride = in.base.size(0) == 1 ? 0 : in.base.stride(0);
+  const int64_t dirs_stride = blend::row_stride(in.dirs);
+  const int64_t pose_stride = P > 0 ? blend::row_stride(in.pose_dirs) : 0;
+  const T* pose_dirs_ptr = P > 0 ? in.pose_dirs.const_data_ptr<T>() : nullptr;
+  const T* pose_coeffs_ptr = P > 0 ? in.pose_coeffs.const_data_ptr<T>() : nullptr;
+  with_dirs<T>(in.dirs, [&](auto dirs_ptr) {
+    using D = std::remove_cv_t<std::remove_pointer_t<decltype(dirs_ptr)>>;
+    with_tile_samples(tile_samples(B), [&](auto tile) {
+      constexpr int kS = decltype(tile)::value;
+      const int64_t slice = blend_forward_slice(kS, limits);
+      for (int64_t b0 = 0; b0 < B; b0 += slice) {
+        const int64_t Bs = std::min(slice, B - b0);
+        launch(blend_forward_plan<kS>(Bs, N, limits), stream, &blend_forward_kernel<T, kS, D>,
+               in.base.const_data_ptr<T>() + b0 * base_stride, base_stride, dirs_ptr,
+               dirs_stride, in.coeffs.const_data_ptr<T>() + b0 * K, pose_dirs_ptr, pose_stride,
+               P > 0 ? pose_coeffs_ptr + b0 * P : nullptr,
+               out.mutable_data_ptr<T>() + b0 * N, Bs, N, K, P);
+      }
+    });
+  });
+}
+
+// The backward kernels: grad_coeffs (B, K) = grad_out @ dirs and grad_pose (B, P) =
+// grad_out @ pose_dirs^T, those asked for, from a contiguous grad_out. Slices of the batch
+// (one but for huge batches), each with its own workspace of partial sums over row
+// chunks, reduced in chunk order: the same bits on every run.
+template <typename T>
+void launch_backward(const at::Tensor& grad_out, const at::Tensor& dirs,
+                     const at::Tensor& pose_dirs, bool do_coeffs, bool do_pose,
+                     at::Tensor& grad_coeffs, at::Tensor& grad_pose, const blend::Sizes& s,
+                     const DeviceLimits& limits, const Stream& stream) {
+  const int64_t B = s.B, N = s.N, K = s.K, P = s.P;
+  const auto options = grad_out.options();
+  with_tile_samples(tile_samples(B), [&](auto tile) {
+    constexpr int kS = decltype(tile)::value;
+    const int64_t slice = blend_backward_slice(kS, do_coeffs ? K : 0, do_pose ? P : 0, limits);
+    for (int64_t b0 = 0; b0 < B; b0 += slice) {
+      const int64_t Bs = std::min(slice, B - b0);
+      const T* grad_ptr = grad_out.const_data_ptr<T>() + b0 * N;
+      const BackwardChunks chunks = blend_backward_chunks(Bs, N, K, P, limits);
+      auto reduce = [&](const at::Tensor& partial, T* result, int64_t width) {
+        const int64_t count = Bs * width;
+        launch(sum_chunks_plan(count, limits), stream, &sum_chunks_kernel<T>,
+               partial.const_data_ptr<T>(), chunks.count, count, result);
+      };
+      if (do_coeffs) {
+        const at::Tensor partial = at::empty({chunks.count, Bs, K}, options);
+        with_dirs<T>(dirs, [&](auto dirs_ptr) {
+          using D = std::remove_cv_t<std::remove_pointer_t<decltype(dirs_ptr)>>;
+          launch(adjoint_coeffs_plan<kS>(Bs, K, chunks, limits), stream,
+                 &adjoint_coeffs_kernel<T, kS, D>, grad_ptr, dirs_ptr, blend::row_stride(dirs),
+                 partial.mutable_data_ptr<T>(), Bs, N, K, chunks.rows);
+        });
+        reduce(partial, grad_coeffs.mutable_data_ptr<T>() + b0 * K, K);
+      }
+      if (do_pose) {
+        const at::Tensor partial = at::empty({chunks.count, Bs, P}, options);
+        launch(adjoint_pose_plan<kS>(Bs, P, chunks, limits), stream, &adjoint_pose_kernel<T, kS>,
+               grad_ptr, pose_dirs.const_data_ptr<T>(), blend::row_stride(pose_dirs),
+               partial.mutable_data_ptr<T>(), Bs, N, P, chunks.rows);
+        reduce(partial, grad_pose.mutable_data_ptr<T>() + b0 * P, P);
+      }
+    }
+  });
+}
+
 at::Tensor blend_cuda(const at::Tensor& base_in, const at::Tensor& dirs_in,
                       const at::Tensor& coeffs_in, const at::Tensor& pose_dirs_in,
                       const at::Tensor& pose_coeffs_in) {
@@ -92,37 +178,10 @@ at::Tensor blend_cuda(const at::Tensor& base_in, const at::Tensor& dirs_in,
     return out;
   }
 
-  const at::Tensor base2 = base_in.dim() == 1 ? base_in.unsqueeze(0) : base_in;
-  const at::Tensor base = base2.stride(1) == 1 ? base2 : base2.contiguous();
-  const at::Tensor dirs = blend::rows_readable(dirs_in);
-  const at::Tensor coeffs = coeffs_in.contiguous();
-  const at::Tensor pose_dirs = P > 0 ? blend::rows_readable(pose_dirs_in) : pose_dirs_in;
-  const at::Tensor pose_coeffs = P > 0 ? pose_coeffs_in.contiguous() : pose_coeffs_in;
-  at::Tensor out = at::empty({B, N}, coeffs.options());
-  const int64_t base_stride = base.size(0) == 1 ? 0 : base.stride(0);
-  const int64_t dirs_stride = blend::row_stride(dirs);
-  const int64_t pose_stride = P > 0 ? blend::row_stride(pose_dirs) : 0;
-
-  AT_DISPATCH_FLOATING_TYPES(coeffs.scalar_type(), "flame_ext::blend", [&] {
-    const scalar_t* pose_dirs_ptr = P > 0 ? pose_dirs.const_data_ptr<scalar_t>() : nullptr;
-    const scalar_t* pose_coeffs_ptr = P > 0 ? pose_coeffs.const_data_ptr<scalar_t>() : nullptr;
-    with_dirs<scalar_t>(dirs, [&](auto dirs_ptr) {
-      using D = std::remove_cv_t<std::remove_pointer_t<decltype(dirs_ptr)>>;
-      with_tile_samples(tile_samples(B), [&](auto tile) {
-        constexpr int kS = decltype(tile)::value;
-        // Slices of the batch, each within the grid (one slice but for huge batches).
-        const int64_t slice = blend_forward_slice(kS, limits);
-        for (int64_t b0 = 0; b0 < B; b0 += slice) {
-          const int64_t Bs = std::min(slice, B - b0);
-          launch(blend_forward_plan<kS>(Bs, N, limits), stream,
-                 &blend_forward_kernel<scalar_t, kS, D>,
-                 base.const_data_ptr<scalar_t>() + b0 * base_stride, base_stride, dirs_ptr,
-                 dirs_stride, coeffs.const_data_ptr<scalar_t>() + b0 * K, pose_dirs_ptr,
-                 pose_stride, P > 0 ? pose_coeffs_ptr + b0 * P : nullptr,
-                 out.mutable_data_ptr<scalar_t>() + b0 * N, Bs, N, K, P);
-        }
-      });
-    });
+  const Operands in = readable(base_in, dirs_in, coeffs_in, pose_dirs_in, pose_coeffs_in, P);
+  at::Tensor out = at::empty({B, N}, coeffs_in.options());
+  AT_DISPATCH_FLOATING_TYPES(coeffs_in.scalar_type(), "flame_ext::blend", [&] {
+    launch_forward<scalar_t>(in, out, sizes, limits, stream);
   });
   return out;
 }
@@ -172,81 +231,103 @@ std::tuple<at::Tensor, at::Tensor> blend_backward_cuda(const at::Tensor& grad_ou
   const at::Tensor grad_out = grad_out_in.contiguous();
   const at::Tensor dirs = blend::rows_readable(dirs_in);
   const at::Tensor pose_dirs = P > 0 ? blend::rows_readable(pose_dirs_in) : pose_dirs_in;
-  const auto options = grad_out.options();
-
   AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), "flame_ext::blend_backward", [&] {
-    with_tile_samples(tile_samples(B), [&](auto tile) {
-      constexpr int kS = decltype(tile)::value;
-      // Slices of the batch (one but for huge batches), each with its own workspace of
-      // partial sums over row chunks, reduced in chunk order: the same bits on every run.
-      const int64_t slice = blend_backward_slice(kS, do_coeffs ? K : 0, do_pose ? P : 0, limits);
-      for (int64_t b0 = 0; b0 < B; b0 += slice) {
-        const int64_t Bs = std::min(slice, B - b0);
-        const scalar_t* grad_ptr = grad_out.const_data_ptr<scalar_t>() + b0 * N;
-        const BackwardChunks chunks = blend_backward_chunks(Bs, N, K, P, limits);
-        auto reduce = [&](const at::Tensor& partial, scalar_t* result, int64_t width) {
-          const int64_t count = Bs * width;
-          launch(sum_chunks_plan(count, limits), stream, &sum_chunks_kernel<scalar_t>,
-                 partial.const_data_ptr<scalar_t>(), chunks.count, count, result);
-        };
-        if (do_coeffs) {
-          const at::Tensor partial = at::empty({chunks.count, Bs, K}, options);
-          with_dirs<scalar_t>(dirs, [&](auto dirs_ptr) {
-            using D = std::remove_cv_t<std::remove_pointer_t<decltype(dirs_ptr)>>;
-            launch(adjoint_coeffs_plan<kS>(Bs, K, chunks, limits), stream,
-                   &adjoint_coeffs_kernel<scalar_t, kS, D>, grad_ptr, dirs_ptr,
-                   blend::row_stride(dirs), partial.mutable_data_ptr<scalar_t>(), Bs, N, K,
-                   chunks.rows);
-          });
-          reduce(partial, grad_coeffs.mutable_data_ptr<scalar_t>() + b0 * K, K);
-        }
-        if (do_pose) {
-          const at::Tensor partial = at::empty({chunks.count, Bs, P}, options);
-          launch(adjoint_pose_plan<kS>(Bs, P, chunks, limits), stream,
-                 &adjoint_pose_kernel<scalar_t, kS>, grad_ptr,
-                 pose_dirs.const_data_ptr<scalar_t>(), blend::row_stride(pose_dirs),
-                 partial.mutable_data_ptr<scalar_t>(), Bs, N, P, chunks.rows);
-          reduce(partial, grad_pose.mutable_data_ptr<scalar_t>() + b0 * P, P);
-        }
-      }
-    });
+    launch_backward<scalar_t>(grad_out, dirs, pose_dirs, do_coeffs, do_pose, grad_coeffs,
+                              grad_pose, sizes, limits, stream);
   });
   return {grad_coeffs, grad_pose};
 }
 
-// blend_shared as two blends: the shared row (one sample), then the batch on it as base.
-// On a GPU the second launch reads the (1, N) row from L2; the CPU op fuses the two
-// passes because there the row would come back from memory.
-at::Tensor blend_shared_cuda(const at::Tensor& base, const at::Tensor& shared_dirs,
-                             const at::Tensor& shared_coeffs, const at::Tensor& dirs,
-                             const at::Tensor& coeffs, const at::Tensor& pose_dirs,
-                             const at::Tensor& pose_coeffs) {
+// blend_shared as the blend kernels twice: the shared row (one sample) into a (1, N)
+// block, then the batch with that block as its base (cuBLAS above the small-batch limit, as
+// blend). On a GPU the second pass reads the row from L2; the CPU op fuses the two passes
+// because there the row would come back from memory.
+at::Tensor blend_shared_cuda(const at::Tensor& base_in, const at::Tensor& shared_dirs_in,
+                             const at::Tensor& shared_coeffs_in, const at::Tensor& dirs_in,
+                             const at::Tensor& coeffs_in, const at::Tensor& pose_dirs_in,
+                             const at::Tensor& pose_coeffs_in) {
   int64_t Ks = 0;
-  const blend::Sizes s = blend::check_shared_forward(base, shared_dirs, shared_coeffs, dirs,
-                                                     coeffs, pose_dirs, pose_coeffs, &Ks);
-  const auto options = coeffs.options();
-  const at::Tensor shaped = blend_cuda(base, shared_dirs, shared_coeffs,
-                                       at::empty({0, s.N}, options), at::empty({1, 0}, options));
-  return blend_cuda(shaped, dirs, coeffs, pose_dirs, pose_coeffs);
+  const blend::Sizes sizes = blend::check_shared_forward(
+      base_in, shared_dirs_in, shared_coeffs_in, dirs_in, coeffs_in, pose_dirs_in,
+      pose_coeffs_in, &Ks);
+  check_kernel_device(coeffs_in, "coeffs");
+  const DeviceGuard guard(coeffs_in.device());
+  const Stream stream = current_stream();
+  const int64_t B = sizes.B, N = sizes.N, P = sizes.P;
+  const auto options = coeffs_in.options();
+  if (B == 0 || N == 0) return at::empty({B, N}, options);
+
+  const DeviceLimits limits = device_limits();
+  const bool gemm = blend_use_gemm(B, at::globalContext().deterministicAlgorithms());
+  const Operands row = readable(base_in, shared_dirs_in, shared_coeffs_in,
+                                at::empty({0, N}, options), at::empty({1, 0}, options), 0);
+  at::Tensor shaped = at::empty({1, N}, options);
+  at::Tensor out = gemm ? at::Tensor() : at::empty({B, N}, options);
+  const Operands batch = gemm ? Operands{} : readable(shaped, dirs_in, coeffs_in, pose_dirs_in,
+                                                     pose_coeffs_in, P);
+  AT_DISPATCH_FLOATING_TYPES(coeffs_in.scalar_type(), "flame_ext::blend_shared", [&] {
+    launch_forward<scalar_t>(row, shaped, blend::Sizes{1, N, Ks, 0}, limits, stream);
+    if (!gemm) launch_forward<scalar_t>(batch, out, sizes, limits, stream);
+  });
+  if (gemm) {
+    out = at::addmm(shaped, coeffs_in, dirs_in.t());
+    if (P > 0) out.addmm_(pose_coeffs_in, pose_dirs_in);
+  }
+  return out;
 }
 
-// blend_shared_backward: the shared coefficients' adjoint on the batch sum of grad_out
-// (one sample), and blend_backward for the rest.
+// blend_shared_backward: the adjoint kernels on the batch sum of grad_out (one sample) for
+// the shared coefficients, and blend_backward's kernels (or cuBLAS) for the rest.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> blend_shared_backward_cuda(
-    const at::Tensor& grad_out, const at::Tensor& shared_dirs, const at::Tensor& dirs,
-    const at::Tensor& pose_dirs, bool need_shared_coeffs, bool need_coeffs,
+    const at::Tensor& grad_out_in, const at::Tensor& shared_dirs_in, const at::Tensor& dirs_in,
+    const at::Tensor& pose_dirs_in, bool need_shared_coeffs, bool need_coeffs,
     bool need_pose_coeffs) {
-  const blend::Sizes s = blend::check_shared_backward(grad_out, shared_dirs, dirs, pose_dirs);
-  const auto options = grad_out.options();
-  at::Tensor grad_shared = at::empty({0}, options);
-  if (need_shared_coeffs) {
-    grad_shared = std::get<0>(blend_backward_cuda(
-        grad_out.sum(0, /*keepdim=*/true), shared_dirs, at::empty({0, s.N}, options), true,
-        false));
-  }
+  const blend::Sizes sizes =
+      blend::check_shared_backward(grad_out_in, shared_dirs_in, dirs_in, pose_dirs_in);
+  check_kernel_device(grad_out_in, "grad_out");
+  const DeviceGuard guard(grad_out_in.device());
+  const Stream stream = current_stream();
+  const int64_t B = sizes.B, N = sizes.N, K = sizes.K, P = sizes.P;
+  const int64_t Ks = shared_dirs_in.size(1);
+  const auto options = grad_out_in.options();
   at::Tensor grad_coeffs, grad_pose;
   std::tie(grad_coeffs, grad_pose) =
-      blend_backward_cuda(grad_out, dirs, pose_dirs, need_coeffs, need_pose_coeffs);
+      blend::backward_outputs(grad_out_in, sizes, need_coeffs, need_pose_coeffs);
+  at::Tensor grad_shared = need_shared_coeffs ? at::empty({1, Ks}, options)
+                                              : at::empty({0}, options);
+  const bool do_shared = need_shared_coeffs && Ks > 0;
+  const bool do_coeffs = need_coeffs && B * K > 0;
+  const bool do_pose = need_pose_coeffs && B * P > 0;
+  if (!do_shared && !do_coeffs && !do_pose) return {grad_shared, grad_coeffs, grad_pose};
+  if (B == 0 || N == 0) {
+    grad_shared.zero_();
+    grad_coeffs.zero_();
+    grad_pose.zero_();
+    return {grad_shared, grad_coeffs, grad_pose};
+  }
+
+  const DeviceLimits limits = device_limits();
+  const bool gemm = blend_use_gemm(B, at::globalContext().deterministicAlgorithms());
+  const at::Tensor grad_out = grad_out_in.contiguous();
+  const at::Tensor grad_sum = do_shared ? grad_out.sum(0, /*keepdim=*/true) : at::Tensor();
+  const at::Tensor shared_dirs = blend::rows_readable(shared_dirs_in);
+  const at::Tensor dirs = blend::rows_readable(dirs_in);
+  const at::Tensor pose_dirs = P > 0 ? blend::rows_readable(pose_dirs_in) : pose_dirs_in;
+  at::Tensor unused;
+  AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), "flame_ext::blend_shared_backward", [&] {
+    if (do_shared) {
+      launch_backward<scalar_t>(grad_sum, shared_dirs, pose_dirs, true, false, grad_shared,
+                                unused, blend::Sizes{1, N, Ks, 0}, limits, stream);
+    }
+    if (!gemm) {
+      launch_backward<scalar_t>(grad_out, dirs, pose_dirs, do_coeffs, do_pose, grad_coeffs,
+                                grad_pose, sizes, limits, stream);
+    }
+  });
+  if (gemm) {
+    if (do_coeffs) at::mm_out(grad_coeffs, grad_out_in, dirs_in);
+    if (do_pose) at::mm_out(grad_pose, grad_out_in, pose_dirs_in.t());
+  }
   return {grad_shared, grad_coeffs, grad_pose};
 }
 
