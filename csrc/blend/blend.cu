@@ -287,24 +287,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> blend_shared_backward_cuda(
   check_kernel_device(grad_out_in, "grad_out");
   const DeviceGuard guard(grad_out_in.device());
   const Stream stream = current_stream();
-  const int64_t B = sizes.B, N = sizes.N, K = sizes.K, P = sizes.P;
+  const int64_t B = sizes.B, N = sizes.N, P = sizes.P;
   const int64_t Ks = shared_dirs_in.size(1);
-  const auto options = grad_out_in.options();
-  at::Tensor grad_coeffs, grad_pose;
-  std::tie(grad_coeffs, grad_pose) =
-      blend::backward_outputs(grad_out_in, sizes, need_coeffs, need_pose_coeffs);
-  at::Tensor grad_shared = need_shared_coeffs ? at::empty({1, Ks}, options)
-                                              : at::empty({0}, options);
-  const bool do_shared = need_shared_coeffs && Ks > 0;
-  const bool do_coeffs = need_coeffs && B * K > 0;
-  const bool do_pose = need_pose_coeffs && B * P > 0;
-  if (!do_shared && !do_coeffs && !do_pose) return {grad_shared, grad_coeffs, grad_pose};
-  if (B == 0 || N == 0) {
-    grad_shared.zero_();
-    grad_coeffs.zero_();
-    grad_pose.zero_();
-    return {grad_shared, grad_coeffs, grad_pose};
-  }
+  blend::SharedGrads grads = blend::shared_backward_outputs(
+      grad_out_in, Ks, sizes, need_shared_coeffs, need_coeffs, need_pose_coeffs);
+  if (!grads.any()) return grads.result();
+  const bool do_shared = grads.do_shared, do_coeffs = grads.do_coeffs, do_pose = grads.do_pose;
 
   const DeviceLimits limits = device_limits();
   const bool gemm = blend_use_gemm(B, at::globalContext().deterministicAlgorithms());
@@ -316,19 +304,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> blend_shared_backward_cuda(
   at::Tensor unused;
   AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), "flame_ext::blend_shared_backward", [&] {
     if (do_shared) {
-      launch_backward<scalar_t>(grad_sum, shared_dirs, pose_dirs, true, false, grad_shared,
+      launch_backward<scalar_t>(grad_sum, shared_dirs, pose_dirs, true, false, grads.shared,
                                 unused, blend::Sizes{1, N, Ks, 0}, limits, stream);
     }
     if (!gemm) {
-      launch_backward<scalar_t>(grad_out, dirs, pose_dirs, do_coeffs, do_pose, grad_coeffs,
-                                grad_pose, sizes, limits, stream);
+      launch_backward<scalar_t>(grad_out, dirs, pose_dirs, do_coeffs, do_pose, grads.coeffs,
+                                grads.pose, sizes, limits, stream);
     }
   });
   if (gemm) {
-    if (do_coeffs) at::mm_out(grad_coeffs, grad_out_in, dirs_in);
-    if (do_pose) at::mm_out(grad_pose, grad_out_in, pose_dirs_in.t());
+    if (do_coeffs) at::mm_out(grads.coeffs, grad_out_in, dirs_in);
+    if (do_pose) at::mm_out(grads.pose, grad_out_in, pose_dirs_in.t());
   }
-  return {grad_shared, grad_coeffs, grad_pose};
+  return grads.result();
 }
 
 }  // namespace

@@ -161,5 +161,34 @@ inline std::tuple<at::Tensor, at::Tensor> backward_outputs(const at::Tensor& gra
           need_pose_coeffs ? at::empty({s.B, s.P}, options) : at::empty({0}, options)};
 }
 
+// The outputs of blend_shared_backward before any kernel runs, and which of them the
+// kernels compute: (1, Ks) / (B, K) / (B, P) when asked for, else (0,); when B or N is 0 the
+// asked-for ones are zeros and none is left to compute.
+struct SharedGrads {
+  at::Tensor shared, coeffs, pose;
+  bool do_shared, do_coeffs, do_pose;
+  bool any() const { return do_shared || do_coeffs || do_pose; }
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> result() const { return {shared, coeffs, pose}; }
+};
+
+inline SharedGrads shared_backward_outputs(const at::Tensor& grad_out, int64_t Ks,
+                                           const Sizes& s, bool need_shared_coeffs,
+                                           bool need_coeffs, bool need_pose_coeffs) {
+  SharedGrads g;
+  std::tie(g.coeffs, g.pose) = backward_outputs(grad_out, s, need_coeffs, need_pose_coeffs);
+  g.shared = need_shared_coeffs ? at::empty({1, Ks}, grad_out.options())
+                                : at::empty({0}, grad_out.options());
+  g.do_shared = need_shared_coeffs && Ks > 0;
+  g.do_coeffs = need_coeffs && s.B * s.K > 0;
+  g.do_pose = need_pose_coeffs && s.B * s.P > 0;
+  if (g.any() && (s.B == 0 || s.N == 0)) {
+    g.shared.zero_();
+    g.coeffs.zero_();
+    g.pose.zero_();
+    g.do_shared = g.do_coeffs = g.do_pose = false;
+  }
+  return g;
+}
+
 }  // namespace blend
 }  // namespace flame_ext

@@ -304,6 +304,27 @@ void backward_half(const BackwardArgs<T>& a, HalfRows dirs, WidenFn<T> widen,
   }
 }
 
+// blend's arguments as the hand loops read them, but for base (left to the caller: null,
+// stride 0). dirs is read through a widened block when it is half precision (null here).
+template <typename T>
+ForwardArgs<T> forward_args(const at::Tensor& dirs, const at::Tensor& coeffs,
+                            const at::Tensor& pose_dirs, const at::Tensor& pose_coeffs,
+                            at::Tensor& out, const blend::Sizes& s, bool half) {
+  ForwardArgs<T> a{};
+  a.dirs = half ? nullptr : dirs.const_data_ptr<T>();
+  a.dirs_stride = blend::row_stride(dirs);
+  a.coeffs = coeffs.const_data_ptr<T>();
+  a.pose_dirs = s.P > 0 ? pose_dirs.const_data_ptr<T>() : nullptr;
+  a.pose_stride = s.P > 0 ? blend::row_stride(pose_dirs) : 0;
+  a.pose_coeffs = s.P > 0 ? pose_coeffs.const_data_ptr<T>() : nullptr;
+  a.out = out.mutable_data_ptr<T>();
+  a.B = s.B;
+  a.N = s.N;
+  a.K = s.K;
+  a.P = s.P;
+  return a;
+}
+
 // result = the sum of partial's (chunks, ...) slices in chunk order (vectorised over the
 // outputs, not the chunks): the backward's last step.
 template <typename T>
@@ -349,20 +370,10 @@ at::Tensor blend_cpu(const at::Tensor& base_in, const at::Tensor& dirs_in,
   at::Tensor out = empty_output({B, N}, coeffs.options());
 
   AT_DISPATCH_FLOATING_TYPES(coeffs.scalar_type(), "flame_ext::blend", [&] {
-    ForwardArgs<scalar_t> a;
+    ForwardArgs<scalar_t> a = forward_args<scalar_t>(dirs, coeffs, pose_dirs, pose_coeffs, out,
+                                                      sizes, half);
     a.base = base.const_data_ptr<scalar_t>();
     a.base_stride = base.size(0) == 1 ? 0 : base.stride(0);
-    a.dirs = half ? nullptr : dirs.const_data_ptr<scalar_t>();
-    a.dirs_stride = blend::row_stride(dirs);
-    a.coeffs = coeffs.const_data_ptr<scalar_t>();
-    a.pose_dirs = P > 0 ? pose_dirs.const_data_ptr<scalar_t>() : nullptr;
-    a.pose_stride = P > 0 ? blend::row_stride(pose_dirs) : 0;
-    a.pose_coeffs = P > 0 ? pose_coeffs.const_data_ptr<scalar_t>() : nullptr;
-    a.out = out.mutable_data_ptr<scalar_t>();
-    a.B = B;
-    a.N = N;
-    a.K = K;
-    a.P = P;
     const ForwardFn<scalar_t> kernel = forward_kernel<scalar_t>();
     const int64_t chunks = (N + kForwardRows - 1) / kForwardRows;
     // Tiny problems run inline: a task is worth it above ~64K FMAs.
@@ -499,26 +510,13 @@ at::Tensor blend_shared_cpu(const at::Tensor& base_in, const at::Tensor& shared_
   at::Tensor out = empty_output({B, N}, coeffs.options());
 
   AT_DISPATCH_FLOATING_TYPES(coeffs.scalar_type(), "flame_ext::blend_shared", [&] {
-    ForwardArgs<scalar_t> shared{};
+    // The shared row: one sample, no pose correctives, written per chunk into a block.
+    ForwardArgs<scalar_t> shared = forward_args<scalar_t>(
+        shared_dirs, shared_coeffs, pose_dirs, pose_coeffs, out, blend::Sizes{1, N, Ks, 0}, false);
     shared.base = base.const_data_ptr<scalar_t>();
-    shared.dirs = shared_dirs.const_data_ptr<scalar_t>();
-    shared.dirs_stride = blend::row_stride(shared_dirs);
-    shared.coeffs = shared_coeffs.const_data_ptr<scalar_t>();
-    shared.B = 1;
-    shared.N = N;
-    shared.K = Ks;
-    ForwardArgs<scalar_t> a{};
-    a.dirs = dirs.const_data_ptr<scalar_t>();
-    a.dirs_stride = blend::row_stride(dirs);
-    a.coeffs = coeffs.const_data_ptr<scalar_t>();
-    a.pose_dirs = P > 0 ? pose_dirs.const_data_ptr<scalar_t>() : nullptr;
-    a.pose_stride = P > 0 ? blend::row_stride(pose_dirs) : 0;
-    a.pose_coeffs = P > 0 ? pose_coeffs.const_data_ptr<scalar_t>() : nullptr;
-    a.out = out.mutable_data_ptr<scalar_t>();
-    a.B = B;
-    a.N = N;
-    a.K = K;
-    a.P = P;
+    // The batch, its base set per chunk to that block.
+    const ForwardArgs<scalar_t> a =
+        forward_args<scalar_t>(dirs, coeffs, pose_dirs, pose_coeffs, out, sizes, false);
     const ForwardFn<scalar_t> kernel = forward_kernel<scalar_t>();
     const int64_t chunks = (N + kForwardRows - 1) / kForwardRows;
     const int64_t per_chunk = std::max<int64_t>(1, kForwardRows * ((K + P + 1) * B + Ks));
@@ -558,27 +556,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> blend_shared_backward_cpu(
       blend::check_shared_backward(grad_out_in, shared_dirs_in, dirs_in, pose_dirs_in);
   const int64_t B = sizes.B, N = sizes.N, K = sizes.K, P = sizes.P;
   const int64_t Ks = shared_dirs_in.size(1);
-  at::Tensor grad_coeffs, grad_pose;
-  std::tie(grad_coeffs, grad_pose) =
-      blend::backward_outputs(grad_out_in, sizes, need_coeffs, need_pose_coeffs);
-  at::Tensor grad_shared = need_shared_coeffs ? at::empty({1, Ks}, grad_out_in.options())
-                                              : at::empty({0}, grad_out_in.options());
-  const bool do_shared = need_shared_coeffs && Ks > 0;
-  const bool do_coeffs = need_coeffs && B * K > 0;
-  const bool do_pose = need_pose_coeffs && B * P > 0;
-  if (!do_shared && !do_coeffs && !do_pose) return {grad_shared, grad_coeffs, grad_pose};
-  if (B == 0 || N == 0) {
-    grad_shared.zero_();
-    grad_coeffs.zero_();
-    grad_pose.zero_();
-    return {grad_shared, grad_coeffs, grad_pose};
-  }
+  blend::SharedGrads grads = blend::shared_backward_outputs(
+      grad_out_in, Ks, sizes, need_shared_coeffs, need_coeffs, need_pose_coeffs);
+  if (!grads.any()) return grads.result();
+  const bool do_shared = grads.do_shared, do_coeffs = grads.do_coeffs, do_pose = grads.do_pose;
 
   if (use_blas(B)) {
-    if (do_shared) at::mm_out(grad_shared, grad_out_in.sum(0, true), shared_dirs_in);
-    if (do_coeffs) at::mm_out(grad_coeffs, grad_out_in, dirs_in);
-    if (do_pose) at::mm_out(grad_pose, grad_out_in, pose_dirs_in.t());
-    return {grad_shared, grad_coeffs, grad_pose};
+    if (do_shared) at::mm_out(grads.shared, grad_out_in.sum(0, true), shared_dirs_in);
+    if (do_coeffs) at::mm_out(grads.coeffs, grad_out_in, dirs_in);
+    if (do_pose) at::mm_out(grads.pose, grad_out_in, pose_dirs_in.t());
+    return grads.result();
   }
 
   const at::Tensor grad_out = grad_out_in.contiguous();
@@ -646,11 +633,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> blend_shared_backward_cpu(
       }
     });
 
-    if (do_shared) sum_chunks<scalar_t>(partial_shared, grad_shared);
-    if (do_coeffs) sum_chunks<scalar_t>(partial_coeffs, grad_coeffs);
-    if (do_pose) sum_chunks<scalar_t>(partial_pose, grad_pose);
+    if (do_shared) sum_chunks<scalar_t>(partial_shared, grads.shared);
+    if (do_coeffs) sum_chunks<scalar_t>(partial_coeffs, grads.coeffs);
+    if (do_pose) sum_chunks<scalar_t>(partial_pose, grads.pose);
   });
-  return {grad_shared, grad_coeffs, grad_pose};
+  return grads.result();
 }
 
 }  // namespace
