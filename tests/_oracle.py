@@ -186,17 +186,31 @@ def assert_deterministic_and_fully_written(cases):
             assert not a.isnan().any(), f"{name}: unwritten (NaN) output elements"
 
 
-def assert_independent_of_thread_count(cases):
-    """CPU: each (name, fn, leaves) gives the same bits with 1 and 2 threads."""
+def per_thread_count(call, counts=(1, 2, 3)):
+    """CPU: call() run with each thread count in turn (the count is restored after);
+    returns the results in the order of `counts`."""
     threads = torch.get_num_threads()
-    results = {}
+    results = []
     try:
-        for n in (1, 2):
+        for n in counts:
             torch.set_num_threads(n)
-            results[n] = [run_with_grads(fn, leaves) for name, fn, leaves in cases]
+            results.append(call())
     finally:
         torch.set_num_threads(threads)
-    for one, two in zip(results[1], results[2]):
+    return results
+
+
+def assert_same_bits(results):
+    """Every result (a sequence of tensors) is bit for bit the first."""
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+def assert_independent_of_thread_count(cases):
+    """CPU: each (name, fn, leaves) gives the same bits with 1 and 2 threads."""
+    results = per_thread_count(
+        lambda: [run_with_grads(fn, leaves) for name, fn, leaves in cases], counts=(1, 2))
+    for one, two in zip(*results):
         assert all(torch.equal(a, b) for a, b in zip(one, two))
 
 

@@ -28,8 +28,10 @@ from _oracle import (
     assert_huge_page_output,
     assert_independent_of_thread_count,
     assert_matches,
+    assert_same_bits,
     d64,
     needs_kernels,
+    per_thread_count,
 )
 from _samples import (
     CORRUPTIONS,
@@ -502,23 +504,13 @@ def test_any_batch_is_independent_of_thread_count(ops, batch):
     base, dirs, coeffs, pose_dirs, pose_coeffs = blend_inputs(
         batch, 20000, 100, 36, torch.float32, "cpu")
     grad_out = torch.randn(batch, 20000)
-    threads = torch.get_num_threads()
-    results = []
-    try:
-        for count in (1, 2, 3):
-            torch.set_num_threads(count)
-            results.append(
-                (ops.blend(base, dirs, coeffs, pose_dirs, pose_coeffs),)
-                + tuple(ops.blend_backward(grad_out, dirs, pose_dirs, True, True))
-            )
-    finally:
-        torch.set_num_threads(threads)
+    results = per_thread_count(
+        lambda: (ops.blend(base, dirs, coeffs, pose_dirs, pose_coeffs),)
+        + tuple(ops.blend_backward(grad_out, dirs, pose_dirs, True, True)))
     _assert_blend_close(results[0][0], base, dirs, coeffs, pose_dirs, pose_coeffs)
     _assert_adjoint_close(results[0][1], grad_out, dirs)
     _assert_adjoint_close(results[0][2], grad_out, pose_dirs.mT)
-    for other in results[1:]:
-        for a, b in zip(results[0], other):
-            assert torch.equal(a, b)
+    assert_same_bits(results)
 
 
 @pytest.mark.parametrize("batch", [2, 15, 18, 33, 47])

@@ -15,7 +15,7 @@ float64 reference and (the hand kernels) the bits of the widened table.
 import pytest
 import torch
 
-from _oracle import assert_matches, needs_kernels
+from _oracle import assert_matches, assert_same_bits, needs_kernels, per_thread_count
 from _samples import F32, F64, blend_inputs
 
 HALF = [pytest.param(torch.float16, id="f16"), pytest.param(torch.bfloat16, id="bf16")]
@@ -120,17 +120,9 @@ def test_half_dirs_are_independent_of_thread_count(ops, half):
     base, dirs, coeffs, pose_dirs, pose_coeffs = _half_inputs(40, 20000, 100, 36, half, F32,
                                                               "cpu")
     grad_out = torch.randn(40, 20000, generator=torch.Generator().manual_seed(2))
-    threads = torch.get_num_threads()
-    results = []
-    try:
-        for count in (1, 2, 3):
-            torch.set_num_threads(count)
-            results.append((ops.blend(base, dirs, coeffs, pose_dirs, pose_coeffs),)
-                           + tuple(ops.blend_backward(grad_out, dirs, pose_dirs, True, True)))
-    finally:
-        torch.set_num_threads(threads)
-    for other in results[1:]:
-        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+    assert_same_bits(per_thread_count(
+        lambda: (ops.blend(base, dirs, coeffs, pose_dirs, pose_coeffs),)
+        + tuple(ops.blend_backward(grad_out, dirs, pose_dirs, True, True))))
 
 
 # Run by test_ops_blend's subprocess helper (its preamble loads that module as `t`); this

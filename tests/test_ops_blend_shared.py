@@ -18,7 +18,7 @@ or 17); Ks and K below, at and past the SIMD widths, and 0.
 import pytest
 import torch
 
-from _oracle import assert_matches, d64, a64, needs_kernels
+from _oracle import assert_matches, assert_same_bits, d64, a64, needs_kernels, per_thread_count
 from _samples import F64, blend_inputs
 from flame_ext import reference
 
@@ -260,19 +260,10 @@ def test_independent_of_thread_count(ops, batch):
     """Fixed chunks and sample groups: the same bits for 1, 2 and 3 threads."""
     args = _with_empty_pose(_inputs(batch, 20000, 300, 100, 36, torch.float32, "cpu"))
     grad = torch.randn(batch, 20000)
-    threads = torch.get_num_threads()
-    results = []
-    try:
-        for count in (1, 2, 3):
-            torch.set_num_threads(count)
-            results.append((ops.blend_shared(*args),) + tuple(ops.blend_shared_backward(
-                grad, args[1], args[3], args[5], True, True, True)))
-    finally:
-        torch.set_num_threads(threads)
+    results = per_thread_count(lambda: (ops.blend_shared(*args),) + tuple(
+        ops.blend_shared_backward(grad, args[1], args[3], args[5], True, True, True)))
     _assert_forward_close(results[0][0], args)
-    for other in results[1:]:
-        for a, b in zip(results[0], other):
-            assert torch.equal(a, b)
+    assert_same_bits(results)
 
 
 def test_blas_batches_match_the_hand_loops(ops):

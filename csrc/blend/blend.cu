@@ -282,16 +282,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> blend_shared_backward_cuda(
     const at::Tensor& grad_out_in, const at::Tensor& shared_dirs_in, const at::Tensor& dirs_in,
     const at::Tensor& pose_dirs_in, bool need_shared_coeffs, bool need_coeffs,
     bool need_pose_coeffs) {
-  const blend::Sizes sizes =
-      blend::check_shared_backward(grad_out_in, shared_dirs_in, dirs_in, pose_dirs_in);
+  blend::SharedGrads grads =
+      blend::shared_backward_outputs(grad_out_in, shared_dirs_in, dirs_in, pose_dirs_in,
+                                     need_shared_coeffs, need_coeffs, need_pose_coeffs);
   check_kernel_device(grad_out_in, "grad_out");
   const DeviceGuard guard(grad_out_in.device());
   const Stream stream = current_stream();
-  const int64_t B = sizes.B, N = sizes.N, P = sizes.P;
-  const int64_t Ks = shared_dirs_in.size(1);
-  blend::SharedGrads grads = blend::shared_backward_outputs(
-      grad_out_in, Ks, sizes, need_shared_coeffs, need_coeffs, need_pose_coeffs);
   if (!grads.any()) return grads.result();
+  const blend::Sizes sizes = grads.sizes;
+  const int64_t B = sizes.B, N = sizes.N, P = sizes.P, Ks = grads.Ks;
   const bool do_shared = grads.do_shared, do_coeffs = grads.do_coeffs, do_pose = grads.do_pose;
 
   const DeviceLimits limits = device_limits();

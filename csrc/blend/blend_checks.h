@@ -161,20 +161,27 @@ inline std::tuple<at::Tensor, at::Tensor> backward_outputs(const at::Tensor& gra
           need_pose_coeffs ? at::empty({s.B, s.P}, options) : at::empty({0}, options)};
 }
 
-// The outputs of blend_shared_backward before any kernel runs, and which of them the
-// kernels compute: (1, Ks) / (B, K) / (B, P) when asked for, else (0,); when B or N is 0 the
+// blend_shared_backward's arguments checked (their sizes, with shared_dirs' Ks), its
+// outputs before any kernel runs, and which of them the kernels compute: (1, Ks) / (B, K) / (B, P) when asked for, else (0,); when B or N is 0 the
 // asked-for ones are zeros and none is left to compute.
 struct SharedGrads {
+  Sizes sizes;
+  int64_t Ks;
   at::Tensor shared, coeffs, pose;
   bool do_shared, do_coeffs, do_pose;
   bool any() const { return do_shared || do_coeffs || do_pose; }
   std::tuple<at::Tensor, at::Tensor, at::Tensor> result() const { return {shared, coeffs, pose}; }
 };
 
-inline SharedGrads shared_backward_outputs(const at::Tensor& grad_out, int64_t Ks,
-                                           const Sizes& s, bool need_shared_coeffs,
+inline SharedGrads shared_backward_outputs(const at::Tensor& grad_out,
+                                           const at::Tensor& shared_dirs, const at::Tensor& dirs,
+                                           const at::Tensor& pose_dirs, bool need_shared_coeffs,
                                            bool need_coeffs, bool need_pose_coeffs) {
   SharedGrads g;
+  g.sizes = check_shared_backward(grad_out, shared_dirs, dirs, pose_dirs);
+  g.Ks = shared_dirs.size(1);
+  const Sizes& s = g.sizes;
+  const int64_t Ks = g.Ks;
   std::tie(g.coeffs, g.pose) = backward_outputs(grad_out, s, need_coeffs, need_pose_coeffs);
   g.shared = need_shared_coeffs ? at::empty({1, Ks}, grad_out.options())
                                 : at::empty({0}, grad_out.options());

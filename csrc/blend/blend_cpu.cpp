@@ -325,6 +325,44 @@ ForwardArgs<T> forward_args(const at::Tensor& dirs, const at::Tensor& coeffs,
   return a;
 }
 
+// The backward's row chunks (fixed by the sizes, never by the thread count: the partial
+// sums and their order depend on them) and sample groups.
+struct BackwardChunks {
+  int64_t rows, chunks, groups;
+};
+
+inline BackwardChunks backward_chunks(const blend::Sizes& s, bool do_coeffs, bool do_pose,
+                                      int64_t element_size) {
+  const int64_t row_bytes =
+      std::max<int64_t>(1, ((do_coeffs ? s.K : 0) + (do_pose ? s.P : 0)) * element_size);
+  const int64_t rows = std::max(
+      kBackwardMinRows,
+      std::min((s.N + kMaxChunks - 1) / kMaxChunks, kBackwardChunkBytes / row_bytes));
+  return {rows, (s.N + rows - 1) / rows, (s.B + kBackwardGroup - 1) / kBackwardGroup};
+}
+
+// The backward kernel's arguments for grad_out (B, N) against dirs and pose_dirs, partial
+// sums into the (chunks, B, K) and (chunks, B, P) workspaces of the gradients asked for.
+template <typename T>
+BackwardArgs<T> backward_args(const at::Tensor& grad_out, const at::Tensor& dirs,
+                              const at::Tensor& pose_dirs, const at::Tensor& partial_coeffs,
+                              const at::Tensor& partial_pose, const blend::Sizes& s,
+                              bool do_coeffs, bool do_pose, bool half) {
+  BackwardArgs<T> a{};
+  a.grad_out = grad_out.const_data_ptr<T>();
+  a.dirs = do_coeffs && !half ? dirs.const_data_ptr<T>() : nullptr;
+  a.dirs_stride = blend::row_stride(dirs);
+  a.pose_dirs = do_pose ? pose_dirs.const_data_ptr<T>() : nullptr;
+  a.pose_stride = do_pose ? blend::row_stride(pose_dirs) : 0;
+  a.partial_coeffs = do_coeffs ? partial_coeffs.mutable_data_ptr<T>() : nullptr;
+  a.partial_pose_coeffs = do_pose ? partial_pose.mutable_data_ptr<T>() : nullptr;
+  a.B = s.B;
+  a.N = s.N;
+  a.K = s.K;
+  a.P = s.P;
+  return a;
+}
+
 // result = the sum of partial's (chunks, ...) slices in chunk order (vectorised over the
 // outputs, not the chunks): the backward's last step.
 template <typename T>
@@ -423,29 +461,15 @@ std::tuple<at::Tensor, at::Tensor> blend_backward_cpu(const at::Tensor& grad_out
   const at::Tensor grad_out = grad_out_in.contiguous();
   const at::Tensor dirs = blend::rows_readable(dirs_in);
   const at::Tensor pose_dirs = P > 0 ? blend::rows_readable(pose_dirs_in) : pose_dirs_in;
-  const int64_t groups = (B + kBackwardGroup - 1) / kBackwardGroup;
-  const int64_t row_bytes =
-      std::max<int64_t>(1, ((do_coeffs ? K : 0) + (do_pose ? P : 0)) * grad_out_in.element_size());
-  const int64_t rows = std::max(
-      kBackwardMinRows, std::min((N + kMaxChunks - 1) / kMaxChunks, kBackwardChunkBytes / row_bytes));
-  const int64_t chunks = (N + rows - 1) / rows;
+  const auto [rows, chunks, groups] =
+      backward_chunks(sizes, do_coeffs, do_pose, grad_out.element_size());
   const auto options = grad_out.options();
   at::Tensor partial_coeffs = do_coeffs ? at::empty({chunks, B, K}, options) : at::Tensor();
   at::Tensor partial_pose = do_pose ? at::empty({chunks, B, P}, options) : at::Tensor();
 
   AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), "flame_ext::blend_backward", [&] {
-    BackwardArgs<scalar_t> a;
-    a.grad_out = grad_out.const_data_ptr<scalar_t>();
-    a.dirs = half ? nullptr : dirs.const_data_ptr<scalar_t>();
-    a.dirs_stride = blend::row_stride(dirs);
-    a.pose_dirs = do_pose ? pose_dirs.const_data_ptr<scalar_t>() : nullptr;
-    a.pose_stride = do_pose ? blend::row_stride(pose_dirs) : 0;
-    a.partial_coeffs = do_coeffs ? partial_coeffs.mutable_data_ptr<scalar_t>() : nullptr;
-    a.partial_pose_coeffs = do_pose ? partial_pose.mutable_data_ptr<scalar_t>() : nullptr;
-    a.B = B;
-    a.N = N;
-    a.K = K;
-    a.P = P;
+    const BackwardArgs<scalar_t> a = backward_args<scalar_t>(
+        grad_out, dirs, pose_dirs, partial_coeffs, partial_pose, sizes, do_coeffs, do_pose, half);
     const BackwardFn<scalar_t> kernel = backward_kernel<scalar_t>();
     const int64_t per_task = std::max<int64_t>(
         1, rows * ((do_coeffs ? K : 0) + (do_pose ? P : 0)) * std::min(B, kBackwardGroup));
@@ -552,13 +576,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> blend_shared_backward_cpu(
     const at::Tensor& grad_out_in, const at::Tensor& shared_dirs_in, const at::Tensor& dirs_in,
     const at::Tensor& pose_dirs_in, bool need_shared_coeffs, bool need_coeffs,
     bool need_pose_coeffs) {
-  const blend::Sizes sizes =
-      blend::check_shared_backward(grad_out_in, shared_dirs_in, dirs_in, pose_dirs_in);
-  const int64_t B = sizes.B, N = sizes.N, K = sizes.K, P = sizes.P;
-  const int64_t Ks = shared_dirs_in.size(1);
-  blend::SharedGrads grads = blend::shared_backward_outputs(
-      grad_out_in, Ks, sizes, need_shared_coeffs, need_coeffs, need_pose_coeffs);
+  blend::SharedGrads grads =
+      blend::shared_backward_outputs(grad_out_in, shared_dirs_in, dirs_in, pose_dirs_in,
+                                     need_shared_coeffs, need_coeffs, need_pose_coeffs);
   if (!grads.any()) return grads.result();
+  const blend::Sizes sizes = grads.sizes;
+  const int64_t B = sizes.B, N = sizes.N, K = sizes.K, P = sizes.P, Ks = grads.Ks;
   const bool do_shared = grads.do_shared, do_coeffs = grads.do_coeffs, do_pose = grads.do_pose;
 
   if (use_blas(B)) {
@@ -572,13 +595,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> blend_shared_backward_cpu(
   const at::Tensor shared_dirs = blend::rows_readable(shared_dirs_in);
   const at::Tensor dirs = blend::rows_readable(dirs_in);
   const at::Tensor pose_dirs = P > 0 ? blend::rows_readable(pose_dirs_in) : pose_dirs_in;
-  const int64_t groups = (B + kBackwardGroup - 1) / kBackwardGroup;
   // blend_backward's chunks, so that grad_coeffs and grad_pose_coeffs keep its bits.
-  const int64_t row_bytes =
-      std::max<int64_t>(1, ((do_coeffs ? K : 0) + (do_pose ? P : 0)) * grad_out_in.element_size());
-  const int64_t rows = std::max(
-      kBackwardMinRows, std::min((N + kMaxChunks - 1) / kMaxChunks, kBackwardChunkBytes / row_bytes));
-  const int64_t chunks = (N + rows - 1) / rows;
+  const auto [rows, chunks, groups] =
+      backward_chunks(sizes, do_coeffs, do_pose, grad_out.element_size());
   const auto options = grad_out.options();
   at::Tensor partial_shared = do_shared ? at::empty({chunks, 1, Ks}, options) : at::Tensor();
   at::Tensor partial_coeffs = do_coeffs ? at::empty({chunks, B, K}, options) : at::Tensor();
@@ -586,18 +605,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> blend_shared_backward_cpu(
 
   AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), "flame_ext::blend_shared_backward", [&] {
     const scalar_t* grad = grad_out.const_data_ptr<scalar_t>();
-    BackwardArgs<scalar_t> a{};
-    a.grad_out = grad;
-    a.dirs = do_coeffs ? dirs.const_data_ptr<scalar_t>() : nullptr;
-    a.dirs_stride = blend::row_stride(dirs);
-    a.pose_dirs = do_pose ? pose_dirs.const_data_ptr<scalar_t>() : nullptr;
-    a.pose_stride = do_pose ? blend::row_stride(pose_dirs) : 0;
-    a.partial_coeffs = do_coeffs ? partial_coeffs.mutable_data_ptr<scalar_t>() : nullptr;
-    a.partial_pose_coeffs = do_pose ? partial_pose.mutable_data_ptr<scalar_t>() : nullptr;
-    a.B = B;
-    a.N = N;
-    a.K = K;
-    a.P = P;
+    const BackwardArgs<scalar_t> a = backward_args<scalar_t>(
+        grad_out, dirs, pose_dirs, partial_coeffs, partial_pose, sizes, do_coeffs, do_pose, false);
     BackwardArgs<scalar_t> shared{};
     shared.dirs = do_shared ? shared_dirs.const_data_ptr<scalar_t>() : nullptr;
     shared.dirs_stride = blend::row_stride(shared_dirs);

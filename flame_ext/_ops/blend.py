@@ -62,19 +62,24 @@ def blend(
     check_tensor("dirs", dirs, shape=(None, n_components))
     check_same("dirs", dirs, coeffs, "coeffs", dtype=dirs.dtype not in HALF_DTYPES)
     n = dirs.shape[0]
-    check_tensor("base", base)
-    if not (
-        (base.dim() == 1 and base.shape[0] == n)
-        or (base.dim() == 2 and base.shape[1] == n and base.shape[0] in (1, batch))
-    ):
-        raise ValueError(
-            f"base must have shape ({n},), (1, {n}) or ({batch}, {n}) to match dirs "
-            f"{tuple(dirs.shape)} and coeffs {tuple(coeffs.shape)}, got {tuple(base.shape)}"
-        )
-    check_same("base", base, coeffs, "coeffs")
+    _check_base(base, n, (1, batch), dirs, coeffs)
     pose_dirs, pose_coeffs = _checked_pose(pose_dirs, pose_coeffs, coeffs, n)
     _check_has_kernel(coeffs, "blend")
     return blend_unchecked(base, dirs, coeffs, pose_dirs, pose_coeffs)
+
+
+def _check_base(base, n, rows, dirs, coeffs):
+    """base is (n,) or (r, n) for an r in `rows`, in coeffs' dtype and device."""
+    check_tensor("base", base)
+    if not ((base.dim() == 1 and base.shape[0] == n)
+            or (base.dim() == 2 and base.shape[1] == n and base.shape[0] in rows)):
+        shapes = [f"({n},)"] + [f"({r}, {n})" for r in dict.fromkeys(rows)]
+        shapes = ", ".join(shapes[:-1]) + " or " + shapes[-1]
+        raise ValueError(
+            f"base must have shape {shapes} to match dirs {tuple(dirs.shape)} and coeffs "
+            f"{tuple(coeffs.shape)}, got {tuple(base.shape)}"
+        )
+    check_same("base", base, coeffs, "coeffs")
 
 
 def _checked_pose(pose_dirs, pose_coeffs, coeffs, n):
@@ -141,14 +146,7 @@ def blend_shared(
     check_same("shared_coeffs", shared_coeffs, coeffs, "coeffs")
     check_tensor("shared_dirs", shared_dirs, shape=(n, shared_coeffs.shape[1]))
     check_same("shared_dirs", shared_dirs, coeffs, "coeffs")
-    check_tensor("base", base)
-    if not ((base.dim() == 1 and base.shape[0] == n)
-            or (base.dim() == 2 and tuple(base.shape) == (1, n))):
-        raise ValueError(
-            f"base must have shape ({n},) or (1, {n}) to match dirs {tuple(dirs.shape)}, "
-            f"got {tuple(base.shape)}"
-        )
-    check_same("base", base, coeffs, "coeffs")
+    _check_base(base, n, (1,), dirs, coeffs)
     pose_dirs, pose_coeffs = _checked_pose(pose_dirs, pose_coeffs, coeffs, n)
     _check_has_kernel(coeffs, "blend_shared")
     return blend_shared_unchecked(
