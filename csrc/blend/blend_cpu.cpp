@@ -77,6 +77,8 @@ bool use_blas(int64_t B) { return blas_batch() > 0 && B >= blas_batch(); }
 // Rows of dirs per forward task: the (B, rows) output block and the (P, rows) pose block
 // stay in L1/L2 while the pose correctives are added.
 constexpr int64_t kForwardRows = 256;
+// blend_shared's forward: runs of chunks per thread (see blend_shared_cpu).
+constexpr int64_t kSharedRunsPerThread = 4;
 // Backward: partial sums per fixed chunk of rows, reduced in chunk order. Fixed chunks
 // (not one per thread) make the result independent of the thread count. A chunk has
 // ceil(N / kMaxChunks) rows, fewer if they would hold more than kBackwardChunkBytes of
@@ -120,6 +122,11 @@ struct ForwardArgs {
   const T* pose_coeffs;  // (B, P) contiguous
   T* out;                // (B, N) contiguous
   int64_t B, N, K, P;
+  // Rows the caller reads next, prefetched into L2 a few lines at a time while this call
+  // computes: `ahead_rows` rows of `ahead_row_bytes` from `ahead`, `ahead_stride` bytes
+  // apart; none when ahead_rows is 0. Prefetch only: the same bits either way.
+  const void* ahead;
+  int64_t ahead_stride, ahead_row_bytes, ahead_rows;
 };
 
 template <typename T>
@@ -544,7 +551,12 @@ at::Tensor blend_shared_cpu(const at::Tensor& base_in, const at::Tensor& shared_
     const ForwardFn<scalar_t> kernel = forward_kernel<scalar_t>();
     const int64_t chunks = (N + kForwardRows - 1) / kForwardRows;
     const int64_t per_chunk = std::max<int64_t>(1, kForwardRows * ((K + P + 1) * B + Ks));
-    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / per_chunk);
+    // Runs of chunks, about kSharedRunsPerThread per thread: within a run, the batch's
+    // blend of a chunk prefetches the next chunk's shared rows while it computes, and the
+    // shared row's blend the chunk's rows of dirs.
+    const int64_t grain = std::max({int64_t(1), (int64_t(1) << 16) / per_chunk,
+                                    chunks / (kSharedRunsPerThread * at::get_num_threads())});
+    const int64_t elem = int64_t(sizeof(scalar_t));
     dynamic_parallel_for(chunks, grain, [&](int64_t c0, int64_t c1) {
       scalar_t* shaped = thread_block<scalar_t>(kForwardRows);
       for (int64_t c = c0; c < c1; ++c) {
@@ -553,12 +565,25 @@ at::Tensor blend_shared_cpu(const at::Tensor& base_in, const at::Tensor& shared_
         row.base += n0;
         row.dirs += n0 * shared.dirs_stride;
         row.out = shaped;
+        if (K > 0) {
+          row.ahead = a.dirs + n0 * a.dirs_stride;
+          row.ahead_stride = a.dirs_stride * elem;
+          row.ahead_row_bytes = K * elem;
+          row.ahead_rows = rows;
+        }
         kernel(row, 0, rows);
         ForwardArgs<scalar_t> chunk = a;
         chunk.base = shaped;  // base_stride 0: one row for every sample
         chunk.dirs += n0 * a.dirs_stride;
         if (P > 0) chunk.pose_dirs += n0;
         chunk.out += n0;
+        if (c + 1 < c1 && Ks > 0) {
+          const int64_t next0 = n0 + kForwardRows;
+          chunk.ahead = shared.dirs + next0 * shared.dirs_stride;
+          chunk.ahead_stride = shared.dirs_stride * elem;
+          chunk.ahead_row_bytes = Ks * elem;
+          chunk.ahead_rows = std::min(kForwardRows, N - next0);
+        }
         kernel(chunk, 0, rows);
       }
     });

@@ -263,10 +263,11 @@ FLAME_CPU_INLINE void dot_tile(const T* x, int64_t ldx, const T* y, int64_t ldy,
 // out[b0..b0+S, n..n+R] = base + R rows of dirs dotted with S rows of coeffs.
 template <typename T, int R, int S>
 FLAME_CPU_INLINE void forward_tile(const ForwardArgs<T>& a, const KTail<T>& tail, int64_t n,
-                                   int64_t b0, LineCursor& next) {
+                                   int64_t b0, LineCursor& next, LineCursor& ahead) {
   T sums[S * R];
   dot_tile<T, R, S>(a.dirs + n * a.dirs_stride, a.dirs_stride, a.coeffs + b0 * a.K, a.K, a.K,
                     tail, sums, next);
+  ahead.step_many();
   FLAME_UNROLL
   for (int s = 0; s < S; ++s) {
     const int64_t b = b0 + s;
@@ -280,14 +281,19 @@ FLAME_CPU_INLINE void forward_tile(const ForwardArgs<T>& a, const KTail<T>& tail
 template <typename T, int R>
 FLAME_CPU_INLINE void forward_rows_all_samples(const ForwardArgs<T>& a, const KTail<T>& tail,
                                                int64_t n, int64_t b0, int64_t b1,
-                                               LineCursor& next) {
+                                               LineCursor& next, LineCursor& ahead) {
   constexpr int S = kTileSamples;
   int64_t b = b0;
-  for (; b + S <= b1; b += S) forward_tile<T, R, S>(a, tail, n, b, next);
+  for (; b + S <= b1; b += S) forward_tile<T, R, S>(a, tail, n, b, next, ahead);
   if constexpr (S > 2) {
-    for (; b + 2 <= b1; b += 2) forward_tile<T, R, 2>(a, tail, n, b, next);
+    for (; b + 2 <= b1; b += 2) forward_tile<T, R, 2>(a, tail, n, b, next, ahead);
   }
-  for (; b < b1; ++b) forward_tile<T, R, 1>(a, tail, n, b, next);
+  for (; b < b1; ++b) forward_tile<T, R, 1>(a, tail, n, b, next, ahead);
+}
+
+// The tile calls of a loop over B samples in tiles of S, then 2 (when S > 2), then 1.
+constexpr int64_t tile_calls(int64_t B, int S) {
+  return B / S + (S > 2 ? (B % S) / 2 + (B % S) % 2 : B % S);
 }
 
 // acc[s][u] += c[s * ldc] * row[u W .. (u + 1) W): U vectors of one row, each scaled by S
@@ -308,12 +314,13 @@ FLAME_CPU_INLINE void broadcast_step(const T* row, const T* c, int64_t ldc, Vec<
 // U vectors of n times S samples per step, so each pose_dirs load feeds S FMAs.
 template <typename T, int S, int U = 4>
 FLAME_CPU_INLINE void forward_pose_tile(const ForwardArgs<T>& a, int64_t n0, int64_t n1,
-                                        int64_t b0) {
+                                        int64_t b0, LineCursor& ahead) {
   constexpr int W = kLanes<T>;
   T* out = a.out + b0 * a.N;
   const T* pc = a.pose_coeffs + b0 * a.P;
   int64_t n = n0;
   for (; n + U * W <= n1; n += U * W) {
+    ahead.step_many();
     Vec<T> acc[S][U];
     FLAME_UNROLL
     for (int s = 0; s < S; ++s) {
@@ -337,11 +344,12 @@ FLAME_CPU_INLINE void forward_pose_tile(const ForwardArgs<T>& a, int64_t n0, int
 }
 
 template <typename T>
-FLAME_CPU_INLINE void forward_pose(const ForwardArgs<T>& a, int64_t n0, int64_t n1) {
+FLAME_CPU_INLINE void forward_pose(const ForwardArgs<T>& a, int64_t n0, int64_t n1,
+                                   LineCursor& ahead) {
   int64_t b = 0;
   for (; b + kTileSamples <= a.B; b += kTileSamples)
-    forward_pose_tile<T, kTileSamples>(a, n0, n1, b);
-  for (; b < a.B; ++b) forward_pose_tile<T, 1>(a, n0, n1, b);
+    forward_pose_tile<T, kTileSamples>(a, n0, n1, b, ahead);
+  for (; b < a.B; ++b) forward_pose_tile<T, 1>(a, n0, n1, b, ahead);
 }
 
 // Samples per group of the forward: one group's coefficients (16 x 400 floats = 25 KB for
@@ -479,19 +487,28 @@ FLAME_CPU_INLINE void pack_strip(const T* rows, int64_t stride, int64_t k0, int6
 template <typename T, int U>
 FLAME_CPU_INLINE void strip_samples(const ForwardArgs<T>& a, const T* strip, int64_t n,
                                     const T* coeffs, int64_t ldc, int64_t steps, bool first,
-                                    LineCursor& next) {
+                                    LineCursor& next, LineCursor& ahead) {
   constexpr int S = kStripSamples;
   int64_t b = 0;
-  for (; b + S <= a.B; b += S) strip_tile<T, S, U>(a, strip, n, coeffs, ldc, steps, b, first, next);
-  for (; b + 2 <= a.B; b += 2) strip_tile<T, 2, U>(a, strip, n, coeffs, ldc, steps, b, first, next);
-  for (; b < a.B; ++b) strip_tile<T, 1, U>(a, strip, n, coeffs, ldc, steps, b, first, next);
+  for (; b + S <= a.B; b += S) {
+    strip_tile<T, S, U>(a, strip, n, coeffs, ldc, steps, b, first, next);
+    ahead.step_many();
+  }
+  for (; b + 2 <= a.B; b += 2) {
+    strip_tile<T, 2, U>(a, strip, n, coeffs, ldc, steps, b, first, next);
+    ahead.step_many();
+  }
+  for (; b < a.B; ++b) {
+    strip_tile<T, 1, U>(a, strip, n, coeffs, ldc, steps, b, first, next);
+    ahead.step_many();
+  }
 }
 
 // Rows [n, n + U W) for every sample; the task's rows end at n_end (the next strip's
 // rows are prefetched up to there, not into another thread's task).
 template <typename T, int U>
 FLAME_CPU_INLINE void forward_strip(const ForwardArgs<T>& a, T* strip, int64_t n,
-                                    int64_t n_end) {
+                                    int64_t n_end, LineCursor& ahead) {
   constexpr int W = kLanes<T>;
   constexpr int64_t kb = strip_block_columns<T>();
   for (int64_t k0 = 0;; k0 += kb) {  // once when K = 0: the outputs start from base
@@ -500,7 +517,7 @@ FLAME_CPU_INLINE void forward_strip(const ForwardArgs<T>& a, T* strip, int64_t n
     const int64_t next_n = n + U * W;
     LineCursor next = block_lines(a.dirs, a.dirs_stride, next_n,
                                   std::min<int64_t>(U * W, n_end - next_n), k0, k1);
-    strip_samples<T, U>(a, strip, n, a.coeffs + k0, a.K, k1 - k0, k0 == 0, next);
+    strip_samples<T, U>(a, strip, n, a.coeffs + k0, a.K, k1 - k0, k0 == 0, next, ahead);
     if (k1 >= a.K) break;
   }
   // The pose correctives: rows of pose_dirs run along n already, so a block of them is
@@ -519,34 +536,58 @@ FLAME_CPU_INLINE void forward_strip(const ForwardArgs<T>& a, T* strip, int64_t n
       }
     }
     LineCursor none{};
-    strip_samples<T, U>(a, strip, n, a.pose_coeffs + p0, a.P, p1 - p0, false, none);
+    strip_samples<T, U>(a, strip, n, a.pose_coeffs + p0, a.P, p1 - p0, false, none, ahead);
   }
 }
 
 // Rows [n0, n1): strips of kStripVectors vectors, then narrower ones; returns where the
 // strips end (fewer than W rows remain).
 template <typename T>
-FLAME_CPU_INLINE int64_t forward_strips(const ForwardArgs<T>& a, int64_t n0, int64_t n1) {
+FLAME_CPU_INLINE int64_t forward_strips(const ForwardArgs<T>& a, int64_t n0, int64_t n1,
+                                        LineCursor& ahead) {
   constexpr int W = kLanes<T>;
   alignas(64) T strip[strip_block_columns<T>() * kStripVectors * W];
   int64_t n = n0;
   for (; n + kStripVectors * W <= n1; n += kStripVectors * W)
-    forward_strip<T, kStripVectors>(a, strip, n, n1);
+    forward_strip<T, kStripVectors>(a, strip, n, n1, ahead);
   if constexpr (kStripVectors > 3) {
     if (n + 3 * W <= n1) {
-      forward_strip<T, 3>(a, strip, n, n1);
+      forward_strip<T, 3>(a, strip, n, n1, ahead);
       n += 3 * W;
     }
   }
   if (n + 2 * W <= n1) {
-    forward_strip<T, 2>(a, strip, n, n1);
+    forward_strip<T, 2>(a, strip, n, n1, ahead);
     n += 2 * W;
   }
   if (n + W <= n1) {
-    forward_strip<T, 1>(a, strip, n, n1);
+    forward_strip<T, 1>(a, strip, n, n1, ahead);
     n += W;
   }
   return n;
+}
+
+// ForwardArgs::ahead as a cursor spread over the tile calls of forward_range(a, n0, n1)
+// (strips or dot tiles, then the dot rows' pose tiles): a few lines after each.
+template <typename T>
+LineCursor ahead_lines(const ForwardArgs<T>& a, int64_t n0, int64_t n1) {
+  if (a.ahead_rows <= 0) return LineCursor{};
+  constexpr int W = kLanes<T>;
+  constexpr int64_t kb = strip_block_columns<T>();
+  const int64_t rows = n1 - n0;
+  int64_t tiles = 0;
+  if (a.B >= strip_min_batch(a)) {
+    const int64_t blocks = std::max<int64_t>(1, (a.K + kb - 1) / kb) + (a.P + kb - 1) / kb;
+    tiles = (rows + W - 1) / W / kStripVectors * blocks * tile_calls(a.B, kStripSamples);
+  } else {
+    const int64_t groups = (a.B + kForwardGroup - 1) / kForwardGroup;
+    tiles = (rows + 3) / 4 * groups * tile_calls(std::min(a.B, kForwardGroup), kTileSamples);
+    if (a.P > 0) tiles += (rows + 4 * W - 1) / (4 * W) * tile_calls(a.B, kTileSamples);
+  }
+  LineCursor c{static_cast<const char*>(a.ahead), a.ahead_stride, a.ahead_row_bytes,
+               a.ahead_rows, 0, 1};
+  c.spread_over(tiles);
+  return c;
 }
 
 // The dot tiles read rows of dirs in order; the hardware prefetchers run too little ahead
@@ -565,8 +606,9 @@ template <typename T>
 FLAME_CPU_INLINE void forward_range(const ForwardArgs<T>& a, int64_t n0, int64_t n1) {
   constexpr int R = 4;
   const KTail<T> tail = make_tail<T>(a.K);
+  LineCursor later = ahead_lines(a, n0, n1);
   // Large batches: strips first (pose included); the dot tiles take the rows left over.
-  const int64_t dot0 = a.B >= strip_min_batch(a) ? forward_strips(a, n0, n1) : n0;
+  const int64_t dot0 = a.B >= strip_min_batch(a) ? forward_strips(a, n0, n1, later) : n0;
   const int64_t ahead = dot_prefetch_rows<T>(a.dirs_stride);
   for (int64_t b0 = 0; b0 < a.B; b0 += kForwardGroup) {
     const int64_t b1 = std::min(a.B, b0 + kForwardGroup);
@@ -576,15 +618,16 @@ FLAME_CPU_INLINE void forward_range(const ForwardArgs<T>& a, int64_t n0, int64_t
       const int64_t pn = n + ahead;
       LineCursor next = block_lines(a.dirs, a.dirs_stride, pn,
                                     b0 == 0 ? std::min<int64_t>(R, n1 - pn) : 0, 0, a.K);
-      forward_rows_all_samples<T, R>(a, tail, n, b0, b1, next);
+      forward_rows_all_samples<T, R>(a, tail, n, b0, b1, next, later);
       while (next.rows > 0) next.step();
     }
     for (; n < n1; ++n) {
       LineCursor none{};
-      forward_rows_all_samples<T, 1>(a, tail, n, b0, b1, none);
+      forward_rows_all_samples<T, 1>(a, tail, n, b0, b1, none, later);
     }
   }
-  if (a.P > 0 && dot0 < n1) forward_pose(a, dot0, n1);
+  if (a.P > 0 && dot0 < n1) forward_pose(a, dot0, n1, later);
+  while (later.rows > 0) later.step();
 }
 
 // ---------------------------------------------------------------------------------------
