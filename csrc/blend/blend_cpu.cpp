@@ -193,34 +193,40 @@ Isa blend_isa() {
 #endif
 }
 
-template <typename T>
-ForwardFn<T> forward_kernel() {
-#if defined(FLAME_EXT_ISA_TARGET_PRAGMA)
+// The build among avx512::, avx2:: and baseline:: that blend_isa() picks.
+template <typename Fn>
+Fn pick_isa(Fn avx512_fn, Fn avx2_fn, Fn baseline_fn) {
   switch (blend_isa()) {
     case Isa::kAvx512:
-      return &avx512::forward_rows<T>;
+      return avx512_fn;
     case Isa::kAvx2:
-      return &avx2::forward_rows<T>;
+      return avx2_fn;
     default:
-      break;
+      return baseline_fn;
   }
+}
+#if defined(FLAME_EXT_ISA_TARGET_PRAGMA)
+#define FLAME_BLEND_KERNEL(...) pick_isa(&avx512::__VA_ARGS__, &avx2::__VA_ARGS__, &baseline::__VA_ARGS__)
+#else
+#define FLAME_BLEND_KERNEL(...) (&baseline::__VA_ARGS__)
 #endif
-  return &baseline::forward_rows<T>;
+
+template <typename T>
+ForwardFn<T> forward_kernel() {
+  return FLAME_BLEND_KERNEL(forward_rows<T>);
 }
 
 template <typename T>
 BackwardFn<T> backward_kernel() {
-#if defined(FLAME_EXT_ISA_TARGET_PRAGMA)
-  switch (blend_isa()) {
-    case Isa::kAvx512:
-      return &avx512::backward_rows<T>;
-    case Isa::kAvx2:
-      return &avx2::backward_rows<T>;
-    default:
-      break;
-  }
-#endif
-  return &baseline::backward_rows<T>;
+  return FLAME_BLEND_KERNEL(backward_rows<T>);
+}
+
+template <typename T>
+using SumFn = void (*)(const T*, int64_t, int64_t, int64_t, T*);
+
+template <typename T>
+SumFn<T> sum_kernel() {
+  return FLAME_BLEND_KERNEL(sum_rows<T>);
 }
 
 template <typename T>
@@ -228,17 +234,7 @@ using WidenFn = void (*)(const uint16_t*, int64_t, int64_t, int64_t, T*, int64_t
 
 template <typename T, HalfFormat F>
 WidenFn<T> widen_kernel() {
-#if defined(FLAME_EXT_ISA_TARGET_PRAGMA)
-  switch (blend_isa()) {
-    case Isa::kAvx512:
-      return &avx512::widen_rows<T, F>;
-    case Isa::kAvx2:
-      return &avx2::widen_rows<T, F>;
-    default:
-      break;
-  }
-#endif
-  return &baseline::widen_rows<T, F>;
+  return FLAME_BLEND_KERNEL(widen_rows<T, F>);
 }
 
 template <typename T>
@@ -639,6 +635,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> blend_shared_backward_cpu(
     shared.B = 1;
     shared.K = Ks;
     const BackwardFn<scalar_t> kernel = backward_kernel<scalar_t>();
+    const SumFn<scalar_t> sum_batch = sum_kernel<scalar_t>();
     const int64_t per_task = std::max<int64_t>(
         1, rows * ((do_coeffs ? K : 0) + (do_pose ? P : 0)) * std::min(B, kBackwardGroup) +
                (do_shared ? rows * (Ks + B) / groups : 0));
@@ -650,11 +647,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> blend_shared_backward_cpu(
         const int64_t m0 = c * rows, m1 = std::min(N, m0 + rows);
         if (do_shared && g == 0) {
           scalar_t* sum = thread_block<scalar_t>(m1 - m0);
-          std::copy(grad + m0, grad + m1, sum);
-          for (int64_t b = 1; b < B; ++b) {
-            const scalar_t* row = grad + b * N + m0;
-            for (int64_t i = 0; i < m1 - m0; ++i) sum[i] += row[i];
-          }
+          sum_batch(grad + m0, N, B, m1 - m0, sum);
           BackwardArgs<scalar_t> chunk = shared;
           chunk.grad_out = sum;
           chunk.dirs += m0 * shared.dirs_stride;

@@ -413,6 +413,8 @@ FLAME_TARGET_AVX512 __attribute__((flatten)) void skin_backward_chunk_avx512(
   const int64_t v0 = chunk * kReduceChunk;
   vec weights[kReduceChunk / kLanes * kMaxJoints];
   transpose_weights(w, nj, v0, n, weights);
+  Row4<vec> vertex_grads[kReduceChunk / kLanes][3];  // grad_t's top rows per block
+  const int blocks = (n + kLanes - 1) / kLanes;
   for (int64_t b = b0; b < b1; ++b) {
     Row4<vec> rows[4 * kMaxJoints], acc[4 * kMaxJoints];
     vec acc_t[kParts * kMaxJoints];  // with kHasGradT: sum_v w_vj grad_vertex_transform_v
@@ -433,10 +435,8 @@ FLAME_TARGET_AVX512 __attribute__((flatten)) void skin_backward_chunk_avx512(
       vec g[3], p[3], grad_p[3];
       Lanes<scalar_t>::load_triples(gv + at, lanes, g);
       Lanes<scalar_t>::load_triples(vp + at, lanes, p);
-      Row4<vec> grad_t[4];
       skin_vertex_backward<false>(g, static_cast<const Row4<vec>*>(nullptr), p,
-                                  weights + blk * nj, rows, nj, grad_p, grad_t);
-      accumulate_joint_grads<3>(weights + blk * nj, grad_t, nj, acc);
+                                  weights + blk * nj, rows, nj, grad_p, vertex_grads[blk]);
       Lanes<scalar_t>::store_triples(grad_p, lanes, grad_vp + at);
       if (kHasGradT)
         for (int l = 0; l < lanes; ++l) {
@@ -447,6 +447,15 @@ FLAME_TARGET_AVX512 __attribute__((flatten)) void skin_backward_chunk_avx512(
             for (int j = 0; j < nj; ++j) acc_t[j * kParts + part] += x * L::splat(w[v * nj + j]);
           }
         }
+    }
+    // The blocks' contributions, joint by joint: one joint's 12 accumulators stay in
+    // registers over the chunk (all joints' at once, 12 J, would not), each summed in
+    // block order as before.
+    for (int j = 0; j < nj; ++j) {
+      Row4<vec> joint[3] = {};
+      for (int blk = 0; blk < blocks; ++blk)
+        accumulate_joint_grads<3>(weights + blk * nj + j, vertex_grads[blk], 1, joint);
+      for (int r = 0; r < 3; ++r) acc[4 * j + r] = joint[r];
     }
     scalar_t* out = partials + (b * chunks + chunk) * 16 * nj;
     for (int e0 = 0; e0 < 16 * nj; e0 += kLanes) {  // 16 nj is a multiple of kLanes

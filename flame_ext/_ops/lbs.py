@@ -35,14 +35,20 @@ class FusedLbs(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, v_base, v_dirs, j_base, j_dirs, coeffs, pose, pose_dirs, parents, lbs_weights,
-        want_vertex_transforms, shared_dirs, shared_coeffs,
+        want_vertex_transforms, shared_dirs, shared_coeffs, shared_joint_dirs,
     ):
         batch, n_joints = pose.shape[:2]
         n_verts = lbs_weights.shape[0]
         with _below_autograd():
             no_pose_dirs = coeffs.new_empty((0, j_dirs.shape[0]))
+            joint_base = j_base
+            if shared_joint_dirs is not None:
+                joint_base = _ops.blend.default(
+                    j_base, shared_joint_dirs, shared_coeffs, no_pose_dirs,
+                    coeffs.new_empty((1, 0)),
+                )
             joints = _ops.blend.default(
-                j_base, j_dirs, coeffs, no_pose_dirs, coeffs.new_empty((batch, 0))
+                joint_base, j_dirs, coeffs, no_pose_dirs, coeffs.new_empty((batch, 0))
             ).view(batch, n_joints, 3)
             transforms, pose_feature = _ops.rigid_transforms.default(pose, joints, parents)
             if shared_dirs is None:
@@ -57,7 +63,7 @@ class FusedLbs(torch.autograd.Function):
             )
         ctx.save_for_backward(
             v_base, j_base, v_dirs, j_dirs, pose, joints, transforms, v_posed, pose_dirs,
-            no_pose_dirs, parents, lbs_weights, shared_dirs,
+            no_pose_dirs, parents, lbs_weights, shared_dirs, shared_joint_dirs,
         )
         ctx.want_vertex_transforms = want_vertex_transforms
         ctx.set_materialize_grads(False)
@@ -70,11 +76,13 @@ class FusedLbs(torch.autograd.Function):
     def backward(ctx, grad_v, grad_vertex_transforms, grad_transforms):
         (
             v_base, j_base, v_dirs, j_dirs, pose, joints, transforms, v_posed, pose_dirs,
-            no_pose_dirs, parents, lbs_weights, shared_dirs,
+            no_pose_dirs, parents, lbs_weights, shared_dirs, shared_joint_dirs,
         ) = ctx.saved_tensors
         need_v_base, _, need_j_base, _, need_coeffs, need_pose = ctx.needs_input_grad[:6]
         need_shared = ctx.needs_input_grad[11]
-        need_chain = need_pose or need_coeffs or need_j_base
+        # the shared row's joints take their gradient through the chain too
+        need_shared_joints = need_shared and shared_joint_dirs is not None
+        need_chain = need_pose or need_coeffs or need_j_base or need_shared_joints
         batch = pose.shape[0]
         grad_v_base = grad_j_base = grad_coeffs = grad_pose = grad_shared = None
         with _below_autograd():
@@ -107,9 +115,14 @@ class FusedLbs(torch.autograd.Function):
                     grad_coeffs = grad_coeffs + blend_grads(
                         grad_joints, j_dirs, no_pose_dirs, True, False
                     )[0]
+                if need_shared_joints:
+                    grad_shared = grad_shared + blend_grads(
+                        grad_joints.sum(0, keepdim=True), shared_joint_dirs, no_pose_dirs,
+                        True, False,
+                    )[0]
         return (
             grad_v_base, None, grad_j_base, None, grad_coeffs,
-            grad_pose if need_pose else None, None, None, None, None, None, grad_shared,
+            grad_pose if need_pose else None, None, None, None, None, None, grad_shared, None,
         )
 
 
@@ -126,6 +139,7 @@ def lbs(
     want_vertex_transforms: bool,
     shared_dirs: Optional[torch.Tensor] = None,
     shared_coeffs: Optional[torch.Tensor] = None,
+    shared_joint_dirs: Optional[torch.Tensor] = None,
 ) -> Optional[Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]]:
     """The FLAME chain in one autograd node, or None where the caller must run the steps.
 
@@ -134,7 +148,10 @@ def lbs(
     (V, J): the decoders' tables and checked inputs (no Python checks here; the ops check
     shapes). With shared_dirs (N, Ks) and shared_coeffs (1, Ks) (one identity for the whole
     batch) the mesh blend is `blend_shared`: v_base is then the template, and the shared
-    row is blended in the same pass as the rest; gradients reach shared_coeffs too. Returns (v (B, V, 3), vertex_transforms (B, V, 4, 4) or None, transforms
+    row is blended in the same pass as the rest; gradients reach shared_coeffs too. With
+    shared_joint_dirs (3J, Ks) as well, j_base is the joints' template and the shared
+    row's joints j_base + shared_joint_dirs @ shared_coeffs^T are blended here too (one
+    autograd node for the whole decode). Returns (v (B, V, 3), vertex_transforms (B, V, 4, 4) or None, transforms
     (B, J, 4, 4)). Gradients reach v_base, j_base, coeffs and pose; double backward is
     not supported (nor is it through the skin op). None under torch.compile (which traces
     the ops' own registrations), under torch.func transforms, and when a model table needs
@@ -147,10 +164,11 @@ def lbs(
     if torch.is_grad_enabled() and (
         v_dirs.requires_grad or j_dirs.requires_grad or pose_dirs.requires_grad
         or lbs_weights.requires_grad or (shared_dirs is not None and shared_dirs.requires_grad)
+        or (shared_joint_dirs is not None and shared_joint_dirs.requires_grad)
     ):
         return None
     v, vertex_transforms, transforms = FusedLbs.apply(
         v_base, v_dirs, j_base, j_dirs, coeffs, pose, pose_dirs, parents, lbs_weights,
-        want_vertex_transforms, shared_dirs, shared_coeffs,
+        want_vertex_transforms, shared_dirs, shared_coeffs, shared_joint_dirs,
     )
     return v, (vertex_transforms if want_vertex_transforms else None), transforms

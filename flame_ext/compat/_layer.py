@@ -121,15 +121,14 @@ def decode(
     v_base, j_base = tables.v_template.reshape(-1), tables.j_template
     v_dirs, j_dirs = tables.dirs, tables.j_dirs
     n = identity.shape[1]
-    shared = (None, None)  # (shared_dirs, shared_coeffs) of blend_shared
+    shared = (None, None, None)  # (shared_dirs, shared_coeffs, shared_joint_dirs) of lbs
     if identity.shape[0] == 1 and batch > 1:
         # one identity for the whole batch (a fitting loop): blended once, in the same
         # pass as the rest where the fused node runs
         identity_dirs, rest_dirs = tables.identity_dirs, tables.rest_dirs
         if identity_dirs is None:
             identity_dirs, rest_dirs = v_dirs[:, :n], v_dirs[:, n:]
-        shared = (identity_dirs, identity)
-        j_base = k.blend(j_base, j_dirs[:, :n], identity)
+        shared = (identity_dirs, identity, j_dirs[:, :n])
         v_dirs, j_dirs, coeffs = rest_dirs, j_dirs[:, n:], rest.expand(batch, -1)
     else:
         coeffs = torch.cat([identity.expand(batch, -1), rest.expand(batch, -1)], dim=1)
@@ -141,10 +140,13 @@ def decode(
             v, _, transforms = fused
             joints = None
             if need_joints:
+                if shared[0] is not None:
+                    j_base = k.blend(j_base, shared[2], shared[1])
                 joints = k.blend(j_base, j_dirs, coeffs).view(batch, num_joints, 3)
             return v, transforms, joints
     if shared[0] is not None:
-        v_base = k.blend(v_base, *shared)
+        v_base = k.blend(v_base, shared[0], shared[1])
+        j_base = k.blend(j_base, shared[2], shared[1])
     joints = k.blend(j_base, j_dirs, coeffs).view(batch, num_joints, 3)
     if rotations is None:
         transforms, pose_feature = k.rigid_transforms(pose, joints, tables.parents)
