@@ -206,7 +206,8 @@ Fn pick_isa(Fn avx512_fn, Fn avx2_fn, Fn baseline_fn) {
   }
 }
 #if defined(FLAME_EXT_ISA_TARGET_PRAGMA)
-#define FLAME_BLEND_KERNEL(...) pick_isa(&avx512::__VA_ARGS__, &avx2::__VA_ARGS__, &baseline::__VA_ARGS__)
+#define FLAME_BLEND_KERNEL(...) \
+  pick_isa(&avx512::__VA_ARGS__, &avx2::__VA_ARGS__, &baseline::__VA_ARGS__)
 #else
 #define FLAME_BLEND_KERNEL(...) (&baseline::__VA_ARGS__)
 #endif
