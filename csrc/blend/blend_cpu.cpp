@@ -374,12 +374,9 @@ void sum_chunks(const at::Tensor& partial, at::Tensor& result) {
   const T* src = partial.const_data_ptr<T>();
   T* dst = result.mutable_data_ptr<T>();
   const int64_t count = result.numel(), chunks = partial.size(0);
+  const SumFn<T> sum = sum_kernel<T>();
   at::parallel_for(0, count, 4096, [&](int64_t i0, int64_t i1) {
-    std::copy(src + i0, src + i1, dst + i0);
-    for (int64_t c = 1; c < chunks; ++c) {
-      const T* part = src + c * count;
-      for (int64_t i = i0; i < i1; ++i) dst[i] += part[i];
-    }
+    sum(src + i0, count, chunks, i1 - i0, dst + i0);
   });
 }
 

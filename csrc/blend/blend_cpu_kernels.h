@@ -933,8 +933,9 @@ void widen_rows(const uint16_t* src, int64_t stride, int64_t rows, int64_t K, T*
 // Entry points (their addresses are what blend_cpu.cpp dispatches to).
 
 // out[i] = the sum over b in [0, B) of rows[b * stride + i] for i in [0, n), added in order
-// of b for each i: the batch's gradient rows summed for a shared identity's adjoint.
-// Vectors along i, 4 of them (4 cache lines of each row) per step of b.
+// of b for each i: the batch's gradient rows for a shared identity's adjoint, and the
+// backward's partial sums over its chunks. Vectors along i, 4 of them (4 cache lines of
+// each row) per step of b.
 template <typename T>
 void sum_rows(const T* rows, int64_t stride, int64_t B, int64_t n, T* out) {
   constexpr int W = kLanes<T>, U = 4;

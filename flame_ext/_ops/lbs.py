@@ -152,10 +152,10 @@ def lbs(
     shared_joint_dirs (3J, Ks) as well, j_base is the joints' template and the shared
     row's joints j_base + shared_joint_dirs @ shared_coeffs^T are blended here too (one
     autograd node for the whole decode). Returns (v (B, V, 3), vertex_transforms
-    (B, V, 4, 4) or None, transforms (B, J, 4, 4)). Gradients reach v_base, j_base, coeffs and pose; double backward is
-    not supported (nor is it through the skin op). None under torch.compile (which traces
-    the ops' own registrations), under torch.func transforms, and when a model table needs
-    a gradient.
+    (B, V, 4, 4) or None, transforms (B, J, 4, 4)). Gradients reach v_base, j_base, coeffs
+    and pose; double backward is not supported (nor is it through the skin op). None
+    under torch.compile (which traces the ops' own registrations), under torch.func
+    transforms, and when a model table needs a gradient.
     """
     # torch.func transforms (vmap) accept only autograd.Functions with setup_context and a
     # vmap rule; the ops one by one work there through functorch's fallbacks.

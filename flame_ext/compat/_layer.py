@@ -128,7 +128,12 @@ def decode(
         identity_dirs, rest_dirs = tables.identity_dirs, tables.rest_dirs
         if identity_dirs is None:
             identity_dirs, rest_dirs = v_dirs[:, :n], v_dirs[:, n:]
-        shared = (identity_dirs, identity, j_dirs[:, :n])
+        joint_dirs = j_dirs[:, :n]
+        if need_joints:
+            # the caller takes the joints too: the identity's are blended once, here, for
+            # the fused node and for them
+            j_base, joint_dirs = k.blend(j_base, joint_dirs, identity), None
+        shared = (identity_dirs, identity, joint_dirs)
         v_dirs, j_dirs, coeffs = rest_dirs, j_dirs[:, n:], rest.expand(batch, -1)
     else:
         coeffs = torch.cat([identity.expand(batch, -1), rest.expand(batch, -1)], dim=1)
@@ -140,12 +145,11 @@ def decode(
             v, _, transforms = fused
             joints = None
             if need_joints:
-                if shared[0] is not None:
-                    j_base = k.blend(j_base, shared[2], shared[1])
                 joints = k.blend(j_base, j_dirs, coeffs).view(batch, num_joints, 3)
             return v, transforms, joints
     if shared[0] is not None:
         v_base = k.blend(v_base, shared[0], shared[1])
+    if shared[2] is not None:
         j_base = k.blend(j_base, shared[2], shared[1])
     joints = k.blend(j_base, j_dirs, coeffs).view(batch, num_joints, 3)
     if rotations is None:
