@@ -390,26 +390,61 @@ FLAME_TARGET_AVX512 __attribute__((flatten)) void skin_tile_avx512(
   if (stream) _mm_sfence();  // the streamed lines reach memory before the op returns
 }
 
+// Joints per pass of sum_transform_grads: their accumulators (two chains of G kParts
+// vectors) and a vertex's transform gradient stay in registers.
+constexpr int kJointGroup = 6;
+
+// sum[g * kParts + part] += w_v(j0 + g) grad_vertex_transform_v for one vertex v (gt, w:
+// its 4x4 and its row of nj weights), whole 4x4s.
+template <int G, typename scalar_t, typename vec = typename Lanes<scalar_t>::vec>
+FLAME_TARGET_AVX512 FLAME_ALWAYS_INLINE void add_transform_grad(const scalar_t* gt,
+                                                                const scalar_t* w, int j0,
+                                                                vec* sum) {
+  using L = Lanes<scalar_t>;
+  constexpr int kLanes = L::kLanes, kParts = 16 / kLanes;
+  for (int part = 0; part < kParts; ++part) {
+    const vec x = L::load(gt + part * kLanes);
+    for (int g = 0; g < G; ++g) sum[g * kParts + part] += x * L::splat(w[j0 + g]);
+  }
+}
+
+// acc_t[j * kParts + part] for the G joints from j0: the sum over n vertices of
+// w_vj grad_vertex_transform_v (gt: the n 4x4s, w: their rows of nj weights), even and
+// odd vertices in two chains (each in vertex order), added at the end.
+template <int G, typename scalar_t, typename vec = typename Lanes<scalar_t>::vec>
+FLAME_TARGET_AVX512 FLAME_ALWAYS_INLINE void sum_transform_grads(const scalar_t* gt,
+                                                                 const scalar_t* w, int nj,
+                                                                 int j0, int n, vec* acc_t) {
+  constexpr int kParts = 16 / Lanes<scalar_t>::kLanes;
+  vec even[G * kParts] = {}, odd[G * kParts] = {};
+  int v = 0;
+  for (; v + 1 < n; v += 2) {
+    add_transform_grad<G>(gt + 16 * v, w + v * nj, j0, even);
+    add_transform_grad<G>(gt + 16 * (v + 1), w + (v + 1) * nj, j0, odd);
+  }
+  if (v < n) add_transform_grad<G>(gt + 16 * v, w + v * nj, j0, even);
+  for (int k = 0; k < G * kParts; ++k) acc_t[j0 * kParts + k] = even[k] + odd[k];
+}
+
 // Backward of chunk `chunk` (kReduceChunk vertices from v0, n of them) of samples
-// [b0, b1): grad_v_posed, and per sample the chunk's sum of its vertices' contributions
-// to grad_transforms into partials[b * chunks + chunk] (16 J). The grad_v (x) [v_posed; 1]
-// part is summed lane-parallel, each lane over its own vertices in vertex order, then
-// over the lanes; with kHasGradT the w_j grad_vertex_transform part is summed per vertex,
-// whole 4x4s, as in blend_transforms (without it the bottom rows get no gradient: 0). A
-// fixed order, whatever the thread count.
+// [b0, b1) through v: grad_v_posed, and per sample the chunk's sum of its vertices'
+// grad_v (x) [v_posed; 1] contributions to grad_transforms into partials[b * chunks +
+// chunk] (16 J; the bottom rows 0), summed lane-parallel, each lane over its own vertices
+// in vertex order, then over the lanes: a fixed order, whatever the thread count. R's
+// part, when there is one, is added by add_transform_grads.
 // Each (sample, chunk) reads a new stretch of the sample's rows of grad_v
 // and v_posed; the loop prefetches the next sample's stretch into L2 a vector of vertices
 // at a time, as it goes. Two threads, FLAME's sizes, Intel Xeon, five alternating rounds:
 // B = 256 6.1-6.9 -> 4.9-6.0 ms, B = 16 and 64 level. The same in the forward was level
 // at B = 64-256 and up to 10% slower at B = 16, so the forward has none.
-template <bool kHasGradT, typename scalar_t>
+template <typename scalar_t>
 FLAME_TARGET_AVX512 __attribute__((flatten)) void skin_backward_chunk_avx512(
-    const scalar_t* gv, const scalar_t* gvt, const scalar_t* vp, const scalar_t* a,
-    const scalar_t* w, int nj, int64_t num_verts, int64_t chunk, int64_t chunks, int n,
-    int64_t b0, int64_t b1, scalar_t* grad_vp, scalar_t* partials) {
+    const scalar_t* gv, const scalar_t* vp, const scalar_t* a, const scalar_t* w, int nj,
+    int64_t num_verts, int64_t chunk, int64_t chunks, int n, int64_t b0, int64_t b1,
+    scalar_t* grad_vp, scalar_t* partials) {
   using L = Lanes<scalar_t>;
   using vec = typename L::vec;
-  constexpr int kLanes = L::kLanes, kParts = 16 / kLanes;
+  constexpr int kLanes = L::kLanes;
   const int64_t v0 = chunk * kReduceChunk;
   vec weights[kReduceChunk / kLanes * kMaxJoints];
   transpose_weights(w, nj, v0, n, weights);
@@ -417,10 +452,8 @@ FLAME_TARGET_AVX512 __attribute__((flatten)) void skin_backward_chunk_avx512(
   const int blocks = (n + kLanes - 1) / kLanes;
   for (int64_t b = b0; b < b1; ++b) {
     Row4<vec> rows[4 * kMaxJoints], acc[4 * kMaxJoints];
-    vec acc_t[kParts * kMaxJoints];  // with kHasGradT: sum_v w_vj grad_vertex_transform_v
     broadcast_transforms(a + b * 16 * nj, nj, rows);
     for (int e = 0; e < 16 * nj; ++e) acc[e / 4][e % 4] = vec{};
-    for (int k = 0; k < kParts * nj; ++k) acc_t[k] = vec{};
     const int64_t i0 = 3 * (b * num_verts + v0);
     const bool prefetch_next = b + 1 < b1;
     for (int blk = 0; blk * kLanes < n; ++blk) {
@@ -438,15 +471,6 @@ FLAME_TARGET_AVX512 __attribute__((flatten)) void skin_backward_chunk_avx512(
       skin_vertex_backward<false>(g, static_cast<const Row4<vec>*>(nullptr), p,
                                   weights + blk * nj, rows, nj, grad_p, vertex_grads[blk]);
       Lanes<scalar_t>::store_triples(grad_p, lanes, grad_vp + at);
-      if (kHasGradT)
-        for (int l = 0; l < lanes; ++l) {
-          const int64_t v = v0 + blk * kLanes + l;
-          const scalar_t* gt = gvt + 16 * (b * num_verts + v);
-          for (int part = 0; part < kParts; ++part) {
-            const vec x = L::load(gt + part * kLanes);
-            for (int j = 0; j < nj; ++j) acc_t[j * kParts + part] += x * L::splat(w[v * nj + j]);
-          }
-        }
     }
     // The blocks' contributions, joint by joint: one joint's 12 accumulators stay in
     // registers over the chunk (all joints' at once, 12 J, would not), each summed in
@@ -463,13 +487,36 @@ FLAME_TARGET_AVX512 __attribute__((flatten)) void skin_backward_chunk_avx512(
       for (int e = 0; e < kLanes; ++e) group[e] = acc[(e0 + e) / 4][(e0 + e) % 4];
       L::store(out + e0, lane_sums<scalar_t>(group));
     }
-    if (kHasGradT)
-      for (int k = 0; k < kParts * nj; ++k) {
-        alignas(64) scalar_t part[kLanes];
-        L::store(part, acc_t[k]);
-        for (int l = 0; l < kLanes; ++l) out[k * kLanes + l] += part[l];
-      }
   }
+}
+
+// R's part of the backward for chunk `chunk` (n vertices from v0) of sample b: adds
+// sum_v w_vj grad_vertex_transform_v, whole 4x4s, to the chunk's partial sum (16 J) that
+// skin_backward_chunk_avx512 wrote. It reads grad R, 16 scalars a vertex and most of
+// the backward's bytes, front to back: the tasks run one sample's chunks in a row (the
+// chunk loop's tiles of samples jump a whole sample of R at each step).
+template <typename scalar_t>
+FLAME_TARGET_AVX512 __attribute__((flatten)) void add_transform_grads(
+    const scalar_t* gvt, const scalar_t* w, int nj, int64_t num_verts, int64_t chunk,
+    int64_t chunks, int n, int64_t b, scalar_t* partials) {
+  using L = Lanes<scalar_t>;
+  constexpr int kParts = 16 / L::kLanes;
+  const int64_t v0 = chunk * kReduceChunk;
+  const scalar_t* gt = gvt + 16 * (b * num_verts + v0);
+  typename L::vec sums[kParts * kMaxJoints];
+  for (int j0 = 0; j0 < nj; j0 += kJointGroup) {
+    switch (std::min(kJointGroup, nj - j0)) {
+      case 6: sum_transform_grads<6>(gt, w + v0 * nj, nj, j0, n, sums); break;
+      case 5: sum_transform_grads<5>(gt, w + v0 * nj, nj, j0, n, sums); break;
+      case 4: sum_transform_grads<4>(gt, w + v0 * nj, nj, j0, n, sums); break;
+      case 3: sum_transform_grads<3>(gt, w + v0 * nj, nj, j0, n, sums); break;
+      case 2: sum_transform_grads<2>(gt, w + v0 * nj, nj, j0, n, sums); break;
+      default: sum_transform_grads<1>(gt, w + v0 * nj, nj, j0, n, sums); break;
+    }
+  }
+  scalar_t* out = partials + (b * chunks + chunk) * 16 * nj;
+  for (int k = 0; k < kParts * nj; ++k)
+    L::store(out + k * L::kLanes, L::load(out + k * L::kLanes) + sums[k]);
 }
 
 // Tasks of (run of up to kSampleRun samples, tile) for a loop over `tiles` tiles:
@@ -587,11 +634,19 @@ void skin_backward_loop(const scalar_t* gv, const scalar_t* gvt, const scalar_t*
 #if FLAME_SKIN_AVX512
   if (use_avx512()) {
     // One chunk per task at least, as the 4-wide loop's.
+    const auto rows = [&](int64_t chunk) {
+      return static_cast<int>(std::min(kReduceChunk, num_verts - chunk * kReduceChunk));
+    };
     for_each_sample_run(batch, chunks, 1, [&](int64_t chunk, int64_t b0, int64_t b1) {
-      const int n = static_cast<int>(std::min(kReduceChunk, num_verts - chunk * kReduceChunk));
-      skin_backward_chunk_avx512<kHasGradT>(gv, gvt, vp, a, w, nj, num_verts, chunk, chunks,
-                                            n, b0, b1, grad_vp, partials);
+      skin_backward_chunk_avx512(gv, vp, a, w, nj, num_verts, chunk, chunks, rows(chunk), b0,
+                                 b1, grad_vp, partials);
     });
+    if (kHasGradT)
+      dynamic_parallel_for(batch * chunks, chunks, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t)
+          add_transform_grads(gvt, w, nj, num_verts, t % chunks, chunks, rows(t % chunks),
+                              t / chunks, partials);
+      });
   } else
 #endif
     four_wide();
