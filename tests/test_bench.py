@@ -80,6 +80,13 @@ def test_quick_run_measures_every_case(quick_run):
         fl = row["floor"]
         assert fl["bytes"] > 0 and fl["flops"] > 0, case
         assert fl["time_s"] == max(fl["memory_s"], fl["compute_s"])
+        # The floor divides by the rates probed in this row's own rounds (the CPU default).
+        rates = row["floor_rates"]
+        assert rates["measured"] == "alongside", (case, batch)
+        assert fl["compute_s"] == pytest.approx(fl["flops"] / rates["matmul_flops_per_s"])
+        assert fl["memory_s"] == pytest.approx(
+            (fl["bytes"] - fl["fresh_bytes"]) / rates["copy_bytes_per_s"]
+            + fl["fresh_bytes"] / rates["first_touch_bytes_per_s"])
         assert fl["bound"] in ("memory", "compute")
         assert set(row["impls"]) == set(IMPLS)
         # The baselines always run; every timed cell carries its statistics.
@@ -167,6 +174,25 @@ def test_normals_floor():
     assert fwd.flops == 2 * (42 * 16 + 12 * 10)
     both = floor.normals_cost(V=10, F=16, batch=2, backward=True)
     assert both.bytes > fwd.bytes and both.flops > fwd.flops
+
+
+def test_rate_probes_time_the_start_measurements_again():
+    start = floor.measure_rates(torch.device("cpu"), quick=True)
+    probes = floor.RateProbes(torch.device("cpu"), start, quick=True)
+    # The copy, the matmul and the first touch the way the start found faster.
+    assert set(probes.steps) == set(probes.budgets) == {
+        "rate:copy", "rate:matmul", "rate:first_touch"}
+    measured = timing.measure(probes.steps, torch.device("cpu"), repeats=3, budget_s=0.01,
+                              budgets=probes.budgets)
+    rates = probes.rates(measured)
+    copy_bytes = 2 * start["copy_tensor_bytes"]
+    assert rates["copy_bytes_per_s"] == copy_bytes / measured["rate:copy"]["min_s"]
+    n = start["matmul_n"]
+    assert rates["matmul_flops_per_s"] == 2 * n**3 / measured["rate:matmul"]["min_s"]
+    assert rates["first_touch_bytes_per_s"] > 0
+    # Each probe sampled on its own budget, not the steps' budget_s.
+    for name, cell in measured.items():
+        assert cell["repeats"] >= 3 and cell["calls_per_sample"] >= 1, name
 
 
 def test_floor_time_takes_the_binding_resource():

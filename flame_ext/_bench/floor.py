@@ -1,7 +1,8 @@
 """The physical floor of each benchmark case: minimum bytes and FLOPs, and the device rates.
 
 floor time = max(bytes / copy bandwidth, flops / matmul rate), both rates measured on the
-same device in the same run (`measure_rates`). The byte and FLOP models below are the
+same device in the same run (`measure_rates`; on the CPU again in each row's own rounds,
+`RateProbes`). The byte and FLOP models below are the
 only place where they are defined; every number the benchmark reports against "the
 floor" comes from here.
 
@@ -243,65 +244,139 @@ def _best_of(fn, device: torch.device, repeats: int) -> list:
     return times
 
 
-def measure_rates(device: torch.device, quick: bool = False) -> Dict[str, float]:
-    """Copy bandwidth and fp32 matmul rate of `device`, measured now.
-
-    Copy: `dst.copy_(src)` of a tensor larger than the last-level cache (at least twice
-    its size, GPU >= 1 GB, CPU 256 MB to 2 GB; --quick: 256 MB / 64 MB, which a big
-    cache may flatter), counted as bytes read + written. Matmul: an n x n fp32 product
-    (CPU n=2048, GPU n=8192; --quick 512) at full fp32 precision (TF32 off: the decoders
-    compute in fp32), 2 n^3 FLOPs. The rate is the best of the repeats: a floor must
-    use the fastest the device was seen to go (on a shared machine the median is lower);
-    the median is kept too. First touch (CPU only): a fresh block of 128 MiB (above
-    FRESH_OUTPUT_BYTES, so its pages are mapped anew each time) allocated and written
-    once, bytes written per second; the faster of a torch tensor and a huge-page mapping
-    (`_touch_huge_pages`), both kept.
-    """
+def _copy_bytes(device: torch.device, quick: bool) -> int:
+    """Bytes of the copied tensor: at least twice the last-level cache (GPU >= 1 GB, CPU
+    256 MB to 2 GB; --quick: 256 MB / 64 MB, which a big cache may flatter)."""
     cache = timing.last_level_cache_bytes(device)
     if device.type == "cuda":
-        copy_bytes = 2**28 if quick else max(2**30, 2 * cache)
-        n, repeats = (1024, 5) if quick else (8192, 10)
-    else:
-        copy_bytes = 2**26 if quick else min(2**31, max(2**28, 2 * cache))
-        n, repeats = (512, 3) if quick else (2048, 5)
-    elements = copy_bytes // 4
-    src = torch.rand(elements, device=device)
-    dst = torch.empty_like(src)
-    copy_times = _best_of(lambda: dst.copy_(src), device, repeats)
-    del src, dst
+        return 2**28 if quick else max(2**30, 2 * cache)
+    return 2**26 if quick else min(2**31, max(2**28, 2 * cache))
 
-    a = torch.rand(n, n, device=device)
-    b = torch.rand(n, n, device=device)
+
+def _matmul_n(device: torch.device, quick: bool) -> int:
+    if device.type == "cuda":
+        return 1024 if quick else 8192
+    return 512 if quick else 2048
+
+
+class _Probes:
+    """The device's rate measurements as zero-argument steps, each with the amount of
+    work one call does (bytes copied, FLOPs, bytes first-touched): `measure_rates` and
+    `RateProbes` time the same steps."""
+
+    FRESH = 128 << 20  # the first-touch block: above FRESH_OUTPUT_BYTES, mapped anew
+
+    def __init__(self, device: torch.device, quick: bool):
+        elements = _copy_bytes(device, quick) // 4
+        self.src = torch.rand(elements, device=device)
+        self.dst = torch.empty_like(self.src)
+        n = _matmul_n(device, quick)
+        self.a = torch.rand(n, n, device=device)
+        self.b = torch.rand(n, n, device=device)
+        self.steps = {"copy": lambda: self.dst.copy_(self.src),
+                      "matmul": lambda: torch.mm(self.a, self.b)}
+        self.work = {"copy": 2 * elements * 4, "matmul": 2 * n**3}
+        if device.type == "cpu":
+            self.steps["first_touch_torch"] = lambda: torch.empty(self.FRESH // 4).fill_(1.0)
+            self.steps["first_touch_huge_pages"] = lambda: _touch_huge_pages(self.FRESH)
+            self.work.update(first_touch_torch=self.FRESH, first_touch_huge_pages=self.FRESH)
+
+
+def _fp32_highest(fn):
+    """fn run with matmuls at full fp32 precision (TF32 off: the decoders compute in
+    fp32)."""
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")
     try:
-        matmul_times = _best_of(lambda: torch.mm(a, b), device, repeats)
+        return fn()
     finally:
         torch.set_float32_matmul_precision(previous)
-    copy_bytes, flops = 2 * elements * 4, 2 * n**3
+
+
+def measure_rates(device: torch.device, quick: bool = False) -> Dict[str, float]:
+    """Copy bandwidth and fp32 matmul rate of `device`, measured now.
+
+    Copy: `dst.copy_(src)` of a tensor larger than the last-level cache (`_copy_bytes`),
+    counted as bytes read + written. Matmul: an n x n fp32 product (CPU n=2048, GPU
+    n=8192; --quick 512 / 1024) at full fp32 precision, 2 n^3 FLOPs. The rate is the best of the
+    repeats: a floor must use the fastest the device was seen to go (on a shared machine
+    the median is lower); the median is kept too. First touch (CPU only): a fresh block
+    of 128 MiB (above FRESH_OUTPUT_BYTES, so its pages are mapped anew each time)
+    allocated and written once, bytes written per second; the faster of a torch tensor
+    and a huge-page mapping (`_touch_huge_pages`), both kept. The benchmark measures the
+    same rates again beside every row on the CPU (`RateProbes`).
+    """
+    if device.type == "cuda":
+        repeats = 5 if quick else 10
+    else:
+        repeats = 3 if quick else 5
+    probes = _Probes(device, quick)
+    times = {name: _fp32_highest(lambda: _best_of(step, device, repeats))
+             for name, step in probes.steps.items()}
+    rate = {name: probes.work[name] / min(t) for name, t in times.items()}
+    median = {name: probes.work[name] / statistics.median(t) for name, t in times.items()}
     first_touch = {}
     if device.type == "cpu":
-        fresh = 128 << 20
-        ways = {"torch": lambda: torch.empty(fresh // 4).fill_(1.0),
-                "huge_pages": lambda: _touch_huge_pages(fresh)}
-        times = {way: _best_of(fn, device, repeats) for way, fn in ways.items()}
-        best = min(times, key=lambda way: min(times[way]))
+        ways = ("torch", "huge_pages")
+        best = max(ways, key=lambda way: rate[f"first_touch_{way}"])
         first_touch = {
-            "first_touch_bytes_per_s": fresh / min(times[best]),
-            "first_touch_bytes_per_s_median": fresh / statistics.median(times[best]),
+            "first_touch_bytes_per_s": rate[f"first_touch_{best}"],
+            "first_touch_bytes_per_s_median": median[f"first_touch_{best}"],
             "first_touch_way": best,
-            **{f"first_touch_{way}_bytes_per_s": fresh / min(t) for way, t in times.items()},
+            **{f"first_touch_{way}_bytes_per_s": rate[f"first_touch_{way}"] for way in ways},
         }
     return {
-        "copy_bytes_per_s": copy_bytes / min(copy_times),
-        "copy_bytes_per_s_median": copy_bytes / statistics.median(copy_times),
-        "copy_tensor_bytes": elements * 4,
-        "matmul_flops_per_s": flops / min(matmul_times),
-        "matmul_flops_per_s_median": flops / statistics.median(matmul_times),
-        "matmul_n": n,
+        "copy_bytes_per_s": rate["copy"],
+        "copy_bytes_per_s_median": median["copy"],
+        "copy_tensor_bytes": probes.work["copy"] // 2,
+        "matmul_flops_per_s": rate["matmul"],
+        "matmul_flops_per_s_median": median["matmul"],
+        "matmul_n": probes.a.shape[0],
         "repeats": repeats,
         **first_touch,
     }
+
+
+class RateProbes:
+    """The floor's rates measured again in the rounds of every row (the CPU benchmark).
+
+    On a shared machine the memory bandwidth moves with the load of its neighbours: on
+    a 2-core cloud VM one process read 37 to 74 GB/s (the copy below) in successive
+    seconds. A floor from the rates of the run's start then compares a row against
+    conditions it did not run under, and its ratio measures the neighbours as much as
+    the code. So the copy, the matmul and the first touch of `measure_rates` (same sizes,
+    the first touch the way that was faster at the start) are steps of each row's own
+    interleaved rounds (`timing.measure`), beside the implementations, and that row's
+    floor takes the best rate each reached there.
+    """
+
+    # seconds of samples of each probe per row (the 2048 matmul's one call is ~0.1 s on
+    # 2 cores); --quick a quarter
+    BUDGET_S = {"copy": 0.1, "matmul": 0.25, "first_touch": 0.1}
+
+    def __init__(self, device: torch.device, start: Dict[str, float], quick: bool = False):
+        probes = _Probes(device, quick)
+        way = start.get("first_touch_way")
+        self._names = {"copy": "copy", "matmul": "matmul"}
+        if way:
+            self._names["first_touch"] = f"first_touch_{way}"
+        self._probes = probes
+        self.steps = {f"rate:{kind}": _fp32_highest_step(probes.steps[name])
+                      for kind, name in self._names.items()}
+        scale = 0.25 if quick else 1.0
+        self.budgets = {f"rate:{kind}": scale * self.BUDGET_S[kind] for kind in self._names}
+
+    def rates(self, measured: Dict[str, dict]) -> Dict[str, float]:
+        """The rates of one row from the probes' statistics (timing.measure's cells):
+        work per call over the best sample."""
+        keys = {"copy": "copy_bytes_per_s", "matmul": "matmul_flops_per_s",
+                "first_touch": "first_touch_bytes_per_s"}
+        return {keys[kind]: self._probes.work[name] / measured[f"rate:{kind}"]["min_s"]
+                for kind, name in self._names.items()}
+
+
+def _fp32_highest_step(step):
+    return lambda: _fp32_highest(step)
 
 
 def _touch_huge_pages(nbytes: int) -> None:

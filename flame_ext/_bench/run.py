@@ -17,7 +17,9 @@ Warp kernels, in the body_models cases), `reference` (flame_ext's pure-PyTorch p
 `compile` (torch.compile of the reference), `flame_ext` (the compiled ops),
 `flame_ext_graph` (the same replayed from CUDA graphs, small batches, CUDA only). The
 floor (floor.py) is max(bytes / copy bandwidth, FLOPs / matmul rate), both rates
-measured on the device at the start of the run.
+measured on the device at the start of the run and, on the CPU (--rates alongside, the
+default there), again in each row's own interleaved rounds, where that row's floor takes
+them from: a shared machine's memory bandwidth moves with its neighbours' load.
 
 Timing (timing.py): a timed first call (torch.compile's compilation shows there,
 never in the statistics), warm-up, then the median and interquartile spread of
@@ -66,6 +68,9 @@ from .timing import format_time
 SCHEMA = "flame_ext-bench/1"
 DEFAULT_BATCHES = {"cpu": [1, 16, 64, 256], "cuda": [1, 4, 16, 64, 256, 1024, 4096]}
 QUICK_BATCHES = [1, 4]
+# what each row records of the rates its floor used ('measured': 'alongside' or 'start')
+FLOOR_RATE_KEYS = ("copy_bytes_per_s", "matmul_flops_per_s", "first_touch_bytes_per_s",
+                   "measured")
 # CPU: torch.compile takes ~15 s per case and batch regime on 2 cores: opt-in (--compile).
 DEFAULT_IMPLS = {"cpu": ["medusa", "smplx", "body_models", "body_models_warp", "reference",
                          "flame_ext"],
@@ -107,6 +112,9 @@ def parse_args(argv=None, prog: str = "python bench/run.py") -> argparse.Namespa
     parser.add_argument("--repeats", type=int, default=7, help="samples per measurement")
     parser.add_argument("--budget", type=float,
                         help="seconds of samples per measurement (default CPU 0.5, CUDA 0.3)")
+    parser.add_argument("--rates", choices=("alongside", "start"),
+                        help="the floor's rates: measured again in each row's rounds "
+                             "(default on the CPU) or once at the start (default on CUDA)")
     parser.add_argument("--threads", type=int,
                         help="torch.set_num_threads (default: torch's, all cores)")
     parser.add_argument("--fit-frames", type=int)
@@ -255,9 +263,12 @@ def not_run(case, impl: str, batch: int, device: torch.device, args,
 
 
 def measure_row(case, batch: int, impls: List[str], device: torch.device, args,
-                failed: Dict[tuple, str]) -> Dict[str, dict]:
+                failed: Dict[tuple, str], probes: Optional["floor.RateProbes"],
+                start_rates: Dict[str, float]) -> tuple:
     """Every implementation of one (case, batch), on one shared set of inputs, sampled
-    in interleaved rounds (timing.py). Failures are cells, never fatal."""
+    in interleaved rounds (timing.py), with the floor's rate probes among them when
+    `probes` is given. Failures are cells, never fatal. Returns (cells, the rates of this
+    row's floor: the probes' where they ran, else `start_rates`)."""
     cells: Dict[str, dict] = {}
     steps = {}
     try:
@@ -274,14 +285,20 @@ def measure_row(case, batch: int, impls: List[str], device: torch.device, args,
             steps[impl] = bench_cases.make_step(case, impl, batch, sets, device)
         except Exception as exc:  # e.g. a CUDA graph capture that fails
             cells[impl] = {"error": timing.describe_error(exc)}
-    cells.update(timing.measure(steps, device, repeats=args.repeats, budget_s=args.budget))
+    extra = probes.steps if probes is not None and steps else {}
+    measured = timing.measure({**steps, **extra}, device, repeats=args.repeats,
+                              budget_s=args.budget, budgets=probes.budgets if extra else None)
+    rates = dict(start_rates, measured="start")
+    if extra and not any("error" in measured[name] for name in extra):
+        rates.update(probes.rates(measured), measured="alongside")
+    cells.update({impl: measured[impl] for impl in steps})
     for impl, cell in cells.items():
         if "error" in cell:
             failed.setdefault((case.name, impl), cell["error"][:120])
     del steps, sets
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return {impl: cells[impl] for impl in impls}
+    return {impl: cells[impl] for impl in impls}, rates
 
 
 def derive(row: dict, impls: List[str]) -> None:
@@ -454,6 +471,8 @@ def main(argv=None, prog: str = "python bench/run.py") -> int:
 
     env = environment(device, args.model_path)
     rates = floor.measure_rates(device, quick=args.quick)
+    rates_mode = args.rates or ("alongside" if kind == "cpu" else "start")
+    probes = floor.RateProbes(device, rates, quick=args.quick) if rates_mode == "alongside" else None
     progress = Progress(len(selected) * len(batch_sizes) * len(impls)
                         + (len(fit_impls) if run_fit else 0),
                         enabled=not args.no_progress)
@@ -465,7 +484,9 @@ def main(argv=None, prog: str = "python bench/run.py") -> int:
     out(f"# flame_ext benchmark | {machine} | torch {env['torch']}"
         f"{' cuda ' + env['cuda'] if env['cuda'] and kind == 'cuda' else ''} | "
         f"git {env['git_sha'][:10]}{'+dirty' if env['git_dirty'] else ''} | {env['date']}")
-    out(f"# model {args.model_path}, float32 | floor rates: {floor.describe_rates(rates)}")
+    out(f"# model {args.model_path}, float32 | floor rates at the start: "
+        f"{floor.describe_rates(rates)}"
+        + (" | each row's floor: the rates measured in its own rounds" if probes else ""))
     load = env["load_average_start"]
     if load and kind == "cpu" and load[0] > 0.5 * (os.cpu_count() or 1):
         out(f"# warning: load average {load[0]:.1f} on {os.cpu_count()} cores: other processes "
@@ -483,9 +504,13 @@ def main(argv=None, prog: str = "python bench/run.py") -> int:
     for case in selected:
         for batch in batch_sizes:
             progress.label(f"{case.name} B={batch}")
+            cells, row_rates = measure_row(case, batch, impls, device, args, failed, probes,
+                                           rates)
             row = {"case": case.name, "batch": batch,
-                   "floor": floor.floor_time(case.cost(batch), rates),
-                   "impls": measure_row(case, batch, impls, device, args, failed)}
+                   "floor": floor.floor_time(case.cost(batch), row_rates),
+                   "floor_rates": {key: row_rates[key] for key in FLOOR_RATE_KEYS
+                                   if key in row_rates},
+                   "impls": cells}
             progress.advance(len(impls))
             derive(row, impls)
             table.row(row)

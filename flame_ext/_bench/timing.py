@@ -15,7 +15,7 @@ import itertools
 import math
 import statistics
 import time
-from typing import Callable, Dict, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -126,7 +126,8 @@ def _sample(step: Callable[[], object], calls: int, device: torch.device) -> flo
 
 
 def measure(steps: Dict[str, Callable[[], object]], device: torch.device, *, repeats: int,
-            budget_s: float, warmup: int = 2, max_calls: int = 10000) -> Dict[str, dict]:
+            budget_s: float, warmup: int = 2, max_calls: int = 10000,
+            budgets: Optional[Dict[str, float]] = None) -> Dict[str, dict]:
     """Times each step (which rotates its own inputs): statistics of seconds per call.
 
     The steps are the implementations of one case and batch. They are sampled in
@@ -140,13 +141,14 @@ def measure(steps: Dict[str, Callable[[], object]], device: torch.device, *, rep
     results: Dict[str, dict] = {}
     plans = {}
     for name, step in steps.items():
+        budget = (budgets or {}).get(name, budget_s)
         try:
-            first_call, once = _warm(step, device, warmup, budget_s)
+            first_call, once = _warm(step, device, warmup, budget)
         except Exception as exc:  # reported per implementation, never fatal
             results[name] = {"error": describe_error(exc)}
             continue
-        count = max(3, min(repeats, int(budget_s / once)))
-        calls = int(max(1, min(max_calls, round(budget_s / count / once))))
+        count = max(3, min(repeats, int(budget / once)))
+        calls = int(max(1, min(max_calls, round(budget / count / once))))
         plans[name] = {"step": step, "count": count, "calls": calls, "first": first_call,
                        "samples": []}
     names = list(plans)
