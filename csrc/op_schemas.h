@@ -8,10 +8,12 @@ inline constexpr const char* kOpSchemas[] = {
     // Blendshape accumulation: out = base + coeffs @ dirs^T + pose_coeffs @ pose_dirs.
     "blend(Tensor base, Tensor dirs, Tensor coeffs, Tensor pose_dirs, Tensor pose_coeffs) -> Tensor",
     "blend_backward(Tensor grad_out, Tensor dirs, Tensor pose_dirs, bool need_coeffs, bool need_pose_coeffs) -> (Tensor, Tensor)",
-    // The same with one more table whose coefficients are one row for the whole batch (a
-    // shared identity): out = base + shared_coeffs @ shared_dirs^T + blend's terms.
-    "blend_shared(Tensor base, Tensor shared_dirs, Tensor shared_coeffs, Tensor dirs, Tensor coeffs, Tensor pose_dirs, Tensor pose_coeffs) -> Tensor",
-    "blend_shared_backward(Tensor grad_out, Tensor shared_dirs, Tensor dirs, Tensor pose_dirs, bool need_shared_coeffs, bool need_coeffs, bool need_pose_coeffs) -> (Tensor, Tensor, Tensor)",
+    // The same with one more table whose coefficients are shared by the samples: one row
+    // for the whole batch (a shared identity), or S rows and identity (B,) picking one
+    // per sample: out[b] = base + shared_coeffs[identity[b]] @ shared_dirs^T + blend's
+    // terms. The backward's grad_shared_coeffs is (S, Ks), S = identities.
+    "blend_shared(Tensor base, Tensor shared_dirs, Tensor shared_coeffs, Tensor dirs, Tensor coeffs, Tensor pose_dirs, Tensor pose_coeffs, Tensor? identity=None) -> Tensor",
+    "blend_shared_backward(Tensor grad_out, Tensor shared_dirs, Tensor dirs, Tensor pose_dirs, bool need_shared_coeffs, bool need_coeffs, bool need_pose_coeffs, Tensor? identity=None, SymInt identities=1) -> (Tensor, Tensor, Tensor)",
     // Rodrigues, kinematic chain and pose-corrective features, per sample.
     "rigid_transforms(Tensor pose, Tensor joints, Tensor parents) -> (Tensor, Tensor)",
     "rigid_transforms_backward(Tensor grad_transforms, Tensor grad_pose_feature, Tensor pose, Tensor joints, Tensor parents) -> (Tensor, Tensor)",

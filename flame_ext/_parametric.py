@@ -165,8 +165,9 @@ class ParametricDecoder(DecoderModule):
         v_dirs = self.shape_dirs.view(num_vertices * 3, -1)
         v_base, j_base = self.v_template.view(-1), self._J_template
         j_dirs = self._J_dirs
-        # (shared_dirs, shared_coeffs, shared_joint_dirs): one identity row for all
-        shared = (None, None, None)
+        # (shared_dirs, shared_coeffs, shared_joint_dirs, identity): the identity rows,
+        # one for all frames or one per frame picked by identity
+        shared = (None, None, None, None)
         if identity is not None or (shape.shape[0] == 1 and batch_size > 1):
             n = self.n_shape
             # A basis being fitted takes its gradient through slices of itself.
@@ -174,11 +175,7 @@ class ParametricDecoder(DecoderModule):
                 identity_dirs, expr_dirs = v_dirs[:, :n], v_dirs[:, n:]
             else:
                 identity_dirs, expr_dirs = self._identity_dirs, self._expr_dirs
-            if identity is not None:
-                v_base = identity_rows(k.blend(v_base, identity_dirs, shape), identity)
-                j_base = identity_rows(k.blend(j_base, j_dirs[:, :n], shape), identity)
-            else:
-                shared = (identity_dirs, shape, j_dirs[:, :n])
+            shared = (identity_dirs, shape, j_dirs[:, :n], identity)
             v_dirs, j_dirs, coeffs = expr_dirs, j_dirs[:, n:], expr.expand(batch_size, -1)
         else:
             coeffs = torch.cat(
@@ -196,6 +193,8 @@ class ParametricDecoder(DecoderModule):
             if shared[0] is not None:
                 v_base = k.blend(v_base, shared[0], shared[1])
                 j_base = k.blend(j_base, shared[2], shared[1])
+                if identity is not None:
+                    v_base, j_base = identity_rows(v_base, identity), identity_rows(j_base, identity)
             joints = k.blend(j_base, j_dirs, coeffs).view(batch_size, num_joints, 3)
             transforms, pose_feature = k.rigid_transforms(pose, joints, self.parents)
             v_posed = k.blend(v_base, v_dirs, coeffs, self.pose_dirs, pose_feature)

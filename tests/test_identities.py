@@ -101,6 +101,27 @@ def test_gradcheck(modules, backend):
         module.float()
 
 
+@pytest.mark.parametrize("key", [("ext", "vertex"), ("ext", "landmarks")])
+def test_ext_blends_the_rows_in_the_frames_pass(modules, key):
+    """The compiled ops blend the S identity meshes inside blend_shared's pass over the
+    tables (forward and backward), not in a blend of their own before it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    module = modules[key]
+    leaves, identity = _leaves(module, F32)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = module(identity=identity, **leaves)
+        sum(o.sum() for o in (out if isinstance(out, tuple) else (out,))
+            if o is not None).backward()
+    counts = {}
+    for event in prof.events():
+        counts[event.name] = counts.get(event.name, 0) + 1
+    assert counts.get("flame_ext::blend_shared") == 1
+    assert counts.get("flame_ext::blend_shared_backward") == 1
+    # what remains of blend: the joints' identity rows and their frames, and the backward's
+    assert counts.get("flame_ext::blend", 0) == 2
+
+
 def test_one_row_is_the_shared_identity(modules):
     module = modules["ext", "vertex"]
     leaves, _ = _leaves(module, F32, identity=[0] * 5, rows=1)

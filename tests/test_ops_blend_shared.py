@@ -1,5 +1,6 @@
 """Tests of blend_shared and blend_shared_backward: blend with one more table whose
-coefficients are one row for the whole batch (FlameShape with one identity for many frames).
+coefficients are one row for the whole batch (FlameShape with one identity for many frames),
+or S rows with an identity per sample picking one (many identities in one batch).
 
 The op is defined as blend(blend(base, shared_dirs, shared_coeffs), dirs, coeffs, pose_dirs,
 pose_coeffs): it is compared with flame_ext.reference in float64 within the dot-product
@@ -9,6 +10,11 @@ bit with blend_backward's, its grad_shared_coeffs with (sum_b grad_out[b]) @ sha
 within the bound. Then float64 gradcheck / gradgradcheck over every tensor argument,
 opcheck of both ops, the decoder's shared-identity path, argument errors, degenerate sizes
 and the thread count.
+
+With identity: the same against blend(blend(base, shared_dirs, shared_coeffs)[identity],
+...) (bit for bit on the CPU), grad_shared_coeffs (S, Ks) against each row's summed
+samples, an unused row's gradient exactly zero, gradcheck, opcheck, the range check and
+the thread count.
 
 Sizes: N spans several forward chunks (256 rows) and backward chunks with a row tail;
 batches below and past the sample tiles and groups (16) and the k-major strips (from 16
@@ -288,6 +294,19 @@ def test_blas_batches_match_the_hand_loops(ops):
         assert_matches(g[0], d64(grad).sum(0, keepdim=True) @ d64(args[1]),
                        a64(grad).sum(0, keepdim=True) @ a64(args[1]), 633, "grad_shared")
         assert_matches(g[1], d64(grad) @ d64(args[3]), a64(grad) @ a64(args[3]), 614, "grad")
+        # S rows and an identity per sample
+        from test_ops_blend_shared import _identity_inputs, _composed_identity
+        from flame_ext import reference
+        args, identity = _identity_inputs(20, 5, 613, 37, 100, 36, torch.float32, "cpu")
+        args = _with_empty_pose(args)
+        out = ops.blend_shared(*args, identity)
+        exact = _composed_identity(reference.blend, [d64(a) for a in args], identity)
+        torch.testing.assert_close(out.double(), exact, rtol=1e-4, atol=1e-4)
+        g = ops.blend_shared_backward(grad, args[1], args[3], args[5], True, True, True,
+                                      identity, 5)
+        one_hot = (torch.arange(5)[:, None] == identity[None]).double()
+        assert_matches(g[0], one_hot @ d64(grad) @ d64(args[1]),
+                       one_hot @ a64(grad) @ a64(args[1]), 633, "grad_shared with identity")
         print("ok")
     """)
     import os
@@ -324,3 +343,181 @@ def test_decoder_shared_identity_uses_it(ops, decoder_cache, requires_grad):
         (v_ref.sum() + R_ref.sum()).backward()
         for name, x in inputs.items():
             torch.testing.assert_close(x.grad, ref_inputs[name].grad, rtol=1e-9, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------
+# S shared rows and an identity per sample.
+
+
+def _identity_inputs(batch, rows, n, ks, k, p, dtype, device, seed=0):
+    """_inputs with shared_coeffs (rows, Ks) and an identity (batch,) that repeats rows and
+    leaves the last one unused (when there are at least two)."""
+    args = list(_inputs(batch, n, ks, k, p, dtype, device, seed=seed))
+    g = torch.Generator().manual_seed(seed + 2)
+    args[2] = torch.randn(rows, ks, generator=g, dtype=dtype).to(device)
+    used = max(1, rows - 1)
+    identity = torch.randint(0, used, (batch,), generator=g).to(device)
+    return args, identity
+
+
+def _composed_identity(blend, args, identity):
+    base, shared_dirs, shared_coeffs, dirs, coeffs, pose_dirs, pose_coeffs = args
+    shaped = blend(base, shared_dirs, shared_coeffs)[identity]
+    return blend(shaped, dirs, coeffs, pose_dirs, pose_coeffs)
+
+
+@pytest.mark.parametrize("batch,rows", [(1, 1), (5, 3), (16, 8), (17, 8), (40, 20)])
+@pytest.mark.parametrize("ks,k,p", [(5, 16, 9), (37, 100, 36), (0, 37, 9)])
+def test_identity_forward_matches_reference(ops, device, dtype, batch, rows, ks, k, p):
+    needs_kernels(device, "blend_shared")
+    args, identity = _identity_inputs(batch, rows, N, ks, k, p, dtype, device)
+    out = _mod().blend_shared(*args, identity=identity)
+    exact = _composed_identity(reference.blend, [d64(a) for a in args], identity)
+    base, shared_dirs, shared_coeffs, dirs, coeffs, pose_dirs, pose_coeffs = args
+    magnitude = (a64(base) + (a64(shared_coeffs) @ a64(shared_dirs).T)[identity]
+                 + a64(coeffs) @ a64(dirs).T)
+    terms = ks + k + 2
+    if pose_dirs is not None:
+        magnitude = magnitude + a64(pose_coeffs) @ a64(pose_dirs)
+        terms += p
+    assert out.shape == (batch, N) and out.dtype == dtype
+    assert_matches(out, exact, magnitude, terms, "blend_shared with identity")
+    if device.type == "cpu":
+        assert torch.equal(out, _composed_identity(_mod().blend, args, identity))
+
+
+@pytest.mark.parametrize("batch,rows", [(1, 1), (5, 3), (16, 8), (40, 20)])
+@pytest.mark.parametrize("ks,k,p", [(5, 16, 9), (37, 100, 36)])
+def test_identity_backward_matches_reference(ops, device, dtype, batch, rows, ks, k, p):
+    needs_kernels(device, "blend_shared")
+    args, identity = _identity_inputs(batch, rows, N, ks, k, p, dtype, device)
+    _, shared_dirs, _, dirs, _, pose_dirs, _ = _with_empty_pose(args)
+    grad = torch.randn(batch, N, dtype=dtype, device=device)
+    grad_shared, grad_coeffs, grad_pose = ops.blend_shared_backward(
+        grad, shared_dirs, dirs, pose_dirs, True, True, True, identity, rows)
+    one_hot = (torch.arange(rows, device=device)[:, None] == identity[None]).double()
+    summed = one_hot @ d64(grad)
+    assert grad_shared.shape == (rows, ks) and grad_shared.dtype == dtype
+    assert_matches(grad_shared, summed @ d64(shared_dirs),
+                   (one_hot @ a64(grad)) @ a64(shared_dirs), N + batch, "grad_shared_coeffs")
+    if rows > 1:  # the last row picked by no sample: exactly zero
+        assert torch.equal(grad_shared[-1], torch.zeros_like(grad_shared[-1]))
+    want_coeffs, want_pose = ops.blend_backward(grad, dirs, pose_dirs, True, True)
+    if device.type == "cpu":
+        assert torch.equal(grad_coeffs, want_coeffs) and torch.equal(grad_pose, want_pose)
+    else:
+        assert_matches(grad_coeffs, d64(grad) @ d64(dirs), a64(grad) @ a64(dirs), N + 1,
+                       "grad_coeffs")
+
+
+def _identity_gradcheck_inputs(batch, rows, p=3):
+    args, identity = _identity_inputs(batch, rows, 13, 4, 5, p, F64, "cpu")
+    return [a.detach().requires_grad_() if a is not None else None for a in args], identity
+
+
+@pytest.mark.parametrize("batch,rows", [(5, 3), (20, 4)])
+def test_identity_gradcheck(ops, device, batch, rows):
+    needs_kernels(device, "blend_shared")
+    inputs, identity = _identity_gradcheck_inputs(batch, rows)
+    inputs = [a.detach().to(device).requires_grad_() for a in inputs]
+    identity = identity.to(device)
+
+    def blend_shared(*tensors):
+        return _mod().blend_shared(*tensors, identity=identity)
+
+    assert torch.autograd.gradcheck(blend_shared, inputs)
+    assert torch.autograd.gradgradcheck(blend_shared, inputs)
+
+
+def test_identity_backward_gradcheck(ops, device):
+    needs_kernels(device, "blend_shared")
+    inputs, identity = _identity_gradcheck_inputs(5, 3)
+    args = _with_empty_pose([a.detach().to(device) for a in inputs])
+    identity = identity.to(device)
+    grad = torch.randn(5, 13, dtype=F64, device=device, requires_grad=True)
+    tables = [args[1].requires_grad_(), args[3].requires_grad_(), args[5].requires_grad_()]
+    for need in [(True, True, True), (True, False, False)]:
+        def used(g, s, d, pd, need=need):
+            outs = ops.blend_shared_backward(g, s, d, pd, *need, identity, 3)
+            return tuple(o for o, n in zip(outs, need) if n)
+
+        assert torch.autograd.gradcheck(used, (grad, *tables))
+        assert torch.autograd.gradgradcheck(used, (grad, *tables))
+
+
+def test_identity_opcheck(ops, device):
+    needs_kernels(device, "blend_shared")
+    for batch, rows, p in [(5, 3, 4), (20, 4, 0)]:
+        inputs, identity = _identity_gradcheck_inputs(batch, rows, p)
+        args = [a.detach().to(device) for a in _with_empty_pose(inputs)]
+        identity = identity.to(device)
+        torch.library.opcheck(ops.blend_shared.default, (*args, identity))
+        with_grad = [a.clone().requires_grad_() for a in args]
+        torch.library.opcheck(ops.blend_shared.default, (*with_grad, identity))
+        grad = torch.randn(batch, 13, dtype=F64, device=device)
+        for need in [(True, True, True), (True, False, False)]:
+            torch.library.opcheck(ops.blend_shared_backward.default,
+                                  (grad, args[1], args[3], args[5], *need, identity, rows))
+        torch.library.opcheck(
+            ops.blend_shared_backward.default,
+            (grad.clone().requires_grad_(), with_grad[1], with_grad[3], with_grad[5], True,
+             True, True, identity, rows))
+
+
+def test_identity_errors(ops):
+    blend_shared = _mod().blend_shared
+    args, identity = _identity_inputs(4, 3, 10, 6, 4, 2, torch.float32, "cpu")
+    base, shared_dirs, shared_coeffs, dirs, coeffs, pose_dirs, pose_coeffs = args
+    # The wrapper names the argument.
+    with pytest.raises(TypeError, match="identity must have dtype torch.int64"):
+        blend_shared(*args, identity=identity.int())
+    with pytest.raises(ValueError, match=r"identity must have shape \(4,\)"):
+        blend_shared(*args, identity=identity[:3])
+    with pytest.raises(ValueError, match="at least one row"):
+        blend_shared(base, shared_dirs, shared_coeffs[:0], dirs, coeffs, identity=identity)
+    # Out of range on the CPU: a ValueError naming the sample, forward and backward.
+    for bad in (3, -1):
+        wrong = identity.clone()
+        wrong[2] = bad
+        with pytest.raises(ValueError, match=rf"identity\[2\] = {bad} is out of range for 3"):
+            blend_shared(*args, identity=wrong)
+        with pytest.raises(ValueError, match=rf"identity\[2\] = {bad} is out of range for 3"):
+            ops.blend_shared_backward(torch.randn(4, 10), shared_dirs, dirs, pose_dirs, True,
+                                      True, True, wrong, 3)
+    # Direct calls: RuntimeErrors, never a crash.
+    bad_calls = [
+        lambda: ops.blend_shared(*args, identity.int()),
+        lambda: ops.blend_shared(*args, identity[:3]),
+        lambda: ops.blend_shared(*args, identity[None]),
+        lambda: ops.blend_shared(*args),  # three rows and no identity
+        lambda: ops.blend_shared_backward(torch.randn(4, 10), shared_dirs, dirs, pose_dirs,
+                                          True, True, True, None, 3),
+        lambda: ops.blend_shared_backward(torch.randn(4, 10), shared_dirs, dirs, pose_dirs,
+                                          True, True, True, identity[:2], 3),
+        lambda: ops.blend_shared_backward(torch.randn(4, 10), shared_dirs, dirs, pose_dirs,
+                                          True, True, True, identity, 0),
+    ]
+    for call in bad_calls:
+        with pytest.raises(RuntimeError):
+            call()
+
+
+def test_identity_degenerate_sizes(ops, device, dtype):
+    needs_kernels(device, "blend_shared")
+    args, identity = _identity_inputs(0, 3, N, 5, 16, 9, dtype, device)
+    args = _with_empty_pose(args)
+    assert _mod().blend_shared(*args, identity=identity).shape == (0, N)
+    grads = ops.blend_shared_backward(torch.empty(0, N, dtype=dtype, device=device), args[1],
+                                      args[3], args[5], True, True, True, identity, 3)
+    assert torch.equal(grads[0], torch.zeros(3, 5, dtype=dtype, device=device))
+
+
+@pytest.mark.parametrize("batch,rows", [(17, 8), (70, 9)])
+def test_identity_independent_of_thread_count(ops, batch, rows):
+    args, identity = _identity_inputs(batch, rows, 20000, 300, 100, 36, torch.float32, "cpu")
+    args = _with_empty_pose(args)
+    grad = torch.randn(batch, 20000)
+    results = per_thread_count(lambda: (ops.blend_shared(*args, identity),) + tuple(
+        ops.blend_shared_backward(grad, args[1], args[3], args[5], True, True, True, identity,
+                                  rows)))
+    assert_same_bits(results)

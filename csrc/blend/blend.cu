@@ -15,6 +15,8 @@
 // allocator and never reads device memory on the host: CUDA-graph capturable.
 #include <algorithm>
 #include <cstdint>
+#include <limits>
+#include <optional>
 #include <tuple>
 #include <type_traits>
 
@@ -22,8 +24,11 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
+#include <ATen/ops/arange.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/index_select.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include "blend/blend_checks.h"
@@ -238,18 +243,21 @@ std::tuple<at::Tensor, at::Tensor> blend_backward_cuda(const at::Tensor& grad_ou
   return {grad_coeffs, grad_pose};
 }
 
-// blend_shared as the blend kernels twice: the shared row (one sample) into a (1, N)
-// block, then the batch with that block as its base (cuBLAS above the small-batch limit, as
-// blend). On a GPU the second pass reads the row from L2; the CPU op fuses the two passes
-// because there the row would come back from memory.
+// blend_shared as the blend kernels twice: the S shared rows into an (S, N) block, then
+// the batch with that block as its base (cuBLAS above the small-batch limit, as blend);
+// with identity the base is the block's rows gathered per sample, NaN for an index out of
+// range (checking it on the host would synchronise). On a GPU the second pass reads the
+// rows from L2; the CPU op fuses the two passes because there they would come back from
+// memory.
 at::Tensor blend_shared_cuda(const at::Tensor& base_in, const at::Tensor& shared_dirs_in,
                              const at::Tensor& shared_coeffs_in, const at::Tensor& dirs_in,
                              const at::Tensor& coeffs_in, const at::Tensor& pose_dirs_in,
-                             const at::Tensor& pose_coeffs_in) {
-  int64_t Ks = 0;
+                             const at::Tensor& pose_coeffs_in,
+                             const std::optional<at::Tensor>& identity_in) {
+  int64_t Ks = 0, S = 1;
   const blend::Sizes sizes = blend::check_shared_forward(
       base_in, shared_dirs_in, shared_coeffs_in, dirs_in, coeffs_in, pose_dirs_in,
-      pose_coeffs_in, &Ks);
+      pose_coeffs_in, identity_in, &Ks, &S);
   check_kernel_device(coeffs_in, "coeffs");
   const DeviceGuard guard(coeffs_in.device());
   const Stream stream = current_stream();
@@ -259,52 +267,73 @@ at::Tensor blend_shared_cuda(const at::Tensor& base_in, const at::Tensor& shared
 
   const DeviceLimits limits = device_limits();
   const bool gemm = blend_use_gemm(B, at::globalContext().deterministicAlgorithms());
-  const Operands row = readable(base_in, shared_dirs_in, shared_coeffs_in,
-                                at::empty({0, N}, options), at::empty({1, 0}, options), 0);
-  at::Tensor shaped = at::empty({1, N}, options);
-  at::Tensor out = gemm ? at::Tensor() : at::empty({B, N}, options);
-  const Operands batch = gemm ? Operands{} : readable(shaped, dirs_in, coeffs_in, pose_dirs_in,
-                                                     pose_coeffs_in, P);
+  const Operands rows = readable(base_in, shared_dirs_in, shared_coeffs_in,
+                                 at::empty({0, N}, options), at::empty({S, 0}, options), 0);
+  at::Tensor shaped = at::empty({S, N}, options);
   AT_DISPATCH_FLOATING_TYPES(coeffs_in.scalar_type(), "flame_ext::blend_shared", [&] {
-    launch_forward<scalar_t>(row, shaped, blend::Sizes{1, N, Ks, 0}, limits, stream);
-    if (!gemm) launch_forward<scalar_t>(batch, out, sizes, limits, stream);
+    launch_forward<scalar_t>(rows, shaped, blend::Sizes{S, N, Ks, 0}, limits, stream);
   });
-  if (gemm) {
-    out = at::addmm(shaped, coeffs_in, dirs_in.t());
-    if (P > 0) out.addmm_(pose_coeffs_in, pose_dirs_in);
+  const at::Tensor identity = blend::identity_or_none(identity_in);
+  if (identity.defined()) {
+    const at::Tensor valid = identity.ge(0).logical_and_(identity.lt(S));
+    shaped = at::index_select(shaped, 0, identity.clamp(0, S - 1))
+                 .masked_fill_(valid.logical_not().unsqueeze(1),
+                               std::numeric_limits<double>::quiet_NaN());
   }
+  if (gemm) {
+    at::Tensor out = at::addmm(shaped, coeffs_in, dirs_in.t());
+    if (P > 0) out.addmm_(pose_coeffs_in, pose_dirs_in);
+    return out;
+  }
+  at::Tensor out = at::empty({B, N}, options);
+  const Operands batch = readable(shaped, dirs_in, coeffs_in, pose_dirs_in, pose_coeffs_in, P);
+  AT_DISPATCH_FLOATING_TYPES(coeffs_in.scalar_type(), "flame_ext::blend_shared", [&] {
+    launch_forward<scalar_t>(batch, out, sizes, limits, stream);
+  });
   return out;
 }
 
-// blend_shared_backward: the adjoint kernels on the batch sum of grad_out (one sample) for
-// the shared coefficients, and blend_backward's kernels (or cuBLAS) for the rest.
+// blend_shared_backward: the adjoint kernels on the per-row sums of grad_out (the batch
+// sum for one shared row; with identity each row's samples, summed by the blend kernels
+// as a product with the (S, B) one-hot of identity, deterministic) for the shared
+// coefficients, and blend_backward's kernels (or cuBLAS) for the rest.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> blend_shared_backward_cuda(
     const at::Tensor& grad_out_in, const at::Tensor& shared_dirs_in, const at::Tensor& dirs_in,
     const at::Tensor& pose_dirs_in, bool need_shared_coeffs, bool need_coeffs,
-    bool need_pose_coeffs) {
-  blend::SharedGrads grads =
-      blend::shared_backward_outputs(grad_out_in, shared_dirs_in, dirs_in, pose_dirs_in,
-                                     need_shared_coeffs, need_coeffs, need_pose_coeffs);
+    bool need_pose_coeffs, const std::optional<at::Tensor>& identity_in, int64_t identities) {
+  blend::SharedGrads grads = blend::shared_backward_outputs(
+      grad_out_in, shared_dirs_in, dirs_in, pose_dirs_in, need_shared_coeffs, need_coeffs,
+      need_pose_coeffs, identity_in, identities);
   check_kernel_device(grad_out_in, "grad_out");
   const DeviceGuard guard(grad_out_in.device());
   const Stream stream = current_stream();
   if (!grads.any()) return grads.result();
   const blend::Sizes sizes = grads.sizes;
-  const int64_t B = sizes.B, N = sizes.N, P = sizes.P, Ks = grads.Ks;
+  const int64_t B = sizes.B, N = sizes.N, P = sizes.P, Ks = grads.Ks, S = grads.S;
   const bool do_shared = grads.do_shared, do_coeffs = grads.do_coeffs, do_pose = grads.do_pose;
 
   const DeviceLimits limits = device_limits();
   const bool gemm = blend_use_gemm(B, at::globalContext().deterministicAlgorithms());
   const at::Tensor grad_out = grad_out_in.contiguous();
-  const at::Tensor grad_sum = do_shared ? grad_out.sum(0, /*keepdim=*/true) : at::Tensor();
+  at::Tensor sums;
+  if (do_shared && grads.identity.defined()) {
+    const auto options = grad_out.options();
+    const at::Tensor one_hot =
+        at::arange(S, grads.identity.options()).unsqueeze(1).eq(grads.identity.unsqueeze(0))
+            .to(grad_out.scalar_type());
+    sums = blend_cuda(at::zeros({N}, options), grad_out.t(), one_hot, at::empty({0, N}, options),
+                      at::empty({S, 0}, options));
+  } else if (do_shared) {
+    sums = grad_out.sum(0, /*keepdim=*/true);
+  }
   const at::Tensor shared_dirs = blend::rows_readable(shared_dirs_in);
   const at::Tensor dirs = blend::rows_readable(dirs_in);
   const at::Tensor pose_dirs = P > 0 ? blend::rows_readable(pose_dirs_in) : pose_dirs_in;
   at::Tensor unused;
   AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), "flame_ext::blend_shared_backward", [&] {
     if (do_shared) {
-      launch_backward<scalar_t>(grad_sum, shared_dirs, pose_dirs, true, false, grads.shared,
-                                unused, blend::Sizes{1, N, Ks, 0}, limits, stream);
+      launch_backward<scalar_t>(sums, shared_dirs, pose_dirs, true, false, grads.shared,
+                                unused, blend::Sizes{S, N, Ks, 0}, limits, stream);
     }
     if (!gemm) {
       launch_backward<scalar_t>(grad_out, dirs, pose_dirs, do_coeffs, do_pose, grads.coeffs,

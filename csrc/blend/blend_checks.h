@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <tuple>
 
 #include <ATen/core/Tensor.h>
@@ -114,40 +115,83 @@ inline Sizes check_backward(const at::Tensor& grad_out, const at::Tensor& dirs,
   return s;
 }
 
-// blend_shared(base, shared_dirs, shared_coeffs, dirs, coeffs, pose_dirs, pose_coeffs):
-// blend's arguments (dirs in the dtype of coeffs: no half-precision table here) plus one
-// row of coefficients shared by every sample, shared_coeffs (1, Ks), for shared_dirs
-// (N, Ks); base (N,) or (1, N). Returns blend's sizes; *shared_K = Ks.
+// blend_shared's identity: undefined (one shared row, S = 1, for every sample) or (B,)
+// int64 on `like`'s device, each sample's row among the S shared ones. Its values are
+// not read here (on a GPU that would synchronise): the CPU op checks their range
+// (check_identity_range), the CUDA op gives a sample out of range NaN outputs.
+inline void check_identity(const std::optional<at::Tensor>& identity, int64_t B, int64_t S,
+                           const at::Tensor& like, const char* like_name, const char* op) {
+  if (!identity.has_value() || !identity->defined()) {
+    TORCH_CHECK(S == 1, op, ": without identity there is one shared row (S = 1), got ", S);
+    return;
+  }
+  TORCH_CHECK(S >= 1, op, ": identity picks among the shared rows: S must be >= 1, got ", S);
+  TORCH_CHECK(identity->scalar_type() == at::kLong, op, ": identity must be int64, got ",
+              identity->scalar_type());
+  TORCH_CHECK(identity->dim() == 1 && identity->size(0) == B, op, ": identity must be (", B,
+              ",), one row per sample, got ", identity->sizes());
+  TORCH_CHECK(identity->device() == like.device(), op, ": identity is on ",
+              identity->device(), " but ", like_name, " is on ", like.device());
+}
+
+// The identity as a contiguous tensor, or undefined when there is none.
+inline at::Tensor identity_or_none(const std::optional<at::Tensor>& identity) {
+  return identity.has_value() && identity->defined() ? identity->contiguous() : at::Tensor();
+}
+
+// Every identity value in [0, S) (CPU tensors only): a ValueError naming the first one out.
+inline void check_identity_range(const at::Tensor& identity, int64_t S, const char* op) {
+  if (!identity.defined()) return;
+  const int64_t* id = identity.const_data_ptr<int64_t>();
+  for (int64_t b = 0; b < identity.numel(); ++b) {
+    TORCH_CHECK_VALUE(id[b] >= 0 && id[b] < S, op, ": identity[", b, "] = ", id[b],
+                      " is out of range for ", S, " shared rows");
+  }
+}
+
+// blend_shared(base, shared_dirs, shared_coeffs, dirs, coeffs, pose_dirs, pose_coeffs,
+// identity): blend's arguments (dirs in the dtype of coeffs: no half-precision table here)
+// plus the shared rows of coefficients, shared_coeffs (S, Ks), for shared_dirs (N, Ks),
+// and identity (check_identity); base (N,) or (1, N). Returns blend's sizes; *shared_K =
+// Ks, *shared_rows = S.
 inline Sizes check_shared_forward(const at::Tensor& base, const at::Tensor& shared_dirs,
                                   const at::Tensor& shared_coeffs, const at::Tensor& dirs,
                                   const at::Tensor& coeffs, const at::Tensor& pose_dirs,
-                                  const at::Tensor& pose_coeffs, int64_t* shared_K) {
+                                  const at::Tensor& pose_coeffs,
+                                  const std::optional<at::Tensor>& identity, int64_t* shared_K,
+                                  int64_t* shared_rows) {
   const Sizes s = check_forward(base, dirs, coeffs, pose_dirs, pose_coeffs);
   check_like(dirs, "dirs", coeffs, "coeffs");
   check_like(shared_dirs, "shared_dirs", coeffs, "coeffs");
   check_like(shared_coeffs, "shared_coeffs", coeffs, "coeffs");
   TORCH_CHECK(base.dim() == 1 || base.size(0) == 1, "blend_shared: base must be (", s.N,
               ",) or (1, ", s.N, "), got ", base.sizes());
-  TORCH_CHECK(shared_coeffs.dim() == 2 && shared_coeffs.size(0) == 1,
-              "blend_shared: shared_coeffs must be (1, Ks), got ", shared_coeffs.sizes());
+  TORCH_CHECK(shared_coeffs.dim() == 2, "blend_shared: shared_coeffs must be (S, Ks), got ",
+              shared_coeffs.sizes());
+  check_identity(identity, s.B, shared_coeffs.size(0), coeffs, "coeffs", "blend_shared");
   TORCH_CHECK(shared_dirs.dim() == 2 && shared_dirs.size(0) == s.N &&
                   shared_dirs.size(1) == shared_coeffs.size(1),
               "blend_shared: shared_dirs must be (", s.N, ", ", shared_coeffs.size(1),
               ") to match dirs and shared_coeffs, got ", shared_dirs.sizes());
   *shared_K = shared_coeffs.size(1);
+  *shared_rows = shared_coeffs.size(0);
   return s;
 }
 
-// blend_shared_backward(grad_out, shared_dirs, dirs, pose_dirs, ...): blend_backward's
-// arguments plus shared_dirs (N, Ks), all in grad_out's dtype.
+// blend_shared_backward(grad_out, shared_dirs, dirs, pose_dirs, ..., identity,
+// identities): blend_backward's arguments plus shared_dirs (N, Ks), all in grad_out's
+// dtype, and identity (check_identity) among S = identities rows.
 inline Sizes check_shared_backward(const at::Tensor& grad_out, const at::Tensor& shared_dirs,
-                                   const at::Tensor& dirs, const at::Tensor& pose_dirs) {
+                                   const at::Tensor& dirs, const at::Tensor& pose_dirs,
+                                   const std::optional<at::Tensor>& identity,
+                                   int64_t identities) {
   const Sizes s = check_backward(grad_out, dirs, pose_dirs);
   check_like(dirs, "dirs", grad_out, "grad_out");
   check_like(shared_dirs, "shared_dirs", grad_out, "grad_out");
   TORCH_CHECK(shared_dirs.dim() == 2 && shared_dirs.size(0) == s.N,
               "blend_shared_backward: shared_dirs must be (", s.N, ", Ks), got ",
               shared_dirs.sizes());
+  check_identity(identity, s.B, identities, grad_out, "grad_out", "blend_shared_backward");
   return s;
 }
 
@@ -161,12 +205,14 @@ inline std::tuple<at::Tensor, at::Tensor> backward_outputs(const at::Tensor& gra
           need_pose_coeffs ? at::empty({s.B, s.P}, options) : at::empty({0}, options)};
 }
 
-// blend_shared_backward's arguments checked (their sizes, with shared_dirs' Ks), its
-// outputs before any kernel runs, and which of them the kernels compute: (1, Ks) / (B, K) / (B, P) when asked for, else (0,); when B or N is 0 the
+// blend_shared_backward's arguments checked (their sizes, with shared_dirs' Ks and the
+// S identities), its outputs before any kernel runs, and which of them the kernels
+// compute: (S, Ks) / (B, K) / (B, P) when asked for, else (0,); when B or N is 0 the
 // asked-for ones are zeros and none is left to compute.
 struct SharedGrads {
   Sizes sizes;
-  int64_t Ks;
+  int64_t Ks, S;
+  at::Tensor identity;  // contiguous, or undefined: one shared row
   at::Tensor shared, coeffs, pose;
   bool do_shared, do_coeffs, do_pose;
   bool any() const { return do_shared || do_coeffs || do_pose; }
@@ -176,14 +222,18 @@ struct SharedGrads {
 inline SharedGrads shared_backward_outputs(const at::Tensor& grad_out,
                                            const at::Tensor& shared_dirs, const at::Tensor& dirs,
                                            const at::Tensor& pose_dirs, bool need_shared_coeffs,
-                                           bool need_coeffs, bool need_pose_coeffs) {
+                                           bool need_coeffs, bool need_pose_coeffs,
+                                           const std::optional<at::Tensor>& identity,
+                                           int64_t identities) {
   SharedGrads g;
-  g.sizes = check_shared_backward(grad_out, shared_dirs, dirs, pose_dirs);
+  g.sizes = check_shared_backward(grad_out, shared_dirs, dirs, pose_dirs, identity, identities);
   g.Ks = shared_dirs.size(1);
+  g.S = identities;
+  g.identity = identity_or_none(identity);
   const Sizes& s = g.sizes;
   const int64_t Ks = g.Ks;
   std::tie(g.coeffs, g.pose) = backward_outputs(grad_out, s, need_coeffs, need_pose_coeffs);
-  g.shared = need_shared_coeffs ? at::empty({1, Ks}, grad_out.options())
+  g.shared = need_shared_coeffs ? at::empty({g.S, Ks}, grad_out.options())
                                 : at::empty({0}, grad_out.options());
   g.do_shared = need_shared_coeffs && Ks > 0;
   g.do_coeffs = need_coeffs && s.B * s.K > 0;

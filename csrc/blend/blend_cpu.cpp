@@ -40,6 +40,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -54,7 +55,9 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/index_select.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include "blend/blend.h"
@@ -114,13 +117,17 @@ template <typename T>
 struct ForwardArgs {
   const T* base;
   int64_t base_stride;  // between samples; 0 when base is shared
+  // Sample b starts from row base_rows[b] of base (blend_shared with an identity per
+  // sample); null: from row b.
+  const int64_t* base_rows = nullptr;
   const T* dirs;
   int64_t dirs_stride;  // between rows; >= K when dirs is a column slice
   const T* coeffs;      // (B, K) contiguous
   const T* pose_dirs;
   int64_t pose_stride;  // between pose rows
   const T* pose_coeffs;  // (B, P) contiguous
-  T* out;                // (B, N) contiguous
+  T* out;                // (B, N), rows out_stride apart (N but for a block of rows)
+  int64_t out_stride;
   int64_t B, N, K, P;
   // Rows the caller reads next, prefetched into L2 a few lines at a time while this call
   // computes: `ahead_rows` rows of `ahead_row_bytes` from `ahead`, `ahead_stride` bytes
@@ -322,6 +329,7 @@ ForwardArgs<T> forward_args(const at::Tensor& dirs, const at::Tensor& coeffs,
   a.pose_stride = s.P > 0 ? blend::row_stride(pose_dirs) : 0;
   a.pose_coeffs = s.P > 0 ? pose_coeffs.const_data_ptr<T>() : nullptr;
   a.out = out.mutable_data_ptr<T>();
+  a.out_stride = s.N;
   a.B = s.B;
   a.N = s.N;
   a.K = s.K;
@@ -498,27 +506,32 @@ std::tuple<at::Tensor, at::Tensor> blend_backward_cpu(const at::Tensor& grad_out
   return {grad_coeffs, grad_pose};
 }
 
-// blend_shared in one pass over the rows: a task's chunk of rows first blends the shared
-// row (base + shared_coeffs @ shared_dirs^T, one sample) into a block in cache, then runs
-// the per-sample blend with that block as its base. Each table is read once per call and
-// the shared row never goes to memory (two calls of blend read it back, and at small
-// batches the second one finds shared_dirs' 18 MB of FLAME evicted the rest). Same kernels,
-// same chunks, same order of summation: the bits of blend(blend(base, shared_dirs,
-// shared_coeffs), dirs, coeffs, pose_dirs, pose_coeffs).
+// blend_shared in one pass over the rows: a task's chunk of rows first blends the S shared
+// rows (base + shared_coeffs @ shared_dirs^T, S samples) into a block in cache, then runs
+// the per-sample blend with that block as its base, sample b starting from row
+// identity[b] (row 0 without identity). Each table is read once per call and the shared
+// rows never go to memory (two calls of blend read them back, and at small batches the
+// second one finds shared_dirs' 18 MB of FLAME evicted the rest). Same kernels, same
+// chunks, same order of summation: the bits of blend(blend(base, shared_dirs,
+// shared_coeffs)[identity], dirs, coeffs, pose_dirs, pose_coeffs).
 at::Tensor blend_shared_cpu(const at::Tensor& base_in, const at::Tensor& shared_dirs_in,
                             const at::Tensor& shared_coeffs_in, const at::Tensor& dirs_in,
                             const at::Tensor& coeffs_in, const at::Tensor& pose_dirs_in,
-                            const at::Tensor& pose_coeffs_in) {
-  int64_t Ks = 0;
+                            const at::Tensor& pose_coeffs_in,
+                            const std::optional<at::Tensor>& identity_in) {
+  int64_t Ks = 0, S = 1;
   const blend::Sizes sizes = blend::check_shared_forward(
       base_in, shared_dirs_in, shared_coeffs_in, dirs_in, coeffs_in, pose_dirs_in,
-      pose_coeffs_in, &Ks);
+      pose_coeffs_in, identity_in, &Ks, &S);
+  const at::Tensor identity = blend::identity_or_none(identity_in);
+  blend::check_identity_range(identity, S, "blend_shared");
   const int64_t B = sizes.B, N = sizes.N, K = sizes.K, P = sizes.P;
   if (B == 0 || N == 0) return at::empty({B, N}, coeffs_in.options());
 
   if (use_blas(B)) {
-    const at::Tensor shaped = at::addmm(base_in.reshape({1, N}), shared_coeffs_in,
-                                        shared_dirs_in.t());
+    at::Tensor shaped = at::addmm(base_in.reshape({1, N}), shared_coeffs_in,
+                                  shared_dirs_in.t());
+    if (identity.defined()) shaped = at::index_select(shaped, 0, identity);
     at::Tensor out = empty_output({B, N}, coeffs_in.options());
     at::addmm_out(out, shaped, coeffs_in, dirs_in.t());
     if (P > 0) out.addmm_(pose_coeffs_in, pose_dirs_in);
@@ -535,24 +548,28 @@ at::Tensor blend_shared_cpu(const at::Tensor& base_in, const at::Tensor& shared_
   at::Tensor out = empty_output({B, N}, coeffs.options());
 
   AT_DISPATCH_FLOATING_TYPES(coeffs.scalar_type(), "flame_ext::blend_shared", [&] {
-    // The shared row: one sample, no pose correctives, written per chunk into a block.
+    // The shared rows: S samples, no pose correctives, written per chunk into a block of
+    // S rows kForwardRows apart.
     ForwardArgs<scalar_t> shared = forward_args<scalar_t>(
-        shared_dirs, shared_coeffs, pose_dirs, pose_coeffs, out, blend::Sizes{1, N, Ks, 0}, false);
+        shared_dirs, shared_coeffs, pose_dirs, pose_coeffs, out, blend::Sizes{S, N, Ks, 0}, false);
     shared.base = base.const_data_ptr<scalar_t>();
+    shared.out_stride = kForwardRows;
     // The batch, its base set per chunk to that block.
-    const ForwardArgs<scalar_t> a =
+    ForwardArgs<scalar_t> a =
         forward_args<scalar_t>(dirs, coeffs, pose_dirs, pose_coeffs, out, sizes, false);
+    a.base_stride = identity.defined() ? kForwardRows : 0;  // 0: one row for every sample
+    a.base_rows = identity.defined() ? identity.const_data_ptr<int64_t>() : nullptr;
     const ForwardFn<scalar_t> kernel = forward_kernel<scalar_t>();
     const int64_t chunks = (N + kForwardRows - 1) / kForwardRows;
-    const int64_t per_chunk = std::max<int64_t>(1, kForwardRows * ((K + P + 1) * B + Ks));
+    const int64_t per_chunk = std::max<int64_t>(1, kForwardRows * ((K + P + 1) * B + Ks * S));
     // Runs of chunks, about kSharedRunsPerThread per thread: within a run, the batch's
     // blend of a chunk prefetches the next chunk's shared rows while it computes, and the
-    // shared row's blend the chunk's rows of dirs.
+    // shared rows' blend the chunk's rows of dirs.
     const int64_t grain = std::max({int64_t(1), (int64_t(1) << 16) / per_chunk,
                                     chunks / (kSharedRunsPerThread * at::get_num_threads())});
     const int64_t elem = int64_t(sizeof(scalar_t));
     dynamic_parallel_for(chunks, grain, [&](int64_t c0, int64_t c1) {
-      scalar_t* shaped = thread_block<scalar_t>(kForwardRows);
+      scalar_t* shaped = thread_block<scalar_t>(S * kForwardRows);
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t n0 = c * kForwardRows, rows = std::min(kForwardRows, N - n0);
         ForwardArgs<scalar_t> row = shared;
@@ -567,7 +584,7 @@ at::Tensor blend_shared_cpu(const at::Tensor& base_in, const at::Tensor& shared_
         }
         kernel(row, 0, rows);
         ForwardArgs<scalar_t> chunk = a;
-        chunk.base = shaped;  // base_stride 0: one row for every sample
+        chunk.base = shaped;
         chunk.dirs += n0 * a.dirs_stride;
         if (P > 0) chunk.pose_dirs += n0;
         chunk.out += n0;
@@ -585,26 +602,48 @@ at::Tensor blend_shared_cpu(const at::Tensor& base_in, const at::Tensor& shared_
   return out;
 }
 
+// sums[s, 0:rows] = the sum over the samples b with identity[b] = s, in order of b, of
+// grad[b, 0:rows] (rows ld apart); zero for an identity without samples.
+template <typename T>
+void sum_by_identity(const T* grad, int64_t ld, int64_t B, int64_t rows, const int64_t* identity,
+                     int64_t S, T* sums) {
+  std::fill(sums, sums + S * rows, T(0));
+  for (int64_t b = 0; b < B; ++b) {
+    T* dst = sums + identity[b] * rows;
+    const T* src = grad + b * ld;
+    for (int64_t r = 0; r < rows; ++r) dst[r] += src[r];
+  }
+}
+
 // blend_shared_backward in one pass over the rows: the tasks are blend_backward's (chunk,
 // sample group) pairs with its chunks, and the first group of each chunk also sums the
-// chunk's grad_out over the batch (in order of the samples) and runs the one-sample
-// adjoint of shared_dirs on it. grad_coeffs and grad_pose_coeffs have the bits of
-// blend_backward(grad_out, dirs, pose_dirs); grad_shared_coeffs is (sum_b grad_out[b]) @
+// chunk's grad_out over each shared row's samples (in order of the samples: the whole
+// batch without identity) and runs the S-sample adjoint of shared_dirs on those sums.
+// grad_coeffs and grad_pose_coeffs have the bits of blend_backward(grad_out, dirs,
+// pose_dirs); grad_shared_coeffs[s] is (sum over identity[b] = s of grad_out[b]) @
 // shared_dirs, independent of the thread count.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> blend_shared_backward_cpu(
     const at::Tensor& grad_out_in, const at::Tensor& shared_dirs_in, const at::Tensor& dirs_in,
     const at::Tensor& pose_dirs_in, bool need_shared_coeffs, bool need_coeffs,
-    bool need_pose_coeffs) {
-  blend::SharedGrads grads =
-      blend::shared_backward_outputs(grad_out_in, shared_dirs_in, dirs_in, pose_dirs_in,
-                                     need_shared_coeffs, need_coeffs, need_pose_coeffs);
+    bool need_pose_coeffs, const std::optional<at::Tensor>& identity_in, int64_t identities) {
+  blend::SharedGrads grads = blend::shared_backward_outputs(
+      grad_out_in, shared_dirs_in, dirs_in, pose_dirs_in, need_shared_coeffs, need_coeffs,
+      need_pose_coeffs, identity_in, identities);
+  blend::check_identity_range(grads.identity, grads.S, "blend_shared_backward");
   if (!grads.any()) return grads.result();
   const blend::Sizes sizes = grads.sizes;
-  const int64_t B = sizes.B, N = sizes.N, K = sizes.K, P = sizes.P, Ks = grads.Ks;
+  const int64_t B = sizes.B, N = sizes.N, K = sizes.K, P = sizes.P, Ks = grads.Ks, S = grads.S;
   const bool do_shared = grads.do_shared, do_coeffs = grads.do_coeffs, do_pose = grads.do_pose;
+  const at::Tensor& identity = grads.identity;
 
   if (use_blas(B)) {
-    if (do_shared) at::mm_out(grads.shared, grad_out_in.sum(0, true), shared_dirs_in);
+    if (do_shared) {
+      const at::Tensor sums =
+          identity.defined()
+              ? at::zeros({S, N}, grad_out_in.options()).index_add_(0, identity, grad_out_in)
+              : grad_out_in.sum(0, true);
+      at::mm_out(grads.shared, sums, shared_dirs_in);
+    }
     if (do_coeffs) at::mm_out(grads.coeffs, grad_out_in, dirs_in);
     if (do_pose) at::mm_out(grads.pose, grad_out_in, pose_dirs_in.t());
     return grads.result();
@@ -618,25 +657,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> blend_shared_backward_cpu(
   const auto [rows, chunks, groups] =
       backward_chunks(sizes, do_coeffs, do_pose, grad_out.element_size());
   const auto options = grad_out.options();
-  at::Tensor partial_shared = do_shared ? at::empty({chunks, 1, Ks}, options) : at::Tensor();
+  at::Tensor partial_shared = do_shared ? at::empty({chunks, S, Ks}, options) : at::Tensor();
   at::Tensor partial_coeffs = do_coeffs ? at::empty({chunks, B, K}, options) : at::Tensor();
   at::Tensor partial_pose = do_pose ? at::empty({chunks, B, P}, options) : at::Tensor();
 
   AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), "flame_ext::blend_shared_backward", [&] {
     const scalar_t* grad = grad_out.const_data_ptr<scalar_t>();
+    const int64_t* id = identity.defined() ? identity.const_data_ptr<int64_t>() : nullptr;
     const BackwardArgs<scalar_t> a = backward_args<scalar_t>(
         grad_out, dirs, pose_dirs, partial_coeffs, partial_pose, sizes, do_coeffs, do_pose, false);
     BackwardArgs<scalar_t> shared{};
     shared.dirs = do_shared ? shared_dirs.const_data_ptr<scalar_t>() : nullptr;
     shared.dirs_stride = blend::row_stride(shared_dirs);
     shared.partial_coeffs = do_shared ? partial_shared.mutable_data_ptr<scalar_t>() : nullptr;
-    shared.B = 1;
+    shared.B = S;
     shared.K = Ks;
     const BackwardFn<scalar_t> kernel = backward_kernel<scalar_t>();
     const SumFn<scalar_t> sum_batch = sum_kernel<scalar_t>();
     const int64_t per_task = std::max<int64_t>(
         1, rows * ((do_coeffs ? K : 0) + (do_pose ? P : 0)) * std::min(B, kBackwardGroup) +
-               (do_shared ? rows * (Ks + B) / groups : 0));
+               (do_shared ? rows * (Ks * S + B) / groups : 0));
     const int64_t min_tasks = std::max<int64_t>(1, (int64_t(1) << 16) / per_task);
     const int64_t grain = (min_tasks + groups - 1) / groups * groups;
     dynamic_parallel_for(chunks * groups, grain, [&](int64_t t0, int64_t t1) {
@@ -644,13 +684,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> blend_shared_backward_cpu(
         const int64_t c = t / groups, g = t % groups;
         const int64_t m0 = c * rows, m1 = std::min(N, m0 + rows);
         if (do_shared && g == 0) {
-          scalar_t* sum = thread_block<scalar_t>(m1 - m0);
-          sum_batch(grad + m0, N, B, m1 - m0, sum);
+          scalar_t* sums = thread_block<scalar_t>(S * (m1 - m0));
+          if (id != nullptr) {
+            sum_by_identity(grad + m0, N, B, m1 - m0, id, S, sums);
+          } else {
+            sum_batch(grad + m0, N, B, m1 - m0, sums);
+          }
           BackwardArgs<scalar_t> chunk = shared;
-          chunk.grad_out = sum;
+          chunk.grad_out = sums;
           chunk.dirs += m0 * shared.dirs_stride;
           chunk.N = m1 - m0;
-          kernel(chunk, c, 0, m1 - m0, 0, 1);
+          kernel(chunk, c, 0, m1 - m0, 0, S);
         }
         if (do_coeffs || do_pose) {
           kernel(a, c, m0, m1, g * kBackwardGroup, std::min(B, (g + 1) * kBackwardGroup));

@@ -260,6 +260,13 @@ FLAME_CPU_INLINE void dot_tile(const T* x, int64_t ldx, const T* y, int64_t ldy,
 // ---------------------------------------------------------------------------------------
 // Forward.
 
+// The row of base that sample b starts from (times base_stride): its own, or the one
+// base_rows picks for it.
+template <typename T>
+FLAME_CPU_INLINE int64_t base_row(const ForwardArgs<T>& a, int64_t b) {
+  return a.base_rows != nullptr ? a.base_rows[b] : b;
+}
+
 // out[b0..b0+S, n..n+R] = base + R rows of dirs dotted with S rows of coeffs.
 template <typename T, int R, int S>
 FLAME_CPU_INLINE void forward_tile(const ForwardArgs<T>& a, const KTail<T>& tail, int64_t n,
@@ -271,8 +278,8 @@ FLAME_CPU_INLINE void forward_tile(const ForwardArgs<T>& a, const KTail<T>& tail
   FLAME_UNROLL
   for (int s = 0; s < S; ++s) {
     const int64_t b = b0 + s;
-    T* out = a.out + b * a.N + n;
-    const T* base = a.base + b * a.base_stride + n;
+    T* out = a.out + b * a.out_stride + n;
+    const T* base = a.base + base_row(a, b) * a.base_stride + n;
     FLAME_UNROLL
     for (int r = 0; r < R; ++r) out[r] = base[r] + sums[s * R + r];
   }
@@ -316,7 +323,7 @@ template <typename T, int S, int U = 4>
 FLAME_CPU_INLINE void forward_pose_tile(const ForwardArgs<T>& a, int64_t n0, int64_t n1,
                                         int64_t b0, LineCursor& ahead) {
   constexpr int W = kLanes<T>;
-  T* out = a.out + b0 * a.N;
+  T* out = a.out + b0 * a.out_stride;
   const T* pc = a.pose_coeffs + b0 * a.P;
   int64_t n = n0;
   for (; n + U * W <= n1; n += U * W) {
@@ -325,21 +332,21 @@ FLAME_CPU_INLINE void forward_pose_tile(const ForwardArgs<T>& a, int64_t n0, int
     FLAME_UNROLL
     for (int s = 0; s < S; ++s) {
       FLAME_UNROLL
-      for (int u = 0; u < U; ++u) load(acc[s][u], out + s * a.N + n + u * W);
+      for (int u = 0; u < U; ++u) load(acc[s][u], out + s * a.out_stride + n + u * W);
     }
     for (int64_t p = 0; p < a.P; ++p)
       broadcast_step(a.pose_dirs + p * a.pose_stride + n, pc + p, a.P, acc);
     FLAME_UNROLL
     for (int s = 0; s < S; ++s) {
       FLAME_UNROLL
-      for (int u = 0; u < U; ++u) store(out + s * a.N + n + u * W, acc[s][u]);
+      for (int u = 0; u < U; ++u) store(out + s * a.out_stride + n + u * W, acc[s][u]);
     }
   }
   for (; n < n1; ++n) {
     FLAME_UNROLL
     for (int s = 0; s < S; ++s)
-      out[s * a.N + n] =
-          blend::pose_sum(out[s * a.N + n], pc + s * a.P, a.pose_dirs + n, a.pose_stride, a.P);
+      out[s * a.out_stride + n] = blend::pose_sum(out[s * a.out_stride + n], pc + s * a.P,
+                                                  a.pose_dirs + n, a.pose_stride, a.P);
   }
 }
 
@@ -409,7 +416,8 @@ FLAME_CPU_INLINE void strip_tile(const ForwardArgs<T>& a, const T* strip, int64_
   Vec<T> acc[S][U];
   FLAME_UNROLL
   for (int s = 0; s < S; ++s) {
-    const T* src = first ? a.base + (b + s) * a.base_stride + n : a.out + (b + s) * a.N + n;
+    const T* src = first ? a.base + base_row(a, b + s) * a.base_stride + n
+                         : a.out + (b + s) * a.out_stride + n;
     FLAME_UNROLL
     for (int u = 0; u < U; ++u) load(acc[s][u], src + u * W);
   }
@@ -423,7 +431,7 @@ FLAME_CPU_INLINE void strip_tile(const ForwardArgs<T>& a, const T* strip, int64_
   FLAME_UNROLL
   for (int s = 0; s < S; ++s) {
     FLAME_UNROLL
-    for (int u = 0; u < U; ++u) store(a.out + (b + s) * a.N + n + u * W, acc[s][u]);
+    for (int u = 0; u < U; ++u) store(a.out + (b + s) * a.out_stride + n + u * W, acc[s][u]);
   }
 }
 

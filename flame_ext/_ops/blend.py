@@ -14,8 +14,9 @@ constants in the decoders, so that path is never hot). `blend` is linear in coef
 backward of `blend_backward` is again a blend: double backward (and higher) works.
 
 `blend_shared` adds a table whose coefficients are one row for the whole batch (FlameShape
-with one identity for many frames); its op pair `blend_shared` / `blend_shared_backward`
-is registered the same way, with the same gradients.
+with one identity for many frames), or S rows and an identity per sample picking one
+(many identities in one batch); its op pair `blend_shared` / `blend_shared_backward` is
+registered the same way, with the same gradients.
 """
 
 from __future__ import annotations
@@ -125,15 +126,21 @@ def blend_shared(
     coeffs: torch.Tensor,
     pose_dirs: Optional[torch.Tensor] = None,
     pose_coeffs: Optional[torch.Tensor] = None,
+    identity: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """`blend` with one more table whose coefficients are one row for the whole batch.
+    """`blend` with one more table whose coefficients are shared by the samples.
 
     out (B, N) = base + shared_coeffs @ shared_dirs.T + coeffs @ dirs.T + pose_coeffs @
     pose_dirs, with base (N,) or (1, N), shared_dirs (N, Ks), shared_coeffs (1, Ks) and the
     rest as `blend` takes them (one dtype, float32 or float64: no half-precision table).
     The same as ``blend(blend(base, shared_dirs, shared_coeffs), dirs, coeffs, pose_dirs,
     pose_coeffs)`` (FlameShape with one identity for many frames), in one pass over the
-    tables on the CPU. Differentiable w.r.t. every tensor argument, to any order.
+    tables on the CPU. With identity (B,) int64, shared_coeffs is (S, Ks) and sample b
+    takes row identity[b]: the same as ``blend(blend(base, shared_dirs,
+    shared_coeffs)[identity], ...)`` (many identities in one batch), each shared row
+    blended once. An identity out of [0, S) is a ValueError on the CPU; on CUDA (no host
+    sync) that sample's outputs are NaN. Differentiable w.r.t. every floating-point tensor
+    argument, to any order.
     """
     check_tensor("coeffs", coeffs, ndim=2, floating=True)
     n_components = coeffs.shape[1]
@@ -142,7 +149,13 @@ def blend_shared(
     check_same("dirs", dirs, coeffs, "coeffs")
     n = dirs.shape[0]
     check_tensor("shared_coeffs", shared_coeffs, ndim=2)
-    check_tensor("shared_coeffs", shared_coeffs, shape=(1, None))
+    if identity is None:
+        check_tensor("shared_coeffs", shared_coeffs, shape=(1, None))
+    else:
+        check_tensor("identity", identity, shape=(coeffs.shape[0],), dtype=torch.int64)
+        check_same("identity", identity, coeffs, "coeffs", dtype=False)
+        if shared_coeffs.shape[0] < 1:
+            raise ValueError("shared_coeffs must have at least one row for identity to pick")
     check_same("shared_coeffs", shared_coeffs, coeffs, "coeffs")
     check_tensor("shared_dirs", shared_dirs, shape=(n, shared_coeffs.shape[1]))
     check_same("shared_dirs", shared_dirs, coeffs, "coeffs")
@@ -150,27 +163,31 @@ def blend_shared(
     pose_dirs, pose_coeffs = _checked_pose(pose_dirs, pose_coeffs, coeffs, n)
     _check_has_kernel(coeffs, "blend_shared")
     return blend_shared_unchecked(
-        base, shared_dirs, shared_coeffs, dirs, coeffs, pose_dirs, pose_coeffs
+        base, shared_dirs, shared_coeffs, dirs, coeffs, pose_dirs, pose_coeffs, identity
     )
 
 
 def blend_shared_unchecked(
-    base, shared_dirs, shared_coeffs, dirs, coeffs, pose_dirs=None, pose_coeffs=None
+    base, shared_dirs, shared_coeffs, dirs, coeffs, pose_dirs=None, pose_coeffs=None,
+    identity=None,
 ) -> torch.Tensor:
     """`blend_shared` without the Python argument checks (as `blend_unchecked`)."""
     if pose_dirs is None:
         pose_dirs = coeffs.new_empty((0, dirs.shape[0]))
         pose_coeffs = coeffs.new_empty((coeffs.shape[0], 0))
     return _ops.blend_shared(base, shared_dirs, shared_coeffs, dirs, coeffs, pose_dirs,
-                             pose_coeffs)
+                             pose_coeffs, identity)
 
 
 def blend_shared_grads(grad, shared_dirs, dirs, pose_dirs, need_shared_coeffs: bool,
-                       need_coeffs: bool, need_pose_coeffs: bool):
-    """(grad_shared_coeffs (1, Ks), grad_coeffs, grad_pose_coeffs) from the gradient (B, N)
-    of blend_shared's output, each None unless asked for."""
+                       need_coeffs: bool, need_pose_coeffs: bool, identity=None,
+                       identities: int = 1):
+    """(grad_shared_coeffs (S, Ks), grad_coeffs, grad_pose_coeffs) from the gradient (B, N)
+    of blend_shared's output, each None unless asked for; S = identities rows picked by
+    identity (one row without it)."""
     grads = _ops.blend_shared_backward(
-        grad, shared_dirs, dirs, pose_dirs, need_shared_coeffs, need_coeffs, need_pose_coeffs
+        grad, shared_dirs, dirs, pose_dirs, need_shared_coeffs, need_coeffs, need_pose_coeffs,
+        identity, identities,
     )
     return tuple(g if need else None for g, need in
                  zip(grads, (need_shared_coeffs, need_coeffs, need_pose_coeffs)))
@@ -228,14 +245,16 @@ def _blend_backward_fake(grad_out, dirs, pose_dirs, need_coeffs, need_pose_coeff
 
 
 @torch.library.register_fake("flame_ext::blend_shared")
-def _blend_shared_fake(base, shared_dirs, shared_coeffs, dirs, coeffs, pose_dirs, pose_coeffs):
+def _blend_shared_fake(base, shared_dirs, shared_coeffs, dirs, coeffs, pose_dirs, pose_coeffs,
+                       identity=None):
     return coeffs.new_empty((coeffs.shape[0], dirs.shape[0]))
 
 
 @torch.library.register_fake("flame_ext::blend_shared_backward")
 def _blend_shared_backward_fake(grad_out, shared_dirs, dirs, pose_dirs, need_shared_coeffs,
-                                need_coeffs, need_pose_coeffs):
-    grad_shared = grad_out.new_empty((1, shared_dirs.shape[1]) if need_shared_coeffs else (0,))
+                                need_coeffs, need_pose_coeffs, identity=None, identities=1):
+    grad_shared = grad_out.new_empty(
+        (identities, shared_dirs.shape[1]) if need_shared_coeffs else (0,))
     return (grad_shared,) + _blend_backward_fake(grad_out, dirs, pose_dirs, need_coeffs,
                                                  need_pose_coeffs)
 
@@ -313,45 +332,61 @@ def _blend_backward_backward(ctx, grad_grad_coeffs, grad_grad_pose):
     return d_grad_out, d_dirs, d_pose_dirs, None, None
 
 
+def sum_by_identity(grad: torch.Tensor, identity: Optional[torch.Tensor],
+                    identities: int) -> torch.Tensor:
+    """(S, N): each shared row's sum of the rows of grad (B, N) whose sample picks it (the
+    whole batch, (1, N), without identity). index_add_ adds in order of the samples on the
+    CPU; on a device its atomics make the order (not the math) vary."""
+    if identity is None:
+        return grad.sum(0, keepdim=True)
+    return grad.new_zeros((identities, grad.shape[1])).index_add_(0, identity, grad)
+
+
 def _blend_shared_setup_context(ctx, inputs, output):
-    base, shared_dirs, shared_coeffs, dirs, coeffs, pose_dirs, pose_coeffs = inputs
-    ctx.save_for_backward(shared_dirs, shared_coeffs, dirs, coeffs, pose_dirs, pose_coeffs)
+    base, shared_dirs, shared_coeffs, dirs, coeffs, pose_dirs, pose_coeffs, identity = inputs
+    ctx.save_for_backward(shared_dirs, shared_coeffs, dirs, coeffs, pose_dirs, pose_coeffs,
+                          identity)
     ctx.base_dim = base.dim()
 
 
 def _blend_shared_backward(ctx, grad):
-    shared_dirs, shared_coeffs, dirs, coeffs, pose_dirs, pose_coeffs = ctx.saved_tensors
+    shared_dirs, shared_coeffs, dirs, coeffs, pose_dirs, pose_coeffs, identity = ctx.saved_tensors
     (need_base, need_shared_dirs, need_shared_coeffs, need_dirs, need_coeffs, need_pose_dirs,
-     need_pose_coeffs) = ctx.needs_input_grad
+     need_pose_coeffs) = ctx.needs_input_grad[:7]
+    identities = shared_coeffs.shape[0]
     grad_shared_coeffs = grad_coeffs = grad_pose_coeffs = None
     if need_shared_coeffs or need_coeffs or need_pose_coeffs:
         grad_shared_coeffs, grad_coeffs, grad_pose_coeffs = blend_shared_grads(
             grad, shared_dirs, dirs, pose_dirs, need_shared_coeffs, need_coeffs,
-            need_pose_coeffs,
+            need_pose_coeffs, identity, identities,
         )
-    grad_sum = grad.sum(0, keepdim=True) if (need_base or need_shared_dirs) else None
     grad_base = None
     if need_base:
+        grad_sum = grad.sum(0, keepdim=True)
         grad_base = grad_sum if ctx.base_dim == 2 else grad_sum[0]
     # Plain products, as blend's: the tables are model constants in the decoders.
-    grad_shared_dirs = grad_sum.mT @ shared_coeffs if need_shared_dirs else None
+    grad_shared_dirs = None
+    if need_shared_dirs:
+        grad_shared_dirs = sum_by_identity(grad, identity, identities).mT @ shared_coeffs
     grad_dirs = grad.mT @ coeffs if need_dirs else None
     grad_pose_dirs = pose_coeffs.mT @ grad if need_pose_dirs else None
     return (grad_base, grad_shared_dirs, grad_shared_coeffs, grad_dirs, grad_coeffs,
-            grad_pose_dirs, grad_pose_coeffs)
+            grad_pose_dirs, grad_pose_coeffs, None)
 
 
 def _blend_shared_backward_setup_context(ctx, inputs, output):
-    grad_out, shared_dirs, dirs, pose_dirs, need_shared, need_coeffs, need_pose = inputs
-    ctx.save_for_backward(grad_out, shared_dirs, dirs, pose_dirs)
+    (grad_out, shared_dirs, dirs, pose_dirs, need_shared, need_coeffs, need_pose, identity,
+     identities) = inputs
+    ctx.save_for_backward(grad_out, shared_dirs, dirs, pose_dirs, identity)
     ctx.needs = (need_shared, need_coeffs, need_pose)
+    ctx.identities = identities
 
 
 def _blend_shared_backward_backward(ctx, grad_grad_shared, grad_grad_coeffs, grad_grad_pose):
     """Backward of blend_shared_backward, linear in grad_out: its gradient is blend_shared
     with zero base and the incoming gradients as coefficients; the tables' gradients are
     the transposed products."""
-    grad_out, shared_dirs, dirs, pose_dirs = ctx.saved_tensors
+    grad_out, shared_dirs, dirs, pose_dirs, identity = ctx.saved_tensors
     need_grad_out, need_shared_dirs, need_dirs, need_pose_dirs = ctx.needs_input_grad[:4]
     batch, n = grad_out.shape
     # An output that was not asked for is (0,); one that was not used may come back as
@@ -363,21 +398,23 @@ def _blend_shared_backward_backward(ctx, grad_grad_shared, grad_grad_coeffs, gra
     use_pose = use_pose and _pose_count(pose_dirs, n) > 0
     d_grad_out = d_shared_dirs = d_dirs = d_pose_dirs = None
     if need_grad_out:
-        shared = grad_grad_shared if use_shared else grad_out.new_zeros((1, shared_dirs.shape[1]))
+        shared = (grad_grad_shared if use_shared
+                  else grad_out.new_zeros((ctx.identities, shared_dirs.shape[1])))
         coeffs = grad_grad_coeffs if use_coeffs else grad_out.new_zeros((batch, dirs.shape[1]))
         if use_pose:
             pose_pair = (pose_dirs, grad_grad_pose)
         else:
             pose_pair = (grad_out.new_empty((0, n)), grad_out.new_zeros((batch, 0)))
         d_grad_out = _ops.blend_shared(grad_out.new_zeros((n,)), shared_dirs, shared, dirs,
-                                       coeffs, *pose_pair)
+                                       coeffs, *pose_pair, identity)
     if need_shared_dirs and use_shared:
-        d_shared_dirs = grad_out.sum(0, keepdim=True).mT @ grad_grad_shared
+        d_shared_dirs = (sum_by_identity(grad_out, identity, ctx.identities).mT
+                         @ grad_grad_shared)
     if need_dirs and use_coeffs:
         d_dirs = grad_out.mT @ grad_grad_coeffs
     if need_pose_dirs and use_pose:
         d_pose_dirs = grad_grad_pose.mT @ grad_out
-    return d_grad_out, d_shared_dirs, d_dirs, d_pose_dirs, None, None, None
+    return d_grad_out, d_shared_dirs, d_dirs, d_pose_dirs, None, None, None, None, None
 
 
 torch.library.register_autograd(

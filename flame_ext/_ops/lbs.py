@@ -21,7 +21,8 @@ from typing import Optional, Tuple
 import torch
 from torch.autograd.function import once_differentiable
 
-from .blend import blend_base_grad, blend_grads, blend_shared_grads
+from .._parametric import identity_rows
+from .blend import blend_base_grad, blend_grads, blend_shared_grads, sum_by_identity
 from .rigid_transforms import rigid_transforms_grads
 from .skin import skin_grads
 
@@ -35,7 +36,7 @@ class FusedLbs(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, v_base, v_dirs, j_base, j_dirs, coeffs, pose, pose_dirs, parents, lbs_weights,
-        want_vertex_transforms, shared_dirs, shared_coeffs, shared_joint_dirs,
+        want_vertex_transforms, shared_dirs, shared_coeffs, shared_joint_dirs, identity,
     ):
         batch, n_joints = pose.shape[:2]
         n_verts = lbs_weights.shape[0]
@@ -45,8 +46,10 @@ class FusedLbs(torch.autograd.Function):
             if shared_joint_dirs is not None:
                 joint_base = _ops.blend.default(
                     j_base, shared_joint_dirs, shared_coeffs, no_pose_dirs,
-                    coeffs.new_empty((1, 0)),
+                    coeffs.new_empty((shared_coeffs.shape[0], 0)),
                 )
+                if identity is not None:
+                    joint_base = identity_rows(joint_base, identity)
             joints = _ops.blend.default(
                 joint_base, j_dirs, coeffs, no_pose_dirs, coeffs.new_empty((batch, 0))
             ).view(batch, n_joints, 3)
@@ -55,7 +58,8 @@ class FusedLbs(torch.autograd.Function):
                 v_posed = _ops.blend.default(v_base, v_dirs, coeffs, pose_dirs, pose_feature)
             else:
                 v_posed = _ops.blend_shared.default(
-                    v_base, shared_dirs, shared_coeffs, v_dirs, coeffs, pose_dirs, pose_feature
+                    v_base, shared_dirs, shared_coeffs, v_dirs, coeffs, pose_dirs, pose_feature,
+                    identity,
                 )
             v_posed = v_posed.view(batch, n_verts, 3)
             v, vertex_transforms = _ops.skin.default(
@@ -63,8 +67,9 @@ class FusedLbs(torch.autograd.Function):
             )
         ctx.save_for_backward(
             v_base, j_base, v_dirs, j_dirs, pose, joints, transforms, v_posed, pose_dirs,
-            no_pose_dirs, parents, lbs_weights, shared_dirs, shared_joint_dirs,
+            no_pose_dirs, parents, lbs_weights, shared_dirs, shared_joint_dirs, identity,
         )
+        ctx.identities = shared_coeffs.shape[0] if shared_coeffs is not None else 1
         ctx.want_vertex_transforms = want_vertex_transforms
         ctx.set_materialize_grads(False)
         if not want_vertex_transforms:
@@ -76,7 +81,7 @@ class FusedLbs(torch.autograd.Function):
     def backward(ctx, grad_v, grad_vertex_transforms, grad_transforms):
         (
             v_base, j_base, v_dirs, j_dirs, pose, joints, transforms, v_posed, pose_dirs,
-            no_pose_dirs, parents, lbs_weights, shared_dirs, shared_joint_dirs,
+            no_pose_dirs, parents, lbs_weights, shared_dirs, shared_joint_dirs, identity,
         ) = ctx.saved_tensors
         need_v_base, _, need_j_base, _, need_coeffs, need_pose = ctx.needs_input_grad[:6]
         need_shared = ctx.needs_input_grad[11]
@@ -96,7 +101,7 @@ class FusedLbs(torch.autograd.Function):
             if shared_dirs is not None and (need_chain or need_shared):
                 grad_shared, grad_coeffs, grad_pose_feature = blend_shared_grads(
                     grad_v_posed, shared_dirs, v_dirs, pose_dirs, need_shared, need_coeffs,
-                    need_chain,
+                    need_chain, identity, ctx.identities,
                 )
             elif need_chain:
                 grad_coeffs, grad_pose_feature = blend_grads(
@@ -117,12 +122,13 @@ class FusedLbs(torch.autograd.Function):
                     )[0]
                 if need_shared_joints:
                     grad_shared = grad_shared + blend_grads(
-                        grad_joints.sum(0, keepdim=True), shared_joint_dirs, no_pose_dirs,
-                        True, False,
+                        sum_by_identity(grad_joints, identity, ctx.identities),
+                        shared_joint_dirs, no_pose_dirs, True, False,
                     )[0]
         return (
             grad_v_base, None, grad_j_base, None, grad_coeffs,
             grad_pose if need_pose else None, None, None, None, None, None, grad_shared, None,
+            None,
         )
 
 
@@ -140,6 +146,7 @@ def lbs(
     shared_dirs: Optional[torch.Tensor] = None,
     shared_coeffs: Optional[torch.Tensor] = None,
     shared_joint_dirs: Optional[torch.Tensor] = None,
+    identity: Optional[torch.Tensor] = None,
 ) -> Optional[Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]]:
     """The FLAME chain in one autograd node, or None where the caller must run the steps.
 
@@ -151,7 +158,9 @@ def lbs(
     row is blended in the same pass as the rest; gradients reach shared_coeffs too. With
     shared_joint_dirs (3J, Ks) as well, j_base is the joints' template and the shared
     row's joints j_base + shared_joint_dirs @ shared_coeffs^T are blended here too (one
-    autograd node for the whole decode). Returns (v (B, V, 3), vertex_transforms
+    autograd node for the whole decode). With identity (B,) as well, shared_coeffs is (S,
+    Ks) and frame b takes shared row identity[b] (FlameShape's identity-indexed batches):
+    each row is blended once, in the same pass as the rest. Returns (v (B, V, 3), vertex_transforms
     (B, V, 4, 4) or None, transforms (B, J, 4, 4)). Gradients reach v_base, j_base, coeffs
     and pose; double backward is not supported (nor is it through the skin op). None
     under torch.compile (which traces the ops' own registrations), under torch.func
@@ -169,6 +178,6 @@ def lbs(
         return None
     v, vertex_transforms, transforms = FusedLbs.apply(
         v_base, v_dirs, j_base, j_dirs, coeffs, pose, pose_dirs, parents, lbs_weights,
-        want_vertex_transforms, shared_dirs, shared_coeffs, shared_joint_dirs,
+        want_vertex_transforms, shared_dirs, shared_coeffs, shared_joint_dirs, identity,
     )
     return v, (vertex_transforms if want_vertex_transforms else None), transforms

@@ -12,7 +12,10 @@ A half-precision dirs (float16 / bfloat16): every stored value widens exactly, t
 kernels give the bits of the same kernels on the widened table, and the cuBLAS path
 widens it in blocks (one, and several with a short last one).
 blend_shared and its backward: the same kernels on the shared row and on the batch sum of
-grad_out, against the reference, the per-sample gradients bitwise blend_backward's.
+grad_out, against the reference, the per-sample gradients bitwise blend_backward's; with
+S shared rows and an identity per sample, the rows gathered per sample (NaN for an index
+out of range, which the launcher never reads on the host) and each row's samples summed
+by the blend kernels (an unused row's gradient exactly zero).
 """
 
 import pytest
@@ -194,6 +197,44 @@ def test_blend_shared_matches_reference(kernels, batch, n, ks, k, p, dtype):
     (gc, gc_mag), (gp, gp_mag) = _backward_exact(grad, dirs, pose_dirs)
     assert_within(grads[1], gc, sum_bound(n, gc_mag, dtype), "grad_coeffs")
     assert_within(grads[2], gp, sum_bound(n, gp_mag, dtype), "grad_pose_coeffs")
+    assert_bitwise(grads[1:], kernels.blend_backward(grad, dirs, pose_dirs, True, True))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch, rows, n, ks, k, p", [(7, 3, 61, 37, 5, 36),
+                                                      (20, 6, 613, 9, 70, 5)])
+def test_blend_shared_identity_matches_reference(kernels, batch, rows, n, ks, k, p, dtype):
+    base, dirs, coeffs, pose_dirs, pose_coeffs = _inputs(batch, n, k, p, dtype, "flat", seed=8)
+    g = torch.Generator().manual_seed(9)
+    shared_dirs, shared_coeffs = rand(g, n, ks, dtype=dtype), rand(g, rows, ks, dtype=dtype)
+    identity = torch.randint(0, rows - 1, (batch,), generator=g)  # the last row unused
+    identity[-1] = rows  # out of range: that sample's outputs are NaN
+    with launches(FORWARD):
+        out = under_every_schedule(lambda: kernels.blend_shared(
+            base, shared_dirs, shared_coeffs, dirs, coeffs, pose_dirs, pose_coeffs, identity))
+    assert torch.isnan(out[-1]).all()
+    shaped, shaped_mag = _forward_exact(base, shared_dirs, shared_coeffs, pose_dirs[:0],
+                                        pose_coeffs[:rows, :0])
+    d = [x.double() for x in (dirs, coeffs, pose_dirs, pose_coeffs)]
+    picked = identity[:-1]
+    exact = shaped[picked] + d[1][:-1] @ d[0].T + d[3][:-1] @ d[2]
+    magnitude = shaped_mag[picked] + d[1][:-1].abs() @ d[0].abs().T + d[3][:-1].abs() @ d[2].abs()
+    assert_within(out[:-1], exact, sum_bound(ks + k + p + 2, magnitude, dtype),
+                  "blend_shared with identity")
+
+    grad = rand(g, batch, n, dtype=dtype)
+    valid = identity.clone()
+    valid[-1] = 0
+    with launches("adjoint_coeffs_kernel"):  # at B = 20 the rest goes to the GEMM path
+        grads = under_every_schedule(lambda: kernels.blend_shared_backward(
+            grad, shared_dirs, dirs, pose_dirs, True, True, True, valid, rows))
+    one_hot = (torch.arange(rows)[:, None] == valid[None]).double()
+    summed, summed_mag = one_hot @ grad.double(), one_hot @ grad.double().abs()
+    assert grads[0].shape == (rows, ks)
+    assert_within(grads[0], summed @ shared_dirs.double(),
+                  sum_bound(n + batch, summed_mag @ shared_dirs.double().abs(), dtype),
+                  "grad_shared_coeffs")
+    assert torch.equal(grads[0][-1], torch.zeros_like(grads[0][-1]))
     assert_bitwise(grads[1:], kernels.blend_backward(grad, dirs, pose_dirs, True, True))
 
 
