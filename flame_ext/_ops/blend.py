@@ -335,11 +335,18 @@ def _blend_backward_backward(ctx, grad_grad_coeffs, grad_grad_pose):
 def sum_by_identity(grad: torch.Tensor, identity: Optional[torch.Tensor],
                     identities: int) -> torch.Tensor:
     """(S, N): each shared row's sum of the rows of grad (B, N) whose sample picks it (the
-    whole batch, (1, N), without identity). index_add_ adds in order of the samples on the
-    CPU; on a device its atomics make the order (not the math) vary."""
+    whole batch, (1, N), without identity), deterministic: on the CPU index_add_, in order
+    of the samples; on a device index_put_ with accumulation, which sorts the indices with
+    a stable sort (index_add_ there uses atomics), a sample whose identity is out of range
+    (NaN outputs: never checked on a device) adding nothing."""
     if identity is None:
         return grad.sum(0, keepdim=True)
-    return grad.new_zeros((identities, grad.shape[1])).index_add_(0, identity, grad)
+    sums = grad.new_zeros((identities, grad.shape[1]))
+    if identity.device.type == "cpu":
+        return sums.index_add_(0, identity, grad)
+    valid = (identity >= 0) & (identity < identities)
+    return sums.index_put_((identity.clamp(0, identities - 1),),
+                           torch.where(valid[:, None], grad, 0), accumulate=True)
 
 
 def _blend_shared_setup_context(ctx, inputs, output):
