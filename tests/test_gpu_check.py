@@ -233,21 +233,36 @@ def test_default_budget_fits_one_nine_minute_call():
         assert sum(budget.values()) + gpu_check.END_RESERVE_S <= gpu_check.DEADLINE_S <= 540
 
 
+def _alive(pid: int) -> bool:
+    """Whether process pid exists and is not a zombie (killed, not yet reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def test_a_hanging_step_is_killed_at_its_limit(tmp_path):
     args = gpu_check.parse_args(["--dry-run", "--out", str(tmp_path)])
     check = gpu_check.Check(args)
     stage = {"log": "logs/hang.log", "steps": []}
     start = time.monotonic()
-    marker = tmp_path / "still-running"
+    pid_file = tmp_path / "child.pid"
     # A background child that ignores the interrupt and the termination (as its sleep
     # does, by inheritance) outlives the shell: the final kill of the group must take it.
-    child = f"(trap '' INT TERM; sleep 5; touch {marker}) & sleep 60"
+    # It writes its pid before it sleeps, far longer than the test waits for it to go.
+    child = f"(trap '' INT TERM; echo $BASHPID > {pid_file}; sleep 120) & sleep 60"
     step = check.run(stage, ["bash", "-c", child], limit=1.0)
     assert time.monotonic() - start < gpu_check.KILL_GRACE_S + 5
     assert step["rc"] == 124 and step["timed_out"] and not step["ok"]
     assert "timed out" in (tmp_path / "logs" / "hang.log").read_text()
-    time.sleep(6)
-    assert not marker.exists()
+    if not pid_file.exists():
+        return  # killed before it got to write its pid: nothing of the group is left
+    pid = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _alive(pid):
+        time.sleep(0.1)
+    assert not _alive(pid), "the background child outlived the kill"
 
 
 def test_stage_limits_leave_the_later_stages_their_budgets(tmp_path):

@@ -760,6 +760,54 @@ FLAME_CPU_INLINE void pose_adjoint_tile(const BackwardArgs<T>& a, const KTail<T>
   }
 }
 
+// One sample, a whole row of dirs per step: the rows are read in order, one after the
+// other, where the column blocks of adjoint_tile read each row a block at a time (a shared
+// identity's adjoint: one sample over 300 columns, 18 MB of FLAME streamed from memory).
+// The sums live in a block of vectors in L1 instead of registers (the one sample is memory
+// bound); each output's sum still runs over the rows in order from zero, then adds what
+// an earlier row block stored, and the last vector is the row's final one (at K - W), its
+// lanes before vector_end left to the vector before it: the bits of the column blocks.
+// For K up to kAdjointRowColumns (at least W).
+constexpr int64_t kAdjointRowColumns = 1024;
+template <typename T>
+FLAME_CPU_INLINE void adjoint_one_sample(const BackwardArgs<T>& a, const KTail<T>& tail,
+                                         T* partial, int64_t m0, int64_t m1, int64_t b,
+                                         bool accumulate, LineCursor& next) {
+  constexpr int W = kLanes<T>;
+  constexpr int64_t kMaxVectors = kAdjointRowColumns / W;
+  const int64_t vectors = (a.K + W - 1) / W;
+  const bool masked = a.K % W != 0;
+  Vec<T> acc[kMaxVectors];
+  for (int64_t u = 0; u < vectors; ++u) acc[u] = Vec<T>{};
+  const T* g = a.grad_out + b * a.N;
+  for (int64_t n = m0; n < m1; ++n) {
+    next.step_many();
+    const T* row = a.dirs + n * a.dirs_stride;
+    const T c = g[n];
+    int64_t u = 0;
+    for (; u + 1 < vectors; ++u) {
+      Vec<T> d;
+      load(d, row + u * W);
+      acc[u] += d * c;
+    }
+    Vec<T> d;
+    load(d, row + (masked ? a.K - W : u * W));
+    acc[u] += d * c;
+  }
+  for (int64_t u = 0; u < vectors; ++u) {
+    const bool last_masked = masked && u == vectors - 1;
+    T* dst = partial + b * a.K + (last_masked ? a.K - W : u * W);
+    Vec<T> value = acc[u];
+    if (accumulate || last_masked) {
+      Vec<T> old;
+      load(old, dst);
+      if (accumulate) value += old;
+      if (last_masked) value = select<T>(tail.mask, value, old);
+    }
+    store(dst, value);
+  }
+}
+
 // The partial sums of one chunk of rows [n0, n1) for the samples [b0, b1).
 template <typename T>
 FLAME_CPU_INLINE void backward_chunk(const BackwardArgs<T>& a, int64_t chunk, int64_t n0,
@@ -777,6 +825,11 @@ FLAME_CPU_INLINE void backward_chunk(const BackwardArgs<T>& a, int64_t chunk, in
                                     b0 == 0 ? std::min(kAdjointRows, n1 - m1) : 0, 0, a.K);
       if (a.K < W) {
         adjoint_columns(a, partial, m0, m1, b0, b1, accumulate);
+        continue;
+      }
+      if (b1 - b0 == 1 && a.K <= kAdjointRowColumns) {
+        next.spread_over(m1 - m0);
+        adjoint_one_sample(a, tail, partial, m0, m1, b0, accumulate, next);
         continue;
       }
       // The tiles below step the cursor once per row each: with few samples (a shared
