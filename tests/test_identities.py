@@ -118,7 +118,7 @@ def test_ext_blends_the_rows_in_the_frames_pass(modules, key):
         counts[event.name] = counts.get(event.name, 0) + 1
     assert counts.get("flame_ext::blend_shared") == 1
     assert counts.get("flame_ext::blend_shared_backward") == 1
-    # what remains of blend: the joints' identity rows and their frames, and the backward's
+    # what remains of blend: the joints' identity rows and their frames (forward only)
     assert counts.get("flame_ext::blend", 0) == 2
 
 

@@ -232,6 +232,23 @@ def test_blend_backward_batch_sizes_and_no_pose(ops, device, batch):
     assert grad_pose.shape == (batch, 0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k,p", [(37, 9), (32, 0), (300, 36)])
+def test_blend_backward_one_sample_rows_match_the_column_blocks(ops, dtype, k, p):
+    """A group of one sample (the 17th of B = 17) reads whole rows of dirs; two samples
+    take the column blocks. The chunks depend on the sizes only, not on B, so sample 16's
+    gradient is the same bits either way: K with and without the masked tail vector, N
+    over several 64-row blocks."""
+    _, dirs, _, pose_dirs, _ = blend_inputs(17, N, k, p, dtype, "cpu")
+    if pose_dirs is None:
+        pose_dirs = dirs.new_empty((0, N))
+    grad_out = torch.randn(17, N, dtype=dtype)
+    one = ops.blend_backward(grad_out, dirs, pose_dirs, True, True)
+    two = ops.blend_backward(grad_out[15:17].contiguous(), dirs, pose_dirs, True, True)
+    assert torch.equal(one[0][16], two[0][1]) and torch.equal(one[1][16], two[1][1])
+    _assert_adjoint_close(one[0], grad_out, dirs)
+
+
 def test_blend_backward_degenerate_sizes(ops, device):
     # N = 0: the sums are empty, so the gradients are zero.
     grad_out = torch.randn(3, 0, dtype=torch.float64, device=device)

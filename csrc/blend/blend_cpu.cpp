@@ -116,7 +116,7 @@ constexpr int64_t kAdjointRows = 64;
 template <typename T>
 struct ForwardArgs {
   const T* base;
-  int64_t base_stride;  // between samples; 0 when base is shared
+  int64_t base_stride;  // between base rows (samples, or base_rows' picks); 0: one row
   // Sample b starts from row base_rows[b] of base (blend_shared with an identity per
   // sample); null: from row b.
   const int64_t* base_rows = nullptr;
