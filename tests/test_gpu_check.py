@@ -256,9 +256,10 @@ def test_a_hanging_step_is_killed_at_its_limit(tmp_path):
     assert time.monotonic() - start < gpu_check.KILL_GRACE_S + 5
     assert step["rc"] == 124 and step["timed_out"] and not step["ok"]
     assert "timed out" in (tmp_path / "logs" / "hang.log").read_text()
-    if not pid_file.exists():
-        return  # killed before it got to write its pid: nothing of the group is left
-    pid = int(pid_file.read_text())
+    text = pid_file.read_text().strip() if pid_file.exists() else ""
+    if not text:
+        return  # killed before its pid was written: nothing of the group is left
+    pid = int(text)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and _alive(pid):
         time.sleep(0.1)

@@ -294,8 +294,9 @@ at::Tensor blend_shared_cuda(const at::Tensor& base_in, const at::Tensor& shared
 }
 
 // blend_shared_backward: the adjoint kernels on the per-row sums of grad_out (the batch
-// sum for one shared row; with identity each row's samples, summed by the blend kernels
-// as a product with the (S, B) one-hot of identity, deterministic) for the shared
+// sum for one shared row; with identity each row's samples, summed as blend_cuda's
+// product with the (S, B) one-hot of identity: by the blend kernels, deterministic, up
+// to kSmallBatch identities or in deterministic mode, else by cuBLAS) for the shared
 // coefficients, and blend_backward's kernels (or cuBLAS) for the rest.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> blend_shared_backward_cuda(
     const at::Tensor& grad_out_in, const at::Tensor& shared_dirs_in, const at::Tensor& dirs_in,

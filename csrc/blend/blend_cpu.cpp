@@ -513,7 +513,9 @@ std::tuple<at::Tensor, at::Tensor> blend_backward_cpu(const at::Tensor& grad_out
 // rows never go to memory (two calls of blend read them back, and at small batches the
 // second one finds shared_dirs' 18 MB of FLAME evicted the rest). Same kernels, same
 // chunks, same order of summation: the bits of blend(blend(base, shared_dirs,
-// shared_coeffs)[identity], dirs, coeffs, pose_dirs, pose_coeffs).
+// shared_coeffs)[identity], dirs, coeffs, pose_dirs, pose_coeffs). A batch that
+// $FLAME_EXT_BLEND_BLAS_BATCH sends to BLAS sends both products there, so the bits are
+// those of the composition only where S is on the same side of that threshold as B.
 at::Tensor blend_shared_cpu(const at::Tensor& base_in, const at::Tensor& shared_dirs_in,
                             const at::Tensor& shared_coeffs_in, const at::Tensor& dirs_in,
                             const at::Tensor& coeffs_in, const at::Tensor& pose_dirs_in,

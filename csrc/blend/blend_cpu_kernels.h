@@ -641,6 +641,21 @@ FLAME_CPU_INLINE void forward_range(const ForwardArgs<T>& a, int64_t n0, int64_t
 // ---------------------------------------------------------------------------------------
 // Backward: per-chunk partial sums into a workspace, reduced in chunk order.
 
+// Stores one vector of an adjoint's partial sums at dst: `accumulate` adds what an
+// earlier row block stored there; `masked` (the row's final vector, at K - W) keeps the
+// lanes before vector_end, which belong to the vector before it.
+template <typename T>
+FLAME_CPU_INLINE void store_partial(T* dst, Vec<T> value, bool accumulate, bool masked,
+                                    const KTail<T>& tail) {
+  if (accumulate || masked) {
+    Vec<T> old;
+    load(old, dst);
+    if (accumulate) value += old;
+    if (masked) value = select<T>(tail.mask, value, old);
+  }
+  store(dst, value);
+}
+
 // partial[b0..b0+S, columns] (+)= sum over n in [m0, m1) of grad_out[b, n] * dirs[n, columns]
 // for U vectors of columns starting at k; with LastMasked the last vector is the row's
 // final one (at K - W) and only its lanes from vector_end on are written (the others
@@ -681,18 +696,9 @@ FLAME_CPU_INLINE void adjoint_tile(const BackwardArgs<T>& a, const KTail<T>& tai
   FLAME_UNROLL
   for (int s = 0; s < S; ++s) {
     FLAME_UNROLL
-    for (int u = 0; u < U; ++u) {
-      T* dst = partial + (b0 + s) * a.K + column[u];
-      Vec<T> value = acc[s][u];
-      const bool masked = LastMasked && u == U - 1;
-      if (accumulate || masked) {
-        Vec<T> old;
-        load(old, dst);
-        if (accumulate) value += old;
-        if (masked) value = select<T>(tail.mask, value, old);
-      }
-      store(dst, value);
-    }
+    for (int u = 0; u < U; ++u)
+      store_partial(partial + (b0 + s) * a.K + column[u], acc[s][u], accumulate,
+                    LastMasked && u == U - 1, tail);
   }
 }
 
@@ -796,15 +802,8 @@ FLAME_CPU_INLINE void adjoint_one_sample(const BackwardArgs<T>& a, const KTail<T
   }
   for (int64_t u = 0; u < vectors; ++u) {
     const bool last_masked = masked && u == vectors - 1;
-    T* dst = partial + b * a.K + (last_masked ? a.K - W : u * W);
-    Vec<T> value = acc[u];
-    if (accumulate || last_masked) {
-      Vec<T> old;
-      load(old, dst);
-      if (accumulate) value += old;
-      if (last_masked) value = select<T>(tail.mask, value, old);
-    }
-    store(dst, value);
+    store_partial(partial + b * a.K + (last_masked ? a.K - W : u * W), acc[u], accumulate,
+                  last_masked, tail);
   }
 }
 

@@ -348,6 +348,12 @@ class RateProbes:
     the first touch the way that was faster at the start) are steps of each row's own
     interleaved rounds (`timing.measure`), beside the implementations, and that row's
     floor takes the best rate each reached there.
+
+    Costs of measuring this way: the probes' tensors (the copy's two, at least twice the
+    last-level cache, and the matmul's) stay allocated for the whole run, and a copy
+    step evicts the caches, so the step after it in a round finds its inputs in memory,
+    as the implementations' own rotation of input sets (`timing.input_set_count`)
+    already arranges.
     """
 
     # seconds of samples of each probe per row (the 2048 matmul's one call is ~0.1 s on
