@@ -16,9 +16,7 @@
 // its baseline loops whatever cpu_isa() says.
 #pragma once
 
-#include <algorithm>
 #include <cstdint>
-#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 
@@ -76,31 +74,6 @@ inline int64_t env_count(const char* name, int64_t fallback) {
   char* end = nullptr;
   const long long parsed = std::strtoll(value, &end, 10);
   return end != value && *end == '\0' && parsed >= 0 ? int64_t(parsed) : fallback;
-}
-
-// The largest cache of cpu0, in bytes, as Linux's sysfs lists
-// it (one instance: the L3 of one core complex on an AMD EPYC, where glibc's
-// sysconf(_SC_LEVEL3_CACHE_SIZE) adds up every complex of the host); `fallback` where
-// sysfs does not say. Read once per process.
-inline int64_t last_level_cache_bytes(int64_t fallback) {
-  static const int64_t bytes = [] {
-    int64_t best = 0;
-    for (int index = 0; index < 8; ++index) {
-      char path[64];
-      std::snprintf(path, sizeof(path), "/sys/devices/system/cpu/cpu0/cache/index%d/size", index);
-      std::FILE* file = std::fopen(path, "r");
-      if (file == nullptr) break;
-      long long value = 0;
-      char unit = 0;
-      const int read = std::fscanf(file, "%lld%c", &value, &unit);
-      std::fclose(file);
-      if (read < 1 || value <= 0) continue;
-      const int64_t scale = unit == 'K' ? 1 << 10 : unit == 'M' ? 1 << 20 : unit == 'G' ? 1 << 30 : 1;
-      best = std::max<int64_t>(best, int64_t(value) * scale);
-    }
-    return best;
-  }();
-  return bytes > 0 ? bytes : fallback;
 }
 
 }  // namespace flame_ext

@@ -86,23 +86,20 @@ def test_skin_large_outputs_on_huge_pages(ops):
 
 @pytest.mark.parametrize("dtype", [F32, F64])
 def test_skin_streamed_transforms_are_the_stored_ones(ops, dtype):
-    """T_v of at least half the last-level cache is written with streaming stores
-    (skin_cpu.cpp streams_transforms): every value is the one the same call writes with
-    ordinary stores for a few vertices at a time (each vertex is computed alone, so the
-    bits are the same), and v with it. Streaming is the AVX-512 loop's only."""
+    """T_v of 4 MiB or more is written with streaming stores (skin_cpu.cpp
+    streams_transforms): every value is the one the same call writes with ordinary stores
+    for a few vertices at a time (each vertex is computed alone, so the bits are the
+    same), and v with it. Streaming is the AVX-512 loop's only."""
     from flame_ext import _ops as op_library
-    from flame_ext._bench.timing import last_level_cache_bytes
 
     if op_library.build_config()["cpu_isa"] != "avx512":
         pytest.skip("the streaming stores are in the AVX-512 loop")
+    # T_v of twice the threshold; each part (batch x chunk vertices, at most 1 MiB) under it.
     batch, num_joints, chunk = 2, 5, 4096
-    # T_v of at least the largest cache sysfs lists, as the op reads it (timing's 64 MB
-    # where sysfs lists none, over the op's 16 MiB threshold then): twice the threshold.
-    llc = last_level_cache_bytes(torch.device("cpu"))
-    num_verts = max(llc, 32 << 20) // (batch * 16 * dtype.itemsize) + 777
+    num_verts = (8 << 20) // (batch * 16 * dtype.itemsize) + 777
     v_posed, transforms, weights = skin_inputs(batch, num_verts, num_joints, dtype, "cpu")
     v, t = _ops().skin(v_posed, transforms, weights, True)
-    for v0 in range(0, num_verts, 97 * chunk):  # a sample of the chunks, the last included
+    for v0 in range(0, num_verts, 5 * chunk):  # a sample of the chunks, the last included
         v1 = min(num_verts, v0 + chunk)
         part_v, part_t = _ops().skin(v_posed[:, v0:v1], transforms, weights[v0:v1], True)
         assert torch.equal(v[:, v0:v1], part_v)

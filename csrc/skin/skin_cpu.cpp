@@ -346,14 +346,16 @@ FLAME_TARGET_AVX512 FLAME_ALWAYS_INLINE void blend_transforms(const scalar_t* a,
 }
 
 // Whether the vertex transforms (B, V, 4, 4) of `bytes` at t_out are written with
-// streaming stores: when they are at least half the last-level cache (cpu_isa.h; 32 MiB
-// assumed where the system does not say), they cannot stay in it for whoever reads them
-// next, and a normal store would first read each line from memory. The skin op with R on
-// an AMD EPYC: docs/PERFORMANCE.md. The rows must be 64-byte aligned (the CPU allocators
-// align more).
+// streaming stores: from kStreamTransformsBytes on. R is written once and read by nobody in
+// the op, and in a decoder the blend before the skin streams the basis (24 MB for FLAME)
+// through the caches, so the lines of R's block are gone by the time a call writes them
+// again: an ordinary store would first read each line from memory. 4 MiB is more than any
+// core's L2. Measured on an AMD EPYC (docs/PERFORMANCE.md), streaming from there on was
+// faster than from half the last-level cache at B = 16-32 even when the caller reads R right
+// after, and level below. The rows must be 64-byte aligned (the CPU allocators align more).
+constexpr int64_t kStreamTransformsBytes = int64_t(4) << 20;
 bool streams_transforms(const void* t_out, int64_t bytes) {
-  return bytes >= last_level_cache_bytes(int64_t(32) << 20) / 2 &&
-         reinterpret_cast<std::uintptr_t>(t_out) % 64 == 0;
+  return bytes >= kStreamTransformsBytes && reinterpret_cast<std::uintptr_t>(t_out) % 64 == 0;
 }
 
 // Vertices [v0, v0 + n) (n <= kTile) of samples [b0, b1): v_out = skin(v_posed), and with
