@@ -420,6 +420,15 @@ def texture(mean, basis, texcode, height, width, out_size=256):
     return image.index_select(2, rows).index_select(3, cols).flip(1)
 
 
+def _cross(a, b):
+    """a x b over the last dimension, written out: exactly 0 for two equal vectors, where
+    torch.linalg.cross's kernel may leave a rounding residue (whose direction the
+    normalisation would then turn into an arbitrary unit normal)."""
+    a0, a1, a2 = a.unbind(-1)
+    b0, b1, b2 = b.unbind(-1)
+    return torch.stack((a1 * b2 - a2 * b1, a2 * b0 - a0 * b2, a0 * b1 - a1 * b0), dim=-1)
+
+
 def vertex_normals(v, faces):
     """Area-weighted unit vertex normals (pytorch3d's ``verts_normals``), index_add style.
 
@@ -440,7 +449,7 @@ def vertex_normals(v, faces):
         )
     faces = faces.long()
     p0, p1, p2 = (v.index_select(-2, faces[:, k]) for k in range(3))
-    face_normals = torch.linalg.cross(p1 - p0, p2 - p0, dim=-1)
+    face_normals = _cross(p1 - p0, p2 - p0)
     summed = torch.zeros_like(v)
     for k in range(3):
         summed = summed.index_add(-2, faces[:, k], face_normals)

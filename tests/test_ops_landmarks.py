@@ -691,6 +691,19 @@ def test_landmarks_bad_argument_is_named(ops, device, name, how, variant):
     assert_bad_argument_is_named(_ops().landmarks, "landmarks", name, how, variant, device)
 
 
+@pytest.mark.parametrize("width", [4, 7, 14])
+def test_landmarks_op_poses_width_is_checked(lmk, device, width):
+    """The op itself refuses poses that are not (B, 3J) with J >= 2, naming poses."""
+    good = bad_op_cases(device)["landmarks"][0]
+    poses = good["poses"]
+    bad = torch.zeros(poses.shape[0], width, dtype=poses.dtype, device=poses.device)
+    tables = [good[name] for name in ("tris", "lmk_faces_idx", "lmk_bary_coords",
+                                      "dynamic_lmk_faces_idx", "dynamic_lmk_bary_coords")]
+    with pytest.raises((ValueError, RuntimeError)) as info:
+        torch.ops.flame_ext.landmarks(good["v"], bad, *tables, lmk.CONTOUR_RULES["medusa"])
+    assert_error_names(info, "poses")
+
+
 @given(value=st.one_of(st.text(max_size=8), st.integers(), st.none()))
 def test_landmarks_contour_rule_is_checked(ops, device, value):
     assume(value not in ("medusa", "deca"))

@@ -159,14 +159,22 @@ def test_int32_faces(nrm, device):
 def test_isolated_and_degenerate_vertices_get_zero_normals_and_gradients(nrm, device):
     # vertex 0..3: a proper triangle and one sharing its edge; 4: isolated; 5: only in a
     # face that repeats it (exactly zero area); 6..8: a nearly collinear face, whose
-    # normal only has to be finite.
-    faces = torch.tensor([[0, 1, 2], [1, 3, 2], [5, 5, 6], [6, 7, 8]], device=device)
-    v = random_vertices(2, 9, F64, device)
+    # normal only has to be finite; 9, 10: only in a face that repeats its last corner
+    # (zero area again, the cross product of two equal edges).
+    faces = torch.tensor([[0, 1, 2], [1, 3, 2], [5, 5, 6], [6, 7, 8], [9, 10, 10]],
+                         device=device)
+    v = random_vertices(2, 11, F64, device)
     v[:, 8] = v[:, 7] + (v[:, 7] - v[:, 6])  # 6, 7, 8 collinear up to rounding
     v = v.requires_grad_(True)
     out = nrm.vertex_normals(v, faces)
     assert bool(torch.isfinite(out).all())
     assert bool((out[:, 4] == 0).all()) and bool((out[:, 5] == 0).all())
+    assert bool((out[:, 9:] == 0).all())
+    # the reference too (a library cross product of two equal edges is not always 0)
+    ref = reference.vertex_normals(v.detach(), faces)
+    assert bool((ref[:, 4] == 0).all()) and bool((ref[:, 5] == 0).all())
+    assert bool((ref[:, 9:] == 0).all())
+    torch.testing.assert_close(ref, out.detach(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(out[:, :4].norm(dim=-1), torch.ones(2, 4, dtype=F64,
                                                                      device=device))
     (grad,) = torch.autograd.grad(out, v, torch.randn_like(out))

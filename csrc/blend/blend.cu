@@ -119,6 +119,9 @@ void launch_backward(const at::Tensor& grad_out, const at::Tensor& dirs,
                      at::Tensor& grad_coeffs, at::Tensor& grad_pose, const blend::Sizes& s,
                      const DeviceLimits& limits, const Stream& stream) {
   const int64_t B = s.B, N = s.N, K = s.K, P = s.P;
+  // Nothing to sum: the gradients asked for have no columns (a blend_shared backward of the
+  // shared coefficients alone, or a table of width 0).
+  if ((!do_coeffs || K == 0) && (!do_pose || P == 0)) return;
   const auto options = grad_out.options();
   with_tile_samples(tile_samples(B), [&](auto tile) {
     constexpr int kS = decltype(tile)::value;

@@ -307,7 +307,8 @@ struct BackwardChunks {
 
 inline BackwardChunks blend_backward_chunks(int64_t B, int64_t N, int64_t K, int64_t P,
                                             const DeviceLimits& limits) {
-  const int64_t max_chunks = std::clamp<int64_t>(kMaxWorkspace / (B * std::max(K, P)), 1,
+  const int64_t width = std::max({K, P, int64_t(1)});
+  const int64_t max_chunks = std::clamp<int64_t>(kMaxWorkspace / (B * width), 1,
                                                  std::min(kMaxChunks, limits.max_grid_y));
   const int64_t rows = std::max(kMinChunkRows, ceil_div(N, max_chunks));
   return {rows, ceil_div(N, rows)};

@@ -88,7 +88,7 @@ inline LandmarkSizes check_landmarks_args(const at::Tensor& v, const at::Tensor&
   if (contour_rule != kContourNone) {
     check_dynamic_landmark_tables(v, dynamic_lmk_faces_idx, dynamic_lmk_bary_coords);
     FLAME_CHECK_DIM(poses, 2);
-    TORCH_CHECK(poses.size(0) == s.batch && poses.size(1) >= 6,
+    TORCH_CHECK(poses.size(0) == s.batch && poses.size(1) >= 6 && poses.size(1) % 3 == 0,
                 "poses must have shape (", s.batch,
                 ", 3J) with J >= 2 (global, neck, ...), got ", poses.sizes());
     FLAME_CHECK_SAME_DTYPE(poses, v);

@@ -123,6 +123,34 @@ def assert_bitwise(a, b, what=""):
     assert bool(same.all()), f"{what}: not bitwise equal, max diff {(a - b).abs().max()}"
 
 
+def assert_matches_cpu(got, cpu, what="", bound=None, ulps=64):
+    """A kernel's result against the CPU loops'. Both evaluate the family's shared math
+    in the same order; in the emulation one host compiler builds both, with no FMA
+    contraction, so the bits are the same. nvcc contracts a * b + c into one rounding by
+    default, so on a GPU a step may differ by an ulp: there the two agree within `bound`
+    (elementwise, a tensor or a number: twice the test's bound against the exact
+    result, both sides being within it) or, without one, within `ulps` ulps of the
+    largest magnitude; NaN exactly where the CPU has NaN."""
+    if isinstance(got, (tuple, list)):
+        for i, (x, y) in enumerate(zip(got, cpu)):
+            assert_matches_cpu(x, y, f"{what}[{i}]", bound, ulps)
+        return
+    if emulated() or not got.is_floating_point():
+        assert_bitwise(got, cpu, what)
+        return
+    assert got.shape == cpu.shape and got.dtype == cpu.dtype, what
+    nan = torch.isnan(cpu)
+    assert torch.equal(torch.isnan(got), nan), f"{what}: NaN where the CPU has none or not"
+    err = (got.double() - cpu.double()).abs()[~nan]
+    if bound is None:
+        finite = cpu.double()[~nan]
+        scale = max(1.0, finite.abs().max().item()) if finite.numel() else 1.0
+        bound = ulps * torch.finfo(got.dtype).eps * scale
+    elif isinstance(bound, torch.Tensor):
+        bound = bound.double().expand(cpu.shape)[~nan]
+    assert bool((err <= bound).all()), f"{what}: off the CPU loops by {err.max().item():.3g}"
+
+
 def assert_within(out, exact, bound, what=""):
     """|out - exact| <= bound elementwise (exact in float64)."""
     err = (out.double() - exact.double()).abs()

@@ -201,6 +201,28 @@ def test_blend_shared_matches_reference(kernels, batch, n, ks, k, p, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ks, k, p", [(37, 0, 0), (0, 5, 3), (0, 0, 0)])
+def test_blend_shared_backward_empty_tables(kernels, ks, k, p, dtype):
+    """blend_shared_backward where a table has no columns: every gradient asked for, of
+    the sizes the tables give, the non-empty ones against the reference (a backward of
+    shared coefficients alone once divided by zero sizing the batch's workspace)."""
+    batch, n = 2, 61
+    _, dirs, _, pose_dirs, _ = _inputs(batch, n, k, p, dtype, seed=10)
+    g = torch.Generator().manual_seed(11)
+    shared_dirs, grad = rand(g, n, ks, dtype=dtype), rand(g, batch, n, dtype=dtype)
+    grads = under_every_schedule(lambda: kernels.blend_shared_backward(
+        grad, shared_dirs, dirs, pose_dirs, True, True, True))
+    assert [tuple(x.shape) for x in grads] == [(1, ks), (batch, k), (batch, p)]
+    summed = grad.double().sum(0, keepdim=True)
+    assert_within(grads[0], summed @ shared_dirs.double(),
+                  sum_bound(n + batch, grad.double().abs().sum(0, keepdim=True)
+                            @ shared_dirs.double().abs(), dtype), "grad_shared_coeffs")
+    (gc, gc_mag), (gp, gp_mag) = _backward_exact(grad, dirs, pose_dirs)
+    assert_within(grads[1], gc, sum_bound(n, gc_mag, dtype), "grad_coeffs")
+    assert_within(grads[2], gp, sum_bound(n, gp_mag, dtype), "grad_pose_coeffs")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("batch, rows, n, ks, k, p", [(7, 3, 61, 37, 5, 36),
                                                       (20, 6, 613, 9, 70, 5)])
 def test_blend_shared_identity_matches_reference(kernels, batch, rows, n, ks, k, p, dtype):

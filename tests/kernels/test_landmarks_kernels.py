@@ -4,14 +4,16 @@ landmarks_forward_kernel (one warp per sample, four samples a block: batches tha
 block and ones that leave warps idle) with no contour and with both contour rules, and
 landmarks_backward_kernel (one block per sample, the term tiles of 256) with landmark
 sets below and above one tile; against the reference, and against the CPU kernels
-bitwise: both sum every vertex's terms in term order from the same shared math. Contour
-bins of float32 poses are the CPU kernel's.
+(assert_matches_cpu): both sum every vertex's terms in term order from the same shared
+math, the same bits in the emulation, within a few ulps on a GPU (nvcc's multiply-add
+contraction). Contour bins of float32 poses are the CPU kernel's.
 """
 
 import pytest
 import torch
 
-from _simt import DTYPES, F32, F64, assert_bitwise, launches, rand, under_every_schedule
+from _simt import (DTYPES, F32, F64, assert_bitwise, assert_matches_cpu, launches, rand,
+                   under_every_schedule)
 from flame_ext import reference
 
 FORWARD, BACKWARD = "landmarks_forward_kernel", "landmarks_backward_kernel"
@@ -55,7 +57,7 @@ def test_forward_matches_reference_and_cpu(kernels, batch, rule, dtype):
     with launches(FORWARD, exactly=True):
         lmk, bins = under_every_schedule(lambda: _call(kernels, v, poses, tables, rule))
     cpu_lmk, cpu_bins = _call(torch.ops.flame_ext, v, poses, tables, rule)
-    assert_bitwise(lmk, cpu_lmk, "landmarks vs the CPU kernel")
+    assert_matches_cpu(lmk, cpu_lmk, "landmarks vs the CPU kernel")
     if rule != "none":
         assert_bitwise(bins, cpu_bins, "bins vs the CPU kernel")
         exact = reference.landmarks(v.double(), poses.double(), tables[0], tables[1],
@@ -84,7 +86,7 @@ def test_float32_bins_match_the_cpu_kernel_over_many_poses(kernels, rule, dtype)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rule", tuple(RULES))
 @pytest.mark.parametrize("batch, n_static", [(1, 7), (3, 51), (2, 90)])
-def test_backward_matches_cpu_bitwise(kernels, batch, n_static, rule, dtype):
+def test_backward_matches_cpu(kernels, batch, n_static, rule, dtype):
     """n_static 90 with 5 contour points: 285 terms, more than one tile of 256."""
     tables = _tables(dtype, n_static=n_static, seed=5)
     v = rand(torch.Generator().manual_seed(6), batch, N_VERTS, 3, dtype=dtype)
@@ -99,7 +101,7 @@ def test_backward_matches_cpu_bitwise(kernels, batch, n_static, rule, dtype):
         args = (grad, bins, *tables, N_VERTS)
     with launches(BACKWARD, exactly=True):
         grad_v = under_every_schedule(lambda: kernels.landmarks_backward(*args))
-    assert_bitwise(grad_v, torch.ops.flame_ext.landmarks_backward(*args), "grad_v vs CPU")
+    assert_matches_cpu(grad_v, torch.ops.flame_ext.landmarks_backward(*args), "grad_v vs CPU")
     # And against autograd of the reference.
     v64 = v.double().requires_grad_()
     if rule == "none":
@@ -148,15 +150,15 @@ def test_non_finite_pose_gives_nan_contour_and_no_gradient(kernels, rule, dtype)
     cpu_lmk, cpu_bins = _call(torch.ops.flame_ext, v, poses, tables, rule)
     assert bins[0] == -1 and bins[2] == -1 and bins[1] >= 0
     assert_bitwise(bins, cpu_bins, "bins")
-    assert_bitwise(lmk, cpu_lmk, "landmarks")
+    assert_matches_cpu(lmk, cpu_lmk, "landmarks")
     assert bool(torch.isnan(lmk[[0, 2], :N_CONTOUR]).all())
     assert bool(torch.isfinite(lmk[:, N_CONTOUR:]).all()) and bool(torch.isfinite(lmk[1]).all())
     grad = rand(torch.Generator().manual_seed(12), 3, N_CONTOUR + 7, 3, dtype=dtype)
     args = (grad, bins, *tables, N_VERTS)
     grad_v = kernels.landmarks_backward(*args)
-    assert_bitwise(grad_v, torch.ops.flame_ext.landmarks_backward(*args), "grad_v")
+    assert_matches_cpu(grad_v, torch.ops.flame_ext.landmarks_backward(*args), "grad_v")
     # Sample 0's gradient comes from its static points only.
     static_only = grad.clone()
     static_only[:, :N_CONTOUR] = 0
     only = torch.ops.flame_ext.landmarks_backward(static_only, bins, *tables, N_VERTS)
-    assert_bitwise(grad_v[0], only[0], "no contour gradient")
+    assert_matches_cpu(grad_v[0], only[0], "no contour gradient")

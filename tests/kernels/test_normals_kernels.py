@@ -4,16 +4,18 @@ vertex_normals_kernel (forward), vertex_normals_sum_grad_kernel and
 vertex_normals_backward_kernel (the backward's two launches), one thread per (sample,
 vertex) with blocks of 256: meshes whose B x V fills blocks exactly and ones that leave
 threads idle, with grids cut into many blocks. Against the reference (float64 autograd
-for the backward), bitwise equal under every schedule, and bitwise equal to the CPU op:
-both run the same math of normals.h per vertex in adjacency order, compiled by the same
-host compiler. A table that does not belong to the faces is never followed: NaN normals,
+for the backward), bitwise equal under every schedule, and equal to the CPU op
+(assert_matches_cpu): both run the same math of normals.h per vertex in adjacency order,
+bitwise in the emulation (one host compiler), within the tests' bounds on a GPU (nvcc
+contracts multiply-adds). A table that does not belong to the faces is never followed: NaN normals,
 no gradient, no read out of bounds (the sanitizer build would report one).
 """
 
 import pytest
 import torch
 
-from _simt import DTYPES, F64, assert_bitwise, launches, rand, under_every_schedule
+from _simt import (DTYPES, F64, assert_bitwise, assert_matches_cpu, launches, rand,
+                   under_every_schedule)
 from flame_ext import reference
 
 FORWARD = "vertex_normals_kernel"
@@ -44,7 +46,6 @@ def test_forward_matches_reference_and_cpu(kernels, batch, num_vertices, num_fac
     v = rand(torch.Generator().manual_seed(1), batch, num_vertices, 3, dtype=dtype)
     with launches(FORWARD, exactly=True):
         n = under_every_schedule(lambda: kernels.vertex_normals(v, *tables))
-    assert_bitwise(n, torch.ops.flame_ext.vertex_normals(v, *tables), "normals vs CPU")
     exact = reference.vertex_normals(v.double(), tables[0])
     # Random meshes over few vertices: some vertices' face normals nearly cancel, so the
     # bound scales with the conditioning sum|c| / |sum c| (as tests/test_ops_normals.py).
@@ -63,6 +64,8 @@ def test_forward_matches_reference_and_cpu(kernels, batch, num_vertices, num_fac
     degree = torch.bincount(tables[0].reshape(-1), minlength=num_vertices).view(1, -1, 1)
     bound = 2 * ((4 + degree) * 2 * eps * cond + 4 * eps)
     assert bool(((n.double() - exact).abs() <= bound).all())
+    assert_matches_cpu(n, torch.ops.flame_ext.vertex_normals(v, *tables), "normals vs CPU",
+                       bound=2 * bound)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -73,17 +76,20 @@ def test_backward_matches_reference_and_cpu(kernels, batch, num_vertices, num_fa
     grad = rand(torch.Generator().manual_seed(3), batch, num_vertices, 3, dtype=dtype)
     with launches(*BACKWARD, exactly=True):
         grad_v = under_every_schedule(lambda: kernels.vertex_normals_backward(grad, v, *tables))
-    assert_bitwise(grad_v, torch.ops.flame_ext.vertex_normals_backward(grad, v, *tables),
-                   "grad_v vs CPU")
     v64 = v.double().requires_grad_()
     (exact,) = torch.autograd.grad(reference.vertex_normals(v64, tables[0]), v64, grad.double())
     if dtype == F64:
         torch.testing.assert_close(grad_v, exact, rtol=1e-9, atol=1e-9)
+        bound = 1e-9 * (1 + exact.abs())
     else:
         # Ill-conditioned vertices of random meshes (|s| << sum|c|) amplify the float32
-        # error by 1 / |s|^2; the bitwise CPU comparison above is the exact check.
+        # error by 1 / |s|^2; the CPU comparison below is the exact check (in the
+        # emulation, bitwise).
         scale = exact.abs().max()
         torch.testing.assert_close(grad_v.double() / scale, exact / scale, rtol=0, atol=1e-3)
+        bound = 1e-3 * scale
+    assert_matches_cpu(grad_v, torch.ops.flame_ext.vertex_normals_backward(grad, v, *tables),
+                       "grad_v vs CPU", bound=2 * bound)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -105,17 +111,17 @@ def test_degenerate_and_isolated_vertices(kernels, dtype):
     assert bool((n[:, 4:] == 0).all()) and bool(torch.isfinite(n).all())
     grad_v = kernels.vertex_normals_backward(torch.ones_like(v), v, *tables)
     assert bool((grad_v[:, 4:] == 0).all())
-    assert_bitwise(grad_v, torch.ops.flame_ext.vertex_normals_backward(torch.ones_like(v), v,
-                                                                       *tables))
+    assert_matches_cpu(grad_v, torch.ops.flame_ext.vertex_normals_backward(torch.ones_like(v),
+                                                                           v, *tables))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_bad_table_gives_nan_not_a_read(kernels, dtype):
     """Entries past the faces, offsets past the entries, an entry of another vertex: the
-    vertex is NaN without gradient, the others are the CPU op's."""
+    vertex is NaN without gradient, the others are what the intact tables give."""
     faces, offsets, entries = _mesh(20, 30, seed=5)
     v = rand(torch.Generator().manual_seed(6), 2, 20, 3, dtype=dtype)
-    good = torch.ops.flame_ext.vertex_normals(v, faces, offsets, entries)
+    good = kernels.vertex_normals(v, faces, offsets, entries)  # the intact tables
     bad_entries = entries.clone()
     bad_entries[offsets[3]] = 10**6  # vertex 3's first entry
     bad_offsets = offsets.clone()

@@ -9,7 +9,7 @@ under every schedule and (emulated) bitwise the CPU loops' results.
 import pytest
 import torch
 
-from _simt import (DTYPES, F32, F64, assert_bitwise, emulated, launches, rand,
+from _simt import (DTYPES, F32, F64, assert_matches_cpu, launches, rand,
                    under_every_schedule)
 from flame_ext import reference
 
@@ -91,9 +91,4 @@ def test_matches_the_cpu_kernel(kernels, num_joints, dtype):
            *torch.ops.flame_ext.rigid_transforms_backward(grad_t, grad_f, pose, joints, parents))
     ran = (*kernels.rigid_transforms(pose, joints, parents),
            *kernels.rigid_transforms_backward(grad_t, grad_f, pose, joints, parents))
-    if emulated():
-        assert_bitwise(cpu, ran, "CPU loop vs kernel")
-        return
-    eps = torch.finfo(dtype).eps
-    for a, b in zip(cpu, ran):
-        torch.testing.assert_close(a, b, rtol=64 * eps, atol=64 * eps)
+    assert_matches_cpu(ran, cpu, "kernel vs CPU loop")
