@@ -46,9 +46,10 @@ def model_raw(seed=0, V=12, F=10, S=4, E=3, n_shape_key=True, kintree_dtype=np.i
     return raw
 
 
-def lmk68_raw(seed=0, F=10, L=6, NB=79, Ld=3, tensors=True):
+def lmk68_raw(seed=0, F=10, L=51, NB=79, Ld=17, tensors=True):
     """A landmark_embedding.npy dict: dynamic entries torch tensors as in DECA's file, a
-    contour table of NB yaw bins (the loaders accept only FLAME's 79)."""
+    contour table of NB yaw bins (the loaders accept only FLAME's 79) and L static + Ld
+    contour points (only 68 in all)."""
     rng = np.random.default_rng(seed)
 
     def bary(*shape):

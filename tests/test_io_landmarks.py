@@ -69,8 +69,8 @@ def test_landmark_face_index_out_of_range(tmp_path):
     [
         ("static_lmk_bary_coords", np.ones((5, 3)), r"static_lmk_bary_coords must have shape"),
         ("dynamic_lmk_bary_coords", torch.ones(4, 3, 2), "dynamic_lmk_bary_coords must have shape"),
-        ("static_lmk_bary_coords", np.full((6, 3), np.nan), "static_lmk_bary_coords holds 18 non"),
-        ("static_lmk_faces_idx", -np.ones(6, np.int64), "static_lmk_faces_idx holds a negative"),
+        ("static_lmk_bary_coords", np.full((51, 3), np.nan), "static_lmk_bary_coords holds 153 non"),
+        ("static_lmk_faces_idx", -np.ones(51, np.int64), "static_lmk_faces_idx holds a negative"),
     ],
 )
 def test_bad_landmark_embedding(tmp_path, key, value, match):
@@ -80,8 +80,27 @@ def test_bad_landmark_embedding(tmp_path, key, value, match):
         fio.load_landmark_embedding("68", path)
 
 
+@pytest.mark.parametrize(
+    "static, contour, full, match",
+    [
+        (40, 3, 68, "has 40 points and dynamic_lmk_faces_idx 3 contour points per bin: 43"),
+        (51, 16, 68, "51 points and dynamic_lmk_faces_idx 16 contour points per bin: 67"),
+        (51, 17, 10, "full_lmk_faces_idx has 10 points, not the 68"),
+    ],
+)
+def test_landmark_counts_must_make_68(tmp_path, static, contour, full, match):
+    """A 68-point embedding holds 68 points (static + contour, and the full set): a file
+    of other counts is refused at load time, not turned into fewer landmarks."""
+    raw = lmk68_raw(29, L=static, Ld=contour)
+    raw["full_lmk_faces_idx"] = raw["full_lmk_faces_idx"][:, :full]
+    raw["full_lmk_bary_coords"] = raw["full_lmk_bary_coords"][:, :full]
+    path = write_lmk68(tmp_path / "landmark_embedding.npy", raw)
+    with pytest.raises(fio.ModelFileError, match=re.escape(f"{path}: ") + ".*" + match):
+        fio.load_landmark_embedding("68", path)
+
+
 def test_float_face_indices_refused(tmp_path):
-    raw = dict(lmk68_raw(28), static_lmk_faces_idx=np.ones(6))
+    raw = dict(lmk68_raw(28), static_lmk_faces_idx=np.ones(51))
     path = write_lmk68(tmp_path / "landmark_embedding.npy", raw)
     message = "static_lmk_faces_idx must be an integer array, got dtype float64"
     with pytest.raises(TypeError, match=message) as info:
@@ -130,7 +149,7 @@ def test_contour_table_must_have_79_bins(tmp_path, bins):
     raw = lmk68_raw(40, NB=bins)
     path = write_lmk68(tmp_path / "landmark_embedding.npy", raw)
     message = (rf"{re.escape(str(path))}: the contour table dynamic_lmk_faces_idx has "
-               rf"{bins} yaw bins \(shape \({bins}, 3\)\); it must have 79")
+               rf"{bins} yaw bins \(shape \({bins}, 17\)\); it must have 79")
     with pytest.raises(fio.ModelFileError, match=message):
         fio.load_landmark_embedding("68", path)
     with pytest.raises(fio.ModelFileError, match="must have 79"):

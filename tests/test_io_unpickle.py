@@ -87,7 +87,7 @@ def test_allowed_globals_cannot_be_modified(tmp_path):
     path.write_bytes(data)
     with pytest.raises(fio.UnsafePickleError, match="tried to modify numpy.dtype"):
         fio.load_flame_model(path)
-    assert fio.unpickle._ALLOWED["numpy", "dtype"]("f8") == np.float64
+    assert fio.unpickle._ALLOWED["numpy", "dtype"]("f8").dtype == np.float64
 
 
 def test_ndarray_class_cannot_be_called(tmp_path):
@@ -122,6 +122,65 @@ def test_forged_array_state_refused_before_allocation(tmp_path, state, match):
     path.write_bytes(pickle.dumps({"f": ForgedArray(state)}, protocol=2))
     with pytest.raises(fio.ModelFileError, match=match):
         fio.load_flame_model(path)
+
+
+class ForgedDtype:
+    """Pickles as numpy.dtype(spec) and a chosen state for numpy's dtype.__setstate__."""
+
+    def __init__(self, spec, state):
+        self.spec, self.state = spec, state
+
+    def __reduce__(self):
+        return np.dtype, (self.spec, False, True), self.state
+
+
+# What numpy writes for an object dtype, with flags 63 (holds objects, needs zeroing).
+_OBJECT_STATE = (3, "|", None, None, None, -1, -1, 63)
+
+
+@pytest.mark.parametrize(
+    "state",
+    [
+        _OBJECT_STATE[:-1] + (3,),  # told it needs no zeroing: numpy fills unzeroed memory
+        _OBJECT_STATE[:-1] + (0,),  # told it holds no objects: the file's bytes as pointers
+        _OBJECT_STATE[:5] + (16, 8, 63),  # another item size and alignment
+        (3, "|", None, ("x",), {"x": (np.dtype("f8"), 0)}, 8, 8, 63),  # fields
+    ],
+    ids=["no-init", "no-objects", "itemsize", "fields"],
+)
+def test_forged_dtype_state_refused(tmp_path, state):
+    """A dtype's state other than numpy's own for its spec is refused before any array
+    uses it: otherwise a 257-byte file could make numpy read a pointer it holds."""
+    data = np.array([1], dtype=object).tobytes()  # 8 bytes: one pointer's worth
+    array = ForgedArray((1, (1,), ForgedDtype("O8", state), False, data))
+    path = tmp_path / "m.pkl"
+    path.write_bytes(pickle.dumps({"f": array}, protocol=2))
+    with pytest.raises(fio.UnsafePickleError, match=r"numpy.dtype\('O8'\) with the state"):
+        fio.load_flame_model(path)
+
+
+def test_dtype_state_given_twice_refused(tmp_path):
+    # numpy.dtype('f8'), its own state applied with BUILD, then again
+    state = b"(K\x03X\x01\x00\x00\x00<NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"
+    data = _raw_pickle(b"cnumpy\ndtype\nX\x02\x00\x00\x00f8\x89\x88\x87R", state, state)
+    path = tmp_path / "m.pkl"
+    path.write_bytes(data)
+    with pytest.raises(fio.UnsafePickleError, match="given a state twice"):
+        fio.load_flame_model(path)
+
+
+@pytest.mark.parametrize("dtype", ["<f8", ">f8", ">i4", "u1", "O"])
+def test_arrays_of_every_byte_order_and_objects_load(dtype):
+    """What numpy writes for these dtypes (either byte order; object arrays) loads as
+    numpy's own unpickling gives it, through the dtype checks above."""
+    import io
+
+    array = np.arange(6).astype(dtype).reshape(2, 3)
+    for protocol in (0, 2, 5):
+        data = pickle.dumps({"a": array}, protocol=protocol)
+        loaded = fio.unpickle._restricted_load(io.BytesIO(data), "x.pkl")["a"]
+        want = pickle.loads(data)["a"]
+        assert loaded.dtype == want.dtype and (loaded == array).all()
 
 
 class ForgedTensor:

@@ -21,6 +21,7 @@ _FLOAT32_MAX = float(np.finfo(np.float32).max)
 # Rows of the contour table of landmark_embedding.npy: medusa's and DECA's yaw-bin rules
 # map every pose to a bin in 0..78, so a table of any other size does not fit them.
 _NUM_YAW_BINS = 79
+_NUM_LMK68 = 68  # points of the iBUG-68 set: static + contour, and the full set
 
 
 def _expect_array(source: str, name: str, value, dtype, ndim: int) -> None:
@@ -162,6 +163,20 @@ class LandmarkEmbedding68:
             faces = getattr(self, f"{prefix}_faces_idx")
             bary = getattr(self, f"{prefix}_bary_coords")
             _check_embedding(self.source, prefix, faces, bary, ndim)
+        static, contour = self.static_lmk_faces_idx.shape[0], self.dynamic_lmk_faces_idx.shape[1]
+        if static + contour != _NUM_LMK68:
+            raise _fail(
+                self.source,
+                f"static_lmk_faces_idx has {static} points and dynamic_lmk_faces_idx {contour} "
+                f"contour points per bin: {static + contour} landmarks, not the {_NUM_LMK68} "
+                "of the iBUG-68 set",
+            )
+        full = self.full_lmk_faces_idx.shape[0]
+        if full != _NUM_LMK68:
+            raise _fail(
+                self.source,
+                f"full_lmk_faces_idx has {full} points, not the {_NUM_LMK68} of the iBUG-68 set",
+            )
         bins = self.dynamic_lmk_faces_idx.shape[0]
         if bins != _NUM_YAW_BINS:
             raise _fail(

@@ -54,6 +54,46 @@ _NDARRAY = _Guarded("numpy.ndarray")
 _OBJECT = _Guarded("builtins.object")
 
 
+class _PickledDtype:
+    """numpy.dtype(spec) as the unpickler hands it out.
+
+    numpy pickles a dtype as a call and a state that BUILD hands to numpy's own
+    dtype.__setstate__, which takes whatever flags, item size or fields the file writes:
+    an object dtype told it needs no zeroing, or one that no longer holds objects, makes
+    numpy fill or read an array's memory as pointers from the file. The state is
+    accepted once, and only when it is the one numpy writes for the spec (in either byte
+    order); the arrays, scalars and buffers get the dtype through `_dtype`.
+    """
+
+    __slots__ = ("spec", "dtype", "built")
+
+    def __init__(self, spec: str, align: bool, copy: bool):
+        self.spec = spec
+        self.dtype = np.dtype(spec, align, copy)
+        self.built = False
+
+    def __setstate__(self, state):
+        if self.built:
+            raise UnsafePickleError(f"numpy.dtype({self.spec!r}) given a state twice")
+        want = self.dtype
+        order = state[1] if isinstance(state, tuple) and len(state) > 1 else None
+        if order in ("<", ">") and want.byteorder != "|":
+            want = want.newbyteorder(order)
+        if not isinstance(state, tuple) or state != want.__reduce__()[2]:
+            raise UnsafePickleError(
+                f"numpy.dtype({self.spec!r}) with the state {state!r} refused: not the "
+                "state numpy writes for it"
+            )
+        self.dtype = want
+        self.built = True
+
+
+def _dtype(value, what: str) -> np.dtype:
+    if not isinstance(value, _PickledDtype):
+        raise pickle.UnpicklingError(f"{what} without a numpy dtype")
+    return value.dtype
+
+
 class _CheckedArray(np.ndarray):
     """ndarray whose pickle state is checked before numpy allocates anything.
 
@@ -69,8 +109,8 @@ class _CheckedArray(np.ndarray):
             isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape
         ):
             raise pickle.UnpicklingError(f"malformed numpy array shape {shape!r}")
-        if not isinstance(dtype, np.dtype):
-            raise pickle.UnpicklingError("malformed numpy array dtype")
+        dtype = _dtype(dtype, "numpy array")
+        state = state[:-3] + (dtype,) + state[-2:]
         count = math.prod(shape)
         if dtype.hasobject:
             if dtype != np.dtype(object) or not isinstance(data, list) or len(data) != count:
@@ -97,23 +137,23 @@ def _np_reconstruct(subtype, shape, dtype):
         raise UnsafePickleError(f"numpy _reconstruct called with {subtype!r}, not numpy.ndarray")
     if not isinstance(shape, tuple) or not all(isinstance(s, int) for s in shape):
         raise pickle.UnpicklingError(f"malformed numpy _reconstruct shape {shape!r}")
-    if not isinstance(dtype, (str, bytes, np.dtype)):
+    if not isinstance(dtype, (str, bytes, _PickledDtype)):
         raise UnsafePickleError(f"numpy _reconstruct with dtype {type(dtype).__name__} refused")
     # numpy always writes (0,): the real shape arrives with __setstate__.
     if math.prod(shape) > 1024 or min(shape, default=0) < 0:
         raise pickle.UnpicklingError(f"numpy _reconstruct with shape {shape} refused")
-    return np.ndarray.__new__(_CheckedArray, shape, np.dtype(dtype))
+    dtype = dtype.dtype if isinstance(dtype, _PickledDtype) else np.dtype(dtype)
+    return np.ndarray.__new__(_CheckedArray, shape, dtype)
 
 
 def _np_dtype(spec, align=False, copy=False):
     if not isinstance(spec, str):
         raise UnsafePickleError(f"numpy.dtype from {type(spec).__name__} refused")
-    return np.dtype(spec, bool(align), bool(copy))
+    return _PickledDtype(spec, bool(align), bool(copy))
 
 
 def _np_scalar(dtype, data=None):
-    if not isinstance(dtype, np.dtype):
-        raise pickle.UnpicklingError("numpy scalar without a dtype")
+    dtype = _dtype(dtype, "numpy scalar")
     if dtype.hasobject:
         return data
     if isinstance(data, str):  # Python 2 pickles, read as latin1
@@ -126,7 +166,8 @@ def _np_scalar(dtype, data=None):
 def _np_frombuffer(buffer, dtype, shape, order):
     if not isinstance(buffer, (bytes, bytearray, pickle.PickleBuffer)):
         raise pickle.UnpicklingError("numpy _frombuffer without a buffer")
-    if not isinstance(dtype, np.dtype) or dtype.hasobject:
+    dtype = _dtype(dtype, "numpy _frombuffer")
+    if dtype.hasobject:
         raise pickle.UnpicklingError("numpy _frombuffer with an object dtype")
     return np.frombuffer(buffer, dtype=dtype).reshape(shape, order=order)
 
