@@ -21,6 +21,7 @@ from torch import nn
 from . import _backend, geometry, medusa_baseline, reference
 from ._backend import CONTOUR_RULES
 from ._checks import check_count, check_tensor
+from ._derived import DerivedTables
 from ._ops import half_blend
 from ._parametric import INPUT_NAMES, POSE_NAMES, ParametricDecoder, identity_rows
 from .io import load_flame_model, load_landmark_embedding, load_texture_space
@@ -38,7 +39,7 @@ def _rebuild_derived_buffers(module, _incompatible_keys) -> None:
 
     A module-level function (not a lambda), so the decoders can be pickled. FlameShape
     also forgets its vertex-face adjacency: the loaded ``tris`` may differ."""
-    module._register_derived()
+    module._derive()
     reset = getattr(module, "_reset_adjacency", None)
     if reset is not None:
         reset()
@@ -48,7 +49,7 @@ def _as_tensor(array: np.ndarray, dtype=torch.float32) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array)).to(dtype)
 
 
-class FlameShape(ParametricDecoder):
+class FlameShape(DerivedTables, ParametricDecoder):
     """Generates FLAME meshes from shape, expression and pose parameters (medusa's API).
 
     Args:
@@ -69,6 +70,8 @@ class FlameShape(ParametricDecoder):
         backend: 'auto', 'ext', 'reference' or 'medusa' (see the module docstring).
         **init_parameters: initial values replacing the zero parameters of those names.
     """
+
+    _derived_from = ("v_template", "shape_dirs", "J_regressor", "lbs_weights")
 
     def __init__(
         self,
@@ -118,7 +121,7 @@ class FlameShape(ParametricDecoder):
         self.register_buffer("J_regressor", _as_tensor(model.J_regressor))
         self.register_buffer("parents", torch.from_numpy(model.parents.astype(np.int64)))
         self.register_buffer("lbs_weights", _as_tensor(model.lbs_weights))
-        self._register_derived()
+        self._derive()
         self._reset_adjacency()
         self.register_load_state_dict_post_hook(_rebuild_derived_buffers)
 
@@ -167,7 +170,7 @@ class FlameShape(ParametricDecoder):
         # .double()/.to(): derive the joint basis again from the converted buffers, so it
         # carries no rounding of the old dtype (float32 rounding would show in float64).
         super()._apply(fn, *args, **kwargs)
-        self._register_derived()
+        self._derive()
         return self
 
     def _reset_adjacency(self) -> None:
@@ -229,6 +232,7 @@ class FlameShape(ParametricDecoder):
                 beta, pose, self.v_template, self.shape_dirs, self.pose_dirs,
                 self.J_regressor, self.parents, self.lbs_weights,
             )
+        self._refresh_derived()
         return self._decode(_backend.steps(path), values["shape"], values["expr"], pose, identity)
 
 
@@ -395,7 +399,7 @@ def _gather_full_state(module, state_dict, prefix, local_metadata, strict, missi
     module._gather_state_dict(state_dict, prefix)
 
 
-class FlameTex(_backend.DecoderModule):
+class FlameTex(DerivedTables, _backend.DecoderModule):
     """FLAME's linear albedo model (medusa's API): texcode (B, n_tex) -> (B, 3, 256, 256).
 
     Args:
@@ -423,6 +427,8 @@ class FlameTex(_backend.DecoderModule):
     paths then are a single blend. A compact module keeps only those, persistent.
     """
 
+    _derived_from = ("texture_mean", "texture_basis", "specular_mean", "specular_basis")
+
     def __init__(self, model_path=None, n_tex: int = 50, *, backend: str = "auto",
                  specular: bool = False, basis_dtype: Optional[torch.dtype] = None,
                  compact: bool = False):
@@ -449,7 +455,7 @@ class FlameTex(_backend.DecoderModule):
                     f"{name}_basis",
                     _half_basis(basis, self.basis_dtype, space.source).unsqueeze(0),
                 )
-            self._register_derived()
+            self._derive()
             self.register_load_state_dict_post_hook(_rebuild_derived_buffers)
             return
         index = self._gather_index()
@@ -510,6 +516,7 @@ class FlameTex(_backend.DecoderModule):
         """(mean (M,), basis (M, n_tex)) in output order: M = 3*256*256 per part."""
         if self.compact:
             return self.gathered_mean, self.gathered_basis
+        self._refresh_derived()
         return self._gathered_mean, self._gathered_basis
 
     def forward(self, texcode: torch.Tensor):

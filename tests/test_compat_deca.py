@@ -265,6 +265,30 @@ def test_gradients_match_the_reference(assets, backend):
     assert torch.autograd.gradcheck(decoded, tuple(inputs), fast_mode=True)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tables_follow_their_buffers(assets, backend):
+    """The joint basis follows the buffers: a v_template written in place is read at the
+    next call, and one that requires grad gets the reference's gradient (the joints'
+    path included)."""
+    from flame_ext import reference
+
+    flame = FLAME(_config(assets), backend=backend).double()
+    shape, expression, pose, _ = _params(2, seed=7, dtype=torch.float64)
+    flame(shape, expression, pose)
+    flame.v_template.add_(0.05)
+    flame.v_template.requires_grad_(True)
+    v, _, _ = flame(shape, expression, pose)
+    zeros = torch.zeros(2, 3, dtype=torch.float64)
+    full_pose = torch.cat([pose[:, :3], zeros, pose[:, 3:], zeros, zeros], dim=1)
+    want, _ = reference.lbs(torch.cat([shape, expression], 1), full_pose, flame.v_template,
+                            flame.shapedirs, flame.posedirs, flame.J_regressor, flame.parents,
+                            flame.lbs_weights)
+    torch.testing.assert_close(v, want, rtol=1e-12, atol=1e-12)
+    got = torch.autograd.grad(v.square().sum(), flame.v_template)[0]
+    expected = torch.autograd.grad(want.square().sum(), flame.v_template)[0]
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
 def test_compile_fullgraph(assets):
     """On the compiled ops (their fake kernels and registered autograd)."""
     flame = FLAME(_config(assets), backend="ext")

@@ -323,6 +323,25 @@ def test_v_template_joint_mapper_and_forward_shape(folder):
     _close(shaped_ours.v_shaped, shaped_theirs.v_shaped, dtype, "v_shaped")
 
 
+def test_tables_follow_their_buffers(folder):
+    """A v_template written in place is read at the next call, and one that requires
+    grad gets smplx's gradient (the joints' path included)."""
+    smplx = _smplx()
+    kwargs = dict(num_betas=NUM_BETAS, num_expression_coeffs=NUM_EXPR, dtype=torch.float64)
+    theirs, ours = smplx.FLAME(str(folder), **kwargs), FLAME(str(folder), **kwargs)
+    values = _inputs(2, torch.float64, seed=11)
+    ours(**values)
+    for layer in (theirs, ours):
+        layer.v_template.add_(0.05)
+        layer.v_template.requires_grad_(True)
+    out_ours, out_theirs = ours(**values), theirs(**values)
+    _compare_outputs(out_ours, out_theirs, torch.float64)
+    grads = [torch.autograd.grad(out.vertices.square().sum() + out.joints.square().sum(),
+                                 layer.v_template)[0]
+             for out, layer in ((out_ours, ours), (out_theirs, theirs))]
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)
+
+
 def test_npz_model(folder):
     theirs, ours = _pair(folder, ext="npz", dtype=torch.float64)
     values = _inputs(2, torch.float64, seed=10)

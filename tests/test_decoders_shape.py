@@ -395,6 +395,68 @@ def test_a_fitted_basis_gets_its_gradient_on_the_shared_path(backend):
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)
 
 
+TABLES = ("v_template", "shape_dirs", "J_regressor", "lbs_weights")
+
+
+@pytest.mark.parametrize("backend", ["ext", "reference"])
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("transforms", ["vertex", "mean"])
+def test_fitted_tables_get_medusa_gradients(backend, shared, transforms):
+    """Model tables that require grad get medusa's gradients, the joints' path included:
+    the joint basis and the mean weights are derived from them with autograd then, not
+    read from the cache (which would leave J_regressor without a gradient)."""
+    grads = {}
+    for path in (backend, "medusa"):
+        # medusa returns R; transforms="mean" is its R.mean(1)
+        m = _shape(path, transforms=transforms if path != "medusa" else "vertex").double()
+        for name in TABLES:
+            getattr(m, name).requires_grad_(True)
+        v, R = m(**flame_inputs(m, 3, 12, shared=shared))
+        if path == "medusa" and transforms == "mean":
+            R = R.mean(1)
+        loss = v.square().sum() + R.square().sum()
+        grads[path] = torch.autograd.grad(loss, [getattr(m, name) for name in TABLES])
+    for name, got, want in zip(TABLES, grads[backend], grads["medusa"]):
+        assert torch.count_nonzero(want) > 0, name
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["ext", "reference"])
+@pytest.mark.parametrize(
+    "change",
+    ["v_template in place", "J_regressor in place", "shape_dirs in place", "reassigned",
+     "functional_call", "then restored"],
+)
+def test_changed_tables_are_read_at_the_next_call(backend, change):
+    """The derived tables (joint basis, the basis' split columns, mean weights) follow
+    their buffers: written in place, reassigned, or swapped in by functional_call."""
+    m = _shape(backend).double()
+    ref = _shape("medusa").double()
+    inputs = flame_inputs(m, 3, 13, shared=True)
+    m(**inputs)  # derived once
+    g = torch.Generator().manual_seed(14)
+    new = m.v_template + 0.05 * torch.randn(m.v_template.shape, generator=g, dtype=F64)
+    if change == "v_template in place":
+        m.v_template.copy_(new)
+    elif change == "J_regressor in place":
+        m.J_regressor.copy_(m.J_regressor.roll(1, dims=1))
+    elif change == "shape_dirs in place":
+        m.shape_dirs.mul_(2)
+    elif change == "reassigned":
+        m.v_template = new.clone()
+    if change in ("functional_call", "then restored"):
+        got, _ = torch.func.functional_call(m, {"v_template": new}, kwargs=inputs)
+        if change == "then restored":
+            got, _ = m(**inputs)
+        else:
+            ref.v_template.copy_(new)
+    else:
+        got, _ = m(**inputs)
+        ref.load_state_dict(m.state_dict())
+    want, _ = ref(**inputs)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
 def test_module_in_an_unsupported_dtype_is_named():
     m = _shape("ext").half()
     with pytest.raises(TypeError, match="float32 or float64"):

@@ -45,6 +45,25 @@ def test_texture_paths_agree(backend):
     torch.testing.assert_close(out, base(code), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", ["ext", "reference"])
+def test_texture_tables_follow_their_buffers(backend):
+    """The gathered texels follow the full buffers: written in place they are read at the
+    next call, and a basis that requires grad gets medusa's gradient through them."""
+    tex = FlameTex(model_path=SMALL, n_tex=4, backend=backend).double()
+    base = FlameTex(model_path=SMALL, n_tex=4, backend="medusa").double()
+    code = torch.randn(2, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    tex(code)
+    for module in (tex, base):
+        module.texture_mean.add_(0.5)
+        module.texture_basis.requires_grad_(True)
+    got, want = tex(code), base(code)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    grads = [torch.autograd.grad(out.square().sum(), m.texture_basis)[0]
+             for out, m in ((got, tex), (want, base))]
+    assert torch.count_nonzero(grads[1]) > 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-12)
+
+
 def test_texture_state_dict_and_errors():
     tex = FlameTex(model_path=SMALL, n_tex=3)
     assert set(tex.state_dict()) == {"texture_mean", "texture_basis"}

@@ -52,6 +52,7 @@ import torch
 from torch import nn
 
 from .._checks import check_count
+from .._derived import DerivedTables
 from ..decoders import FlameTex
 from ..io import ModelFileError, load_flame_model, load_landmark_embedding
 from . import _layer
@@ -78,7 +79,7 @@ def _float32(array) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
 
 
-class FLAME(nn.Module):
+class FLAME(DerivedTables, nn.Module):
     """DECA's FLAME decoder: parameters -> (vertices, landmarks2d, landmarks3d).
 
     Args:
@@ -86,6 +87,8 @@ class FLAME(nn.Module):
             n_shape and n_exp, as DECA's model config.
         backend: 'auto', 'ext' or 'reference' (beyond DECA).
     """
+
+    _derived_from = ("v_template", "shapedirs", "J_regressor")
 
     def __init__(self, config, *, backend: str = "auto"):
         super().__init__()
@@ -132,7 +135,7 @@ class FLAME(nn.Module):
             "full_lmk_bary_coords", _float32(embedding.full_lmk_bary_coords)[None].clone()
         )
         self.register_buffer("neck_kin_chain", torch.tensor([1, 0], dtype=torch.long))
-        self._register_derived()
+        self._derive()
         self.register_load_state_dict_post_hook(_rebuild_derived)
 
     def _register_derived(self) -> None:
@@ -144,7 +147,7 @@ class FLAME(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)
-        self._register_derived()
+        self._derive()
         return self
 
     def forward(
@@ -182,6 +185,7 @@ class FLAME(nn.Module):
         ], dim=1)
         k = _layer.steps(self.backend, like.device)
         num_vertices = like.shape[0]
+        self._refresh_derived()
         tables = _layer.Tables(like, self.shapedirs.view(3 * num_vertices, -1), self._J_template,
                                self._J_dirs, self.posedirs, self.parents, self.lbs_weights)
         vertices, _, _ = _layer.decode(
@@ -207,7 +211,7 @@ class FLAME(nn.Module):
 
 def _rebuild_derived(module, _incompatible_keys) -> None:
     """load_state_dict post-hook (a module-level function, so the layer pickles)."""
-    module._register_derived()
+    module._derive()
 
 
 def _texture_file(config) -> str:

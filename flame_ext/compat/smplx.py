@@ -53,6 +53,7 @@ from torch import nn
 
 from .. import reference
 from .._checks import check_count, check_tensor
+from .._derived import DerivedTables
 from ..io import load_dynamic_embedding, load_flame_model, load_static_embedding
 from . import _layer
 
@@ -149,7 +150,7 @@ def _initial(name: str, value, width: int, dtype) -> torch.Tensor:
     return value
 
 
-class FLAME(nn.Module):
+class FLAME(DerivedTables, nn.Module):
     """smplx's FLAME layer on flame_ext's ops (see the module docstring for the rules).
 
     Args (smplx's): model_path, data_struct (ignored, as smplx's FLAME ignores it),
@@ -161,6 +162,8 @@ class FLAME(nn.Module):
     Other keyword arguments are ignored, as smplx ignores them. Beyond smplx:
     backend ('auto', 'ext' or 'reference').
     """
+
+    _derived_from = ("v_template", "shapedirs", "expr_dirs", "J_regressor")
 
     NUM_JOINTS = 5
     NUM_BODY_JOINTS = _NUM_BODY_JOINTS
@@ -287,7 +290,7 @@ class FLAME(nn.Module):
             )
             self.register_buffer("neck_kin_chain", torch.tensor([self.NECK_IDX], dtype=torch.long))
         self.vertex_joint_selector = _VertexJointSelector()
-        self._register_derived()
+        self._derive()
         self.register_load_state_dict_post_hook(_rebuild_derived)
 
     # ----------------------------------------------------------------------------------
@@ -342,11 +345,12 @@ class FLAME(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)
-        self._register_derived()
+        self._derive()
         return self
 
     def _tables(self) -> _layer.Tables:
         # smplx keeps the betas' and the expression's columns apart already.
+        self._refresh_derived()
         num_rows = 3 * self.v_template.shape[0]
         return _layer.Tables(self.v_template, self._dirs, self._J_template, self._J_dirs,
                              self.posedirs, self.parents, self.lbs_weights,
@@ -491,4 +495,4 @@ class FLAME(nn.Module):
 
 def _rebuild_derived(module, _incompatible_keys) -> None:
     """load_state_dict post-hook (a module-level function, so the layer pickles)."""
-    module._register_derived()
+    module._derive()
