@@ -169,6 +169,18 @@ def test_large_batch_uses_the_gemm_outside_deterministic_mode(kernels):
 # blend_backward's.
 
 
+def _check_shared_backward(grads, grad, shared_dirs, dirs, pose_dirs, dtype):
+    """blend_shared_backward's three gradients (one shared row) against the reference."""
+    batch, n = grad.shape
+    summed = grad.double().sum(0, keepdim=True)
+    assert_within(grads[0], summed @ shared_dirs.double(),
+                  sum_bound(n + batch, grad.double().abs().sum(0, keepdim=True)
+                            @ shared_dirs.double().abs(), dtype), "grad_shared_coeffs")
+    (gc, gc_mag), (gp, gp_mag) = _backward_exact(grad, dirs, pose_dirs)
+    assert_within(grads[1], gc, sum_bound(n, gc_mag, dtype), "grad_coeffs")
+    assert_within(grads[2], gp, sum_bound(n, gp_mag, dtype), "grad_pose_coeffs")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("batch, n, ks, k, p", [(1, 61, 37, 5, 36), (6, 613, 9, 70, 5),
                                                 (16, 97, 40, 0, 36)])
@@ -190,13 +202,7 @@ def test_blend_shared_matches_reference(kernels, batch, n, ks, k, p, dtype):
     with launches(*BACKWARD):
         grads = under_every_schedule(lambda: kernels.blend_shared_backward(
             grad, shared_dirs, dirs, pose_dirs, True, True, True))
-    summed = grad.double().sum(0, keepdim=True)
-    assert_within(grads[0], summed @ shared_dirs.double(),
-                  sum_bound(n + batch, grad.double().abs().sum(0, keepdim=True)
-                            @ shared_dirs.double().abs(), dtype), "grad_shared_coeffs")
-    (gc, gc_mag), (gp, gp_mag) = _backward_exact(grad, dirs, pose_dirs)
-    assert_within(grads[1], gc, sum_bound(n, gc_mag, dtype), "grad_coeffs")
-    assert_within(grads[2], gp, sum_bound(n, gp_mag, dtype), "grad_pose_coeffs")
+    _check_shared_backward(grads, grad, shared_dirs, dirs, pose_dirs, dtype)
     assert_bitwise(grads[1:], kernels.blend_backward(grad, dirs, pose_dirs, True, True))
 
 
@@ -213,13 +219,7 @@ def test_blend_shared_backward_empty_tables(kernels, ks, k, p, dtype):
     grads = under_every_schedule(lambda: kernels.blend_shared_backward(
         grad, shared_dirs, dirs, pose_dirs, True, True, True))
     assert [tuple(x.shape) for x in grads] == [(1, ks), (batch, k), (batch, p)]
-    summed = grad.double().sum(0, keepdim=True)
-    assert_within(grads[0], summed @ shared_dirs.double(),
-                  sum_bound(n + batch, grad.double().abs().sum(0, keepdim=True)
-                            @ shared_dirs.double().abs(), dtype), "grad_shared_coeffs")
-    (gc, gc_mag), (gp, gp_mag) = _backward_exact(grad, dirs, pose_dirs)
-    assert_within(grads[1], gc, sum_bound(n, gc_mag, dtype), "grad_coeffs")
-    assert_within(grads[2], gp, sum_bound(n, gp_mag, dtype), "grad_pose_coeffs")
+    _check_shared_backward(grads, grad, shared_dirs, dirs, pose_dirs, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
