@@ -9,8 +9,9 @@ sources:
 - after `.to()` / `.double()` (`_apply`) and `load_state_dict`: the modules call `_derive`;
 - when a source changed since they were derived: written in place (its version counter
   moved), reassigned, or swapped in by `torch.func.functional_call`. `_refresh_derived`,
-  called where a forward reads the tables, compares each source's storage, version,
-  dtype, device and shape with those it was derived from;
+  called where a forward reads the tables, compares each source's storage, version
+  counter, gradient flag and shape with those it was derived from (a new dtype or device
+  is a new storage);
 - on every call while a source needs a gradient and grad mode is on (fitting the model's
   tables): derived with autograd then, so the gradient reaches the sources through the
   joints and the other derived tables too, as it does in medusa, which regresses the
