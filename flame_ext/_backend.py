@@ -31,6 +31,7 @@ import threading
 import warnings
 from types import SimpleNamespace
 
+import torch
 from torch import nn
 
 from . import _ops, reference
@@ -136,7 +137,15 @@ def _auto_path(decoder: str, device_type: str) -> str:
 
 def resolve(backend: str, device_type: str, decoder: str) -> str:
     """The path ('ext', 'reference' or 'medusa') `decoder` (a key of DECODER_OPS) takes
-    with `backend` for tensors on `device_type` ('cpu', 'cuda', ...)."""
+    with `backend` for tensors on `device_type` ('cpu', 'cuda', ...).
+
+    Under a `torch.func` transform (grad, jacrev, jacfwd, jvp, vmap, ...) 'auto' takes the
+    reference: torch registers the ops' autograd as an autograd.Function that functorch
+    refuses to differentiate, the ops have no forward-mode derivative, and vmap would run
+    them one sample at a time. The reference's plain PyTorch has every rule functorch
+    needs, so the decoders compose with every transform. An explicit 'ext' keeps the
+    ops (vmap runs them through functorch's fallback; grad raises torch's error).
+    """
     if backend != "auto":
         return backend
     path = _AUTO.get((decoder, device_type))
@@ -144,7 +153,15 @@ def resolve(backend: str, device_type: str, decoder: str) -> str:
         # a device type `prepare` does not resolve ahead, or a decoder whose constructor
         # did not run in this process
         path = _auto_path(decoder, device_type)
+    if path == "ext" and _functorch_transform_active():
+        return "reference"
     return path
+
+
+def _functorch_transform_active() -> bool:
+    """Whether a torch.func transform is running (never while torch.compile traces: a
+    compiled graph keeps the ops, whose registrations it traces)."""
+    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
 
 
 def steps(path: str) -> SimpleNamespace:

@@ -211,6 +211,117 @@ def test_extension_loading_and_fallback_warning_once(monkeypatch):
     assert len(calls) == 1
 
 
+# --- torch.func transforms ----------------------------------------------------------------
+
+
+def test_auto_takes_the_reference_under_torch_func(ops):
+    """Inside a torch.func transform 'auto' resolves to the reference (whose plain PyTorch
+    has every rule functorch needs), outside it to the ops; explicit backends stay."""
+    seen = {}
+
+    def probe(x):
+        for name in _backend.DECODER_OPS:
+            seen[name] = _backend.resolve("auto", "cpu", name)
+        seen["explicit"] = _backend.resolve("ext", "cpu", "FlameShape")
+        return x.sum()
+
+    for transform in (torch.func.grad, torch.func.vmap):
+        seen.clear()
+        transform(probe)(torch.ones(2, 3))
+        assert seen == {**dict.fromkeys(_backend.DECODER_OPS, "reference"), "explicit": "ext"}
+    assert all(_backend.resolve("auto", "cpu", n) == "ext" for n in _backend.DECODER_OPS)
+
+
+def _transform_cases(name, module, device):
+    """(leaves, fn) with fn(**leaves) -> the decoder's outputs (tensors only), float64."""
+    if name == "FlameLandmark":
+        gen = torch.Generator().manual_seed(0)
+        poses = (0.3 * torch.randn(3, 15, generator=gen, dtype=torch.float64)).to(device)
+        v = torch.randn(3, module.num_vertices, 3, generator=gen, dtype=torch.float64)
+        leaves, call = {"v": v.to(device)}, lambda m, v: m(v, poses)
+    else:
+        leaves, call = _call_args(name, module, device)
+        leaves = {k: v.detach().double() for k, v in leaves.items()}
+
+    def fn(**kw):
+        out = call(module, **kw)
+        return tuple(o for o in (out if isinstance(out, tuple) else (out,)) if o is not None)
+
+    return leaves, fn
+
+
+@pytest.mark.parametrize("name", sorted(_backend.DECODER_OPS))
+def test_decoders_compose_with_torch_func(ops, device, name, quiet):
+    """grad, jacrev, jvp and vmap of every decoder with backend='auto' agree with eager
+    autograd through the ops: torch.func.grad of a loss equals its autograd gradient, the
+    jvp's tangent satisfies <u, J t> = <J^T u, t> with J^T u from eager autograd, and
+    vmap over single samples equals the batched call."""
+    module = _small_decoders(device)[name].double()
+    leaves, fn = _transform_cases(name, module, device)
+    names = list(leaves)
+    gen = torch.Generator().manual_seed(5)
+    outs = fn(**leaves)
+    weights = [torch.randn(o.shape, generator=gen, dtype=o.dtype).to(device) for o in outs]
+    tangents = {k: torch.randn(v.shape, generator=gen, dtype=v.dtype).to(device)
+                for k, v in leaves.items()}
+
+    def loss(*values):
+        got = fn(**dict(zip(names, values)))
+        return sum((w * o).sum() for w, o in zip(weights, got))
+
+    # eager autograd through the ops (the 'auto' path outside any transform)
+    assert _backend.resolve(module.backend, device.type, name) == "ext"
+    eager_leaves = [v.clone().requires_grad_(True) for v in leaves.values()]
+    eager = torch.autograd.grad(loss(*eager_leaves), eager_leaves)
+
+    grads = torch.func.grad(loss, argnums=tuple(range(len(names))))(*leaves.values())
+    for k, got, want in zip(names, grads, eager):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=f"grad {k}")
+
+    first = names[0]  # the Jacobian of 20 output values: rows of the gradient's form
+    jac = torch.func.jacrev(lambda x: fn(**{**leaves, first: x})[0].flatten()[:20])(
+        leaves[first])
+    eager_rows = [torch.autograd.grad(outs_row, eager_leaves[0], retain_graph=True)[0]
+                  for outs_row in fn(**dict(zip(names, eager_leaves)))[0].flatten()[:20]]
+    torch.testing.assert_close(jac, torch.stack(eager_rows), rtol=1e-10, atol=1e-10)
+
+    _, tangent_out = torch.func.jvp(lambda *v: fn(**dict(zip(names, v))),
+                                    tuple(leaves.values()), tuple(tangents.values()))
+    lhs = sum((w * t).sum() for w, t in zip(weights, tangent_out))
+    rhs = sum((g * tangents[k]).sum() for k, g in zip(names, eager))
+    torch.testing.assert_close(lhs, rhs, rtol=1e-10, atol=1e-10)
+
+    if name != "FlameLandmark":  # FlameLandmark's poses are fixed: its batch is v's
+        def one(*v):
+            return fn(**{k: x[None] for k, x in zip(names, v)})[0][0]
+
+        mapped = torch.func.vmap(one)(*leaves.values())
+        torch.testing.assert_close(mapped, outs[0], rtol=1e-12, atol=1e-12)
+
+
+def test_torch_func_grad_of_the_model_tables(ops, quiet):
+    """torch.func.grad over FlameShape's tables, swapped in by functional_call (the tables
+    derived from them are derived again inside the transform), equals eager autograd with
+    the tables requiring grad."""
+    module = _small_decoders("cpu")["FlameShape"].double()
+    inputs = flame_inputs(module, 3, 2)
+    names = ("shape_dirs", "J_regressor", "lbs_weights")
+    tables = {k: getattr(module, k).detach().clone() for k in names}
+    weights = torch.randn(module(**inputs)[0].shape, generator=torch.Generator().manual_seed(3),
+                          dtype=torch.float64)
+
+    def loss(tables):
+        return (weights * torch.func.functional_call(module, tables, kwargs=inputs)[0]).sum()
+
+    got = torch.func.grad(loss)(tables)
+    for k in names:
+        getattr(module, k).requires_grad_(True)
+    want = torch.autograd.grad((weights * module(**inputs)[0]).sum(),
+                               [getattr(module, k) for k in names])
+    for k, w in zip(names, want):
+        torch.testing.assert_close(got[k], w, rtol=1e-10, atol=1e-12, msg=k)
+
+
 # --- torch.compile with the default arguments ---------------------------------------------
 
 
