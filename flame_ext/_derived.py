@@ -4,74 +4,125 @@ The decoders and the compat layers keep, beside their state-dict buffers, non-pe
 tables computed from them: the joint basis J_regressor . [v_template | basis], the basis'
 identity and expression columns apart, the mean skinning weights, FlameTex's gathered
 texels. `DerivedTables` derives them again whenever they could disagree with their
-sources:
+sources, group by group (`_derived_from` maps each group of tables to the buffers it is
+computed from):
 
-- after `.to()` / `.double()` (`_apply`) and `load_state_dict`: the modules call `_derive`;
-- when a source changed since they were derived: written in place (its version counter
-  moved), reassigned, or swapped in by `torch.func.functional_call`. `_refresh_derived`,
-  called where a forward reads the tables, compares each source's storage, version
-  counter, gradient flag and shape with those it was derived from (a new dtype or device
-  is a new storage);
-- on every call while a source needs a gradient and grad mode is on (fitting the model's
-  tables): derived with autograd then, so the gradient reaches the sources through the
-  joints and the other derived tables too, as it does in medusa, which regresses the
-  joints from the shaped mesh on every call.
+- after `.to()` / `.double()` (`_apply`) and `load_state_dict` (`derive_after_load`, the
+  post-hook they register): the modules call `_derive`, which derives every group;
+- when a source changed since its group was derived: written in place (its version
+  counter moved), reassigned, or swapped in by `torch.func.functional_call`.
+  `_refresh_derived`, called where a forward reads the tables, compares each source's
+  storage, version counter, gradient flag and shape with those the group was derived
+  from (a new dtype or device is a new storage);
+- on every call while one of a group's sources needs a gradient and grad mode is on
+  (fitting the model's tables): that group is derived with autograd then, so the
+  gradient reaches the sources through the joints and the other derived tables too, as
+  it does in medusa, which regresses the joints from the shaped mesh on every call. The
+  groups whose sources need none keep their tables: fitting v_template re-derives the
+  joints' template (3J values), not the 24 MB basis columns.
 
 Under `torch.compile` nothing is checked: the compiled graph reads the derived buffers it
 traced (derive them before compiling if the buffers change). Under a torch.func transform
 over the buffers themselves (grad or vmap of `functional_call`), the tables are derived
 from the transformed buffers on every call.
+
+The joint basis is defined here for every module that keeps one (`joint_template`,
+`joint_dirs`).
 """
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Dict, Iterable, Optional, Tuple
 
 import torch
 
 
+def joint_template(J_regressor: torch.Tensor, v_template: torch.Tensor) -> torch.Tensor:
+    """J_regressor @ v_template flattened to (3J,): computed in float64 and stored in
+    v_template's dtype, so that a float64 module carries no float32 rounding of its own."""
+    template = J_regressor.double() @ v_template.double()
+    return template.reshape(template.shape[0] * 3).to(v_template.dtype)
+
+
+def joint_dirs(J_regressor: torch.Tensor, dirs: torch.Tensor) -> torch.Tensor:
+    """J_regressor . dirs (V, 3, K) as (3J, K), in float64, stored in dirs' dtype."""
+    basis = torch.einsum("jv,vck->jck", J_regressor.double(), dirs.double())
+    return basis.reshape(basis.shape[0] * 3, basis.shape[-1]).to(dirs.dtype)
+
+
 class DerivedTables:
-    """Mixin for an nn.Module whose `_register_derived()` (re)registers its derived
-    buffers from the buffers named in `_derived_from`."""
+    """Mixin for an nn.Module whose `_register_derived(groups)` (re)registers the derived
+    buffers of the named groups from the buffers `_derived_from[group]` names."""
 
-    _derived_from: Tuple[str, ...] = ()
+    # group -> the buffers (or attributes) its tables are computed from
+    _derived_from: Dict[str, Tuple[str, ...]] = {}
 
-    def _register_derived(self) -> None:  # pragma: no cover - every user defines it
-        raise NotImplementedError
+    def _register_derived(self, groups: Iterable[str]) -> None:  # pragma: no cover
+        raise NotImplementedError  # every user defines it
 
-    def _source_key(self):
+    def _source_keys(self) -> Dict[str, Optional[tuple]]:
         # Each source's storage, version counter, gradient flag and shape: a new dtype or
         # device is a new storage. Buffers are read from _buffers directly (the forward
         # pays for this on every call); a source held otherwise through getattr.
         buffers = self._buffers
-        key = []
-        for name in self._derived_from:
-            t = buffers[name] if name in buffers else getattr(self, name, None)
-            key.append(None if t is None else (t.data_ptr(), t._version, t.requires_grad,
-                                               t.shape))
-        return tuple(key)
+        keys = {}
+        for sources in self._derived_from.values():
+            for name in sources:
+                if name not in keys:
+                    t = buffers[name] if name in buffers else getattr(self, name, None)
+                    keys[name] = None if t is None else (
+                        t.data_ptr(), t._version, t.requires_grad, t.shape)
+        return keys
 
-    def _derive(self, track: bool = False) -> None:
-        """Registers the derived buffers; with `track`, computed with autograd (from
-        sources that need a gradient), else without a graph."""
+    def _group_key(self, group: str, keys: Dict[str, Optional[tuple]]) -> tuple:
+        return tuple(keys[name] for name in self._derived_from[group])
+
+    def _derive(self, track: bool = False, groups: Optional[Iterable[str]] = None) -> None:
+        """Registers the derived buffers of `groups` (default: all); with `track`,
+        computed with autograd (from sources that need a gradient), else without a
+        graph."""
+        groups = tuple(self._derived_from if groups is None else groups)
         with torch.enable_grad() if track else torch.no_grad():
-            self._register_derived()
-        # A tracked derivation holds this call's graph: never reused.
-        self.__dict__["_derived_key"] = None if track else self._source_key()
+            self._register_derived(groups)
+        stored = self.__dict__.setdefault("_derived_keys", {})
+        keys = None if track else self._source_keys()
+        for group in groups:
+            # A tracked derivation holds this call's graph: never reused.
+            stored[group] = None if track else self._group_key(group, keys)
 
     def _refresh_derived(self) -> None:
-        """Derives the tables again if a source changed since, or needs a gradient."""
+        """Derives again each group whose sources changed since, or need a gradient."""
         if not self._derived_from or torch.compiler.is_compiling():
             return
         try:
-            key = self._source_key()
+            keys = self._source_keys()
         except RuntimeError:
             # A source wrapped by a torch.func transform (functional_call of grad or vmap
             # over the buffers) has no storage to compare: derived from it on every call,
             # in the transform's own grad mode.
-            self._register_derived()
-            self.__dict__["_derived_key"] = None
+            self._register_derived(tuple(self._derived_from))
+            self.__dict__["_derived_keys"] = {}
             return
-        track = torch.is_grad_enabled() and any(k is not None and k[2] for k in key)
-        if track or key != self.__dict__.get("_derived_key"):
-            self._derive(track)
+        stored = self.__dict__.get("_derived_keys", {})
+        grad = torch.is_grad_enabled()
+        tracked, stale = [], []
+        for group in self._derived_from:
+            key = self._group_key(group, keys)
+            if grad and any(k is not None and k[2] for k in key):
+                tracked.append(group)
+            elif key != stored.get(group):
+                stale.append(group)
+        if tracked:
+            self._derive(True, tracked)
+        if stale:
+            self._derive(False, stale)
+
+
+def derive_after_load(module, _incompatible_keys) -> None:
+    """load_state_dict post-hook of the DerivedTables modules: derives every table from
+    the loaded buffers, then runs the module's `_after_load()` where it has one. A
+    module-level function, so the modules pickle."""
+    module._derive()
+    after = getattr(module, "_after_load", None)
+    if after is not None:
+        after()

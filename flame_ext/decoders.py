@@ -21,7 +21,7 @@ from torch import nn
 from . import _backend, geometry, medusa_baseline, reference
 from ._backend import CONTOUR_RULES
 from ._checks import check_count, check_tensor
-from ._derived import DerivedTables
+from ._derived import DerivedTables, derive_after_load, joint_dirs, joint_template
 from ._ops import half_blend
 from ._parametric import INPUT_NAMES, POSE_NAMES, ParametricDecoder, identity_rows
 from .io import load_flame_model, load_landmark_embedding, load_texture_space
@@ -34,15 +34,8 @@ TRANSFORMS = ("vertex", "joint", "mean", "none")
 TEXTURE_SIZE = 256
 
 
-def _rebuild_derived_buffers(module, _incompatible_keys) -> None:
-    """load_state_dict post-hook: derive the non-persistent buffers from the loaded ones.
-
-    A module-level function (not a lambda), so the decoders can be pickled. FlameShape
-    also forgets its vertex-face adjacency: the loaded ``tris`` may differ."""
-    module._derive()
-    reset = getattr(module, "_reset_adjacency", None)
-    if reset is not None:
-        reset()
+# The post-hook's name in modules pickled before it moved to _derived.
+_rebuild_derived_buffers = derive_after_load
 
 
 def _as_tensor(array: np.ndarray, dtype=torch.float32) -> torch.Tensor:
@@ -71,7 +64,12 @@ class FlameShape(DerivedTables, ParametricDecoder):
         **init_parameters: initial values replacing the zero parameters of those names.
     """
 
-    _derived_from = ("v_template", "shape_dirs", "J_regressor", "lbs_weights")
+    _derived_from = {
+        "joint_template": ("J_regressor", "v_template"),
+        "joint_dirs": ("J_regressor", "shape_dirs"),
+        "mean_weights": ("lbs_weights",),
+        "split_dirs": ("shape_dirs",),
+    }
 
     def __init__(
         self,
@@ -123,7 +121,7 @@ class FlameShape(DerivedTables, ParametricDecoder):
         self.register_buffer("lbs_weights", _as_tensor(model.lbs_weights))
         self._derive()
         self._reset_adjacency()
-        self.register_load_state_dict_post_hook(_rebuild_derived_buffers)
+        self.register_load_state_dict_post_hook(derive_after_load)
 
         sizes = {"shape": n_shape, "expr": n_expr, "eye_pose": 6}
         for name in INPUT_NAMES:
@@ -144,27 +142,32 @@ class FlameShape(DerivedTables, ParametricDecoder):
         check_tensor(name, value, shape=(None, dim), floating=True)
         return value.detach().clone()
 
-    def _register_derived(self) -> None:
+    def _register_derived(self, groups) -> None:
         """Precomputes joints = J_template + J_dirs . beta (J_regressor applied to the basis),
         the mean skinning weight of each joint (transforms='mean') and the basis' shape and
-        expression columns apart (`_register_split_dirs`).
+        expression columns apart (`_register_split_dirs`): the groups of `_derived_from`
+        named in `groups`.
 
         Derived from the buffers, so it is recomputed after load_state_dict; computed in
         float64 and stored in the buffers' dtype. Not part of the state_dict.
         """
-        regressor = self.J_regressor.double()
-        template = regressor @ self.v_template.double()
-        dirs = torch.einsum("jv,vck->jck", regressor, self.shape_dirs.double())
-        dtype = self.v_template.dtype
-        self.register_buffer("_J_template", template.reshape(-1).to(dtype), persistent=False)
-        self.register_buffer(
-            "_J_dirs", dirs.reshape(dirs.shape[0] * 3, dirs.shape[-1]).to(dtype), persistent=False
-        )
-        # transforms='mean': mean_v T_v = sum_j (mean_v W_vj) A_j.
-        self.register_buffer(
-            "_mean_weights", self.lbs_weights.double().mean(0).to(dtype), persistent=False
-        )
-        self._register_split_dirs()
+        if "joint_template" in groups:
+            self.register_buffer(
+                "_J_template", joint_template(self.J_regressor, self.v_template),
+                persistent=False,
+            )
+        if "joint_dirs" in groups:
+            self.register_buffer(
+                "_J_dirs", joint_dirs(self.J_regressor, self.shape_dirs), persistent=False
+            )
+        if "mean_weights" in groups:
+            # transforms='mean': mean_v T_v = sum_j (mean_v W_vj) A_j.
+            dtype = self.lbs_weights.dtype
+            self.register_buffer(
+                "_mean_weights", self.lbs_weights.double().mean(0).to(dtype), persistent=False
+            )
+        if "split_dirs" in groups:
+            self._register_split_dirs()
 
     def _apply(self, fn, *args, **kwargs):
         # .double()/.to(): derive the joint basis again from the converted buffers, so it
@@ -172,6 +175,10 @@ class FlameShape(DerivedTables, ParametricDecoder):
         super()._apply(fn, *args, **kwargs)
         self._derive()
         return self
+
+    def _after_load(self) -> None:
+        # the loaded tris may differ
+        self._reset_adjacency()
 
     def _reset_adjacency(self) -> None:
         """Forgets the vertex-face adjacency of ``tris`` (built on the first
@@ -427,7 +434,10 @@ class FlameTex(DerivedTables, _backend.DecoderModule):
     paths then are a single blend. A compact module keeps only those, persistent.
     """
 
-    _derived_from = ("texture_mean", "texture_basis", "specular_mean", "specular_basis")
+    _derived_from = {
+        "gathered_mean": ("texture_mean", "specular_mean"),
+        "gathered_basis": ("texture_basis", "specular_basis"),
+    }
 
     def __init__(self, model_path=None, n_tex: int = 50, *, backend: str = "auto",
                  specular: bool = False, basis_dtype: Optional[torch.dtype] = None,
@@ -456,7 +466,7 @@ class FlameTex(DerivedTables, _backend.DecoderModule):
                     _half_basis(basis, self.basis_dtype, space.source).unsqueeze(0),
                 )
             self._derive()
-            self.register_load_state_dict_post_hook(_rebuild_derived_buffers)
+            self.register_load_state_dict_post_hook(derive_after_load)
             return
         index = self._gather_index()
         self.register_buffer("gathered_mean", torch.cat(
@@ -473,15 +483,17 @@ class FlameTex(DerivedTables, _backend.DecoderModule):
     def _parts(self):
         return ("texture", "specular") if self.specular else ("texture",)
 
-    def _register_derived(self) -> None:
+    def _register_derived(self, groups) -> None:
         if self.compact:
             return
         index = self._gather_index(self.texture_mean.device)
-        means = [getattr(self, f"{p}_mean")[0, 0, index] for p in self._parts()]
-        bases = [getattr(self, f"{p}_basis")[0, index] for p in self._parts()]
-        self.register_buffer("_gathered_mean", torch.cat(means), persistent=False)
-        self.register_buffer("_gathered_basis", torch.cat(bases).contiguous(),
-                             persistent=False)
+        if "gathered_mean" in groups:
+            means = [getattr(self, f"{p}_mean")[0, 0, index] for p in self._parts()]
+            self.register_buffer("_gathered_mean", torch.cat(means), persistent=False)
+        if "gathered_basis" in groups:
+            bases = [getattr(self, f"{p}_basis")[0, index] for p in self._parts()]
+            self.register_buffer("_gathered_basis", torch.cat(bases).contiguous(),
+                                 persistent=False)
 
     def _gather_state_dict(self, state_dict, prefix) -> None:
         """Replaces the full buffers of a non-compact state dict by their gathered rows."""

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from . import _backend
+from ._derived import DerivedTables, joint_dirs, joint_template
 from ._parametric import INPUT_NAMES, POSE_NAMES, ParametricDecoder
 from .decoders import DEVICE, FlameLandmark, FlameShape
 
@@ -37,7 +38,7 @@ from .decoders import DEVICE, FlameLandmark, FlameShape
 BACKENDS = ("auto", "ext", "reference")
 
 
-class FlameShapeLandmark(ParametricDecoder):
+class FlameShapeLandmark(DerivedTables, ParametricDecoder):
     """FLAME parameters to landmarks: FlameShape followed by FlameLandmark, fused.
 
     Computes ``FlameLandmark(lm_type, lm_dim)(FlameShape(n_shape, n_expr)(**inputs)[0],
@@ -177,15 +178,13 @@ class FlameShapeLandmark(ParametricDecoder):
         self.register_buffer("pose_dirs", shape.pose_dirs[:, xyz], persistent=False)
         self.register_buffer("lbs_weights", shape.lbs_weights[vertex_idx], persistent=False)
         self.register_buffer("parents", shape.parents.clone(), persistent=False)
-        self._register_split_dirs()
+        self._derive()
 
         # The joints need the whole mesh: keep FlameShape's joint basis, computed as it
         # computes it (float64, from its buffers). Kept in float64 beside the buffers, so
         # that .double() gives FlameShape's float64 values, not float32 ones widened.
-        regressor = shape.J_regressor.double()
-        template = regressor @ shape.v_template.double()
-        dirs = torch.einsum("jv,vck->jck", regressor, shape.shape_dirs.double())
-        self._joint_basis64 = (template.reshape(-1), dirs.reshape(-1, dirs.shape[-1]))
+        self._joint_basis64 = (joint_template(shape.J_regressor, shape.v_template.double()),
+                               joint_dirs(shape.J_regressor, shape.shape_dirs.double()))
         self._register_joint_basis()
 
         for name in INPUT_NAMES:
@@ -199,9 +198,18 @@ class FlameShapeLandmark(ParametricDecoder):
         self.register_buffer("_J_template", template.to(like.dtype), persistent=False)
         self.register_buffer("_J_dirs", dirs.to(like.dtype), persistent=False)
 
+    # The basis' columns apart, from this module's rows of shape_dirs (the joint basis
+    # comes from the whole mesh, taken at construction: `_register_joint_basis`).
+    _derived_from = {"split_dirs": ("shape_dirs",)}
+
+    def _register_derived(self, groups) -> None:
+        if "split_dirs" in groups:
+            self._register_split_dirs()
+
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)
         self._register_joint_basis()
+        self._derive()
         return self
 
     @property
@@ -223,6 +231,7 @@ class FlameShapeLandmark(ParametricDecoder):
         pose = torch.cat([values[name].expand(batch_size, -1) for name in POSE_NAMES], dim=1)
         path = _backend.resolve(self.backend, self.v_template.device.type, "FlameShapeLandmark")
         k = _backend.steps(path)
+        self._refresh_derived()
         v, _ = self._decode(k, values["shape"], values["expr"], pose, identity)
         if self._dynamic:
             return k.landmarks(

@@ -421,6 +421,38 @@ def test_fitted_tables_get_medusa_gradients(backend, shared, transforms):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11, msg=name)
 
 
+# The derived tables each model table is the source of: derived again on every call while
+# that table alone requires grad.
+DERIVED_FROM = {
+    "v_template": {"_J_template"},
+    "shape_dirs": {"_J_dirs", "_identity_dirs", "_expr_dirs"},
+    "J_regressor": {"_J_template", "_J_dirs"},
+    "lbs_weights": {"_mean_weights"},
+}
+
+
+@pytest.mark.parametrize("backend", ["ext", "reference"])
+@pytest.mark.parametrize("name", TABLES)
+def test_one_fitted_table_derives_only_its_own_tables_again(backend, name):
+    """One table requiring grad gets medusa's gradient, and only the tables derived from
+    it are derived again per call: fitting v_template does not copy the basis columns."""
+    m = _shape(backend, transforms="mean").double()
+    ref = _shape("medusa").double()
+    for module in (m, ref):
+        getattr(module, name).requires_grad_(True)
+    inputs = flame_inputs(m, 3, 15, shared=True)
+    m(**inputs)
+    derived = {k: getattr(m, k) for k in set().union(*DERIVED_FROM.values())}
+    v, R = m(**inputs)
+    assert {k for k, t in derived.items() if getattr(m, k) is not t} == DERIVED_FROM[name]
+    vr, Rr = ref(**inputs)
+    got = torch.autograd.grad(v.square().sum() + R.square().sum(), getattr(m, name))[0]
+    want = torch.autograd.grad(vr.square().sum() + Rr.mean(1).square().sum(),
+                               getattr(ref, name))[0]
+    assert torch.count_nonzero(want) > 0
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+
+
 @pytest.mark.parametrize("backend", ["ext", "reference"])
 @pytest.mark.parametrize(
     "change",

@@ -302,6 +302,30 @@ def test_dtype_round_trip_restores_the_float32_tables():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_tables_follow_this_modules_shape_dirs(backend):
+    """The basis' split columns follow this module's own shape_dirs (its rows of the
+    landmark vertices): written in place, the next call reads it; fitted (requires grad,
+    swapped in by functional_call), it gets its numerical gradient."""
+    fit = _fit(backend, n_shape=4, n_expr=3).double()
+    inputs = _random_inputs(fit, 3, seed=21, shared=True)
+    before = fit(**inputs)
+    fit.shape_dirs.mul_(1.5)
+    after = fit(**inputs)
+    assert not torch.allclose(before, after)
+    oracle = _fit(backend, n_shape=4, n_expr=3).double()
+    with torch.no_grad():
+        oracle.shape_dirs.mul_(1.5)
+        oracle._register_split_dirs()  # derived by hand
+    torch.testing.assert_close(after, oracle(**inputs), rtol=1e-12, atol=1e-12)
+
+    def landmarks(shape_dirs):
+        return torch.func.functional_call(fit, {"shape_dirs": shape_dirs}, kwargs=inputs)
+
+    shape_dirs = fit.shape_dirs.detach().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(landmarks, (shape_dirs,), fast_mode=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_nan_in_gives_nan_out_per_sample(backend):
     fit = _fit(backend, lm_type="mp")
     expr = torch.randn(2, fit.n_expr)

@@ -58,17 +58,6 @@ class Tables(NamedTuple):
     rest_dirs: Optional[torch.Tensor] = None
 
 
-def joint_basis(J_regressor, v_template, dirs):
-    """(J_regressor @ v_template flattened (3J,), J_regressor . dirs as (3J, K)), computed
-    in float64 from the buffers and stored in their dtype, so that a float64 layer carries
-    no float32 rounding of its own."""
-    regressor = J_regressor.double()
-    template = regressor @ v_template.double()
-    basis = torch.einsum("jv,vck->jck", regressor, dirs.double())
-    dtype = v_template.dtype
-    return template.reshape(-1).to(dtype), basis.reshape(-1, basis.shape[-1]).to(dtype)
-
-
 def check_input(name: str, value, dim: int, like: torch.Tensor, trailing=None) -> torch.Tensor:
     """An input of shape (B, dim) (or (B, *trailing)) in the layer's dtype and device."""
     shape = (None,) + (tuple(trailing) if trailing is not None else (dim,))

@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from .._checks import check_count
-from .._derived import DerivedTables
+from .._derived import DerivedTables, derive_after_load, joint_dirs, joint_template
 from ..decoders import FlameTex
 from ..io import ModelFileError, load_flame_model, load_landmark_embedding
 from . import _layer
@@ -88,7 +88,10 @@ class FLAME(DerivedTables, nn.Module):
         backend: 'auto', 'ext' or 'reference' (beyond DECA).
     """
 
-    _derived_from = ("v_template", "shapedirs", "J_regressor")
+    _derived_from = {
+        "joint_template": ("J_regressor", "v_template"),
+        "joint_dirs": ("J_regressor", "shapedirs"),
+    }
 
     def __init__(self, config, *, backend: str = "auto"):
         super().__init__()
@@ -136,14 +139,17 @@ class FLAME(DerivedTables, nn.Module):
         )
         self.register_buffer("neck_kin_chain", torch.tensor([1, 0], dtype=torch.long))
         self._derive()
-        self.register_load_state_dict_post_hook(_rebuild_derived)
+        self.register_load_state_dict_post_hook(derive_after_load)
 
-    def _register_derived(self) -> None:
+    def _register_derived(self, groups) -> None:
         """The joint basis, derived from the buffers (again after .to() / .double() and
         load_state_dict). The blend basis is a view of shapedirs."""
-        j_template, j_dirs = _layer.joint_basis(self.J_regressor, self.v_template, self.shapedirs)
-        self.register_buffer("_J_template", j_template, persistent=False)
-        self.register_buffer("_J_dirs", j_dirs, persistent=False)
+        if "joint_template" in groups:
+            self.register_buffer("_J_template", joint_template(self.J_regressor, self.v_template),
+                                 persistent=False)
+        if "joint_dirs" in groups:
+            self.register_buffer("_J_dirs", joint_dirs(self.J_regressor, self.shapedirs),
+                                 persistent=False)
 
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)
@@ -209,9 +215,8 @@ class FLAME(DerivedTables, nn.Module):
         return self._landmarks3d(_layer.steps(self.backend, vertices.device), vertices)
 
 
-def _rebuild_derived(module, _incompatible_keys) -> None:
-    """load_state_dict post-hook (a module-level function, so the layer pickles)."""
-    module._derive()
+# The post-hook's name in layers pickled before it moved to _derived.
+_rebuild_derived = derive_after_load
 
 
 def _texture_file(config) -> str:

@@ -53,7 +53,7 @@ from torch import nn
 
 from .. import reference
 from .._checks import check_count, check_tensor
-from .._derived import DerivedTables
+from .._derived import DerivedTables, derive_after_load, joint_dirs, joint_template
 from ..io import load_dynamic_embedding, load_flame_model, load_static_embedding
 from . import _layer
 
@@ -163,7 +163,11 @@ class FLAME(DerivedTables, nn.Module):
     backend ('auto', 'ext' or 'reference').
     """
 
-    _derived_from = ("v_template", "shapedirs", "expr_dirs", "J_regressor")
+    _derived_from = {
+        "dirs": ("shapedirs", "expr_dirs"),
+        "joint_template": ("J_regressor", "v_template"),
+        "joint_dirs": ("J_regressor", "shapedirs", "expr_dirs"),
+    }
 
     NUM_JOINTS = 5
     NUM_BODY_JOINTS = _NUM_BODY_JOINTS
@@ -291,7 +295,7 @@ class FLAME(DerivedTables, nn.Module):
             self.register_buffer("neck_kin_chain", torch.tensor([self.NECK_IDX], dtype=torch.long))
         self.vertex_joint_selector = _VertexJointSelector()
         self._derive()
-        self.register_load_state_dict_post_hook(_rebuild_derived)
+        self.register_load_state_dict_post_hook(derive_after_load)
 
     # ----------------------------------------------------------------------------------
     # smplx's attributes and helpers
@@ -334,14 +338,18 @@ class FLAME(DerivedTables, nn.Module):
     # ----------------------------------------------------------------------------------
     # The tables the ops read
 
-    def _register_derived(self) -> None:
+    def _register_derived(self, groups) -> None:
         """The (3V, K) blend basis [shapedirs | expr_dirs] and the joint basis, derived
         from the buffers (again after .to() / .double() and load_state_dict)."""
-        dirs = torch.cat([self.shapedirs, self.expr_dirs], dim=2)
-        j_template, j_dirs = _layer.joint_basis(self.J_regressor, self.v_template, dirs)
-        self.register_buffer("_dirs", dirs.reshape(-1, dirs.shape[2]), persistent=False)
-        self.register_buffer("_J_template", j_template, persistent=False)
-        self.register_buffer("_J_dirs", j_dirs, persistent=False)
+        if "dirs" in groups or "joint_dirs" in groups:
+            dirs = torch.cat([self.shapedirs, self.expr_dirs], dim=2)
+        if "dirs" in groups:
+            self.register_buffer("_dirs", dirs.reshape(-1, dirs.shape[2]), persistent=False)
+        if "joint_template" in groups:
+            self.register_buffer("_J_template", joint_template(self.J_regressor, self.v_template),
+                                 persistent=False)
+        if "joint_dirs" in groups:
+            self.register_buffer("_J_dirs", joint_dirs(self.J_regressor, dirs), persistent=False)
 
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)
@@ -493,6 +501,5 @@ class FLAME(DerivedTables, nn.Module):
         return FLAMEOutput(vertices=v_shaped, betas=betas, v_shaped=v_shaped)
 
 
-def _rebuild_derived(module, _incompatible_keys) -> None:
-    """load_state_dict post-hook (a module-level function, so the layer pickles)."""
-    module._derive()
+# The post-hook's name in layers pickled before it moved to _derived.
+_rebuild_derived = derive_after_load
