@@ -56,26 +56,37 @@ class DerivedTables:
 
     # group -> the buffers (or attributes) its tables are computed from
     _derived_from: Dict[str, Tuple[str, ...]] = {}
+    # set per class from _derived_from: every source once, and each group's positions
+    _derived_sources: Tuple[str, ...] = ()
+    _derived_positions: Dict[str, Tuple[int, ...]] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        sources = tuple(dict.fromkeys(n for group in cls._derived_from.values() for n in group))
+        cls._derived_sources = sources
+        cls._derived_positions = {
+            group: tuple(sources.index(n) for n in names)
+            for group, names in cls._derived_from.items()
+        }
 
     def _register_derived(self, groups: Iterable[str]) -> None:  # pragma: no cover
         raise NotImplementedError  # every user defines it
 
-    def _source_keys(self) -> Dict[str, Optional[tuple]]:
-        # Each source's storage, version counter, gradient flag and shape: a new dtype or
-        # device is a new storage. Buffers are read from _buffers directly (the forward
-        # pays for this on every call); a source held otherwise through getattr.
+    def _source_keys(self) -> tuple:
+        # Each source's storage, version counter, gradient flag and shape (a new dtype or
+        # device is a new storage), in `_derived_sources` order. Buffers are read from
+        # _buffers directly (the forward pays for this on every call); a source held
+        # otherwise through getattr.
         buffers = self._buffers
-        keys = {}
-        for sources in self._derived_from.values():
-            for name in sources:
-                if name not in keys:
-                    t = buffers[name] if name in buffers else getattr(self, name, None)
-                    keys[name] = None if t is None else (
-                        t.data_ptr(), t._version, t.requires_grad, t.shape)
-        return keys
+        keys = []
+        for name in self._derived_sources:
+            t = buffers[name] if name in buffers else getattr(self, name, None)
+            keys.append(None if t is None else (t.data_ptr(), t._version, t.requires_grad,
+                                                t.shape))
+        return tuple(keys)
 
-    def _group_key(self, group: str, keys: Dict[str, Optional[tuple]]) -> tuple:
-        return tuple(keys[name] for name in self._derived_from[group])
+    def _group_key(self, group: str, keys: tuple) -> tuple:
+        return tuple(keys[i] for i in self._derived_positions[group])
 
     def _derive(self, track: bool = False, groups: Optional[Iterable[str]] = None) -> None:
         """Registers the derived buffers of `groups` (default: all); with `track`,
@@ -84,16 +95,19 @@ class DerivedTables:
         groups = tuple(self._derived_from if groups is None else groups)
         with torch.enable_grad() if track else torch.no_grad():
             self._register_derived(groups)
-        stored = self.__dict__.setdefault("_derived_keys", {})
+        state = self.__dict__
+        stored = state.setdefault("_derived_keys", {})
         keys = None if track else self._source_keys()
         for group in groups:
             # A tracked derivation holds this call's graph: never reused.
             stored[group] = None if track else self._group_key(group, keys)
+        state["_derived_all_keys"] = None  # `_refresh_derived` checks the groups next
 
     def _refresh_derived(self) -> None:
         """Derives again each group whose sources changed since, or need a gradient."""
         if not self._derived_from or torch.compiler.is_compiling():
             return
+        state = self.__dict__
         try:
             keys = self._source_keys()
         except RuntimeError:
@@ -101,9 +115,12 @@ class DerivedTables:
             # over the buffers) has no storage to compare: derived from it on every call,
             # in the transform's own grad mode.
             self._register_derived(tuple(self._derived_from))
-            self.__dict__["_derived_keys"] = {}
+            state["_derived_keys"] = {}
+            state["_derived_all_keys"] = None
             return
-        stored = self.__dict__.get("_derived_keys", {})
+        if keys == state.get("_derived_all_keys"):
+            return  # every group derived from these sources, none needing a gradient
+        stored = state.get("_derived_keys", {})
         grad = torch.is_grad_enabled()
         tracked, stale = [], []
         for group in self._derived_from:
@@ -116,6 +133,10 @@ class DerivedTables:
             self._derive(True, tracked)
         if stale:
             self._derive(False, stale)
+        # The shortcut holds only while no source requires grad: one that does is
+        # tracked or not by the grad mode of each call.
+        needs_grad = any(k is not None and k[2] for k in keys)
+        state["_derived_all_keys"] = None if needs_grad else keys
 
 
 def derive_after_load(module, _incompatible_keys) -> None:

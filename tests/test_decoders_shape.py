@@ -454,6 +454,26 @@ def test_one_fitted_table_derives_only_its_own_tables_again(backend, name):
 
 
 @pytest.mark.parametrize("backend", ["ext", "reference"])
+def test_a_fitted_table_gets_its_gradient_after_calls_without_grad(backend):
+    """Calls under no_grad (evaluation during a fit) derive the tables without a graph;
+    the next call with grad derives them with autograd again: J_regressor still gets
+    medusa's gradient."""
+    m = _shape(backend).double()
+    ref = _shape("medusa").double()
+    inputs = flame_inputs(m, 3, 16)
+    grads = []
+    for module in (m, ref):
+        module.J_regressor.requires_grad_(True)
+        with torch.no_grad():
+            module(**inputs)
+            module(**inputs)
+        v, _ = module(**inputs)
+        grads.append(torch.autograd.grad(v.square().sum(), module.J_regressor)[0])
+    assert torch.count_nonzero(grads[1]) > 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("backend", ["ext", "reference"])
 @pytest.mark.parametrize(
     "change",
     ["v_template in place", "J_regressor in place", "shape_dirs in place", "reassigned",
