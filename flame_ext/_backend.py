@@ -33,6 +33,7 @@ from types import SimpleNamespace
 
 import torch
 from torch import nn
+from torch.autograd import forward_ad
 
 from . import _ops, reference
 
@@ -139,12 +140,13 @@ def resolve(backend: str, device_type: str, decoder: str) -> str:
     """The path ('ext', 'reference' or 'medusa') `decoder` (a key of DECODER_OPS) takes
     with `backend` for tensors on `device_type` ('cpu', 'cuda', ...).
 
-    Under a `torch.func` transform (grad, jacrev, jacfwd, jvp, vmap, ...) 'auto' takes the
-    reference: torch registers the ops' autograd as an autograd.Function that functorch
-    refuses to differentiate, the ops have no forward-mode derivative, and vmap would run
-    them one sample at a time. The reference's plain PyTorch has every rule functorch
-    needs, so the decoders compose with every transform. An explicit 'ext' keeps the
-    ops (vmap runs them through functorch's fallback; grad raises torch's error).
+    Under a `torch.func` transform (grad, jacrev, jacfwd, jvp, vmap, ...), also one that
+    torch.compile traces, and inside a forward-mode AD level (`forward_ad.dual_level`)
+    'auto' takes the reference: torch registers the ops' autograd as an autograd.Function
+    that functorch refuses to differentiate, the ops have no forward-mode derivative, and
+    vmap would run them one sample at a time. The reference's plain PyTorch has every rule
+    these need. An explicit 'ext' keeps the ops (vmap runs them through functorch's
+    fallback; grad and forward AD raise torch's error).
     """
     if backend != "auto":
         return backend
@@ -153,15 +155,15 @@ def resolve(backend: str, device_type: str, decoder: str) -> str:
         # a device type `prepare` does not resolve ahead, or a decoder whose constructor
         # did not run in this process
         path = _auto_path(decoder, device_type)
-    if path == "ext" and _functorch_transform_active():
+    if path == "ext" and ops_not_differentiable_here():
         return "reference"
     return path
 
 
-def _functorch_transform_active() -> bool:
-    """Whether a torch.func transform is running (never while torch.compile traces: a
-    compiled graph keeps the ops, whose registrations it traces)."""
-    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+def ops_not_differentiable_here() -> bool:
+    """Whether a torch.func transform or a forward-mode AD level is active, where the
+    ops' registered autograd does not serve (see `resolve`)."""
+    return torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
 
 
 def steps(path: str) -> SimpleNamespace:

@@ -57,6 +57,8 @@ class ParametricDecoder(DecoderModule):
         CPU loops streamed them 10-45% slower than contiguous copies (docs/PERFORMANCE.md):
         the copies cost the basis' bytes once more. Derived, not part of the state_dict.
         """
+        if self.shape_dirs.requires_grad and "_identity_dirs" in self._buffers:
+            return  # a basis being fitted is read through slices of itself (`_decode`)
         num_vertices, _, components = self.shape_dirs.shape
         dirs = self.shape_dirs.reshape(num_vertices * 3, components)
         n = self.n_shape

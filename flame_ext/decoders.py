@@ -169,13 +169,6 @@ class FlameShape(DerivedTables, ParametricDecoder):
         if "split_dirs" in groups:
             self._register_split_dirs()
 
-    def _apply(self, fn, *args, **kwargs):
-        # .double()/.to(): derive the joint basis again from the converted buffers, so it
-        # carries no rounding of the old dtype (float32 rounding would show in float64).
-        super()._apply(fn, *args, **kwargs)
-        self._derive()
-        return self
-
     def _after_load(self) -> None:
         # the loaded tris may differ
         self._reset_adjacency()

@@ -62,7 +62,10 @@ class FlameShapeLandmark(DerivedTables, ParametricDecoder):
 
     The state_dict holds the six parameters only, under FlameShape's names: the model
     tables are derived from the model files (non-persistent buffers), so a fit saved from
-    here loads into a FlameShape with ``strict=False`` and back.
+    here loads into a FlameShape with ``strict=False`` and back. The tables are copies
+    taken at construction; the joint basis among them comes from the whole mesh, so a
+    write to this module's own ``v_template`` or ``shape_dirs`` (read at the next call)
+    moves the landmark vertices, not the joints.
     """
 
     def __init__(
@@ -118,7 +121,17 @@ class FlameShapeLandmark(DerivedTables, ParametricDecoder):
         return self
 
     def _adopt(self, shape: FlameShape, landmark: FlameLandmark) -> None:
-        """Derives the landmark-vertex tables from the two decoders, takes their parameters."""
+        """Derives the landmark-vertex tables from the two decoders, takes their parameters.
+
+        The tables are copies without a graph, even of a table that requires grad there:
+        they are this module's constants (make one require grad here to fit it)."""
+        with torch.no_grad():
+            self._adopt_tables(shape, landmark)
+        self.parameters_ = list(shape.parameters_)
+        for name in INPUT_NAMES:
+            setattr(self, name, getattr(shape, name))
+
+    def _adopt_tables(self, shape: FlameShape, landmark: FlameLandmark) -> None:
         num_vertices = shape.v_template.shape[0]
         device, dtype = shape.v_template.device, shape.v_template.dtype
         if landmark.num_vertices != num_vertices or not torch.equal(
@@ -135,7 +148,6 @@ class FlameShapeLandmark(DerivedTables, ParametricDecoder):
         self.num_vertices = num_vertices
         # _decode's option: skinning writes no per-vertex transforms.
         self.transforms = "none"
-        self.parameters_ = list(shape.parameters_)
 
         # Landmark faces, static then contour, renumbered: the landmark op then runs on
         # the subset exactly as on the mesh.
@@ -187,9 +199,6 @@ class FlameShapeLandmark(DerivedTables, ParametricDecoder):
                                joint_dirs(shape.J_regressor, shape.shape_dirs.double()))
         self._register_joint_basis()
 
-        for name in INPUT_NAMES:
-            setattr(self, name, getattr(shape, name))
-
     def _register_joint_basis(self) -> None:
         """_J_template (3J,) and _J_dirs (3J, K) in the tables' dtype and device."""
         like = self.v_template
@@ -207,9 +216,8 @@ class FlameShapeLandmark(DerivedTables, ParametricDecoder):
             self._register_split_dirs()
 
     def _apply(self, fn, *args, **kwargs):
-        super()._apply(fn, *args, **kwargs)
+        super()._apply(fn, *args, **kwargs)  # DerivedTables: the split columns
         self._register_joint_basis()
-        self._derive()
         return self
 
     @property

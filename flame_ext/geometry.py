@@ -1,7 +1,8 @@
 """Mesh geometry on FLAME's vertices: `vertex_normals(v, faces)`.
 
 The compiled op (`flame_ext._ops.normals`: deterministic gather kernels, CPU and CUDA)
-when the library is loaded and has a kernel for v's device, else the pure-PyTorch
+when the library is loaded and has a kernel for v's device (outside torch.func transforms
+and forward-mode AD, as the decoders' 'auto'), else the pure-PyTorch
 `flame_ext.reference.vertex_normals` (with the library's one missing-extension warning).
 Both check their arguments the same way (ValueError / TypeError naming the argument).
 """
@@ -13,12 +14,21 @@ import torch
 from . import _backend, _ops, reference
 
 
-# device type -> whether the compiled op runs there: settled on first use, then a dict
-# read (which torch.compile traces without a graph break).
+# device type -> whether the compiled op has kernels there: settled on first use, then a
+# dict read.
 _USE_OPS: dict = {}
 
 
 def _use_ops(device_type: str) -> bool:
+    """Whether the compiled op serves here: it has kernels for the device type, and no
+    torch.func transform or forward-AD level is active (as `_backend.resolve`)."""
+    return not _backend.ops_not_differentiable_here() and _has_kernels(device_type)
+
+
+@torch.compiler.assume_constant_result
+def _has_kernels(device_type: str) -> bool:
+    # A constant to torch.compile, which would otherwise trace the library loading and
+    # the dispatcher queries of a first call made inside a compiled function.
     use = _USE_OPS.get(device_type)
     if use is None:
         if not _ops.available():

@@ -11,6 +11,7 @@ import torch
 
 from _process import in_threads
 from _samples import FULL, SMALL, flame_inputs
+import flame_ext
 from flame_ext import FlameLandmark, FlameShape, FlameShapeLandmark, FlameTex, _backend, _ops
 from flame_ext import build_info, load_flame_model
 
@@ -320,6 +321,89 @@ def test_torch_func_grad_of_the_model_tables(ops, quiet):
                                [getattr(module, k) for k in names])
     for k, w in zip(names, want):
         torch.testing.assert_close(got[k], w, rtol=1e-10, atol=1e-12, msg=k)
+
+
+@pytest.mark.parametrize("basis_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_half_basis_texture_composes_with_torch_func(ops, basis_dtype, backend, quiet):
+    """A half-precision texture basis under grad and jacrev: the blocked half blend's
+    autograd does not serve there, a plain product of the widened basis does, with the
+    gradient eager autograd gives."""
+    module = FlameTex(SMALL, n_tex=5, basis_dtype=basis_dtype, backend=backend)
+    code = torch.randn(2, 5, generator=torch.Generator().manual_seed(4))
+    weight = torch.randn(module(code).shape, generator=torch.Generator().manual_seed(5))
+
+    def loss(c):
+        return (weight * module(c)).sum()
+
+    leaf = code.clone().requires_grad_(True)
+    want = torch.autograd.grad(loss(leaf), leaf)[0]
+    # two float32 sums over the M gathered rows in different orders: each within
+    # M 2^-24 sum_m |w_m b_mk| of the exact gradient
+    rows = module._gathered_basis.float()
+    bound = 2 * rows.shape[0] * 2.0**-24 * (weight.reshape(2, -1).abs() @ rows.abs())
+    err = (torch.func.grad(loss)(code) - want).abs()
+    assert bool((err <= bound).all()), (err.max().item(), bound.min().item())
+    jac = torch.func.jacrev(lambda c: module(c).flatten()[:10])(code)
+    assert jac.shape == (10, 2, 5) and torch.isfinite(jac).all()
+
+
+def test_forward_mode_ad_takes_the_reference(ops, quiet):
+    """Inside a forward-AD dual level 'auto' takes the reference (the ops have no
+    forward-mode rule): the tangent of FlameShape and of vertex_normals equals the
+    directional derivative from eager autograd, <u, J t> = <J^T u, t>."""
+    from torch.autograd import forward_ad
+
+    module = _small_decoders("cpu")["FlameShape"].double()
+    inputs = flame_inputs(module, 2, 6)
+    expr = inputs.pop("expr")
+    tangent = torch.randn(expr.shape, generator=torch.Generator().manual_seed(7),
+                          dtype=torch.float64)
+    with forward_ad.dual_level():
+        v, _ = module(expr=forward_ad.make_dual(expr, tangent), **inputs)
+        normals = flame_ext.vertex_normals(v, module.tris)
+        v_tangent = forward_ad.unpack_dual(v).tangent
+        n_tangent = forward_ad.unpack_dual(normals).tangent
+    leaf = expr.clone().requires_grad_(True)
+    v_eager, _ = module(expr=leaf, **inputs)
+    n_eager = flame_ext.vertex_normals(v_eager, module.tris)
+    gen = torch.Generator().manual_seed(8)
+    for out, tan in ((v_eager, v_tangent), (n_eager, n_tangent)):
+        u = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+        vjp = torch.autograd.grad(out, leaf, u, retain_graph=True)[0]
+        torch.testing.assert_close((u * tan).sum(), (vjp * tangent).sum(),
+                                   rtol=1e-10, atol=1e-10)
+
+
+def test_vertex_normals_compose_with_torch_func(ops, quiet):
+    module = _small_decoders("cpu")["FlameShape"].double()
+    v = module(**flame_inputs(module, 2, 9))[0].detach()
+    weight = torch.randn(v.shape, generator=torch.Generator().manual_seed(10),
+                         dtype=torch.float64)
+
+    def loss(x):
+        return (weight * module.vertex_normals(x)).sum() + (
+            weight * flame_ext.vertex_normals(x, module.tris)).sum()
+
+    leaf = v.clone().requires_grad_(True)
+    want = torch.autograd.grad(loss(leaf), leaf)[0]
+    torch.testing.assert_close(torch.func.grad(loss)(v), want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["FlameShape", "FlameTex"])
+def test_compiled_torch_func_grad(ops, name, fresh_dynamo, quiet):
+    """torch.compile of a function that takes torch.func.grad of a decoder: traced on
+    the reference (the transform is active while dynamo traces it), equal to eager."""
+    module = _small_decoders("cpu")[name]
+    leaves, fn = _transform_cases(name, module.double(), torch.device("cpu"))
+    first = next(iter(leaves))
+
+    def loss(x):
+        return sum(o.square().sum() for o in fn(**{**leaves, first: x}))
+
+    want = torch.func.grad(loss)(leaves[first])
+    got = torch.compile(lambda x: torch.func.grad(loss)(x), backend="aot_eager")(leaves[first])
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
 # --- torch.compile with the default arguments ---------------------------------------------

@@ -25,6 +25,7 @@ import torch
 import flame_ext.compat
 from flame_ext import (FlameLandmark, FlameShape, ModelFileError, load_flame_model,
                        load_landmark_embedding, synthetic)
+from flame_ext.compat import _layer
 from flame_ext.compat.deca import FLAME, FLAMETex
 
 BACKENDS = ["ext", "reference"]
@@ -301,6 +302,9 @@ def test_torch_func_grad_and_vmap(assets):
         return sum((u * o).sum() for u, o in zip(upstream, flame(*args)))
 
     leaves = [t.clone().requires_grad_() for t in inputs]
+    # the eager gradient through the ops, the transformed one through the reference
+    assert _layer.steps(flame.backend, torch.device("cpu")).lbs is not _layer.steps(
+        "reference", torch.device("cpu")).lbs
     want = torch.autograd.grad(loss(*leaves), leaves)
     got = torch.func.grad(loss, argnums=(0, 1, 2, 3))(*inputs)
     for a, b in zip(got, want):

@@ -425,7 +425,7 @@ def test_fitted_tables_get_medusa_gradients(backend, shared, transforms):
 # that table alone requires grad.
 DERIVED_FROM = {
     "v_template": {"_J_template"},
-    "shape_dirs": {"_J_dirs", "_identity_dirs", "_expr_dirs"},
+    "shape_dirs": {"_J_dirs"},  # the split columns are not read then: slices of it are
     "J_regressor": {"_J_template", "_J_dirs"},
     "lbs_weights": {"_mean_weights"},
 }
@@ -453,23 +453,116 @@ def test_one_fitted_table_derives_only_its_own_tables_again(backend, name):
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
 
 
+def _fitted_pair(backend, table, seed):
+    """(FlameShape on `backend`, on medusa's algorithm, inputs), float64, `table`
+    requiring grad in both."""
+    m, ref = _shape(backend).double(), _shape("medusa").double()
+    for module in (m, ref):
+        getattr(module, table).requires_grad_(True)
+    return m, ref, flame_inputs(m, 3, seed)
+
+
 @pytest.mark.parametrize("backend", ["ext", "reference"])
 def test_a_fitted_table_gets_its_gradient_after_calls_without_grad(backend):
     """Calls under no_grad (evaluation during a fit) derive the tables without a graph;
     the next call with grad derives them with autograd again: J_regressor still gets
     medusa's gradient."""
-    m = _shape(backend).double()
-    ref = _shape("medusa").double()
-    inputs = flame_inputs(m, 3, 16)
+    m, ref, inputs = _fitted_pair(backend, "J_regressor", 16)
     grads = []
     for module in (m, ref):
-        module.J_regressor.requires_grad_(True)
         with torch.no_grad():
             module(**inputs)
             module(**inputs)
         v, _ = module(**inputs)
         grads.append(torch.autograd.grad(v.square().sum(), module.J_regressor)[0])
     assert torch.count_nonzero(grads[1]) > 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-9, atol=1e-11)
+
+
+def _medusa_after(m, inputs):
+    """medusa's algorithm on m's current buffers."""
+    ref = _shape("medusa").double()
+    ref.load_state_dict(m.state_dict())
+    return ref(**inputs)[0]
+
+
+@pytest.mark.parametrize("backend", ["ext", "reference"])
+def test_tables_after_a_pickle_round_trip_follow_the_buffers(backend):
+    """torch.save / torch.load of a whole module whose buffer was written in place after
+    the last call: the copy derives its tables from its own buffers (the keys the
+    original compared hold the storage addresses of the saving process)."""
+    import io
+
+    m = _shape(backend).double()
+    inputs = flame_inputs(m, 3, 17)
+    m(**inputs)
+    with torch.no_grad():
+        m.v_template.add_(0.1)
+    buffer = io.BytesIO()
+    torch.save(m, buffer)
+    buffer.seek(0)
+    copy = torch.load(buffer, weights_only=False)
+    assert "_derived_keys" not in copy.__dict__
+    torch.testing.assert_close(copy(**inputs)[0], _medusa_after(m, inputs),
+                               rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["ext", "reference"])
+def test_tables_derived_in_inference_mode_serve_autograd_later(backend):
+    """A table written in place, then a call under torch.inference_mode: the tables are
+    derived there as ordinary tensors, so a later call with autograd can save them."""
+    m = _shape(backend, parameters=["shape"]).double()
+    inputs = flame_inputs(m, 3, 18)
+    del inputs["shape"]  # the module's parameter, trained
+    m(**inputs)
+    with torch.no_grad():
+        m.shape_dirs.mul_(1.1)
+    with torch.inference_mode():
+        m(**inputs)
+    assert not m._J_dirs.is_inference()
+    v, _ = m(**inputs)
+    grad = torch.autograd.grad(v.square().sum(), m.shape)[0]
+    ref = _shape("medusa", parameters=["shape"]).double()
+    ref.load_state_dict(m.state_dict())
+    want = torch.autograd.grad(ref(**inputs)[0].square().sum(), ref.shape)[0]
+    torch.testing.assert_close(grad, want, rtol=1e-10, atol=1e-12)
+
+
+def test_forward_ad_through_a_table_swapped_in_by_functional_call():
+    """A dual tensor of forward-mode AD swapped in for v_template shares the buffer's
+    storage and version: the tables are derived from it anyway, so the tangent carries
+    the joints' part (against medusa's algorithm, whose joints are regressed per call)."""
+    from torch.autograd import forward_ad
+
+    m = _shape("auto").double()
+    ref = _shape("medusa").double()
+    inputs = flame_inputs(m, 2, 19)
+    m(**inputs)
+    tangent = torch.randn(m.v_template.shape, generator=torch.Generator().manual_seed(20),
+                          dtype=F64)
+    tangents = []
+    for module in (m, ref):
+        with forward_ad.dual_level():
+            dual = forward_ad.make_dual(module.v_template, tangent)
+            v, _ = torch.func.functional_call(module, {"v_template": dual}, kwargs=inputs)
+            tangents.append(forward_ad.unpack_dual(v).tangent)
+    torch.testing.assert_close(tangents[0], tangents[1], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["ext", "reference"])
+@pytest.mark.parametrize("eager_first", [False, True])
+def test_compiled_fit_of_a_table_gets_medusa_gradient(backend, eager_first, fresh_dynamo):
+    """Under torch.compile(fullgraph=True) a table that requires grad has its derived
+    tables derived in the graph: its gradient includes the joints' part, as eager."""
+    m, ref, inputs = _fitted_pair(backend, "v_template", 21)
+    grads = []
+    for module in (m, ref):
+        if eager_first:
+            module(**inputs)[0].sum().backward()
+        call = torch.compile(module, fullgraph=True, backend="aot_eager") if module is m \
+            else module
+        v, _ = call(**inputs)
+        grads.append(torch.autograd.grad(v.square().sum(), module.v_template)[0])
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-9, atol=1e-11)
 
 

@@ -325,6 +325,20 @@ def test_tables_follow_this_modules_shape_dirs(backend):
     assert torch.autograd.gradcheck(landmarks, (shape_dirs,), fast_mode=True)
 
 
+def test_from_decoders_takes_tables_that_require_grad_as_constants():
+    """A FlameShape table that requires grad is copied without its graph: iteration after
+    iteration of a fit through the landmark path runs backward (the copies are this
+    module's constants; the parameters stay shared)."""
+    landmark = FlameLandmark("68", "2d", "cpu", model_path=SMALL)
+    shape = FlameShape(*_counts(SMALL), device="cpu", model_path=SMALL, parameters=["expr"])
+    shape.v_template.requires_grad_(True)
+    fit = FlameShapeLandmark.from_decoders(shape, landmark)
+    assert not fit.v_template.requires_grad and fit.v_template.grad_fn is None
+    for _ in range(2):
+        fit(batch_size=2).square().sum().backward()
+    assert shape.expr.grad is not None and shape.v_template.grad is None
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_nan_in_gives_nan_out_per_sample(backend):
     fit = _fit(backend, lm_type="mp")

@@ -138,5 +138,14 @@ def half_blend(mean: Optional[torch.Tensor], basis: torch.Tensor,
 
 def half_blend_unchecked(mean, basis, coeffs) -> torch.Tensor:
     """half_blend without the argument checks (for the decoder, whose tables are its own
-    buffers and whose texcode it has checked)."""
+    buffers and whose texcode it has checked).
+
+    Under a torch.func transform or forward-mode AD, where this op's registered autograd
+    does not serve (`flame_ext._backend.resolve`), the same product in plain torch ops on
+    the basis widened whole (a float32 copy for the call; the sums in another order)."""
+    from .. import _backend
+
+    if _backend.ops_not_differentiable_here():
+        widened = basis.to(coeffs.dtype).t()
+        return coeffs @ widened if mean is None else torch.addmm(mean, coeffs, widened)
     return _half_blend(mean, basis, coeffs, block_rows(basis.shape[1], coeffs.device.type))

@@ -151,11 +151,6 @@ class FLAME(DerivedTables, nn.Module):
             self.register_buffer("_J_dirs", joint_dirs(self.J_regressor, self.shapedirs),
                                  persistent=False)
 
-    def _apply(self, fn, *args, **kwargs):
-        super()._apply(fn, *args, **kwargs)
-        self._derive()
-        return self
-
     def forward(
         self,
         shape_params: Optional[torch.Tensor] = None,

@@ -351,11 +351,6 @@ class FLAME(DerivedTables, nn.Module):
         if "joint_dirs" in groups:
             self.register_buffer("_J_dirs", joint_dirs(self.J_regressor, dirs), persistent=False)
 
-    def _apply(self, fn, *args, **kwargs):
-        super()._apply(fn, *args, **kwargs)
-        self._derive()
-        return self
-
     def _tables(self) -> _layer.Tables:
         # smplx keeps the betas' and the expression's columns apart already.
         self._refresh_derived()
