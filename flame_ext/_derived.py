@@ -3,34 +3,33 @@
 The decoders and the compat layers keep, beside their state-dict buffers, non-persistent
 tables computed from them: the joint basis J_regressor . [v_template | basis], the basis'
 identity and expression columns apart, the mean skinning weights, FlameTex's gathered
-texels. `DerivedTables` derives them again whenever they could disagree with their
-sources, group by group (`_derived_from` maps each group of tables to the buffers it is
-computed from):
+texels. `DerivedTables` keeps them in step with their sources, group by group
+(`_derived_from` maps each group to the buffers it is computed from, `_derived_tables` to
+the tables it computes, `_compute_derived` computes them). A forward reads them through
+`_derived()`, which returns the tables of this call by name:
 
-- after `.to()` / `.double()` (`_apply`) and `load_state_dict` (`derive_after_load`, the
-  post-hook the modules register): every group, by `_derive`. An unpickled or deep-copied
-  module drops the keys below (they name the old storages) and derives at its first
-  call;
-- when a source changed since its group was derived: written in place (its version
-  counter moved), reassigned, or swapped in by `torch.func.functional_call`.
-  `_refresh_derived`, called where a forward reads the tables, compares each source's
-  storage, version counter, gradient flag and shape with those the group was derived
-  from (a new dtype or device is a new storage). The sources of the last derivation are
-  held, so that their storage addresses cannot be reused by other tensors meanwhile;
-- on every call while one of a group's sources needs a gradient and grad mode is on
-  (fitting the model's tables): that group is derived with autograd then, so the
-  gradient reaches the sources through the joints and the other derived tables too, as
-  it does in medusa, which regresses the joints from the shaped mesh on every call. The
-  groups whose sources need none keep their tables: fitting v_template re-derives the
-  joints' template (3J values), not the 24 MB basis columns.
-
-Tables are never derived as inference tensors (a call under `torch.inference_mode` may
-derive them; a later call with autograd saves them). Under `torch.compile` the keys are
-not checked: the compiled graph reads the derived buffers it traced (derive them before
-compiling if the buffers change), except the groups with a source that requires grad,
-which it derives in the graph. Under a torch.func transform over the buffers themselves
-(grad or vmap of `functional_call`) and inside a forward-mode AD level (a dual tensor
-shares its primal's storage and version), the tables are derived on every call.
+- the registered (cached) tables, derived again and registered when a source changed
+  since: written in place (its version counter moved), reassigned, or swapped in by
+  `torch.func.functional_call`. Each source's storage, version counter, gradient flag
+  and shape are compared with those the group was derived from (a new dtype or device
+  is a new storage). The sources of the last derivation are held, so that their storage
+  addresses cannot be reused by other tensors meanwhile. Every group is derived after
+  `.to()` / `.double()` (`_apply`) and `load_state_dict` (`derive_after_load`, the
+  post-hook the modules register); an unpickled or deep-copied module drops the keys
+  (they name the old storages) and derives at its first call;
+- computed for this call only, with autograd, for each group with a source that
+  requires grad while grad mode is on (fitting the model's tables), so the gradient
+  reaches the sources through the joints too, as in medusa, which regresses the joints
+  from the shaped mesh on every call. The other groups keep their tables: fitting
+  v_template computes the joints' template (3J values), not the 24 MB basis columns.
+  Registered tables never carry a graph (nor are they inference tensors), so a module
+  deep-copies, and a later call without that gradient reads plain tables;
+- computed for this call only from sources wrapped by a torch.func transform (grad or
+  vmap of `functional_call` over the buffers) and from dual tensors of forward-mode AD
+  (which share their primal's storage and version);
+- under `torch.compile` nothing is compared: a compiled graph reads the registered
+  tables it traced (derive them before compiling if the buffers change), except the
+  groups with a source that requires grad, which it computes itself.
 
 The joint basis is defined here for every module that keeps one (`joint_template`,
 `joint_dirs`).
@@ -58,31 +57,36 @@ def joint_dirs(J_regressor: torch.Tensor, dirs: torch.Tensor) -> torch.Tensor:
 
 
 class DerivedTables:
-    """Mixin for an nn.Module whose `_register_derived(groups)` (re)registers the derived
-    buffers of the named groups from the buffers `_derived_from[group]` names."""
+    """Mixin for an nn.Module whose `_compute_derived(groups)` computes the derived tables
+    of the named groups (name -> tensor) from the buffers `_derived_from[group]` names."""
 
-    # group -> the buffers (or attributes) its tables are computed from
+    # group -> the buffers (or attributes) its tables are computed from; a group without
+    # sources is derived by `_derive` only
     _derived_from: Dict[str, Tuple[str, ...]] = {}
-    # set per class from _derived_from: every source once, and each group's positions
+    # group -> the names of the tables it computes
+    _derived_tables: Dict[str, Tuple[str, ...]] = {}
+    # set per class from the two: every source and table name once, each group's sources'
+    # positions
     _derived_sources: Tuple[str, ...] = ()
+    _derived_names: Tuple[str, ...] = ()
     _derived_positions: Dict[str, Tuple[int, ...]] = {}
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         sources = tuple(dict.fromkeys(n for group in cls._derived_from.values() for n in group))
         cls._derived_sources = sources
+        cls._derived_names = tuple(n for names in cls._derived_tables.values() for n in names)
         cls._derived_positions = {
             group: tuple(sources.index(n) for n in names)
             for group, names in cls._derived_from.items()
         }
 
-    def _register_derived(self, groups: Iterable[str]) -> None:  # pragma: no cover
-        raise NotImplementedError  # every user defines it
+    def _compute_derived(self, groups: Iterable[str]) -> Dict[str, torch.Tensor]:
+        raise NotImplementedError  # pragma: no cover - every user defines it
 
-    def _current_sources(self) -> tuple:
+    def _source(self, name: str):
         buffers = self._buffers
-        return tuple(buffers[name] if name in buffers else getattr(self, name, None)
-                     for name in self._derived_sources)
+        return buffers[name] if name in buffers else getattr(self, name, None)
 
     def _apply(self, fn, *args, **kwargs):
         # .to() / .double(): derived again from the converted buffers, so that a table
@@ -100,99 +104,93 @@ class DerivedTables:
 
     def _source_keys(self) -> tuple:
         # Each source's storage, version counter, gradient flag and shape (a new dtype or
-        # device is a new storage), in `_derived_sources` order. Buffers are read from
-        # _buffers directly (the forward pays for this on every call); a source held
-        # otherwise through getattr.
-        buffers = self._buffers
+        # device is a new storage), in `_derived_sources` order; the forward pays for this
+        # on every call. An inference tensor has no version counter: a write to one in
+        # place goes unseen.
         keys = []
         for name in self._derived_sources:
-            t = buffers[name] if name in buffers else getattr(self, name, None)
-            keys.append(None if t is None else (t.data_ptr(), t._version, t.requires_grad,
-                                                t.shape))
+            t = self._source(name)
+            keys.append(None if t is None else (
+                t.data_ptr(), -1 if t.is_inference() else t._version, t.requires_grad,
+                t.shape))
         return tuple(keys)
 
     def _group_key(self, group: str, keys: tuple) -> tuple:
         return tuple(keys[i] for i in self._derived_positions[group])
 
-    def _derive(self, track: bool = False, groups: Optional[Iterable[str]] = None) -> None:
-        """Registers the derived buffers of `groups` (default: all); with `track`,
-        computed with autograd (from sources that need a gradient), else without a
-        graph."""
+    def _derive(self, groups: Optional[Iterable[str]] = None) -> None:
+        """Computes and registers the tables of `groups` (default: all), without a graph
+        and never as inference tensors (a later call with autograd saves them)."""
         groups = tuple(self._derived_from if groups is None else groups)
-        # Never inference tensors (a later call with autograd could not save them).
-        with torch.inference_mode(False), (torch.enable_grad() if track else torch.no_grad()):
-            self._register_derived(groups)
+        with torch.inference_mode(False), torch.no_grad():
+            tables = self._compute_derived(groups)
+        for name, table in tables.items():
+            self.register_buffer(name, table, persistent=False)
         state = self.__dict__
         stored = state.setdefault("_derived_keys", {})
-        keys = None if track else self._source_keys()
+        keys = self._source_keys()
         for group in groups:
-            # A tracked derivation holds this call's graph: never reused.
-            stored[group] = None if track else self._group_key(group, keys)
-        state["_derived_all_keys"] = None  # `_refresh_derived` checks the groups next
-        # The keys hold storage addresses: keeping the sources they were taken from
-        # alive keeps those addresses from being reused by other tensors.
-        state["_derived_sources_held"] = self._current_sources()
+            stored[group] = self._group_key(group, keys)
+        state["_derived_all_keys"] = None  # `_derived` compares the groups next
+        # The keys hold storage addresses: holding the sources they were taken from keeps
+        # those addresses from being reused by other tensors.
+        state["_derived_sources_held"] = tuple(self._source(n) for n in self._derived_sources)
 
-    def _trace_tracked_groups(self) -> None:
-        """Under torch.compile: the groups with a source that requires grad are derived
-        in the traced graph (with autograd, when grad mode is on), so a compiled fit of a
-        table gets the gradient through its derived tables; the others are read as
-        traced. Nothing else is checked (a requires_grad flag is one of the compiled
-        graph's guards)."""
-        if not torch.is_grad_enabled():
-            return
+    def _registered(self) -> Dict[str, torch.Tensor]:
         buffers = self._buffers
-        tracked = [
-            group for group, names in self._derived_from.items()
-            if any(getattr(buffers.get(n, getattr(self, n, None)), "requires_grad", False)
-                   for n in names)
-        ]
-        if tracked:
-            self._register_derived(tracked)
+        return {name: buffers.get(name) for name in self._derived_names}
 
-    def _refresh_derived(self) -> None:
-        """Derives again each group whose sources changed since, or need a gradient."""
+    def _derived(self) -> Dict[str, torch.Tensor]:
+        """The derived tables for this call, by name (see the module docstring)."""
         if not self._derived_from:
-            return
+            return self._registered()
         if torch.compiler.is_compiling():
-            self._trace_tracked_groups()
-            return
+            return self._derived_traced()
         state = self.__dict__
         try:
-            # A dual tensor of forward-mode AD (swapped in by functional_call) shares its
-            # primal's storage and version: inside a dual level, no key is trusted.
-            keys = None if forward_ad._current_level >= 0 else self._source_keys()
+            keys = self._source_keys()
         except RuntimeError:
-            # A source wrapped by a torch.func transform (functional_call of grad or vmap
-            # over the buffers) has no storage to compare.
-            keys = None
+            keys = None  # a source wrapped by a torch.func transform: no storage to compare
         if keys is None:
-            # Derived from the sources on every call, in the caller's grad mode.
-            with torch.inference_mode(False):
-                self._register_derived(tuple(self._derived_from))
-            state["_derived_keys"] = {}
-            state["_derived_all_keys"] = None
-            return
-        if keys == state.get("_derived_all_keys"):
-            return  # every group derived from these sources, none needing a gradient
+            tables = self._registered()
+            tables.update(self._compute_derived(tuple(self._derived_from)))
+            return tables
+        dual = forward_ad._current_level >= 0
+        if not dual and keys == state.get("_derived_all_keys"):
+            return self._registered()  # every group derived from these sources
         stored = state.get("_derived_keys", {})
         grad = torch.is_grad_enabled()
-        tracked, stale = [], []
-        for group in self._derived_from:
+        fresh, stale = [], []
+        for group, names in self._derived_from.items():
             key = self._group_key(group, keys)
-            if grad and any(k is not None and k[2] for k in key):
-                tracked.append(group)
+            if (grad and any(k is not None and k[2] for k in key)) or (
+                    dual and any(_has_tangent(self._source(n)) for n in names)):
+                fresh.append(group)
             elif key != stored.get(group):
                 stale.append(group)
-        if tracked:
-            self._derive(True, tracked)
         if stale:
-            self._derive(False, stale)
-        # The shortcut holds only while no source requires grad: one that does is
-        # tracked or not by the grad mode of each call.
+            self._derive(stale)
+        # The shortcut above holds only while no source requires grad (one that does is
+        # computed or not by the grad mode of each call) and outside forward AD.
         needs_grad = any(k is not None and k[2] for k in keys)
-        state["_derived_all_keys"] = None if needs_grad else keys
-        state["_derived_sources_held"] = self._current_sources()
+        state["_derived_all_keys"] = None if (needs_grad or dual) else keys
+        tables = self._registered()
+        if fresh:
+            tables.update(self._compute_derived(fresh))
+        return tables
+
+    def _derived_traced(self) -> Dict[str, torch.Tensor]:
+        # Under torch.compile: a requires_grad flag is one of the graph's guards.
+        tables = self._registered()
+        fresh = [group for group, names in self._derived_from.items()
+                 if any(getattr(self._source(n), "requires_grad", False) for n in names)]
+        if fresh:
+            tables.update(self._compute_derived(fresh))
+        return tables
+
+
+def _has_tangent(t) -> bool:
+    return isinstance(t, torch.Tensor) and forward_ad.unpack_dual(t).tangent is not None
 
 
 def derive_after_load(module, _incompatible_keys) -> None:

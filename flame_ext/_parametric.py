@@ -45,25 +45,27 @@ class ParametricDecoder(DecoderModule):
     six parameters, ``parameters_``, ``n_shape``, ``transforms`` and the tables
     ``v_template``, ``shape_dirs``, ``pose_dirs``, ``lbs_weights``, ``parents``,
     ``_J_template``, ``_J_dirs`` (FlameShapeLandmark: restricted to a vertex subset), and
-    ``_identity_dirs``, ``_expr_dirs`` (`_register_split_dirs`).
+    ``_identity_dirs``, ``_expr_dirs`` (`_split_dirs`), the last four read from the
+    ``tables`` (`DerivedTables._derived`) that ``_decode`` is given.
     """
 
-    def _register_split_dirs(self) -> None:
-        """The vertex basis' shape and expression columns as two contiguous (3V, n) tables.
+    def _split_dirs(self):
+        """The vertex basis' shape and expression columns as two (3V, n) tables.
 
         With one identity for many frames the shape columns are blended once and the
         expression columns per frame. As column slices of the (3V, n_shape + n_expr) basis
         each table's rows are strided (400 of 1600 bytes for FLAME's expression), and the
         CPU loops streamed them 10-45% slower than contiguous copies (docs/PERFORMANCE.md):
-        the copies cost the basis' bytes once more. Derived, not part of the state_dict.
+        the copies cost the basis' bytes once more. A basis being fitted (computed with
+        autograd) gives the slices themselves: no copy per call. Derived, not part of the
+        state_dict.
         """
-        if self.shape_dirs.requires_grad and "_identity_dirs" in self._buffers:
-            return  # a basis being fitted is read through slices of itself (`_decode`)
         num_vertices, _, components = self.shape_dirs.shape
         dirs = self.shape_dirs.reshape(num_vertices * 3, components)
         n = self.n_shape
-        self.register_buffer("_identity_dirs", dirs[:, :n].contiguous(), persistent=False)
-        self.register_buffer("_expr_dirs", dirs[:, n:].contiguous(), persistent=False)
+        if torch.is_grad_enabled() and dirs.requires_grad:
+            return dirs[:, :n], dirs[:, n:]
+        return dirs[:, :n].contiguous(), dirs[:, n:].contiguous()
 
     def get_full_pose(self) -> torch.Tensor:
         """cat([global_pose, neck_pose, jaw_pose, eye_pose], dim=1): (B, 15)."""
@@ -155,7 +157,7 @@ class ParametricDecoder(DecoderModule):
                 f"shape rows (it must be in [0, {count}))"
             )
 
-    def _decode(self, k, shape, expr, pose, identity=None):
+    def _decode(self, k, tables, shape, expr, pose, identity=None):
         """The FLAME math as blend -> rigid transforms -> blend with correctives -> skinning.
 
         With one shape row for the whole batch (the fitting case), or S rows and an
@@ -165,18 +167,14 @@ class ParametricDecoder(DecoderModule):
         batch_size, num_vertices = pose.shape[0], self.v_template.shape[0]
         num_joints = self.parents.shape[0]
         v_dirs = self.shape_dirs.view(num_vertices * 3, -1)
-        v_base, j_base = self.v_template.view(-1), self._J_template
-        j_dirs = self._J_dirs
+        v_base, j_base = self.v_template.view(-1), tables["_J_template"]
+        j_dirs = tables["_J_dirs"]
         # (shared_dirs, shared_coeffs, shared_joint_dirs, identity): the identity rows,
         # one for all frames or one per frame picked by identity
         shared = (None, None, None, None)
         if identity is not None or (shape.shape[0] == 1 and batch_size > 1):
             n = self.n_shape
-            # A basis being fitted takes its gradient through slices of itself.
-            if self.shape_dirs.requires_grad:
-                identity_dirs, expr_dirs = v_dirs[:, :n], v_dirs[:, n:]
-            else:
-                identity_dirs, expr_dirs = self._identity_dirs, self._expr_dirs
+            identity_dirs, expr_dirs = tables["_identity_dirs"], tables["_expr_dirs"]
             shared = (identity_dirs, shape, j_dirs[:, :n], identity)
             v_dirs, j_dirs, coeffs = expr_dirs, j_dirs[:, n:], expr.expand(batch_size, -1)
         else:
@@ -184,10 +182,10 @@ class ParametricDecoder(DecoderModule):
                 [shape.expand(batch_size, -1), expr.expand(batch_size, -1)], dim=1
             )
         pose = pose.view(batch_size, num_joints, 3)
-        tables = (self.pose_dirs, self.parents, self.lbs_weights)
+        model = (self.pose_dirs, self.parents, self.lbs_weights)
         want_vertex_transforms = self.transforms == "vertex"
         # The compiled ops' single autograd node where it applies, else the four steps.
-        fused = k.lbs(v_base, v_dirs, j_base, j_dirs, coeffs, pose, *tables, want_vertex_transforms,
+        fused = k.lbs(v_base, v_dirs, j_base, j_dirs, coeffs, pose, *model, want_vertex_transforms,
                       *shared)
         if fused is not None:
             v, vertex_transforms, transforms = fused
@@ -209,5 +207,5 @@ class ParametricDecoder(DecoderModule):
         if want_vertex_transforms:
             return v, vertex_transforms
         if self.transforms == "mean":
-            return v, torch.einsum("j,bjxy->bxy", self._mean_weights, transforms)
+            return v, torch.einsum("j,bjxy->bxy", tables["_mean_weights"], transforms)
         return v, transforms if self.transforms == "joint" else None

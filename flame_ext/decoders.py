@@ -70,6 +70,12 @@ class FlameShape(DerivedTables, ParametricDecoder):
         "mean_weights": ("lbs_weights",),
         "split_dirs": ("shape_dirs",),
     }
+    _derived_tables = {
+        "joint_template": ("_J_template",),
+        "joint_dirs": ("_J_dirs",),
+        "mean_weights": ("_mean_weights",),
+        "split_dirs": ("_identity_dirs", "_expr_dirs"),
+    }
 
     def __init__(
         self,
@@ -142,32 +148,24 @@ class FlameShape(DerivedTables, ParametricDecoder):
         check_tensor(name, value, shape=(None, dim), floating=True)
         return value.detach().clone()
 
-    def _register_derived(self, groups) -> None:
-        """Precomputes joints = J_template + J_dirs . beta (J_regressor applied to the basis),
-        the mean skinning weight of each joint (transforms='mean') and the basis' shape and
-        expression columns apart (`_register_split_dirs`): the groups of `_derived_from`
-        named in `groups`.
-
-        Derived from the buffers, so it is recomputed after load_state_dict; computed in
-        float64 and stored in the buffers' dtype. Not part of the state_dict.
-        """
+    def _compute_derived(self, groups):
+        """joints = J_template + J_dirs . beta (J_regressor applied to the basis), the mean
+        skinning weight of each joint (transforms='mean') and the basis' shape and
+        expression columns apart (`_split_dirs`): the groups of `_derived_from` named in
+        `groups`, computed in float64 and stored in the buffers' dtype. Not part of the
+        state_dict."""
+        tables = {}
         if "joint_template" in groups:
-            self.register_buffer(
-                "_J_template", joint_template(self.J_regressor, self.v_template),
-                persistent=False,
-            )
+            tables["_J_template"] = joint_template(self.J_regressor, self.v_template)
         if "joint_dirs" in groups:
-            self.register_buffer(
-                "_J_dirs", joint_dirs(self.J_regressor, self.shape_dirs), persistent=False
-            )
+            tables["_J_dirs"] = joint_dirs(self.J_regressor, self.shape_dirs)
         if "mean_weights" in groups:
             # transforms='mean': mean_v T_v = sum_j (mean_v W_vj) A_j.
-            dtype = self.lbs_weights.dtype
-            self.register_buffer(
-                "_mean_weights", self.lbs_weights.double().mean(0).to(dtype), persistent=False
-            )
+            weights = self.lbs_weights
+            tables["_mean_weights"] = weights.double().mean(0).to(weights.dtype)
         if "split_dirs" in groups:
-            self._register_split_dirs()
+            tables["_identity_dirs"], tables["_expr_dirs"] = self._split_dirs()
+        return tables
 
     def _after_load(self) -> None:
         # the loaded tris may differ
@@ -232,8 +230,8 @@ class FlameShape(DerivedTables, ParametricDecoder):
                 beta, pose, self.v_template, self.shape_dirs, self.pose_dirs,
                 self.J_regressor, self.parents, self.lbs_weights,
             )
-        self._refresh_derived()
-        return self._decode(_backend.steps(path), values["shape"], values["expr"], pose, identity)
+        return self._decode(_backend.steps(path), self._derived(), values["shape"],
+                            values["expr"], pose, identity)
 
 
 class FlameLandmark(_backend.DecoderModule):
@@ -431,6 +429,10 @@ class FlameTex(DerivedTables, _backend.DecoderModule):
         "gathered_mean": ("texture_mean", "specular_mean"),
         "gathered_basis": ("texture_basis", "specular_basis"),
     }
+    _derived_tables = {
+        "gathered_mean": ("_gathered_mean",),
+        "gathered_basis": ("_gathered_basis",),
+    }
 
     def __init__(self, model_path=None, n_tex: int = 50, *, backend: str = "auto",
                  specular: bool = False, basis_dtype: Optional[torch.dtype] = None,
@@ -476,17 +478,18 @@ class FlameTex(DerivedTables, _backend.DecoderModule):
     def _parts(self):
         return ("texture", "specular") if self.specular else ("texture",)
 
-    def _register_derived(self, groups) -> None:
+    def _compute_derived(self, groups):
         if self.compact:
-            return
+            return {}
         index = self._gather_index(self.texture_mean.device)
+        tables = {}
         if "gathered_mean" in groups:
             means = [getattr(self, f"{p}_mean")[0, 0, index] for p in self._parts()]
-            self.register_buffer("_gathered_mean", torch.cat(means), persistent=False)
+            tables["_gathered_mean"] = torch.cat(means)
         if "gathered_basis" in groups:
             bases = [getattr(self, f"{p}_basis")[0, index] for p in self._parts()]
-            self.register_buffer("_gathered_basis", torch.cat(bases).contiguous(),
-                                 persistent=False)
+            tables["_gathered_basis"] = torch.cat(bases).contiguous()
+        return tables
 
     def _gather_state_dict(self, state_dict, prefix) -> None:
         """Replaces the full buffers of a non-compact state dict by their gathered rows."""
@@ -521,8 +524,8 @@ class FlameTex(DerivedTables, _backend.DecoderModule):
         """(mean (M,), basis (M, n_tex)) in output order: M = 3*256*256 per part."""
         if self.compact:
             return self.gathered_mean, self.gathered_basis
-        self._refresh_derived()
-        return self._gathered_mean, self._gathered_basis
+        tables = self._derived()
+        return tables["_gathered_mean"], tables["_gathered_basis"]
 
     def forward(self, texcode: torch.Tensor):
         """Albedo images (B, 3, 256, 256), channels in medusa's (reversed) order; with

@@ -190,35 +190,30 @@ class FlameShapeLandmark(DerivedTables, ParametricDecoder):
         self.register_buffer("pose_dirs", shape.pose_dirs[:, xyz], persistent=False)
         self.register_buffer("lbs_weights", shape.lbs_weights[vertex_idx], persistent=False)
         self.register_buffer("parents", shape.parents.clone(), persistent=False)
-        self._derive()
 
         # The joints need the whole mesh: keep FlameShape's joint basis, computed as it
         # computes it (float64, from its buffers). Kept in float64 beside the buffers, so
         # that .double() gives FlameShape's float64 values, not float32 ones widened.
         self._joint_basis64 = (joint_template(shape.J_regressor, shape.v_template.double()),
                                joint_dirs(shape.J_regressor, shape.shape_dirs.double()))
-        self._register_joint_basis()
+        self._derive()
 
-    def _register_joint_basis(self) -> None:
-        """_J_template (3J,) and _J_dirs (3J, K) in the tables' dtype and device."""
-        like = self.v_template
-        self._joint_basis64 = tuple(t.to(like.device) for t in self._joint_basis64)
-        template, dirs = self._joint_basis64
-        self.register_buffer("_J_template", template.to(like.dtype), persistent=False)
-        self.register_buffer("_J_dirs", dirs.to(like.dtype), persistent=False)
+    # The basis' columns apart, from this module's rows of shape_dirs; the joint basis,
+    # from the whole mesh, taken at construction (no sources here: derived again only
+    # after .to() / .double(), in the tables' dtype and device).
+    _derived_from = {"split_dirs": ("shape_dirs",), "joint_basis": ()}
+    _derived_tables = {"split_dirs": ("_identity_dirs", "_expr_dirs"),
+                       "joint_basis": ("_J_template", "_J_dirs")}
 
-    # The basis' columns apart, from this module's rows of shape_dirs (the joint basis
-    # comes from the whole mesh, taken at construction: `_register_joint_basis`).
-    _derived_from = {"split_dirs": ("shape_dirs",)}
-
-    def _register_derived(self, groups) -> None:
+    def _compute_derived(self, groups):
+        tables = {}
         if "split_dirs" in groups:
-            self._register_split_dirs()
-
-    def _apply(self, fn, *args, **kwargs):
-        super()._apply(fn, *args, **kwargs)  # DerivedTables: the split columns
-        self._register_joint_basis()
-        return self
+            tables["_identity_dirs"], tables["_expr_dirs"] = self._split_dirs()
+        if "joint_basis" in groups:
+            like = self.v_template
+            template, dirs = (t.to(like.device, like.dtype) for t in self._joint_basis64)
+            tables["_J_template"], tables["_J_dirs"] = template, dirs
+        return tables
 
     @property
     def _dynamic(self) -> bool:
@@ -239,8 +234,7 @@ class FlameShapeLandmark(DerivedTables, ParametricDecoder):
         pose = torch.cat([values[name].expand(batch_size, -1) for name in POSE_NAMES], dim=1)
         path = _backend.resolve(self.backend, self.v_template.device.type, "FlameShapeLandmark")
         k = _backend.steps(path)
-        self._refresh_derived()
-        v, _ = self._decode(k, values["shape"], values["expr"], pose, identity)
+        v, _ = self._decode(k, self._derived(), values["shape"], values["expr"], pose, identity)
         if self._dynamic:
             return k.landmarks(
                 v, pose, self.tris, self.lmk_faces_idx, self.lmk_bary_coords,

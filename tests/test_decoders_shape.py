@@ -6,6 +6,7 @@ Runs on the small synthetic model so float64 gradcheck stays fast; the device ch
 the full-size one (the kernels' real launch shapes).
 """
 
+import copy
 import warnings
 
 import pytest
@@ -421,30 +422,35 @@ def test_fitted_tables_get_medusa_gradients(backend, shared, transforms):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11, msg=name)
 
 
-# The derived tables each model table is the source of: derived again on every call while
-# that table alone requires grad.
+# The groups of derived tables each model table is a source of: computed with autograd on
+# every call while that table alone requires grad.
 DERIVED_FROM = {
-    "v_template": {"_J_template"},
-    "shape_dirs": {"_J_dirs"},  # the split columns are not read then: slices of it are
-    "J_regressor": {"_J_template", "_J_dirs"},
-    "lbs_weights": {"_mean_weights"},
+    "v_template": {"joint_template"},
+    "shape_dirs": {"joint_dirs", "split_dirs"},
+    "J_regressor": {"joint_template", "joint_dirs"},
+    "lbs_weights": {"mean_weights"},
 }
 
 
 @pytest.mark.parametrize("backend", ["ext", "reference"])
 @pytest.mark.parametrize("name", TABLES)
-def test_one_fitted_table_derives_only_its_own_tables_again(backend, name):
+def test_one_fitted_table_derives_only_its_own_tables_again(backend, name, monkeypatch):
     """One table requiring grad gets medusa's gradient, and only the tables derived from
-    it are derived again per call: fitting v_template does not copy the basis columns."""
+    it are computed again per call (fitting v_template does not copy the basis columns),
+    for that call only: the registered tables carry no graph."""
     m = _shape(backend, transforms="mean").double()
     ref = _shape("medusa").double()
     for module in (m, ref):
         getattr(module, name).requires_grad_(True)
     inputs = flame_inputs(m, 3, 15, shared=True)
     m(**inputs)
-    derived = {k: getattr(m, k) for k in set().union(*DERIVED_FROM.values())}
+    computed = []
+    compute = m._compute_derived
+    monkeypatch.setattr(m, "_compute_derived", lambda groups: computed.extend(groups)
+                        or compute(groups))
     v, R = m(**inputs)
-    assert {k for k, t in derived.items() if getattr(m, k) is not t} == DERIVED_FROM[name]
+    assert set(computed) == DERIVED_FROM[name] and len(computed) == len(set(computed))
+    assert all(t.grad_fn is None for t in m._registered().values())
     vr, Rr = ref(**inputs)
     got = torch.autograd.grad(v.square().sum() + R.square().sum(), getattr(m, name))[0]
     want = torch.autograd.grad(vr.square().sum() + Rr.mean(1).square().sum(),
@@ -564,6 +570,17 @@ def test_compiled_fit_of_a_table_gets_medusa_gradient(backend, eager_first, fres
         v, _ = call(**inputs)
         grads.append(torch.autograd.grad(v.square().sum(), module.v_template)[0])
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-9, atol=1e-11)
+    # The graph's tables were this call's: the registered ones carry none, so freezing
+    # the table and fitting a parameter runs backward again (eager and compiled), and
+    # the module deep-copies.
+    assert all(t.grad_fn is None for t in m._registered().values())
+    m.v_template.requires_grad_(False)
+    m.expr.requires_grad_(True)
+    no_expr = {k: v for k, v in inputs.items() if k != "expr"}
+    for call in (m, torch.compile(m, fullgraph=True, backend="aot_eager")):
+        call(**no_expr)[0].sum().backward()
+    assert m.expr.grad is not None
+    copy.deepcopy(m)
 
 
 @pytest.mark.parametrize("backend", ["ext", "reference"])

@@ -315,7 +315,11 @@ def test_tables_follow_this_modules_shape_dirs(backend):
     oracle = _fit(backend, n_shape=4, n_expr=3).double()
     with torch.no_grad():
         oracle.shape_dirs.mul_(1.5)
-        oracle._register_split_dirs()  # derived by hand
+        # derived by hand
+        dirs, n = oracle.shape_dirs.reshape(-1, oracle.shape_dirs.shape[-1]), oracle.n_shape
+        oracle.register_buffer("_identity_dirs", dirs[:, :n].contiguous(), persistent=False)
+        oracle.register_buffer("_expr_dirs", dirs[:, n:].contiguous(), persistent=False)
+        oracle.__dict__["_derived_all_keys"] = oracle._source_keys()
     torch.testing.assert_close(after, oracle(**inputs), rtol=1e-12, atol=1e-12)
 
     def landmarks(shape_dirs):

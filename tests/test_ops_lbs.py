@@ -37,8 +37,8 @@ def _decode_both(module, values):
     ext = _backend.steps("ext")
     steps = SimpleNamespace(**{**vars(ext), "lbs": lambda *args: None})
     return (
-        module._decode(ext, gathered["shape"], gathered["expr"], pose),
-        module._decode(steps, gathered["shape"], gathered["expr"], pose),
+        module._decode(ext, module._derived(), gathered["shape"], gathered["expr"], pose),
+        module._decode(steps, module._derived(), gathered["shape"], gathered["expr"], pose),
     )
 
 

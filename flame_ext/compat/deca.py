@@ -92,6 +92,7 @@ class FLAME(DerivedTables, nn.Module):
         "joint_template": ("J_regressor", "v_template"),
         "joint_dirs": ("J_regressor", "shapedirs"),
     }
+    _derived_tables = {"joint_template": ("_J_template",), "joint_dirs": ("_J_dirs",)}
 
     def __init__(self, config, *, backend: str = "auto"):
         super().__init__()
@@ -141,15 +142,15 @@ class FLAME(DerivedTables, nn.Module):
         self._derive()
         self.register_load_state_dict_post_hook(derive_after_load)
 
-    def _register_derived(self, groups) -> None:
+    def _compute_derived(self, groups):
         """The joint basis, derived from the buffers (again after .to() / .double() and
         load_state_dict). The blend basis is a view of shapedirs."""
+        tables = {}
         if "joint_template" in groups:
-            self.register_buffer("_J_template", joint_template(self.J_regressor, self.v_template),
-                                 persistent=False)
+            tables["_J_template"] = joint_template(self.J_regressor, self.v_template)
         if "joint_dirs" in groups:
-            self.register_buffer("_J_dirs", joint_dirs(self.J_regressor, self.shapedirs),
-                                 persistent=False)
+            tables["_J_dirs"] = joint_dirs(self.J_regressor, self.shapedirs)
+        return tables
 
     def forward(
         self,
@@ -186,9 +187,10 @@ class FLAME(DerivedTables, nn.Module):
         ], dim=1)
         k = _layer.steps(self.backend, like.device)
         num_vertices = like.shape[0]
-        self._refresh_derived()
-        tables = _layer.Tables(like, self.shapedirs.view(3 * num_vertices, -1), self._J_template,
-                               self._J_dirs, self.posedirs, self.parents, self.lbs_weights)
+        derived = self._derived()
+        tables = _layer.Tables(like, self.shapedirs.view(3 * num_vertices, -1),
+                               derived["_J_template"], derived["_J_dirs"], self.posedirs,
+                               self.parents, self.lbs_weights)
         vertices, _, _ = _layer.decode(
             k, tables, values["shape_params"], values["expression_params"], batch,
             pose=full_pose.view(batch, 5, 3),

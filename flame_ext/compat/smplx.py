@@ -168,6 +168,8 @@ class FLAME(DerivedTables, nn.Module):
         "joint_template": ("J_regressor", "v_template"),
         "joint_dirs": ("J_regressor", "shapedirs", "expr_dirs"),
     }
+    _derived_tables = {"dirs": ("_dirs",), "joint_template": ("_J_template",),
+                       "joint_dirs": ("_J_dirs",)}
 
     NUM_JOINTS = 5
     NUM_BODY_JOINTS = _NUM_BODY_JOINTS
@@ -338,25 +340,26 @@ class FLAME(DerivedTables, nn.Module):
     # ----------------------------------------------------------------------------------
     # The tables the ops read
 
-    def _register_derived(self, groups) -> None:
+    def _compute_derived(self, groups):
         """The (3V, K) blend basis [shapedirs | expr_dirs] and the joint basis, derived
         from the buffers (again after .to() / .double() and load_state_dict)."""
+        tables = {}
         if "dirs" in groups or "joint_dirs" in groups:
             dirs = torch.cat([self.shapedirs, self.expr_dirs], dim=2)
         if "dirs" in groups:
-            self.register_buffer("_dirs", dirs.reshape(-1, dirs.shape[2]), persistent=False)
+            tables["_dirs"] = dirs.reshape(-1, dirs.shape[2])
         if "joint_template" in groups:
-            self.register_buffer("_J_template", joint_template(self.J_regressor, self.v_template),
-                                 persistent=False)
+            tables["_J_template"] = joint_template(self.J_regressor, self.v_template)
         if "joint_dirs" in groups:
-            self.register_buffer("_J_dirs", joint_dirs(self.J_regressor, dirs), persistent=False)
+            tables["_J_dirs"] = joint_dirs(self.J_regressor, dirs)
+        return tables
 
     def _tables(self) -> _layer.Tables:
         # smplx keeps the betas' and the expression's columns apart already.
-        self._refresh_derived()
+        derived = self._derived()
         num_rows = 3 * self.v_template.shape[0]
-        return _layer.Tables(self.v_template, self._dirs, self._J_template, self._J_dirs,
-                             self.posedirs, self.parents, self.lbs_weights,
+        return _layer.Tables(self.v_template, derived["_dirs"], derived["_J_template"],
+                             derived["_J_dirs"], self.posedirs, self.parents, self.lbs_weights,
                              self.shapedirs.reshape(num_rows, -1),
                              self.expr_dirs.reshape(num_rows, -1))
 
