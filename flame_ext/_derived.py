@@ -132,9 +132,12 @@ class DerivedTables:
         for group in groups:
             stored[group] = self._group_key(group, keys)
         state["_derived_all_keys"] = None  # `_derived` compares the groups next
-        # The keys hold storage addresses: holding the sources they were taken from keeps
-        # those addresses from being reused by other tensors.
-        state["_derived_sources_held"] = tuple(self._source(n) for n in self._derived_sources)
+        # The keys hold storage addresses: holding the sources' storages (detached: no
+        # graph kept alive, and the module deep-copies) keeps those addresses from being
+        # reused by other tensors.
+        state["_derived_sources_held"] = tuple(
+            t.detach() if isinstance(t, torch.Tensor) else t
+            for t in (self._source(n) for n in self._derived_sources))
 
     def _registered(self) -> Dict[str, torch.Tensor]:
         buffers = self._buffers

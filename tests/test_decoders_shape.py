@@ -513,6 +513,20 @@ def test_tables_after_a_pickle_round_trip_follow_the_buffers(backend):
                                rtol=1e-10, atol=1e-12)
 
 
+def test_a_table_with_a_graph_swapped_in_leaves_no_graph_behind():
+    """functional_call with a table that carries a graph (no_grad call): the module holds
+    nothing of that graph afterwards, and deep-copies."""
+    m = _shape("auto").double()
+    inputs = flame_inputs(m, 2, 22)
+    swapped = m.v_template + torch.zeros_like(m.v_template).requires_grad_(True)
+    with torch.no_grad():
+        torch.func.functional_call(m, {"v_template": swapped}, kwargs=inputs)
+    held = [t for t in m.__dict__.values() if isinstance(t, tuple)]
+    assert not any(isinstance(t, torch.Tensor) and t.grad_fn is not None
+                   for group in held for t in group)
+    copy.deepcopy(m)
+
+
 @pytest.mark.parametrize("backend", ["ext", "reference"])
 def test_tables_derived_in_inference_mode_serve_autograd_later(backend):
     """A table written in place, then a call under torch.inference_mode: the tables are
