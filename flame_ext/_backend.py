@@ -33,9 +33,9 @@ from types import SimpleNamespace
 
 import torch
 from torch import nn
-from torch.autograd import forward_ad
 
 from . import _ops, reference
+from ._ops import ops_not_differentiable_here
 
 BACKENDS = ("auto", "ext", "reference", "medusa")
 
@@ -158,12 +158,6 @@ def resolve(backend: str, device_type: str, decoder: str) -> str:
     if path == "ext" and ops_not_differentiable_here():
         return "reference"
     return path
-
-
-def ops_not_differentiable_here() -> bool:
-    """Whether a torch.func transform or a forward-mode AD level is active, where the
-    ops' registered autograd does not serve (see `resolve`)."""
-    return torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
 
 
 def steps(path: str) -> SimpleNamespace:

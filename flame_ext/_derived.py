@@ -13,10 +13,11 @@ the tables it computes, `_compute_derived` computes them). A forward reads them 
   `torch.func.functional_call`. Each source's storage, version counter, gradient flag
   and shape are compared with those the group was derived from (a new dtype or device
   is a new storage). The sources of the last derivation are held, so that their storage
-  addresses cannot be reused by other tensors meanwhile. Every group is derived after
-  `.to()` / `.double()` (`_apply`) and `load_state_dict` (`derive_after_load`, the
-  post-hook the modules register); an unpickled or deep-copied module drops the keys
-  (they name the old storages) and derives at its first call;
+  addresses cannot be reused by other tensors meanwhile. A constructor's last step,
+  `_start_deriving()`, derives every group; from then on every group is derived again
+  after `.to()` / `.double()` (`_apply`) and `load_state_dict` (`derive_after_load`, the
+  post-hook it registers); an unpickled or deep-copied module drops the keys (they name
+  the old storages) and derives at its first call;
 - computed for this call only, with autograd, for each group with a source that
   requires grad while grad mode is on (fitting the model's tables), so the gradient
   reaches the sources through the joints too, as in medusa, which regresses the joints
@@ -88,18 +89,30 @@ class DerivedTables:
         buffers = self._buffers
         return buffers[name] if name in buffers else getattr(self, name, None)
 
+    def _start_deriving(self) -> None:
+        """A constructor's last step, once every source is in place (and on its device):
+        derives every table, and again after each `.to()` and `load_state_dict` from
+        here on."""
+        self.__dict__["_derived_started"] = True
+        self._derive()
+        self.register_load_state_dict_post_hook(derive_after_load)
+
     def _apply(self, fn, *args, **kwargs):
         # .to() / .double(): derived again from the converted buffers, so that a table
         # carries no rounding of the old dtype (float32 rounding would show in float64).
+        # Not before `_start_deriving` (a constructor moving its sources to the device).
         super()._apply(fn, *args, **kwargs)
-        self._derive()
+        if self.__dict__.get("_derived_started", False):
+            self._derive()
         return self
 
     def __setstate__(self, state):
-        # Unpickled (or deep-copied): the stored keys name the old process' storages.
+        # Unpickled (or deep-copied): the stored keys name the old process' storages. A
+        # module pickled before `_derived_started` existed was constructed all the same.
         state = dict(state)
         for name in ("_derived_keys", "_derived_all_keys", "_derived_sources_held"):
             state.pop(name, None)
+        state["_derived_started"] = True
         super().__setstate__(state)
 
     def _source_keys(self) -> tuple:
@@ -118,9 +131,11 @@ class DerivedTables:
     def _group_key(self, group: str, keys: tuple) -> tuple:
         return tuple(keys[i] for i in self._derived_positions[group])
 
-    def _derive(self, groups: Optional[Iterable[str]] = None) -> None:
+    def _derive(self, groups: Optional[Iterable[str]] = None,
+                keys: Optional[tuple] = None) -> None:
         """Computes and registers the tables of `groups` (default: all), without a graph
-        and never as inference tensors (a later call with autograd saves them)."""
+        and never as inference tensors (a later call with autograd saves them); `keys`:
+        the sources' `_source_keys()` where the caller has them."""
         groups = tuple(self._derived_from if groups is None else groups)
         with torch.inference_mode(False), torch.no_grad():
             tables = self._compute_derived(groups)
@@ -128,7 +143,8 @@ class DerivedTables:
             self.register_buffer(name, table, persistent=False)
         state = self.__dict__
         stored = state.setdefault("_derived_keys", {})
-        keys = self._source_keys()
+        if keys is None:
+            keys = self._source_keys()
         for group in groups:
             stored[group] = self._group_key(group, keys)
         state["_derived_all_keys"] = None  # `_derived` compares the groups next
@@ -172,7 +188,7 @@ class DerivedTables:
             elif key != stored.get(group):
                 stale.append(group)
         if stale:
-            self._derive(stale)
+            self._derive(stale, keys)  # computing tables writes no source: the same keys
         # The shortcut above holds only while no source requires grad (one that does is
         # computed or not by the grad mode of each call) and outside forward AD.
         needs_grad = any(k is not None and k[2] for k in keys)

@@ -125,9 +125,7 @@ class FlameShape(DerivedTables, ParametricDecoder):
         self.register_buffer("J_regressor", _as_tensor(model.J_regressor))
         self.register_buffer("parents", torch.from_numpy(model.parents.astype(np.int64)))
         self.register_buffer("lbs_weights", _as_tensor(model.lbs_weights))
-        self._derive()
         self._reset_adjacency()
-        self.register_load_state_dict_post_hook(derive_after_load)
 
         sizes = {"shape": n_shape, "expr": n_expr, "eye_pose": 6}
         for name in INPUT_NAMES:
@@ -141,6 +139,7 @@ class FlameShape(DerivedTables, ParametricDecoder):
                 f"{INPUT_NAMES}"
             )
         self.to(device)
+        self._start_deriving()  # on the device: once
 
     @staticmethod
     def _check_init(name, value, dim):
@@ -460,8 +459,7 @@ class FlameTex(DerivedTables, _backend.DecoderModule):
                     f"{name}_basis",
                     _half_basis(basis, self.basis_dtype, space.source).unsqueeze(0),
                 )
-            self._derive()
-            self.register_load_state_dict_post_hook(derive_after_load)
+            self._start_deriving()
             return
         index = self._gather_index()
         self.register_buffer("gathered_mean", torch.cat(

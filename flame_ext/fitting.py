@@ -97,6 +97,7 @@ class FlameShapeLandmark(DerivedTables, ParametricDecoder):
         )
         self._adopt(shape, landmark)
         self.to(device)
+        self._start_deriving()  # on the device: once
 
     @classmethod
     def from_decoders(
@@ -118,6 +119,7 @@ class FlameShapeLandmark(DerivedTables, ParametricDecoder):
         nn.Module.__init__(self)
         self.backend = _check_fit_backend(backend)
         self._adopt(shape, landmark)
+        self._start_deriving()
         return self
 
     def _adopt(self, shape: FlameShape, landmark: FlameLandmark) -> None:
@@ -196,7 +198,6 @@ class FlameShapeLandmark(DerivedTables, ParametricDecoder):
         # that .double() gives FlameShape's float64 values, not float32 ones widened.
         self._joint_basis64 = (joint_template(shape.J_regressor, shape.v_template.double()),
                                joint_dirs(shape.J_regressor, shape.shape_dirs.double()))
-        self._derive()
 
     # The basis' columns apart, from this module's rows of shape_dirs; the joint basis,
     # from the whole mesh, taken at construction (no sources here: derived again only

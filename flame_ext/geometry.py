@@ -22,7 +22,7 @@ _USE_OPS: dict = {}
 def _use_ops(device_type: str) -> bool:
     """Whether the compiled op serves here: it has kernels for the device type, and no
     torch.func transform or forward-AD level is active (as `_backend.resolve`)."""
-    return not _backend.ops_not_differentiable_here() and _has_kernels(device_type)
+    return not _ops.ops_not_differentiable_here() and _has_kernels(device_type)
 
 
 @torch.compiler.assume_constant_result

@@ -47,6 +47,47 @@ def test_decoders_pickle_and_run_where_no_constructor_ran(monkeypatch):
     torch.testing.assert_close(shape(**inputs)[0], v)
 
 
+def _derivations(monkeypatch, classes):
+    """The groups each `_compute_derived` call of `classes` computes, in call order."""
+    calls = []
+    for cls in classes:
+        compute = cls._compute_derived
+
+        def spy(self, groups, compute=compute):
+            calls.append(tuple(groups))
+            return compute(self, groups)
+        monkeypatch.setattr(cls, "_compute_derived", spy)
+    return calls
+
+
+def test_constructors_derive_each_table_once_and_conversions_again(monkeypatch):
+    """A constructor derives every group once, on the module's device (FlameShape used to
+    derive on the CPU and again in its own .to(device)); .double() and load_state_dict
+    derive them again, and a module built by from_decoders follows its buffers too."""
+    from flame_ext import FlameShapeLandmark
+
+    shape = _shape("ext")
+    calls = _derivations(monkeypatch, [FlameShape, FlameTex, FlameShapeLandmark])
+    builds = {
+        FlameShape: lambda: _shape("ext"),
+        FlameTex: lambda: FlameTex(SMALL, n_tex=3, backend="ext"),
+        FlameShapeLandmark: lambda: FlameShapeLandmark(6, 4, model_path=SMALL,
+                                                       backend="ext", device="cpu"),
+        "from_decoders": lambda: FlameShapeLandmark.from_decoders(shape, _landmark("ext")),
+    }
+    for kind, build in builds.items():
+        calls.clear()
+        module = build()
+        own = [c for c in calls if set(c) == set(type(module)._derived_from)]
+        assert len(own) == 1, (kind, calls)
+        calls.clear()
+        module.double()
+        assert calls and set(calls[-1]) == set(type(module)._derived_from), kind
+        calls.clear()
+        module.load_state_dict(module.state_dict())
+        assert calls and set(calls[-1]) == set(type(module)._derived_from), kind
+
+
 # --- memory, determinism, threads ---------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ import threading
 from typing import Optional
 
 import torch
+from torch.autograd import forward_ad
 
 _lock = threading.Lock()
 _loaded: Optional[bool] = None
@@ -76,6 +77,14 @@ def register_no_double_backward(backward_op: str) -> None:
     torch.library.register_autograd(
         f"flame_ext::{backward_op}", backward, setup_context=setup_context
     )
+
+
+def ops_not_differentiable_here() -> bool:
+    """Whether a torch.func transform or a forward-mode AD level is active: the ops'
+    autograd, registered with `torch.library.register_autograd` (an autograd.Function
+    without setup_context or vmap rule to functorch, and no forward-mode derivative),
+    does not serve there; torch ops on the same tables do (see `_backend.resolve`)."""
+    return torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
 
 
 def available() -> bool:

@@ -33,6 +33,7 @@ from typing import Optional
 import torch
 
 from .._checks import check_same, check_tensor
+from . import ops_not_differentiable_here
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -143,9 +144,7 @@ def half_blend_unchecked(mean, basis, coeffs) -> torch.Tensor:
     Under a torch.func transform or forward-mode AD, where this op's registered autograd
     does not serve (`flame_ext._backend.resolve`), the same product in plain torch ops on
     the basis widened whole (a float32 copy for the call; the sums in another order)."""
-    from .. import _backend
-
-    if _backend.ops_not_differentiable_here():
+    if ops_not_differentiable_here():
         widened = basis.to(coeffs.dtype).t()
         return coeffs @ widened if mean is None else torch.addmm(mean, coeffs, widened)
     return _half_blend(mean, basis, coeffs, block_rows(basis.shape[1], coeffs.device.type))

@@ -22,6 +22,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .._parametric import identity_rows
+from . import ops_not_differentiable_here
 from .blend import blend_base_grad, blend_grads, blend_shared_grads, sum_by_identity
 from .rigid_transforms import rigid_transforms_grads
 from .skin import skin_grads
@@ -164,11 +165,12 @@ def lbs(
     (B, V, 4, 4) or None, transforms (B, J, 4, 4)). Gradients reach v_base, j_base, coeffs
     and pose; double backward is not supported (nor is it through the skin op). None
     under torch.compile (which traces the ops' own registrations), under torch.func
-    transforms, and when a model table needs a gradient.
+    transforms and forward-mode AD, and when a model table needs a gradient.
     """
-    # torch.func transforms (vmap) accept only autograd.Functions with setup_context and a
-    # vmap rule; the ops one by one work there through functorch's fallbacks.
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+    # torch.func transforms accept only autograd.Functions with setup_context and a vmap
+    # rule, and the node has no forward-mode derivative; the ops one by one run there
+    # (vmap through functorch's fallbacks).
+    if torch.compiler.is_compiling() or ops_not_differentiable_here():
         return None
     if torch.is_grad_enabled() and (
         v_dirs.requires_grad or j_dirs.requires_grad or pose_dirs.requires_grad

@@ -139,8 +139,7 @@ class FLAME(DerivedTables, nn.Module):
             "full_lmk_bary_coords", _float32(embedding.full_lmk_bary_coords)[None].clone()
         )
         self.register_buffer("neck_kin_chain", torch.tensor([1, 0], dtype=torch.long))
-        self._derive()
-        self.register_load_state_dict_post_hook(derive_after_load)
+        self._start_deriving()
 
     def _compute_derived(self, groups):
         """The joint basis, derived from the buffers (again after .to() / .double() and

@@ -296,8 +296,7 @@ class FLAME(DerivedTables, nn.Module):
             )
             self.register_buffer("neck_kin_chain", torch.tensor([self.NECK_IDX], dtype=torch.long))
         self.vertex_joint_selector = _VertexJointSelector()
-        self._derive()
-        self.register_load_state_dict_post_hook(derive_after_load)
+        self._start_deriving()
 
     # ----------------------------------------------------------------------------------
     # smplx's attributes and helpers
