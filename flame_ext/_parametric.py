@@ -147,11 +147,11 @@ class ParametricDecoder(DecoderModule):
         would synchronise with the device: the frame's outputs are NaN instead."""
         if count == 0:
             raise ValueError("identity needs at least one shape row, got shape with 0 rows")
-        if not _range_checked_on_host(identity):
+        if not _range_checked_on_host(identity) or identity.numel() == 0:
             return
-        bad = (identity < 0) | (identity >= count)
-        if bool(bad.any()):
-            frame = int(bad.nonzero()[0, 0])
+        low, high = (int(x) for x in torch.aminmax(identity))  # one pass, two reads
+        if low < 0 or high >= count:
+            frame = int(((identity < 0) | (identity >= count)).nonzero()[0, 0])
             raise ValueError(
                 f"identity[{frame}] = {int(identity[frame])} is out of range for {count} "
                 f"shape rows (it must be in [0, {count}))"
