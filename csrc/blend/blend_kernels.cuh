@@ -3,7 +3,8 @@
 //
 // Small batches (the per-frame decoder call, B <= kSmallBatch): dirs is read once for all
 // samples of a batch tile.
-// - forward: one warp per R rows of dirs and S samples (R * S = 32); lanes stride along k,
+// - forward: one warp per R rows of dirs and S samples (R * S <= 32: R = 8 below 8 samples,
+//   4 from 8; see tile_rows); lanes stride along k,
 //   so every load of a row is coalesced; each lane keeps the R x S partial dots in
 //   registers, a butterfly of warp shuffles leaves lane l with the total of dot l, and the
 //   lane adds base and the pose correctives and writes out[b, n].
