@@ -19,7 +19,6 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .._parametric import identity_rows
 from . import ops_not_differentiable_here
@@ -78,8 +77,19 @@ class FusedLbs(torch.autograd.Function):
         return v, vertex_transforms, transforms
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_v, grad_vertex_transforms, grad_transforms):
+        # create_graph=True: refused outright. once_differentiable raises only where an
+        # incoming gradient requires grad; with a constant one (v.sum()) it would return
+        # a gradient without its second-order part, silently.
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "double backward (create_graph=True) through FlameShape's fused ops is not "
+                "supported; use backend='reference' for higher-order gradients"
+            )
+        return FusedLbs._backward(ctx, grad_v, grad_vertex_transforms, grad_transforms)
+
+    @staticmethod
+    def _backward(ctx, grad_v, grad_vertex_transforms, grad_transforms):
         (
             v_base, j_base, v_dirs, j_dirs, pose, joints, transforms, v_posed, pose_dirs,
             no_pose_dirs, parents, lbs_weights, shared_dirs, shared_joint_dirs, identity,
