@@ -86,10 +86,6 @@ class FusedLbs(torch.autograd.Function):
                 "double backward (create_graph=True) through FlameShape's fused ops is not "
                 "supported; use backend='reference' for higher-order gradients"
             )
-        return FusedLbs._backward(ctx, grad_v, grad_vertex_transforms, grad_transforms)
-
-    @staticmethod
-    def _backward(ctx, grad_v, grad_vertex_transforms, grad_transforms):
         (
             v_base, j_base, v_dirs, j_dirs, pose, joints, transforms, v_posed, pose_dirs,
             no_pose_dirs, parents, lbs_weights, shared_dirs, shared_joint_dirs, identity,
