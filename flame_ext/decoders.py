@@ -172,9 +172,12 @@ class FlameShape(DerivedTables, ParametricDecoder):
 
     def _reset_adjacency(self) -> None:
         """Forgets the vertex-face adjacency of ``tris`` (built on the first
-        ``vertex_normals`` call, kept as non-persistent buffers that move with ``.to()``)."""
+        ``vertex_normals`` call, kept as non-persistent buffers with the ``tris`` tensor and
+        version they were built from: a ``tris`` replaced, moved or changed in place gets
+        its own)."""
         self.register_buffer("_normal_offsets", None, persistent=False)
         self.register_buffer("_normal_entries", None, persistent=False)
+        self._normal_source = None
 
     def vertex_normals(self, v: torch.Tensor) -> torch.Tensor:
         """Unit area-weighted vertex normals of meshes ``v`` (B, V, 3) or (V, 3) on this
@@ -195,9 +198,16 @@ class FlameShape(DerivedTables, ParametricDecoder):
             return reference.vertex_normals(v, self.tris)
         from ._ops import normals
 
-        if self._normal_offsets is None:
-            offsets, entries = normals.vertex_face_adjacency(self.tris, self.v_template.shape[0])
+        tris = self.tris
+        try:
+            source = (tris, tris._version)
+        except RuntimeError:  # an inference tensor tracks no version
+            source = (tris, None)
+        kept = getattr(self, "_normal_source", None)
+        if self._normal_offsets is None or kept is None or kept[0] is not tris or kept[1] != source[1]:
+            offsets, entries = normals.vertex_face_adjacency(tris, self.v_template.shape[0])
             self._normal_offsets, self._normal_entries = offsets, entries
+            self._normal_source = source
         return normals.vertex_normals_with_adjacency(
             v, self.tris, self._normal_offsets, self._normal_entries
         )

@@ -355,6 +355,14 @@ def test_adjacency_num_vertices_checked(nrm):
     with pytest.raises(ValueError) as info:
         nrm.vertex_face_adjacency(faces, -1)
     assert_error_names(info, "num_vertices")
+    # The registered op checks its arguments itself.
+    op = torch.ops.flame_ext.vertex_face_adjacency
+    for bad, error, name in ((faces.double(), TypeError, "faces"),
+                             (faces[:, :2], ValueError, "faces"),
+                             (faces, ValueError, "num_vertices")):
+        with pytest.raises(error) as info:
+            op(bad, -1 if name == "num_vertices" else 10)
+        assert_error_names(info, name)
 
 
 def test_op_rejects_a_bad_adjacency_on_cpu(nrm):
@@ -392,6 +400,20 @@ def test_adjacency_cached_per_faces_tensor_and_version(nrm):
     key = id(faces)
     del faces, first, second
     assert key not in nrm._cache
+
+
+@pytest.mark.parametrize("dtype", ["int32", "int64"])
+def test_faces_changed_through_numpy_are_read_again(nrm, dtype):
+    """A write through numpy into faces made by torch.from_numpy bumps no version: the
+    kept table no longer matches, and the normals are those of the faces as they are."""
+    faces_np = random_mesh(n_verts=10, n_faces=8).numpy().astype(dtype)
+    faces = torch.from_numpy(faces_np)
+    v = random_vertices(1, 10, F64)
+    before = nrm.vertex_normals(v, faces)
+    faces_np[:] = faces_np[:, [0, 2, 1]]  # every face turned over
+    after = nrm.vertex_normals(v, faces)
+    torch.testing.assert_close(after, reference.vertex_normals(v, faces.long()))
+    torch.testing.assert_close(after, -before)
 
 
 def test_results_do_not_depend_on_the_thread_count(nrm, flame_mesh):
@@ -434,6 +456,12 @@ def test_flame_shape_vertex_normals(ops, quiet):
     assert shape._normal_offsets is offsets
     shape.load_state_dict(shape.state_dict())
     assert shape._normal_offsets is None
+    # tris changed in place, or replaced: the normals follow.
+    turned = shape.tris[:, [0, 2, 1]].clone()
+    shape.tris.copy_(turned)
+    torch.testing.assert_close(shape.vertex_normals(v), -got, rtol=1e-5, atol=1e-5)
+    shape.tris = turned[:, [0, 2, 1]].clone()
+    torch.testing.assert_close(shape.vertex_normals(v), got, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError) as info:
         shape.vertex_normals(v[:, :5])
     assert_error_names(info, "v")

@@ -40,6 +40,7 @@ FACE_DTYPES = (torch.int64, torch.int32)
 
 @torch.library.impl("flame_ext::vertex_face_adjacency", "CompositeExplicitAutograd")
 def _vertex_face_adjacency(faces, num_vertices):
+    _check_adjacency_args(faces, num_vertices)
     flat = faces.reshape(-1)
     # One host read per faces tensor, the index check; skipped while a CUDA graph is
     # captured (a read would break the capture). Unchecked, a face with a corner out of
@@ -69,30 +70,41 @@ def _vertex_face_adjacency_fake(faces, num_vertices):
     return offsets, entries
 
 
+def _check_adjacency_args(faces, num_vertices):
+    check_tensor("faces", faces, shape=(None, 3), dtype=FACE_DTYPES)
+    if isinstance(num_vertices, torch.SymInt):  # traced: the fake checks the shapes
+        return
+    if isinstance(num_vertices, bool) or not isinstance(num_vertices, int) or num_vertices < 0:
+        raise ValueError(f"num_vertices must be an int >= 0, got {num_vertices!r}")
+
+
 def vertex_face_adjacency(faces, num_vertices):
     """The vertex-face adjacency of `faces` (F, 3) int64/int32 over `num_vertices`
     vertices: (offsets (V + 1,), entries (3F,)) int64 on faces' device, see the module
     docstring. Raises ValueError when a face index is outside [0, num_vertices)."""
-    check_tensor("faces", faces, shape=(None, 3), dtype=FACE_DTYPES)
-    if isinstance(num_vertices, bool) or not isinstance(num_vertices, int) or num_vertices < 0:
-        raise ValueError(f"num_vertices must be an int >= 0, got {num_vertices!r}")
+    _check_adjacency_args(faces, num_vertices)
     return _adjacency_op(faces.long(), num_vertices)
 
 
 # Adjacencies of recent faces tensors: id(faces) -> (weak reference to faces, its
-# version, num_vertices, int64 faces or None when faces is already int64 and contiguous,
-# offsets, entries). The weak reference drops an entry when its tensor dies (so a new
-# tensor at a reused id or address never meets a stale table), the version catches
-# in-place changes.
+# version, num_vertices, offsets, entries). The weak reference drops an entry when its
+# tensor dies (so a new tensor at a reused id or address never meets a stale table), the
+# version catches in-place changes through torch. A change torch does not see (a write
+# through numpy into a tensor made by torch.from_numpy) is caught by the CPU kernel, which
+# checks every entry against the faces it is given (check_adjacency_values in
+# csrc/normals/normals_cpu.cpp): `vertex_normals` then builds the table again. So the
+# faces given to a kernel are always the caller's current ones, never a kept copy.
 _CACHE_SIZE = 8
 _cache: "OrderedDict[int, tuple]" = OrderedDict()
 _cache_lock = threading.Lock()
+# The start of the CPU kernel's error for an entry that is not a corner of its vertex.
+_STALE_ENTRY = "flame_ext::vertex_normals: entries["
 
 
-def _forget(key, ref):
+def _forget(key, ref=None):
     with _cache_lock:
         entry = _cache.get(key)
-        if entry is not None and entry[0] is ref:
+        if entry is not None and (ref is None or entry[0] is ref):
             del _cache[key]
 
 
@@ -103,8 +115,8 @@ def _build(faces, num_vertices):
 
 
 def _adjacency_of(faces, num_vertices):
-    """(int64 faces, offsets, entries) for `faces`, built once per faces tensor and
-    version. Under torch.compile the adjacency op is traced instead (no cache)."""
+    """(int64 faces, offsets, entries) for `faces`, the adjacency built once per faces
+    tensor and version. Under torch.compile the adjacency op is traced instead (no cache)."""
     if torch.compiler.is_compiling():
         return _build(faces, num_vertices)
     try:
@@ -116,13 +128,11 @@ def _adjacency_of(faces, num_vertices):
         entry = _cache.get(key)
         if entry is not None and entry[0]() is faces and entry[1:3] == (version, num_vertices):
             _cache.move_to_end(key)
-            return (faces if entry[3] is None else entry[3]), entry[4], entry[5]
+            return faces.to(torch.int64).contiguous(), entry[3], entry[4]
     faces64, offsets, entries = _build(faces, num_vertices)
     ref = weakref.ref(faces, lambda r, key=key: _forget(key, r))
-    # Not keeping faces itself alive: the int64 copy only when it is one.
-    copy = None if faces64.data_ptr() == faces.data_ptr() else faces64
     with _cache_lock:
-        _cache[key] = (ref, version, num_vertices, copy, offsets, entries)
+        _cache[key] = (ref, version, num_vertices, offsets, entries)
         _cache.move_to_end(key)
         while len(_cache) > _CACHE_SIZE:
             _cache.popitem(last=False)
@@ -151,7 +161,16 @@ def vertex_normals(v, faces):
     _check_v(v)
     _check_faces(faces, v)
     faces64, offsets, entries = _adjacency_of(faces, v.shape[-2])
-    return vertex_normals_with_adjacency(v, faces64, offsets, entries)
+    try:
+        return vertex_normals_with_adjacency(v, faces64, offsets, entries)
+    except RuntimeError as error:
+        # A kept table that no longer matches faces (changed where torch cannot see):
+        # build it again, once.
+        if not str(error).startswith(_STALE_ENTRY):
+            raise
+        _forget(id(faces))
+        faces64, offsets, entries = _adjacency_of(faces, v.shape[-2])
+        return vertex_normals_with_adjacency(v, faces64, offsets, entries)
 
 
 def vertex_normals_with_adjacency(v, faces, offsets, entries):
