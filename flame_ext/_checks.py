@@ -1,11 +1,16 @@
-"""Argument checks shared by the decoders and the op wrappers.
+"""Argument checks shared by the decoders, the op wrappers and the command lines.
 
 Every check raises where the bad value enters, with the argument's name and what was
-expected versus what was received (docs/SPEC.md section 5).
+expected versus what was received (docs/SPEC.md section 5). The command lines' option
+types (`count_option`, `positive_option`, `device_option`) are argparse `type`s: argparse
+names the option in their message.
 """
 
 from __future__ import annotations
 
+import argparse
+import math
+import numbers
 from typing import Optional, Sequence
 
 import torch
@@ -85,3 +90,49 @@ def check_count(name: str, value, low: int, high: int) -> int:
     if not low <= value <= high:
         raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
     return value
+
+
+def check_finite(name: str, value) -> float:
+    """Checks that `value` is a real, finite number (not a bool); returns it as a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return float(value)
+
+
+def count_option(low: int, high: int):
+    """An argparse type: an int in [low, high]."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be in [{low}, {high}], got {value}")
+        return value
+
+    return parse
+
+
+def positive_option(text: str) -> float:
+    """An argparse type: a finite number above zero."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def device_option(text: str) -> str:
+    """An argparse type: 'cpu', 'cuda' or 'cuda:N'."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    return text

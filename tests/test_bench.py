@@ -294,6 +294,18 @@ def test_measure_interleaves_and_reports_failures():
     assert switches >= 3
 
 
+@pytest.mark.parametrize("option, value", [
+    ("--budget", "nan"), ("--budget", "inf"), ("--budget", "0"), ("--batch-sizes", "0"),
+    ("--batch-sizes", "-1"), ("--batch-sizes", "100000000000"), ("--threads", "-3"),
+    ("--device", "tpu"), ("--repeats", "0"), ("--fit-frames", "0"), ("--n-tex", "x"),
+])
+def test_bad_options_are_usage_errors_naming_the_option(option, value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run.parse_args([option, value])
+    assert exit_info.value.code == 2
+    assert f"argument {option}:" in capsys.readouterr().err
+
+
 def test_unknown_case_names_the_cases(capsys):
     with pytest.raises(SystemExit, match="match no case.*shape_fwd"):
         run.main(["--cases", "bogus", "--model-path", "synthetic-small", "--no-fit"])

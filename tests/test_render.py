@@ -295,3 +295,12 @@ def test_render_flame_rejects_bad_arguments():
         render.render_flame("synthetic-small", parameters={"shape": np.ones(7)})
     with pytest.raises(ValueError, match="camera"):
         render.render_flame("synthetic-small", camera="fisheye")
+    for name in ("yaw", "pitch", "roll", "jaw", "shape_scale", "expr_scale", "tex_scale"):
+        for value in (float("nan"), float("inf")):
+            with pytest.raises(ValueError, match=f"^{name} must be finite"):
+                render.render_flame("synthetic-small", **{name: value})
+    with pytest.raises(TypeError, match="^yaw must be a real number"):
+        render.render_flame("synthetic-small", yaw="10")
+    for value in (np.array([1 + 2j, 0.5]), 1.0, np.ones((2, 3)), ["a"]):
+        with pytest.raises(ValueError, match="parameter shape must be a vector"):
+            render.render_flame("synthetic-small", parameters={"shape": value})

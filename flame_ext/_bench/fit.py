@@ -34,6 +34,7 @@ import flame_ext
 from flame_ext import FlameLandmark, FlameShape, load_flame_model
 
 from . import timing
+from .._checks import count_option, device_option, positive_option
 
 # flame_ext_lmk: flame_ext.fitting.FlameShapeLandmark on the compiled ops, the decoder
 # that evaluates only the vertices the landmarks read.
@@ -225,16 +226,16 @@ FIT_HEADER = (f"{'impl':<12} {'frames*it/s':>12} {'ms/iter':>10} {'vs medusa':>8
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default=flame_ext.DEVICE)
+    parser.add_argument("--device", default=flame_ext.DEVICE, type=device_option)
     parser.add_argument("--model-path", default="synthetic")
-    parser.add_argument("--frames", type=int)
-    parser.add_argument("--iterations", type=int, default=100)
+    parser.add_argument("--frames", type=count_option(1, 2**24))
+    parser.add_argument("--iterations", type=count_option(1, 10**7), default=100)
     parser.add_argument("--per-frame-identity", action="store_true",
                         help="one shape row per frame instead of one for all frames")
     parser.add_argument("--impls", nargs="+",
                         default=["medusa", "reference", "flame_ext", "flame_ext_lmk"],
                         choices=FIT_IMPLS)
-    parser.add_argument("--lr", type=float, default=0.02)
+    parser.add_argument("--lr", type=positive_option, default=0.02)
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
     device = torch.device(args.device)

@@ -62,12 +62,15 @@ import flame_ext
 from . import cases as bench_cases
 from . import fit as bench_fit
 from . import floor, timing
+from .._checks import count_option, device_option, positive_option
 from .targets import evaluate_targets, format_speed_checks, format_target, speed_checks
 from .timing import format_time
 
 SCHEMA = "flame_ext-bench/1"
 DEFAULT_BATCHES = {"cpu": [1, 16, 64, 256], "cuda": [1, 4, 16, 64, 256, 1024, 4096]}
 QUICK_BATCHES = [1, 4]
+# The largest batch the options take (a FlameShape forward at 2**24 would need ~1 TB).
+MAX_BATCH = 2**24
 # what each row records of the rates its floor used ('measured': 'alongside' or 'start')
 FLOOR_RATE_KEYS = ("copy_bytes_per_s", "matmul_flops_per_s", "first_touch_bytes_per_s",
                    "measured")
@@ -88,10 +91,11 @@ def parse_args(argv=None, prog: str = "python bench/run.py") -> argparse.Namespa
         description=__doc__.splitlines()[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="\n".join(__doc__.splitlines()[2:8]))
-    parser.add_argument("--device", default=flame_ext.DEVICE, help="cpu or cuda[:N]")
+    parser.add_argument("--device", default=flame_ext.DEVICE, type=device_option,
+                        help="cpu or cuda[:N]")
     parser.add_argument("--quick", action="store_true",
                         help="B=1,4, short timings, tiny fitting loop (CI smoke run)")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", metavar="B")
+    parser.add_argument("--batch-sizes", type=count_option(1, MAX_BATCH), nargs="+", metavar="B")
     parser.add_argument("--cases", nargs="+", metavar="NAME",
                         help="cases to run: full names, or parts of names ('lmk', 'fwdbwd'); "
                              "'fit' is the fitting loop")
@@ -101,24 +105,24 @@ def parse_args(argv=None, prog: str = "python bench/run.py") -> argparse.Namespa
     parser.add_argument("--compile", action="store_true", help="add torch.compile(reference)")
     parser.add_argument("--no-graphs", action="store_true",
                         help="on CUDA, do not add the flame_ext CUDA-graph line")
-    parser.add_argument("--graph-max-batch", type=int, default=256,
+    parser.add_argument("--graph-max-batch", type=count_option(0, MAX_BATCH), default=256,
                         help="largest batch replayed from CUDA graphs")
     parser.add_argument("--headline", default="flame_ext", choices=bench_cases.IMPLS,
                         help="the implementation of the GB/s, floor and speed-up columns")
     parser.add_argument("--model-path", default="synthetic",
                         help="FLAME data: a directory, 'synthetic' (full size, default) or "
                              "'synthetic-small'")
-    parser.add_argument("--n-tex", type=int, default=50, help="FlameTex components")
-    parser.add_argument("--repeats", type=int, default=7, help="samples per measurement")
-    parser.add_argument("--budget", type=float,
+    parser.add_argument("--n-tex", type=count_option(1, 10**6), default=50, help="FlameTex components")
+    parser.add_argument("--repeats", type=count_option(1, 10**6), default=7, help="samples per measurement")
+    parser.add_argument("--budget", type=positive_option,
                         help="seconds of samples per measurement (default CPU 0.5, CUDA 0.3)")
     parser.add_argument("--rates", choices=("alongside", "start"),
                         help="the floor's rates: measured again in each row's rounds "
                              "(default on the CPU) or once at the start (default on CUDA)")
-    parser.add_argument("--threads", type=int,
+    parser.add_argument("--threads", type=count_option(1, 4096),
                         help="torch.set_num_threads (default: torch's, all cores)")
-    parser.add_argument("--fit-frames", type=int)
-    parser.add_argument("--fit-iterations", type=int)
+    parser.add_argument("--fit-frames", type=count_option(1, MAX_BATCH))
+    parser.add_argument("--fit-iterations", type=count_option(1, 10**7))
     parser.add_argument("--no-fit", action="store_true", help="skip the fitting loop")
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--no-progress", action="store_true")

@@ -16,7 +16,7 @@ from typing import Mapping, Optional, Tuple
 import numpy as np
 import torch
 
-from .._checks import check_count
+from .._checks import check_count, check_finite
 from .raster import CAMERAS, Camera, draw_points, fit_camera, render_mesh
 
 LANDMARK_TYPES = ("68", "mp", "none")
@@ -76,7 +76,13 @@ _PARAMETER_DIMS = {"global_pose": 3, "neck_pose": 3, "jaw_pose": 3, "eye_pose": 
 def _as_row(name: str, value, dim: int) -> torch.Tensor:
     """A given parameter as a (1, dim) float32 row; shorter vectors are zero-padded (the
     first components of a basis matter most)."""
-    t = torch.as_tensor(np.asarray(value, dtype=np.float64)).reshape(-1)
+    array = np.asarray(value)
+    if array.dtype.kind not in "iuf" or array.ndim == 0 or (array.ndim == 2 and array.shape[0] != 1) or array.ndim > 2:
+        raise ValueError(
+            f"parameter {name} must be a vector or one (1, n) row of real numbers, got "
+            f"an array of shape {array.shape} and dtype {array.dtype}"
+        )
+    t = torch.as_tensor(array.astype(np.float64)).reshape(-1)
     if t.numel() > dim:
         raise ValueError(f"parameter {name} has {t.numel()} values, the model takes at most {dim}")
     if not torch.isfinite(t).all():
@@ -199,6 +205,10 @@ def render_flame(
         raise ValueError(f"camera must be one of {CAMERAS}, got {camera!r}")
     check_count("seed", seed, 0, 2**63 - 1)
     check_count("size", size, 16, 8192)
+    for name, number in (("shape_scale", shape_scale), ("expr_scale", expr_scale),
+                         ("yaw", yaw), ("pitch", pitch), ("roll", roll), ("jaw", jaw),
+                         ("tex_scale", tex_scale)):
+        check_finite(name, number)
     given = dict(parameters or {})
     unknown = sorted(set(given) - {"shape", "expr", *_PARAMETER_DIMS})
     if unknown:
