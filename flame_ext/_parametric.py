@@ -15,6 +15,10 @@ from ._checks import FLOAT_DTYPES, check_count, check_tensor
 
 POSE_NAMES = ("global_pose", "neck_pose", "jaw_pose", "eye_pose")
 INPUT_NAMES = ("shape", "expr") + POSE_NAMES
+# The largest batch a decoder takes, as smplx's layer (flame_ext.compat.smplx): no machine
+# holds the outputs of more (FLAME's vertices alone are 60 KB a sample), and far above it
+# their sizes overflow int64 before an allocation is even tried.
+MAX_BATCH = 2**31 - 1
 
 
 def _range_checked_on_host(identity: torch.Tensor) -> bool:
@@ -106,7 +110,7 @@ class ParametricDecoder(DecoderModule):
             # the first one that is not 1 (the same wherever medusa works).
             sizes = [value.shape[0] for value in inputs.values()]
             batch_size = next((size for size in sizes if size != 1), sizes[0])
-        check_count("batch_size", batch_size, 0, 2**62)
+        check_count("batch_size", batch_size, 0, MAX_BATCH)
         values = {}
         for name in INPUT_NAMES:
             value = inputs[name] if name in inputs else getattr(self, name)

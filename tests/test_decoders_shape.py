@@ -649,6 +649,13 @@ def test_zero_batch():
     assert v.shape == (0, m.v_template.shape[0], 3) and R.shape[0] == 0
 
 
+def test_huge_batch_is_a_value_error_naming_it():
+    m = _shape("ext")
+    for batch in (2**31, 2**62):
+        with pytest.raises(ValueError, match="^batch_size must be in"):
+            m(batch_size=batch)
+
+
 def test_nan_in_gives_nan_out():
     m = _shape("ext")
     expr = torch.randn(2, m.n_expr)

@@ -53,6 +53,7 @@ from torch import nn
 
 from .. import reference
 from .._checks import check_count, check_tensor
+from .._parametric import MAX_BATCH
 from .._derived import DerivedTables, derive_after_load, joint_dirs, joint_template
 from ..io import load_dynamic_embedding, load_flame_model, load_static_embedding
 from . import _layer
@@ -219,7 +220,7 @@ class FLAME(DerivedTables, nn.Module):
             raise ValueError(f"age={age!r}: smplx's kid template is SMPL's; FLAME has none")
         if dtype not in (torch.float32, torch.float64):
             raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-        check_count("batch_size", batch_size, 1, 2**31)
+        check_count("batch_size", batch_size, 1, MAX_BATCH)
         check_count("num_betas", num_betas, 0, 2**31)
         check_count("num_expression_coeffs", num_expression_coeffs, 0, 2**31)
         self.gender, self.age, self.dtype = gender, age, dtype
