@@ -48,3 +48,9 @@ __all__ = [
     "unpatch_medusa",
     "vertex_normals",
 ]
+
+# The compiled ops are registered on import, so that torch.ops.flame_ext.* is there for
+# direct calls; when the library does not load, the decoders say why on first use.
+from . import _ops as _compiled_ops  # noqa: E402
+
+_compiled_ops._load()

@@ -368,3 +368,13 @@ def test_version_has_one_source(setup_module_):
     import flame_ext
 
     assert setup_module_.version() == flame_ext.__version__
+
+
+def test_import_registers_every_op(ops):
+    """A bare `import flame_ext` registers the compiled ops with torch.ops."""
+    script = ("import torch, flame_ext\n"
+              "from flame_ext._ops import OPS\n"
+              "print(all(hasattr(torch.ops.flame_ext, op) for op in OPS))\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "True", result.stderr[-2000:]
