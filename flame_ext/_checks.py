@@ -136,3 +136,48 @@ def device_option(text: str) -> str:
     if device is None or device.type not in ("cpu", "cuda"):
         raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
     return text
+
+
+# `_index_tables` bound of a kinematic tree's parents: parents[0] = -1, 0 <= parents[j] < j.
+TREE = "tree"
+
+
+def check_index_table(name: str, table: torch.Tensor, upper) -> None:
+    """An index table's values: integers in [0, upper), or (upper=TREE) the parents of a
+    kinematic tree. TypeError / ValueError naming `name`; one host read of the values."""
+    if table.is_floating_point() or table.is_complex() or table.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer indices, got dtype {table.dtype}")
+    if table.numel() == 0:
+        return
+    values = table.detach().reshape(-1).to("cpu", torch.int64)
+    if upper == TREE:
+        joints = torch.arange(values.numel())
+        bad = torch.nonzero(((values < 0) | (values >= joints))[1:]).flatten()
+        if int(values[0]) != -1 or bad.numel():
+            j = 0 if int(values[0]) != -1 else int(bad[0]) + 1
+            raise ValueError(f"{name} must be a kinematic tree (parents[0] = -1, "
+                             f"0 <= parents[j] < j), got parents[{j}] = {int(values[j])}")
+        return
+    low, high = (int(x) for x in torch.aminmax(values))
+    if low < 0 or high >= upper:
+        raise ValueError(f"{name} holds index {low if low < 0 else high}, out of range for "
+                         f"{upper} entries")
+
+
+def refuse_bad_loaded_indices(module, state_dict, prefix, *_args) -> None:
+    """load_state_dict pre-hook: the module's index tables (its `_index_tables(get)`:
+    (name, bound) pairs, bound an int or TREE) as the state dict would leave them, checked
+    before anything is copied, so that a bad table is refused at the load, not at the next
+    forward. A table missing from the state dict, or of another shape (which
+    load_state_dict reports itself), is read from the module. Module-level, so the
+    modules pickle."""
+
+    def get(name: str) -> torch.Tensor:
+        current = getattr(module, name)
+        incoming = state_dict.get(prefix + name)
+        if isinstance(incoming, torch.Tensor) and incoming.shape == current.shape:
+            return incoming
+        return current
+
+    for name, bound in module._index_tables(get):
+        check_index_table(f"state_dict entry {prefix + name!r}", get(name), bound)

@@ -20,7 +20,7 @@ from torch import nn
 
 from . import _backend, geometry, medusa_baseline, reference
 from ._backend import CONTOUR_RULES
-from ._checks import check_count, check_tensor
+from ._checks import TREE, check_count, check_tensor, refuse_bad_loaded_indices
 from ._derived import DerivedTables, derive_after_load, joint_dirs, joint_template
 from ._ops import half_blend
 from ._parametric import INPUT_NAMES, POSE_NAMES, ParametricDecoder, identity_rows
@@ -140,6 +140,7 @@ class FlameShape(DerivedTables, ParametricDecoder):
             )
         self.to(device)
         self._start_deriving()  # on the device: once
+        self.register_load_state_dict_pre_hook(refuse_bad_loaded_indices)
 
     @staticmethod
     def _check_init(name, value, dim):
@@ -165,6 +166,10 @@ class FlameShape(DerivedTables, ParametricDecoder):
         if "split_dirs" in groups:
             tables["_identity_dirs"], tables["_expr_dirs"] = self._split_dirs()
         return tables
+
+    @staticmethod
+    def _index_tables(get):
+        return (("tris", get("v_template").shape[0]), ("parents", TREE))
 
     def _after_load(self) -> None:
         # the loaded tris may differ
@@ -304,6 +309,14 @@ class FlameLandmark(_backend.DecoderModule):
         self.num_joints = model.parents.shape[0]
         self.device = device
         self.to(device)
+        self.register_load_state_dict_pre_hook(refuse_bad_loaded_indices)
+
+    def _index_tables(self, get):
+        faces = get("tris").shape[0]
+        tables = [("tris", self.num_vertices), ("lmk_faces_idx", faces)]
+        if self.lm_type == "68":
+            tables.append(("dynamic_lmk_faces_idx", faces))
+        return tables
 
     @property
     def _dynamic(self) -> bool:

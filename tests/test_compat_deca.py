@@ -125,6 +125,17 @@ def test_buffers_and_parameters_are_decas(assets):
     fresh.load_state_dict(state)
 
 
+@pytest.mark.parametrize("key", ["faces_tensor", "parents", "lmk_faces_idx",
+                                 "dynamic_lmk_faces_idx", "full_lmk_faces_idx"])
+def test_a_bad_index_table_is_refused_at_load(assets, key):
+    flame = FLAME(_config(assets))
+    state = {k: v.clone() for k, v in flame.state_dict().items()}
+    state[key].view(-1)[-1] = 10**6
+    with pytest.raises(ValueError, match=repr(key)):
+        flame.load_state_dict(state)
+    assert flame.state_dict()[key].max() < 10**6
+
+
 def test_config_may_be_a_dict_and_errors_name_the_entry(assets):
     as_dict = vars(_config(assets))
     FLAME(as_dict)

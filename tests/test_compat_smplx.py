@@ -445,6 +445,17 @@ def small(tmp_path_factory):
     return synthetic.write_smplx_assets(tmp_path_factory.mktemp("small"), "small", 0)
 
 
+@pytest.mark.parametrize("key", ["faces_tensor", "parents", "lmk_faces_idx",
+                                 "dynamic_lmk_faces_idx"])
+def test_a_bad_index_table_is_refused_at_load(small, key):
+    layer = FLAME(str(small), use_face_contour=True)
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    state[key].view(-1)[-1] = 10**6
+    with pytest.raises(ValueError, match=repr(key)):
+        layer.load_state_dict(state)
+    assert layer.state_dict()[key].max() < 10**6
+
+
 def test_errors_name_the_problem(small, tmp_path):
     with pytest.raises(FileNotFoundError, match="FLAME_MALE.pkl does not exist"):
         FLAME(str(small), gender="male")

@@ -91,6 +91,45 @@ def test_constructors_derive_each_table_once_and_conversions_again(monkeypatch):
 # --- memory, determinism, threads ---------------------------------------------------------
 
 
+def _bad_index_states():
+    """(decoder maker, state key, how the value is spoiled, error, message) for each index
+    table of FlameShape and FlameLandmark ('68' and 'mp')."""
+    shape, lmk68 = _shape, _landmark
+    lmkmp = lambda: FlameLandmark("mp", device="cpu", model_path=SMALL)  # noqa: E731
+    past = lambda bound: lambda t: t.view(-1).__setitem__(0, bound)  # noqa: E731
+    return [
+        (shape, "tris", past(-1), ValueError, "holds index -1"),
+        (shape, "tris", lambda t: t.view(-1).__setitem__(5, t.max() + 1), ValueError,
+         "out of range"),
+        (shape, "parents", lambda t: t.__setitem__(2, 2), ValueError, "kinematic tree"),
+        (shape, "parents", lambda t: t.__setitem__(0, 0), ValueError, "kinematic tree"),
+        (shape, "tris", "float", TypeError, "integer indices"),
+        (lmk68, "tris", past(10**6), ValueError, "out of range"),
+        (lmk68, "lmk_faces_idx", past(10**6), ValueError, "out of range"),
+        (lmk68, "dynamic_lmk_faces_idx", past(-2), ValueError, "holds index -2"),
+        (lmkmp, "lmk_faces_idx", past(10**6), ValueError, "out of range"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_index_states())))
+def test_a_bad_index_table_is_refused_at_load_and_nothing_is_copied(case, quiet):
+    """load_state_dict checks the index tables of the state dict before it copies
+    anything: the error names the entry, the module keeps its tables and still runs."""
+    make, key, spoil, error, message = _bad_index_states()[case]
+    state = {k: v.clone() for k, v in make().state_dict().items()}
+    if spoil == "float":
+        state[key] = state[key].float()
+    else:
+        spoil(state[key])
+    module = make()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    with pytest.raises(error, match=message) as info:
+        module.load_state_dict(state)
+    assert repr(key) in str(info.value)
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+    module.load_state_dict(before)  # a good state dict still loads
+
+
 def test_memory_flat_over_1000_calls(ops, device, quiet):
     """FlameShape (ext) + FlameLandmark forward and backward 1,000 times, FlameTex 100
     times (each call moves 3 MB): resident memory and live tensors stay where they were.

@@ -24,7 +24,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .. import _backend, reference
-from .._checks import check_tensor
+from .._checks import TREE, check_tensor
 
 BACKENDS = ("auto", "ext", "reference")
 # The decoder of flame_ext._backend.DECODER_OPS whose ops the layers run.
@@ -56,6 +56,18 @@ class Tables(NamedTuple):
     # dirs (None: what it reads then) stream slower (docs/PERFORMANCE.md).
     identity_dirs: Optional[torch.Tensor] = None
     rest_dirs: Optional[torch.Tensor] = None
+
+
+def index_tables(module, get):
+    """The layers' index tables and their bounds (`refuse_bad_loaded_indices`): the faces
+    over the vertices, the parents a tree, the landmark faces (each table the layer has)
+    over the faces."""
+    faces = get("faces_tensor").shape[0]
+    tables = [("faces_tensor", get("v_template").shape[0]), ("parents", TREE)]
+    for name in ("lmk_faces_idx", "dynamic_lmk_faces_idx", "full_lmk_faces_idx"):
+        if name in module._buffers:
+            tables.append((name, faces))
+    return tables
 
 
 def check_input(name: str, value, dim: int, like: torch.Tensor, trailing=None) -> torch.Tensor:

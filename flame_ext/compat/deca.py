@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._checks import check_count
+from .._checks import check_count, refuse_bad_loaded_indices
 from .._derived import DerivedTables, derive_after_load, joint_dirs, joint_template
 from ..decoders import FlameTex
 from ..io import ModelFileError, load_flame_model, load_landmark_embedding
@@ -140,6 +140,10 @@ class FLAME(DerivedTables, nn.Module):
         )
         self.register_buffer("neck_kin_chain", torch.tensor([1, 0], dtype=torch.long))
         self._start_deriving()
+        self.register_load_state_dict_pre_hook(refuse_bad_loaded_indices)
+
+    def _index_tables(self, get):
+        return _layer.index_tables(self, get)
 
     def _compute_derived(self, groups):
         """The joint basis, derived from the buffers (again after .to() / .double() and

@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from .. import reference
-from .._checks import check_count, check_tensor
+from .._checks import check_count, check_tensor, refuse_bad_loaded_indices
 from .._parametric import MAX_BATCH
 from .._derived import DerivedTables, derive_after_load, joint_dirs, joint_template
 from ..io import load_dynamic_embedding, load_flame_model, load_static_embedding
@@ -298,6 +298,10 @@ class FLAME(DerivedTables, nn.Module):
             self.register_buffer("neck_kin_chain", torch.tensor([self.NECK_IDX], dtype=torch.long))
         self.vertex_joint_selector = _VertexJointSelector()
         self._start_deriving()
+        self.register_load_state_dict_pre_hook(refuse_bad_loaded_indices)
+
+    def _index_tables(self, get):
+        return _layer.index_tables(self, get)
 
     # ----------------------------------------------------------------------------------
     # smplx's attributes and helpers
