@@ -192,7 +192,7 @@ class ParametricDecoder(DecoderModule):
         fused = k.lbs(v_base, v_dirs, j_base, j_dirs, coeffs, pose, *model, want_vertex_transforms,
                       *shared)
         if fused is not None:
-            v, vertex_transforms, transforms = fused
+            v, vertex_transforms, transforms, _ = fused
         else:
             if shared[0] is not None:
                 v_base = k.blend(v_base, shared[0], shared[1])

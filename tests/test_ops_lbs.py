@@ -238,3 +238,43 @@ def test_create_graph_through_the_fused_node_is_a_clear_error(ops):
             torch.autograd.grad(loss(v), pose, create_graph=True)
     v, _ = m(jaw_pose=pose)
     assert torch.autograd.grad(v.sum(), pose)[0].shape == (2, 3)  # first order still works
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_fused_joints_carry_their_gradient(ops, tmp_path, shared):
+    """The fused node returns the rest-pose joints as well (the smplx layer's joints come
+    from it): the same values as the op-by-op path, and their gradient, alone or with
+    v's, reaches the coefficients as the op-by-op path's does."""
+    from flame_ext import synthetic
+    from flame_ext.compat import _layer
+    from flame_ext.compat.smplx import FLAME
+
+    layer = FLAME(str(synthetic.write_smplx_assets(tmp_path, "small", 0)), dtype=torch.float64)
+    tables = layer._tables()
+    gen = torch.Generator().manual_seed(5)
+    batch = 3
+    identity = torch.randn(1 if shared else batch, layer.num_betas, generator=gen,
+                           dtype=torch.float64)
+    rest = torch.randn(batch, layer.num_expression_coeffs, generator=gen, dtype=torch.float64)
+    pose = 0.3 * torch.randn(batch, 5, 3, generator=gen, dtype=torch.float64)
+    ext = _backend.steps("ext")
+    one_by_one = SimpleNamespace(**{**vars(ext), "lbs": lambda *args: None})
+    for with_v in (False, True):
+        results = []
+        for k in (ext, one_by_one):
+            leaves = [t.clone().requires_grad_(True) for t in (identity, rest, pose)]
+            v, _, joints = _layer.decode(k, tables, leaves[0], leaves[1], batch,
+                                         pose=leaves[2], need_joints=True)
+            weight = torch.randn(joints.shape, generator=torch.Generator().manual_seed(6),
+                                 dtype=torch.float64)
+            loss = (joints * weight).sum() + (v.sum() if with_v else 0)
+            # the rest-pose joints do not depend on the pose: with them alone, no (or a
+            # zero) pose gradient
+            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+            results.append((joints, [torch.zeros_like(t) if g is None else g
+                                     for t, g in zip(leaves, grads)]))
+        (joints, got), (joints_ref, want) = results
+        torch.testing.assert_close(joints, joints_ref, rtol=0, atol=0)
+        for name, g, w in zip(("identity", "rest", "pose"), got, want):
+            torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12, msg=name)
+        assert got[0].abs().max() > 0

@@ -31,7 +31,7 @@ _below_autograd = torch._C._AutoDispatchBelowAutograd
 
 
 class FusedLbs(torch.autograd.Function):
-    """(v, vertex_transforms, transforms) of the FLAME chain; arguments as `lbs`."""
+    """(v, vertex_transforms, transforms, joints) of the FLAME chain; arguments as `lbs`."""
 
     @staticmethod
     def forward(
@@ -74,10 +74,10 @@ class FusedLbs(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         if not want_vertex_transforms:
             ctx.mark_non_differentiable(vertex_transforms)
-        return v, vertex_transforms, transforms
+        return v, vertex_transforms, transforms, joints
 
     @staticmethod
-    def backward(ctx, grad_v, grad_vertex_transforms, grad_transforms):
+    def backward(ctx, grad_v, grad_vertex_transforms, grad_transforms, grad_joints_out):
         # create_graph=True: refused outright. once_differentiable raises only where an
         # incoming gradient requires grad; with a constant one (v.sum()) it would return
         # a gradient without its second-order part, silently.
@@ -121,6 +121,8 @@ class FusedLbs(torch.autograd.Function):
                     grad_from_skin, grad_pose_feature, pose, joints, parents
                 )
                 grad_joints = grad_joints.view(batch, j_dirs.shape[0])
+                if grad_joints_out is not None:
+                    grad_joints = grad_joints + grad_joints_out.reshape(grad_joints.shape)
                 if need_j_base:
                     grad_j_base = blend_base_grad(grad_joints, j_base.dim(), j_base.shape[0])
                 if need_coeffs:
@@ -154,7 +156,7 @@ def lbs(
     shared_coeffs: Optional[torch.Tensor] = None,
     shared_joint_dirs: Optional[torch.Tensor] = None,
     identity: Optional[torch.Tensor] = None,
-) -> Optional[Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]]:
+) -> Optional[Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor]]:
     """The FLAME chain in one autograd node, or None where the caller must run the steps.
 
     v_base (N,) or (1, N) with N = 3V, v_dirs (N, K), j_base (3J,) or (1, 3J), j_dirs
@@ -168,7 +170,7 @@ def lbs(
     autograd node for the whole decode). With identity (B,) as well, shared_coeffs is (S,
     Ks) and frame b takes shared row identity[b] (FlameShape's identity-indexed batches):
     each row is blended once, in the same pass as the rest. Returns (v (B, V, 3), vertex_transforms
-    (B, V, 4, 4) or None, transforms (B, J, 4, 4)). Gradients reach v_base, j_base, coeffs
+    (B, V, 4, 4) or None, transforms (B, J, 4, 4), the rest-pose joints (B, J, 3)). Gradients reach v_base, j_base, coeffs
     and pose; double backward is not supported (nor is it through the skin op). None
     under torch.compile (which traces the ops' own registrations), under torch.func
     transforms and forward-mode AD, and when a model table needs a gradient.
@@ -184,8 +186,8 @@ def lbs(
         or (shared_joint_dirs is not None and shared_joint_dirs.requires_grad)
     ):
         return None
-    v, vertex_transforms, transforms = FusedLbs.apply(
+    v, vertex_transforms, transforms, joints = FusedLbs.apply(
         v_base, v_dirs, j_base, j_dirs, coeffs, pose, pose_dirs, parents, lbs_weights,
         want_vertex_transforms, shared_dirs, shared_coeffs, shared_joint_dirs, identity,
     )
-    return v, (vertex_transforms if want_vertex_transforms else None), transforms
+    return v, (vertex_transforms if want_vertex_transforms else None), transforms, joints

@@ -129,12 +129,7 @@ def decode(
         identity_dirs, rest_dirs = tables.identity_dirs, tables.rest_dirs
         if identity_dirs is None:
             identity_dirs, rest_dirs = v_dirs[:, :n], v_dirs[:, n:]
-        joint_dirs = j_dirs[:, :n]
-        if need_joints:
-            # the caller takes the joints too: the identity's are blended once, here, for
-            # the fused node and for them
-            j_base, joint_dirs = k.blend(j_base, joint_dirs, identity), None
-        shared = (identity_dirs, identity, joint_dirs)
+        shared = (identity_dirs, identity, j_dirs[:, :n])
         v_dirs, j_dirs, coeffs = rest_dirs, j_dirs[:, n:], rest.expand(batch, -1)
     else:
         coeffs = torch.cat([identity.expand(batch, -1), rest.expand(batch, -1)], dim=1)
@@ -143,11 +138,8 @@ def decode(
         fused = k.lbs(v_base, v_dirs, j_base, j_dirs, coeffs, pose, tables.pose_dirs,
                       tables.parents, tables.lbs_weights, False, *shared)
         if fused is not None:
-            v, _, transforms = fused
-            joints = None
-            if need_joints:
-                joints = k.blend(j_base, j_dirs, coeffs).view(batch, num_joints, 3)
-            return v, transforms, joints
+            v, _, transforms, joints = fused
+            return v, transforms, (joints if need_joints else None)
     if shared[0] is not None:
         v_base = k.blend(v_base, shared[0], shared[1])
     if shared[2] is not None:
