@@ -13,6 +13,7 @@ import math
 import numbers
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float64)
@@ -93,8 +94,14 @@ def check_count(name: str, value, low: int, high: int) -> int:
 
 
 def check_finite(name: str, value) -> float:
-    """Checks that `value` is a real, finite number (not a bool); returns it as a float."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    """Checks that `value` is a real, finite number (not a bool; a 0-d numpy array or
+    tensor of a real dtype is one); returns it as a float."""
+    if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == 0:
+        is_real = (value.dtype.kind in "iuf" if isinstance(value, np.ndarray)
+                   else not (value.is_complex() or value.dtype == torch.bool))
+        if is_real:
+            value = value.item()
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")

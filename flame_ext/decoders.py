@@ -203,18 +203,32 @@ class FlameShape(DerivedTables, ParametricDecoder):
             return reference.vertex_normals(v, self.tris)
         from ._ops import normals
 
-        tris = self.tris
-        try:
-            source = (tris, tris._version)
-        except RuntimeError:  # an inference tensor tracks no version
-            source = (tris, None)
-        kept = getattr(self, "_normal_source", None)
-        if self._normal_offsets is None or kept is None or kept[0] is not tris or kept[1] != source[1]:
-            offsets, entries = normals.vertex_face_adjacency(tris, self.v_template.shape[0])
+        tris, num_vertices = self.tris, self.v_template.shape[0]
+        if torch.compiler.is_compiling():
+            # traced: the kept table where there is one (a version is no graph value)
+            if self._normal_offsets is None:
+                return normals.vertex_normals(v, tris)
+            return normals.vertex_normals_with_adjacency(
+                v, tris, self._normal_offsets, self._normal_entries
+            )
+
+        def rebuild():
+            try:
+                version = tris._version
+            except RuntimeError:  # an inference tensor tracks no version
+                version = None
+            offsets, entries = normals.vertex_face_adjacency(tris, num_vertices)
             self._normal_offsets, self._normal_entries = offsets, entries
-            self._normal_source = source
-        return normals.vertex_normals_with_adjacency(
-            v, self.tris, self._normal_offsets, self._normal_entries
+            self._normal_source = (tris, version)
+            return tris, offsets, entries
+
+        kept = getattr(self, "_normal_source", None)
+        if self._normal_offsets is None or kept is None or kept[0] is not tris:
+            rebuild()
+        elif kept[1] is not None and kept[1] != tris._version:
+            rebuild()
+        return normals.normals_with_kept_adjacency(
+            v, tris, self._normal_offsets, self._normal_entries, rebuild
         )
 
     def forward(self, batch_size: Optional[int] = None, identity=None, **inputs):

@@ -456,12 +456,22 @@ def test_flame_shape_vertex_normals(ops, quiet):
     assert shape._normal_offsets is offsets
     shape.load_state_dict(shape.state_dict())
     assert shape._normal_offsets is None
-    # tris changed in place, or replaced: the normals follow.
+    # tris changed in place, replaced, or written where torch cannot see (numpy, .data):
+    # the normals follow.
     turned = shape.tris[:, [0, 2, 1]].clone()
     shape.tris.copy_(turned)
     torch.testing.assert_close(shape.vertex_normals(v), -got, rtol=1e-5, atol=1e-5)
     shape.tris = turned[:, [0, 2, 1]].clone()
     torch.testing.assert_close(shape.vertex_normals(v), got, rtol=1e-5, atol=1e-5)
+    shape.tris.numpy()[:] = turned.numpy()
+    torch.testing.assert_close(shape.vertex_normals(v), -got, rtol=1e-5, atol=1e-5)
+    shape.tris.data = turned[:, [0, 2, 1]].clone()
+    torch.testing.assert_close(shape.vertex_normals(v), got, rtol=1e-5, atol=1e-5)
+    # traced after an eager call (the kept table) and in a fresh module (none kept)
+    for module in (shape, FlameShape(n_shape=6, n_expr=4, model_path="synthetic-small",
+                                     device="cpu", transforms="none", backend="ext")):
+        compiled = torch.compile(module.vertex_normals, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(v.detach()), got, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError) as info:
         shape.vertex_normals(v[:, :5])
     assert_error_names(info, "v")

@@ -299,8 +299,18 @@ def test_render_flame_rejects_bad_arguments():
         for value in (float("nan"), float("inf")):
             with pytest.raises(ValueError, match=f"^{name} must be finite"):
                 render.render_flame("synthetic-small", **{name: value})
-    with pytest.raises(TypeError, match="^yaw must be a real number"):
-        render.render_flame("synthetic-small", yaw="10")
-    for value in (np.array([1 + 2j, 0.5]), 1.0, np.ones((2, 3)), ["a"]):
+    for value in ("10", True, torch.tensor([1.0, 2.0]), np.array(1 + 2j)):
+        with pytest.raises(TypeError, match="^yaw must be a real number"):
+            render.render_flame("synthetic-small", yaw=value)
+    for value in (np.array([1 + 2j, 0.5]), ["a"], [True]):
+        with pytest.raises(TypeError, match="parameter shape must hold real numbers"):
+            render.render_flame("synthetic-small", parameters={"shape": value})
+    for value in (1.0, np.ones((2, 3))):
         with pytest.raises(ValueError, match="parameter shape must be a vector"):
             render.render_flame("synthetic-small", parameters={"shape": value})
+    # 0-d arrays and tensors are numbers
+    by_array = render.render_flame("synthetic-small", yaw=np.array(10.0), size=16)
+    by_tensor = render.render_flame("synthetic-small", yaw=torch.tensor(10.0), size=16)
+    np.testing.assert_array_equal(by_array.image, render.render_flame(
+        "synthetic-small", yaw=10.0, size=16).image)
+    np.testing.assert_array_equal(by_tensor.image, by_array.image)

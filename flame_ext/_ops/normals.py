@@ -160,17 +160,23 @@ def vertex_normals(v, faces):
     normal and zero gradient; NaN in v gives NaN. Differentiable in v."""
     _check_v(v)
     _check_faces(faces, v)
-    faces64, offsets, entries = _adjacency_of(faces, v.shape[-2])
+    def rebuild():
+        _forget(id(faces))
+        return _adjacency_of(faces, v.shape[-2])
+
+    return normals_with_kept_adjacency(v, *_adjacency_of(faces, v.shape[-2]), rebuild)
+
+
+def normals_with_kept_adjacency(v, faces, offsets, entries, rebuild):
+    """`vertex_normals_with_adjacency` on a kept table; where the CPU kernel finds that
+    the table no longer matches faces (they changed where torch cannot see), once more
+    on the (faces, offsets, entries) that `rebuild()` returns."""
     try:
-        return vertex_normals_with_adjacency(v, faces64, offsets, entries)
+        return vertex_normals_with_adjacency(v, faces, offsets, entries)
     except RuntimeError as error:
-        # A kept table that no longer matches faces (changed where torch cannot see):
-        # build it again, once.
         if not str(error).startswith(_STALE_ENTRY):
             raise
-        _forget(id(faces))
-        faces64, offsets, entries = _adjacency_of(faces, v.shape[-2])
-        return vertex_normals_with_adjacency(v, faces64, offsets, entries)
+        return vertex_normals_with_adjacency(v, *rebuild())
 
 
 def vertex_normals_with_adjacency(v, faces, offsets, entries):

@@ -77,10 +77,11 @@ def _as_row(name: str, value, dim: int) -> torch.Tensor:
     """A given parameter as a (1, dim) float32 row; shorter vectors are zero-padded (the
     first components of a basis matter most)."""
     array = np.asarray(value)
-    if array.dtype.kind not in "iuf" or array.ndim == 0 or (array.ndim == 2 and array.shape[0] != 1) or array.ndim > 2:
+    if array.dtype.kind not in "iuf":
+        raise TypeError(f"parameter {name} must hold real numbers, got dtype {array.dtype}")
+    if array.ndim == 0 or array.ndim > 2 or (array.ndim == 2 and array.shape[0] != 1):
         raise ValueError(
-            f"parameter {name} must be a vector or one (1, n) row of real numbers, got "
-            f"an array of shape {array.shape} and dtype {array.dtype}"
+            f"parameter {name} must be a vector or one (1, n) row, got shape {array.shape}"
         )
     t = torch.as_tensor(array.astype(np.float64)).reshape(-1)
     if t.numel() > dim:
