@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from . import _ops, reference
-from ._ops import ops_not_differentiable_here
+from ._ops import ops_cannot_differentiate_here, ops_not_differentiable_here
 
 BACKENDS = ("auto", "ext", "reference", "medusa")
 
@@ -145,10 +145,13 @@ def resolve(backend: str, device_type: str, decoder: str) -> str:
     'auto' takes the reference: torch registers the ops' autograd as an autograd.Function
     that functorch refuses to differentiate, the ops have no forward-mode derivative, and
     vmap would run them one sample at a time. The reference's plain PyTorch has every rule
-    these need. An explicit 'ext' keeps the ops (vmap runs them through functorch's
-    fallback; grad and forward AD raise torch's error).
+    these need. An explicit 'ext' keeps the ops under vmap (functorch's fallback runs
+    them) and is a RuntimeError saying so under grad / vjp / jvp and in a forward-AD level,
+    where the ops cannot be differentiated (torch would drop the tangents silently).
     """
     if backend != "auto":
+        if backend == "ext":
+            check_ext_differentiable(decoder)
         return backend
     path = _AUTO.get((decoder, device_type))
     if path is None:
@@ -158,6 +161,18 @@ def resolve(backend: str, device_type: str, decoder: str) -> str:
     if path == "ext" and ops_not_differentiable_here():
         return "reference"
     return path
+
+
+def check_ext_differentiable(what: str) -> None:
+    """Raises where an explicit backend='ext' would be differentiated in a way the ops
+    cannot be (`_ops.ops_cannot_differentiate_here`)."""
+    if ops_cannot_differentiate_here():
+        raise RuntimeError(
+            f"{what} with backend='ext': the compiled ops have no forward-mode derivative "
+            "and torch.func cannot differentiate them (torch.func.grad / vjp / jvp / "
+            "jacrev / jacfwd, torch.autograd.forward_ad); use backend='auto' (the "
+            "reference there) or backend='reference'"
+        )
 
 
 def steps(path: str) -> SimpleNamespace:

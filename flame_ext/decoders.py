@@ -199,6 +199,8 @@ class FlameShape(DerivedTables, ParametricDecoder):
         path = self.backend
         if path == "auto":
             path = "ext" if geometry._use_ops(v.device.type) else "reference"
+        elif path == "ext":
+            _backend.check_ext_differentiable("FlameShape.vertex_normals")
         if path != "ext":
             return reference.vertex_normals(v, self.tris)
         from ._ops import normals

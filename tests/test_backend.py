@@ -217,20 +217,64 @@ def test_extension_loading_and_fallback_warning_once(monkeypatch):
 
 def test_auto_takes_the_reference_under_torch_func(ops):
     """Inside a torch.func transform 'auto' resolves to the reference (whose plain PyTorch
-    has every rule functorch needs), outside it to the ops; explicit backends stay."""
+    has every rule functorch needs), outside it to the ops. An explicit 'ext' stays under
+    vmap (functorch's fallback runs the ops) and is a clear error where the ops would be
+    differentiated: torch.func's grad / jvp, a forward-AD level (torch would pass their
+    outputs on without a tangent, a silent zero)."""
     seen = {}
 
     def probe(x):
         for name in _backend.DECODER_OPS:
             seen[name] = _backend.resolve("auto", "cpu", name)
-        seen["explicit"] = _backend.resolve("ext", "cpu", "FlameShape")
+        try:
+            seen["explicit"] = _backend.resolve("ext", "cpu", "FlameShape")
+        except RuntimeError as error:
+            seen["explicit"] = str(error)
         return x.sum()
 
-    for transform in (torch.func.grad, torch.func.vmap):
+    def dual(probe, x):
+        with torch.autograd.forward_ad.dual_level():
+            return probe(torch.autograd.forward_ad.make_dual(x, torch.ones_like(x)))
+
+    transforms = {
+        "vmap": torch.func.vmap,
+        "grad": torch.func.grad,
+        "jvp": lambda f: lambda x: torch.func.jvp(f, (x,), (x,)),
+        "jacfwd": torch.func.jacfwd,
+        "forward_ad": lambda f: lambda x: dual(f, x),
+    }
+    for name, transform in transforms.items():
         seen.clear()
         transform(probe)(torch.ones(2, 3))
-        assert seen == {**dict.fromkeys(_backend.DECODER_OPS, "reference"), "explicit": "ext"}
+        explicit = seen.pop("explicit")
+        assert seen == dict.fromkeys(_backend.DECODER_OPS, "reference"), name
+        if name == "vmap":
+            assert explicit == "ext"
+        else:
+            assert "FlameShape with backend='ext'" in explicit and "'reference'" in explicit, name
     assert all(_backend.resolve("auto", "cpu", n) == "ext" for n in _backend.DECODER_OPS)
+    assert _backend.resolve("ext", "cpu", "FlameShape") == "ext"
+
+
+def test_explicit_ext_is_never_a_silent_zero_tangent(ops, quiet):
+    """jacfwd of a decoder and of FlameShape.vertex_normals with backend='ext' raise
+    (before, torch dropped the ops' tangents: a Jacobian of zeros); 'auto' gives the
+    reference's Jacobian."""
+    n_shape, n_expr = _counts()
+    expr = torch.randn(1, n_expr, dtype=torch.float64)
+    jacobians = {}
+    for backend in ("ext", "auto"):
+        shape = FlameShape(n_shape, n_expr, device="cpu", model_path=SMALL, backend=backend,
+                           transforms="none").double()
+        v = shape(expr=expr)[0].detach()
+        for what, fn, x in (("FlameShape", lambda e: shape(expr=e)[0], expr),
+                            ("FlameShape.vertex_normals", shape.vertex_normals, v)):
+            if backend == "ext":
+                with pytest.raises(RuntimeError, match=f"^{what} with backend='ext'"):
+                    torch.func.jacfwd(fn)(x)
+            else:
+                jacobians[what] = torch.func.jacfwd(fn)(x)
+    assert all(j.abs().max() > 0 for j in jacobians.values())
 
 
 def _transform_cases(name, module, device):

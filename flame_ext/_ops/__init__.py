@@ -87,6 +87,24 @@ def ops_not_differentiable_here() -> bool:
     return torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
 
 
+def ops_cannot_differentiate_here() -> bool:
+    """Whether the ops would be differentiated in a way they cannot be: inside a
+    forward-mode AD level (they have no forward-mode derivative, and torch passes their
+    outputs on without a tangent: a silent zero) or under torch.func's grad / vjp / jvp
+    transforms (functorch refuses their autograd). vmap alone runs them (functorch's
+    fallback)."""
+    if forward_ad._current_level >= 0:
+        return True
+    if not torch._C._are_functorch_transforms_active():
+        return False
+    from torch._C._functorch import TransformType
+    from torch._functorch import pyfunctorch
+
+    differentiating = (TransformType.Grad, TransformType.Jvp)
+    return any(i.key() in differentiating
+               for i in pyfunctorch.retrieve_all_functorch_interpreters())
+
+
 def available() -> bool:
     """True when the compiled ops are loaded."""
     return _load()
