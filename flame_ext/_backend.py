@@ -33,9 +33,10 @@ from types import SimpleNamespace
 
 import torch
 from torch import nn
+from torch.autograd import forward_ad
 
 from . import _ops, reference
-from ._ops import ops_cannot_differentiate_here, ops_not_differentiable_here
+from ._ops import ops_not_differentiable_here, tangents_dropped
 
 BACKENDS = ("auto", "ext", "reference", "medusa")
 
@@ -145,13 +146,12 @@ def resolve(backend: str, device_type: str, decoder: str) -> str:
     'auto' takes the reference: torch registers the ops' autograd as an autograd.Function
     that functorch refuses to differentiate, the ops have no forward-mode derivative, and
     vmap would run them one sample at a time. The reference's plain PyTorch has every rule
-    these need. An explicit 'ext' keeps the ops under vmap (functorch's fallback runs
-    them) and is a RuntimeError saying so under grad / vjp / jvp and in a forward-AD level,
-    where the ops cannot be differentiated (torch would drop the tangents silently).
+    these need. An explicit 'ext' keeps the ops: vmap runs them through functorch's
+    fallback, grad raises torch's error where it would differentiate them, and a
+    forward-mode tangent reaching them is a RuntimeError (`check_no_tangents`: torch
+    would drop it silently).
     """
     if backend != "auto":
-        if backend == "ext":
-            check_ext_differentiable(decoder)
         return backend
     path = _AUTO.get((decoder, device_type))
     if path is None:
@@ -163,16 +163,28 @@ def resolve(backend: str, device_type: str, decoder: str) -> str:
     return path
 
 
-def check_ext_differentiable(what: str) -> None:
-    """Raises where an explicit backend='ext' would be differentiated in a way the ops
-    cannot be (`_ops.ops_cannot_differentiate_here`)."""
-    if ops_cannot_differentiate_here():
+def check_no_tangents(what: str, *tensors) -> None:
+    """Raises where a forward-mode tangent would enter the compiled ops
+    (`_ops.tangents_dropped`): an explicit backend='ext' under torch.func's jvp / jacfwd
+    or with dual tensors of torch.autograd.forward_ad."""
+    if tangents_dropped(tensors):
         raise RuntimeError(
             f"{what} with backend='ext': the compiled ops have no forward-mode derivative "
-            "and torch.func cannot differentiate them (torch.func.grad / vjp / jvp / "
-            "jacrev / jacfwd, torch.autograd.forward_ad); use backend='auto' (the "
-            "reference there) or backend='reference'"
+            "(torch.func.jvp / jacfwd, torch.autograd.forward_ad) and their outputs would "
+            "carry no tangent; use backend='auto' (the reference there) or "
+            "backend='reference'"
         )
+
+
+def _refusing_tangents(name: str, fn):
+    """`fn`, one of the ext steps, raising where a forward-mode tangent would enter it."""
+
+    def step(*args, **kwargs):
+        if forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active():
+            check_no_tangents(f"flame_ext::{name}", *args, *kwargs.values())
+        return fn(*args, **kwargs)
+
+    return step
 
 
 def steps(path: str) -> SimpleNamespace:
@@ -218,8 +230,10 @@ def _ext_steps() -> SimpleNamespace:
     # own buffers (the checks would cost as much as the kernels at B=1 on a GPU).
     return SimpleNamespace(
         lbs=lbs.lbs,
-        blend=blend.blend_unchecked,
-        rigid_transforms=rigid_transforms.rigid_transforms_unchecked,
-        skin=skin.skin_unchecked,
-        landmarks=landmarks.landmarks_unchecked,
+        blend=_refusing_tangents("blend", blend.blend_unchecked),
+        rigid_transforms=_refusing_tangents(
+            "rigid_transforms", rigid_transforms.rigid_transforms_unchecked
+        ),
+        skin=_refusing_tangents("skin", skin.skin_unchecked),
+        landmarks=_refusing_tangents("landmarks", landmarks.landmarks_unchecked),
     )

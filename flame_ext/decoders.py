@@ -200,19 +200,21 @@ class FlameShape(DerivedTables, ParametricDecoder):
         if path == "auto":
             path = "ext" if geometry._use_ops(v.device.type) else "reference"
         elif path == "ext":
-            _backend.check_ext_differentiable("FlameShape.vertex_normals")
+            _backend.check_no_tangents("FlameShape.vertex_normals", v, self.tris)
         if path != "ext":
             return reference.vertex_normals(v, self.tris)
         from ._ops import normals
 
         tris, num_vertices = self.tris, self.v_template.shape[0]
         if torch.compiler.is_compiling():
-            # traced: the kept table where there is one (a version is no graph value)
-            if self._normal_offsets is None:
+            # traced: the kept table where it was built from this tris and its size (a
+            # version is no graph value), else one built in the graph
+            kept = getattr(self, "_normal_source", None)
+            entries = self._normal_entries
+            if (entries is None or kept is None or kept[0] is not tris
+                    or entries.shape[0] != tris.numel()):
                 return normals.vertex_normals(v, tris)
-            return normals.vertex_normals_with_adjacency(
-                v, tris, self._normal_offsets, self._normal_entries
-            )
+            return normals.vertex_normals_with_adjacency(v, tris, self._normal_offsets, entries)
 
         def rebuild():
             try:
@@ -226,6 +228,8 @@ class FlameShape(DerivedTables, ParametricDecoder):
 
         kept = getattr(self, "_normal_source", None)
         if self._normal_offsets is None or kept is None or kept[0] is not tris:
+            rebuild()
+        elif self._normal_entries.shape[0] != tris.numel():  # tris.data swapped for more faces
             rebuild()
         elif kept[1] is not None and kept[1] != tris._version:
             rebuild()

@@ -216,65 +216,73 @@ def test_extension_loading_and_fallback_warning_once(monkeypatch):
 
 
 def test_auto_takes_the_reference_under_torch_func(ops):
-    """Inside a torch.func transform 'auto' resolves to the reference (whose plain PyTorch
-    has every rule functorch needs), outside it to the ops. An explicit 'ext' stays under
-    vmap (functorch's fallback runs the ops) and is a clear error where the ops would be
-    differentiated: torch.func's grad / jvp, a forward-AD level (torch would pass their
-    outputs on without a tangent, a silent zero)."""
+    """Inside a torch.func transform or a forward-AD level 'auto' resolves to the
+    reference (whose plain PyTorch has every rule functorch needs), outside them to the
+    ops; explicit backends stay."""
     seen = {}
 
     def probe(x):
         for name in _backend.DECODER_OPS:
             seen[name] = _backend.resolve("auto", "cpu", name)
-        try:
-            seen["explicit"] = _backend.resolve("ext", "cpu", "FlameShape")
-        except RuntimeError as error:
-            seen["explicit"] = str(error)
+        seen["explicit"] = _backend.resolve("ext", "cpu", "FlameShape")
         return x.sum()
 
-    def dual(probe, x):
-        with torch.autograd.forward_ad.dual_level():
-            return probe(torch.autograd.forward_ad.make_dual(x, torch.ones_like(x)))
+    def dual(f):
+        def run(x):
+            with torch.autograd.forward_ad.dual_level():
+                return f(torch.autograd.forward_ad.make_dual(x, torch.ones_like(x)))
+        return run
 
-    transforms = {
-        "vmap": torch.func.vmap,
-        "grad": torch.func.grad,
-        "jvp": lambda f: lambda x: torch.func.jvp(f, (x,), (x,)),
-        "jacfwd": torch.func.jacfwd,
-        "forward_ad": lambda f: lambda x: dual(f, x),
-    }
-    for name, transform in transforms.items():
+    for transform in (torch.func.grad, torch.func.vmap, torch.func.jacfwd, dual):
         seen.clear()
         transform(probe)(torch.ones(2, 3))
-        explicit = seen.pop("explicit")
-        assert seen == dict.fromkeys(_backend.DECODER_OPS, "reference"), name
-        if name == "vmap":
-            assert explicit == "ext"
-        else:
-            assert "FlameShape with backend='ext'" in explicit and "'reference'" in explicit, name
+        assert seen == {**dict.fromkeys(_backend.DECODER_OPS, "reference"), "explicit": "ext"}
     assert all(_backend.resolve("auto", "cpu", n) == "ext" for n in _backend.DECODER_OPS)
-    assert _backend.resolve("ext", "cpu", "FlameShape") == "ext"
 
 
-def test_explicit_ext_is_never_a_silent_zero_tangent(ops, quiet):
-    """jacfwd of a decoder and of FlameShape.vertex_normals with backend='ext' raise
-    (before, torch dropped the ops' tangents: a Jacobian of zeros); 'auto' gives the
-    reference's Jacobian."""
+def test_explicit_ext_refuses_a_tangent_and_only_a_tangent(ops, quiet):
+    """With backend='ext' a forward-mode tangent reaching the ops (torch.func.jvp /
+    jacfwd, a dual tensor of forward_ad) is a RuntimeError naming the op or method: torch
+    would pass the ops' outputs on without a tangent (jacfwd gave a Jacobian of zeros).
+    Where no tangent reaches them (a dual level with plain inputs, grad of a function in
+    which the decoder's output is a constant, vmap) the ops run and agree with the
+    reference."""
+    from torch.autograd import forward_ad
+
     n_shape, n_expr = _counts()
     expr = torch.randn(1, n_expr, dtype=torch.float64)
-    jacobians = {}
-    for backend in ("ext", "auto"):
-        shape = FlameShape(n_shape, n_expr, device="cpu", model_path=SMALL, backend=backend,
-                           transforms="none").double()
-        v = shape(expr=expr)[0].detach()
-        for what, fn, x in (("FlameShape", lambda e: shape(expr=e)[0], expr),
-                            ("FlameShape.vertex_normals", shape.vertex_normals, v)):
-            if backend == "ext":
-                with pytest.raises(RuntimeError, match=f"^{what} with backend='ext'"):
-                    torch.func.jacfwd(fn)(x)
-            else:
-                jacobians[what] = torch.func.jacfwd(fn)(x)
-    assert all(j.abs().max() > 0 for j in jacobians.values())
+    modules = {b: FlameShape(n_shape, n_expr, device="cpu", model_path=SMALL, backend=b,
+                             transforms="none").double() for b in ("ext", "reference")}
+    landmark = FlameLandmark("mp", device="cpu", model_path=SMALL, backend="ext")
+    ext, ref = modules["ext"], modules["reference"]
+    v = ref(expr=expr)[0].detach()
+    refused = {
+        "flame_ext::blend": lambda: torch.func.jacfwd(lambda e: ext(expr=e)[0])(expr),
+        "FlameShape.vertex_normals": lambda: torch.func.jacfwd(ext.vertex_normals)(v),
+        "flame_ext::landmarks": lambda: torch.func.jvp(lambda x: landmark(x.float()), (v,),
+                                                       (torch.ones_like(v),)),
+    }
+    for what, call in refused.items():
+        with pytest.raises(RuntimeError, match=f"^{what} with backend='ext'"):
+            call()
+    with forward_ad.dual_level():
+        with pytest.raises(RuntimeError, match="^flame_ext::blend with backend='ext'"):
+            ext(expr=forward_ad.make_dual(expr, torch.ones_like(expr)))
+        # a dual level, no tangent in the inputs
+        torch.testing.assert_close(ext(expr=expr)[0], ref(expr=expr)[0])
+    # grad where the decoder's output is a constant of the differentiated input
+    w = torch.ones(1, dtype=torch.float64)
+    got = torch.func.grad(lambda w: (w * ext(expr=expr)[0]).sum())(w)
+    torch.testing.assert_close(got, ref(expr=expr)[0].sum().reshape(1))
+    torch.testing.assert_close(torch.func.vmap(lambda e: ext(expr=e[None])[0][0])(expr),
+                               ref(expr=expr)[0])
+    # 'auto' differentiates through the reference there
+    auto = FlameShape(n_shape, n_expr, device="cpu", model_path=SMALL,
+                      transforms="none").double()
+    jacobian = torch.func.jacfwd(lambda e: auto(expr=e)[0])(expr)
+    want = torch.func.jacfwd(lambda e: ref(expr=e)[0])(expr)
+    torch.testing.assert_close(jacobian, want)
+    assert jacobian.abs().max() > 0
 
 
 def _transform_cases(name, module, device):

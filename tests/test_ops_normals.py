@@ -414,6 +414,9 @@ def test_faces_changed_through_numpy_are_read_again(nrm, dtype):
     after = nrm.vertex_normals(v, faces)
     torch.testing.assert_close(after, reference.vertex_normals(v, faces.long()))
     torch.testing.assert_close(after, -before)
+    faces.data = torch.cat([faces, faces[:3]])  # more faces, the same version
+    torch.testing.assert_close(nrm.vertex_normals(v, faces),
+                               reference.vertex_normals(v, faces.long()))
 
 
 def test_results_do_not_depend_on_the_thread_count(nrm, flame_mesh):
@@ -467,6 +470,11 @@ def test_flame_shape_vertex_normals(ops, quiet):
     torch.testing.assert_close(shape.vertex_normals(v), -got, rtol=1e-5, atol=1e-5)
     shape.tris.data = turned[:, [0, 2, 1]].clone()
     torch.testing.assert_close(shape.vertex_normals(v), got, rtol=1e-5, atol=1e-5)
+    more = torch.cat([shape.tris, turned[:5]])  # .data with more faces: no new version
+    shape.tris.data = more
+    torch.testing.assert_close(shape.vertex_normals(v), reference.vertex_normals(v, more),
+                               rtol=1e-5, atol=1e-5)
+    shape.tris.data = more[:-5].clone()
     # traced after an eager call (the kept table) and in a fresh module (none kept)
     for module in (shape, FlameShape(n_shape=6, n_expr=4, model_path="synthetic-small",
                                      device="cpu", transforms="none", backend="ext")):

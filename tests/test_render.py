@@ -314,3 +314,6 @@ def test_render_flame_rejects_bad_arguments():
     np.testing.assert_array_equal(by_array.image, render.render_flame(
         "synthetic-small", yaw=10.0, size=16).image)
     np.testing.assert_array_equal(by_tensor.image, by_array.image)
+    scaled = render.render_flame("synthetic-small", shape_scale=np.array(0.7), size=16)
+    np.testing.assert_array_equal(scaled.image, render.render_flame(
+        "synthetic-small", shape_scale=0.7, size=16).image)

@@ -87,22 +87,41 @@ def ops_not_differentiable_here() -> bool:
     return torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
 
 
-def ops_cannot_differentiate_here() -> bool:
-    """Whether the ops would be differentiated in a way they cannot be: inside a
-    forward-mode AD level (they have no forward-mode derivative, and torch passes their
-    outputs on without a tangent: a silent zero) or under torch.func's grad / vjp / jvp
-    transforms (functorch refuses their autograd). vmap alone runs them (functorch's
-    fallback)."""
-    if forward_ad._current_level >= 0:
-        return True
-    if not torch._C._are_functorch_transforms_active():
-        return False
+@torch.compiler.assume_constant_result
+def _jvp_levels() -> tuple:
+    """The levels of the torch.func jvp transforms now active (jvp, jacfwd, hessian's
+    forward part). A constant to torch.compile, which guards on the transform stack."""
     from torch._C._functorch import TransformType
     from torch._functorch import pyfunctorch
 
-    differentiating = (TransformType.Grad, TransformType.Jvp)
-    return any(i.key() in differentiating
-               for i in pyfunctorch.retrieve_all_functorch_interpreters())
+    return tuple(i.level() for i in pyfunctorch.retrieve_all_functorch_interpreters()
+                 if i.key() == TransformType.Jvp)
+
+
+def _wrapped_at(t, levels) -> bool:
+    """Whether torch.func wraps `t` at one of `levels` (under the transforms above it)."""
+    functorch = torch._C._functorch
+    while isinstance(t, torch.Tensor) and functorch.is_functorch_wrapped_tensor(t):
+        if functorch.maybe_get_level(t) in levels:
+            return True
+        t = functorch.get_unwrapped(t)
+    return False
+
+
+def tangents_dropped(tensors) -> bool:
+    """Whether one of `tensors`, on its way into a compiled op, carries a forward-mode
+    tangent: a dual tensor of `torch.autograd.forward_ad`, or a tensor of a torch.func
+    jvp transform (jvp, jacfwd). The ops have no forward-mode derivative, and torch passes
+    their outputs on without a tangent, a silent zero: the callers refuse instead."""
+    if forward_ad._current_level >= 0 and torch._C._is_fwd_grad_enabled():
+        for t in tensors:
+            if isinstance(t, torch.Tensor) and forward_ad.unpack_dual(t).tangent is not None:
+                return True
+    if torch._C._are_functorch_transforms_active():
+        levels = _jvp_levels()
+        if levels and any(_wrapped_at(t, levels) for t in tensors):
+            return True
+    return False
 
 
 def available() -> bool:

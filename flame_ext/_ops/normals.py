@@ -170,7 +170,10 @@ def vertex_normals(v, faces):
 def normals_with_kept_adjacency(v, faces, offsets, entries, rebuild):
     """`vertex_normals_with_adjacency` on a kept table; where the CPU kernel finds that
     the table no longer matches faces (they changed where torch cannot see), once more
-    on the (faces, offsets, entries) that `rebuild()` returns."""
+    on the (faces, offsets, entries) that `rebuild()` returns; at once where the table has
+    entries for another number of faces (the kernel checks only the entries it has)."""
+    if entries.shape[0] != faces.numel():
+        faces, offsets, entries = rebuild()
     try:
         return vertex_normals_with_adjacency(v, faces, offsets, entries)
     except RuntimeError as error:

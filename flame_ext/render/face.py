@@ -206,10 +206,11 @@ def render_flame(
         raise ValueError(f"camera must be one of {CAMERAS}, got {camera!r}")
     check_count("seed", seed, 0, 2**63 - 1)
     check_count("size", size, 16, 8192)
-    for name, number in (("shape_scale", shape_scale), ("expr_scale", expr_scale),
-                         ("yaw", yaw), ("pitch", pitch), ("roll", roll), ("jaw", jaw),
-                         ("tex_scale", tex_scale)):
-        check_finite(name, number)
+    shape_scale, expr_scale = check_finite("shape_scale", shape_scale), check_finite(
+        "expr_scale", expr_scale)
+    yaw, pitch = check_finite("yaw", yaw), check_finite("pitch", pitch)
+    roll, jaw = check_finite("roll", roll), check_finite("jaw", jaw)
+    tex_scale = check_finite("tex_scale", tex_scale)
     given = dict(parameters or {})
     unknown = sorted(set(given) - {"shape", "expr", *_PARAMETER_DIMS})
     if unknown:
