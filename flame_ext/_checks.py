@@ -85,12 +85,13 @@ def check_same(name: str, value: torch.Tensor, like: torch.Tensor, like_name: st
 
 
 def check_count(name: str, value, low: int, high: int) -> int:
-    """Checks that `value` is an int with low <= value <= high."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    """Checks that `value` is an integer (an int or a numpy integer, not a bool) with
+    low <= value <= high; returns it as an int."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if not low <= value <= high:
         raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
-    return value
+    return int(value)
 
 
 def check_finite(name: str, value) -> float:

@@ -110,7 +110,7 @@ class ParametricDecoder(DecoderModule):
             # the first one that is not 1 (the same wherever medusa works).
             sizes = [value.shape[0] for value in inputs.values()]
             batch_size = next((size for size in sizes if size != 1), sizes[0])
-        check_count("batch_size", batch_size, 0, MAX_BATCH)
+        batch_size = check_count("batch_size", batch_size, 0, MAX_BATCH)
         values = {}
         for name in INPUT_NAMES:
             value = inputs[name] if name in inputs else getattr(self, name)

@@ -649,6 +649,17 @@ def test_zero_batch():
     assert v.shape == (0, m.v_template.shape[0], 3) and R.shape[0] == 0
 
 
+def test_numpy_integers_are_counts():
+    import numpy as np
+
+    m = FlameShape(np.int64(6), np.int32(4), device="cpu", model_path=SMALL, backend="ext")
+    assert type(m.n_shape) is int and m.n_shape == 6 and m.n_expr == 4
+    v, _ = m(batch_size=np.int64(2))
+    assert v.shape[0] == 2
+    with pytest.raises(TypeError, match="^n_shape must be an int, got bool"):
+        FlameShape(np.bool_(True), 4, device="cpu", model_path=SMALL)
+
+
 def test_huge_batch_is_a_value_error_naming_it():
     m = _shape("ext")
     for batch in (2**31, 2**62):

@@ -220,9 +220,11 @@ class FLAME(DerivedTables, nn.Module):
             raise ValueError(f"age={age!r}: smplx's kid template is SMPL's; FLAME has none")
         if dtype not in (torch.float32, torch.float64):
             raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-        check_count("batch_size", batch_size, 1, MAX_BATCH)
-        check_count("num_betas", num_betas, 0, 2**31)
-        check_count("num_expression_coeffs", num_expression_coeffs, 0, 2**31)
+        batch_size = check_count("batch_size", batch_size, 1, MAX_BATCH)
+        num_betas = check_count("num_betas", num_betas, 0, 2**31)
+        num_expression_coeffs = check_count(
+            "num_expression_coeffs", num_expression_coeffs, 0, 2**31
+        )
         self.gender, self.age, self.dtype = gender, age, dtype
         self.batch_size = batch_size
         self.use_face_contour = bool(use_face_contour)

@@ -204,8 +204,8 @@ def render_flame(
         raise ValueError(f"lm_type must be one of {LANDMARK_TYPES}, got {lm_type!r}")
     if camera not in CAMERAS:
         raise ValueError(f"camera must be one of {CAMERAS}, got {camera!r}")
-    check_count("seed", seed, 0, 2**63 - 1)
-    check_count("size", size, 16, 8192)
+    seed = check_count("seed", seed, 0, 2**63 - 1)
+    size = check_count("size", size, 16, 8192)
     shape_scale, expr_scale = check_finite("shape_scale", shape_scale), check_finite(
         "expr_scale", expr_scale)
     yaw, pitch = check_finite("yaw", yaw), check_finite("pitch", pitch)

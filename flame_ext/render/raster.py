@@ -96,8 +96,8 @@ def fit_camera(
     if kind not in CAMERAS:
         raise ValueError(f"camera kind must be one of {CAMERAS}, got {kind!r}")
     height, width = (size, size) if isinstance(size, int) else tuple(size)
-    check_count("height", height, 1, 1 << 15)
-    check_count("width", width, 1, 1 << 15)
+    height = check_count("height", height, 1, 1 << 15)
+    width = check_count("width", width, 1, 1 << 15)
     if not 0.0 <= margin < 0.5:
         raise ValueError(f"margin must be in [0, 0.5), got {margin}")
     if not 0.0 < fov_deg < 170.0:
@@ -144,8 +144,8 @@ def rasterize(xy, depth, faces, height: int, width: int) -> Tuple[np.ndarray, np
         raise ValueError(
             f"faces must index the {xy.shape[0]} vertices, got {faces.min()}..{faces.max()}"
         )
-    check_count("height", height, 1, 1 << 15)
-    check_count("width", width, 1, 1 << 15)
+    height = check_count("height", height, 1, 1 << 15)
+    width = check_count("width", width, 1, 1 << 15)
 
     tri = xy[faces]  # (F, 3, 2)
     keep = np.isfinite(tri).all((1, 2)) & np.isfinite(depth[faces]).all(1)
@@ -266,7 +266,7 @@ def render_mesh(
     faces = np.asarray(faces, dtype=np.int64)
     if v.ndim != 2 or v.shape[1] != 3:
         raise ValueError(f"vertices must have shape (V, 3), got {v.shape}")
-    check_count("supersample", supersample, 1, 8)
+    supersample = check_count("supersample", supersample, 1, 8)
     if texture is not None:
         texture = np.asarray(texture, dtype=np.float64)
         if texture.ndim != 3 or texture.shape[2] != 3:

@@ -131,7 +131,7 @@ def build_assets(
     spec = _size_spec(size)
     n_max = max(spec.n_tex_bfm, spec.n_tex_flame)
     if n_tex is not None:
-        check_count('n_tex', n_tex, 1, n_max)
+        n_tex = check_count('n_tex', n_tex, 1, n_max)
     n_bfm = spec.n_tex_bfm if n_tex is None else min(n_tex, spec.n_tex_bfm)
     n_flame = spec.n_tex_flame if n_tex is None else min(n_tex, spec.n_tex_flame)
     n_albedomm = spec.n_tex_albedomm if n_tex is None else min(n_tex, spec.n_tex_albedomm)
