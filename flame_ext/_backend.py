@@ -33,7 +33,6 @@ from types import SimpleNamespace
 
 import torch
 from torch import nn
-from torch.autograd import forward_ad
 
 from . import _ops, reference
 from ._ops import ops_not_differentiable_here, tangents_dropped
@@ -180,7 +179,7 @@ def _refusing_tangents(name: str, fn):
     """`fn`, one of the ext steps, raising where a forward-mode tangent would enter it."""
 
     def step(*args, **kwargs):
-        if forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active():
+        if ops_not_differentiable_here():  # the cheap test first: no transform, no dual level
             check_no_tangents(f"flame_ext::{name}", *args, *kwargs.values())
         return fn(*args, **kwargs)
 

@@ -206,15 +206,19 @@ class FlameShape(DerivedTables, ParametricDecoder):
         from ._ops import normals
 
         tris, num_vertices = self.tris, self.v_template.shape[0]
+        # the kept table was built from this tris and for its face count (`.data` may swap
+        # in more faces without a new version)
+        kept = getattr(self, "_normal_source", None)
+        fits = (self._normal_entries is not None and kept is not None and kept[0] is tris
+                and self._normal_entries.shape[0] == tris.numel())
         if torch.compiler.is_compiling():
-            # traced: the kept table where it was built from this tris and its size (a
-            # version is no graph value), else one built in the graph
-            kept = getattr(self, "_normal_source", None)
-            entries = self._normal_entries
-            if (entries is None or kept is None or kept[0] is not tris
-                    or entries.shape[0] != tris.numel()):
+            # traced: the kept table where it fits (a version is no graph value), else one
+            # built in the graph
+            if not fits:
                 return normals.vertex_normals(v, tris)
-            return normals.vertex_normals_with_adjacency(v, tris, self._normal_offsets, entries)
+            return normals.vertex_normals_with_adjacency(
+                v, tris, self._normal_offsets, self._normal_entries
+            )
 
         def rebuild():
             try:
@@ -226,12 +230,7 @@ class FlameShape(DerivedTables, ParametricDecoder):
             self._normal_source = (tris, version)
             return tris, offsets, entries
 
-        kept = getattr(self, "_normal_source", None)
-        if self._normal_offsets is None or kept is None or kept[0] is not tris:
-            rebuild()
-        elif self._normal_entries.shape[0] != tris.numel():  # tris.data swapped for more faces
-            rebuild()
-        elif kept[1] is not None and kept[1] != tris._version:
+        if not fits or (kept[1] is not None and kept[1] != tris._version):
             rebuild()
         return normals.normals_with_kept_adjacency(
             v, tris, self._normal_offsets, self._normal_entries, rebuild

@@ -380,9 +380,9 @@ def _nearest_source(in_size: int, out_size: int, device) -> torch.Tensor:
 
 def _check_texture_size(height, width, out_size):
     limit = 1 << 20
-    height = check_count("height", height, 1, limit)
-    width = check_count("width", width, 1, limit)
-    out_size = check_count("out_size", out_size, 1, limit)
+    check_count("height", height, 1, limit)
+    check_count("width", width, 1, limit)
+    check_count("out_size", out_size, 1, limit)
 
 
 def texture_gather_index(height, width, out_size=256, *, device=None) -> torch.Tensor:

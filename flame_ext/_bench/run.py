@@ -112,8 +112,10 @@ def parse_args(argv=None, prog: str = "python bench/run.py") -> argparse.Namespa
     parser.add_argument("--model-path", default="synthetic",
                         help="FLAME data: a directory, 'synthetic' (full size, default) or "
                              "'synthetic-small'")
-    parser.add_argument("--n-tex", type=count_option(1, 10**6), default=50, help="FlameTex components")
-    parser.add_argument("--repeats", type=count_option(1, 10**6), default=7, help="samples per measurement")
+    parser.add_argument("--n-tex", type=count_option(1, 10**6), default=50,
+                        help="FlameTex components")
+    parser.add_argument("--repeats", type=count_option(1, 10**6), default=7,
+                        help="samples per measurement")
     parser.add_argument("--budget", type=positive_option,
                         help="seconds of samples per measurement (default CPU 0.5, CUDA 0.3)")
     parser.add_argument("--rates", choices=("alongside", "start"),
