@@ -189,7 +189,7 @@ def _refusing_tangents(name: str, fn):
 def steps(path: str) -> SimpleNamespace:
     """The step functions of path 'ext' or 'reference': lbs (the fused FlameShape chain,
     or None where the steps must run one by one), blend, rigid_transforms, skin,
-    landmarks."""
+    landmarks; `compiled` says whether they are flame_ext's compiled ops."""
     table = _STEPS.get(path)
     if table is None:
         # a decoder unpickled where no constructor ran, or whose backend was changed
@@ -214,6 +214,7 @@ def _no_fused_chain(*args, **kwargs) -> None:
 
 def _reference_steps() -> SimpleNamespace:
     return SimpleNamespace(
+        compiled=False,
         lbs=_no_fused_chain,
         blend=reference.blend,
         rigid_transforms=reference.rigid_transforms,
@@ -228,6 +229,7 @@ def _ext_steps() -> SimpleNamespace:
     # Unchecked entries: the decoders check what enters them, and the rest are their
     # own buffers (the checks would cost as much as the kernels at B=1 on a GPU).
     return SimpleNamespace(
+        compiled=True,
         lbs=lbs.lbs,
         blend=_refusing_tangents("blend", blend.blend_unchecked),
         rigid_transforms=_refusing_tangents(

@@ -300,6 +300,64 @@ def test_component_counts_are_clamped_as_smplx_clamps_them(folder):
     _compare_outputs(ours(), theirs(), torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("contour", [True, False], ids=["contour", "static"])
+@pytest.mark.parametrize("batch, transl_batch", [(1, 1), (12, 12), (12, 1), (3, None)],
+                         ids=["B1", "B12-blas", "B12-broadcast", "B3-no-transl"])
+def test_posed_outputs_node_is_the_op_by_op_path(folder, monkeypatch, dtype, contour, batch,
+                                                 transl_batch):
+    """The layer's outputs after the decode as one autograd node (`_layer.posed_outputs`):
+    the same bits as the op-by-op path it replaces, forward and every input's gradient,
+    with and without the contour, with a per-sample, a broadcast and no translation (the
+    BLAS form of the translation from B = 12)."""
+    layer = FLAME(str(folder), num_betas=NUM_BETAS, num_expression_coeffs=NUM_EXPR,
+                  use_face_contour=contour, dtype=dtype, backend="ext")
+    values = _inputs(batch, dtype, seed=21)
+    if transl_batch is None:
+        del values["transl"]
+    else:
+        values["transl"] = values["transl"][:transl_batch]
+    values = {k: v.requires_grad_() for k, v in values.items()}
+    wrt = list(values.values())
+    fused = layer(**values)
+    assert type(fused.joints.grad_fn).__name__ == "_PosedOutputsBackward"
+    monkeypatch.setattr(_layer, "posed_outputs", lambda *args: None)
+    steps = layer(**values)
+    assert type(steps.joints.grad_fn).__name__ != "_PosedOutputsBackward"
+    assert torch.equal(fused.vertices, steps.vertices)
+    assert torch.equal(fused.joints, steps.joints)
+    for name, a, b in zip(values, _grads(fused, wrt), _grads(steps, wrt)):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("contour", [True, False], ids=["contour", "static"])
+@pytest.mark.parametrize("transl_batch", [2, 1, None], ids=["per-sample", "broadcast", "none"])
+def test_posed_outputs_gradients_and_double_backward(small, contour, transl_batch):
+    """The node's backward against finite differences, and its backward's (written in
+    differentiable ops, the landmarks' through the op's registered double backward), on
+    random vertices, transforms, joints and translations, float64."""
+    layer = FLAME(str(small), use_face_contour=contour, dtype=torch.float64, backend="ext")
+    g = torch.Generator().manual_seed(22)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()
+
+    num_vertices = layer.v_template.shape[0]
+    v, transforms, joints = rand(2, num_vertices, 3), rand(2, 5, 4, 4), rand(2, 5, 3)
+    pose = 0.3 * torch.randn(2, 3, generator=g, dtype=torch.float64)
+    tables = layer._landmark_tables(v, pose)
+    k = _layer.steps("ext", v.device)
+    inputs = (v, transforms, joints) + (() if transl_batch is None else (rand(transl_batch, 3),))
+
+    def outputs(v, transforms, joints, transl=None):
+        out = _layer.posed_outputs(k, v, transforms, joints, transl, *tables)
+        assert out is not None
+        return out
+
+    assert torch.autograd.gradcheck(outputs, inputs)
+    assert torch.autograd.gradgradcheck(outputs, inputs)
+
+
 def test_v_template_joint_mapper_and_forward_shape(folder):
     smplx = _smplx()
     dtype = torch.float64

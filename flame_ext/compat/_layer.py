@@ -9,6 +9,8 @@ rigid_transforms -> blend with pose correctives -> skin, as one autograd node on
 compiled ops in eager mode, with the identity blended once when it has batch 1.
 Rotation-matrix poses (smplx's ``pose2rot=False``) take the kinematic chain from
 `flame_ext.reference.kinematic_chain` and the two blends and the skinning from the ops.
+What the smplx layer computes after the decode (posed joints, landmarks, translation) is
+`posed_outputs`, a second autograd node there.
 
 The op path is the decoders' (flame_ext._backend; `backend='auto'`: the compiled ops
 when loaded and built for the device, else `flame_ext.reference` with one warning).
@@ -23,7 +25,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .. import _backend, reference
+from .. import _backend, _ops, reference
 from .._checks import TREE, check_tensor
 
 BACKENDS = ("auto", "ext", "reference")
@@ -192,8 +194,17 @@ def translate(points: torch.Tensor, transl: torch.Tensor) -> torch.Tensor:
     add, and so do traced and transformed calls (torch.compile, torch.func), where the
     finiteness test would be a data-dependent branch.
     """
+    if not _translate_by_blas(points, transl):
+        return points + transl.unsqueeze(1)
     batch, num_points = points.shape[0], points.shape[1]
-    if (
+    selector = _coordinate_selector(num_points, points.dtype, points.device)
+    flat = torch.addmm(points.reshape(batch, 3 * num_points), transl.expand(batch, 3), selector)
+    return flat.view(batch, num_points, 3)
+
+
+def _translate_by_blas(points: torch.Tensor, transl: torch.Tensor) -> bool:
+    """Whether translate() takes the BLAS form for these arguments."""
+    return not (
         torch.compiler.is_compiling()
         or torch._C._are_functorch_transforms_active()
         or points.device.type != "cpu"
@@ -201,8 +212,138 @@ def translate(points: torch.Tensor, transl: torch.Tensor) -> torch.Tensor:
         or transl.dtype != points.dtype
         or points.numel() < _TRANSLATE_BLAS_ELEMENTS
         or not bool(torch.isfinite(transl).all())
-    ):
-        return points + transl.unsqueeze(1)
-    selector = _coordinate_selector(num_points, points.dtype, points.device)
-    flat = torch.addmm(points.reshape(batch, 3 * num_points), transl.expand(batch, 3), selector)
-    return flat.view(batch, num_points, 3)
+    )
+
+
+def _translate_grad(grad: torch.Tensor, transl: torch.Tensor, by_blas: bool) -> torch.Tensor:
+    """The gradient of translate(points, transl) for transl, as autograd takes it from the
+    form translate() ran: the selector's product for the BLAS form, a sum for the add."""
+    if by_blas:
+        selector = _coordinate_selector(grad.shape[1], grad.dtype, grad.device)
+        per_sample = grad.reshape(grad.shape[0], -1) @ selector.t()
+        return per_sample.sum_to_size(transl.shape)
+    return grad.sum_to_size((transl.shape[0], 1, 3)).view(transl.shape)
+
+
+def posed_outputs(
+    k,
+    v: torch.Tensor,
+    transforms: torch.Tensor,
+    joints: torch.Tensor,
+    transl: Optional[torch.Tensor],
+    poses: Optional[torch.Tensor],
+    tris: torch.Tensor,
+    lmk_faces_idx: torch.Tensor,
+    lmk_bary_coords: torch.Tensor,
+    dyn_faces: Optional[torch.Tensor] = None,
+    dyn_bary: Optional[torch.Tensor] = None,
+    contour_rule: str = "deca",
+):
+    """What the smplx layer returns after the decode, in one autograd node on the compiled
+    ops: (joints, vertices) with joints = [posed_joints(transforms, joints) | static
+    landmarks | contour landmarks] (B, J + L + Ld, 3), both translated by transl (1 or B,
+    3) unless it is None. The landmarks are those of `k.landmarks` with the same tables
+    (poses (B, 3J) and the dynamic tables only with contour landmarks).
+
+    None where the caller must take the op-by-op path: steps that are not the compiled ops,
+    torch.compile (which traces the ops' own registrations), torch.func transforms and
+    forward-mode AD. In eager mode that path is a dozen small autograd nodes (the
+    landmark op's through Python, the slices and cats of the landmark order, the joints'
+    product, two translations): at B = 1 on the CPU their forward and backward cost a fifth
+    of the whole layer's (docs/PERFORMANCE.md). The backward is written in
+    differentiable ops, so double backward runs through it.
+    """
+    if not k.compiled or torch.compiler.is_compiling() or _ops.ops_not_differentiable_here():
+        return None
+    if dyn_faces is None:
+        # no contour: the op reads neither the pose nor the dynamic tables
+        rule, poses = 0, v.new_empty(0)
+        dyn_faces = dyn_bary = poses
+    else:
+        from .._ops.landmarks import CONTOUR_RULES  # the ops are loaded where k.compiled
+
+        rule = CONTOUR_RULES[contour_rule]
+    if transl is None:
+        return _PosedOutputs.apply(v, transforms, joints, None, poses, tris, lmk_faces_idx,
+                                   lmk_bary_coords, dyn_faces, dyn_bary, rule), v
+    joints_out, v_out = _PosedOutputs.apply(v, transforms, joints, transl, poses, tris,
+                                            lmk_faces_idx, lmk_bary_coords, dyn_faces,
+                                            dyn_bary, rule)
+    return joints_out, v_out
+
+
+def _rows_and_homogeneous(transforms: torch.Tensor, joints: torch.Tensor):
+    """The rows [R_j | t_j] of every A_j, (B J, 3, 4), and the joints (J_j, 1), (B, J, 4):
+    A_j J_j + t_j as one batched product."""
+    batch, n_joints = joints.shape[:2]
+    homogeneous = torch.cat([joints, joints.new_ones(batch, n_joints, 1)], dim=2)
+    return transforms[:, :, :3].reshape(batch * n_joints, 3, 4), homogeneous
+
+
+class _PosedOutputs(torch.autograd.Function):
+    """posed_outputs' node: joints_out, and v_out when transl is given."""
+
+    @staticmethod
+    def forward(ctx, v, transforms, joints, transl, poses, tris, lmk_faces_idx,
+                lmk_bary_coords, dyn_faces, dyn_bary, rule):
+        with torch._C._AutoDispatchBelowAutograd():
+            lmk, bins = torch.ops.flame_ext.landmarks.default(
+                v, poses, tris, lmk_faces_idx, lmk_bary_coords, dyn_faces, dyn_bary, rule
+            )
+        n_contour = lmk.shape[1] - lmk_faces_idx.shape[0]
+        batch, n_joints = joints.shape[:2]
+        rows, homogeneous = _rows_and_homogeneous(transforms, joints)
+        posed = torch.bmm(rows, homogeneous.view(batch * n_joints, 4, 1))
+        # smplx's order: the static landmarks, then the contour (the op writes it first)
+        joints_out = torch.cat(
+            [posed.view(batch, n_joints, 3), lmk[:, n_contour:], lmk[:, :n_contour]], dim=1
+        )
+        # the inputs themselves, not rows and homogeneous: double backward differentiates
+        # the backward through what it saved
+        ctx.save_for_backward(transforms, joints, transl, bins, tris, lmk_faces_idx,
+                              lmk_bary_coords, dyn_faces, dyn_bary)
+        ctx.set_materialize_grads(False)
+        ctx.num_vertices, ctx.n_contour = v.shape[1], n_contour
+        if transl is None:
+            return joints_out
+        ctx.blas = (_translate_by_blas(joints_out, transl), _translate_by_blas(v, transl))
+        return translate(joints_out, transl), translate(v, transl)
+
+    @staticmethod
+    def backward(ctx, grad_joints_out, grad_v_out=None):
+        (transforms, joints, transl, bins, tris, lmk_faces_idx, lmk_bary_coords, dyn_faces,
+         dyn_bary) = ctx.saved_tensors
+        need_v, need_transforms, need_joints, need_transl = ctx.needs_input_grad[:4]
+        grad_v = grad_transforms = grad_joints = grad_transl = None
+        if grad_joints_out is not None:
+            batch, n_joints = joints.shape[:2]
+            rows, homogeneous = _rows_and_homogeneous(transforms, joints)
+            grad_posed = grad_joints_out[:, :n_joints].reshape(batch * n_joints, 3, 1)
+            if need_v:
+                grad_lmk = grad_joints_out[:, n_joints:]
+                n_static = grad_lmk.shape[1] - ctx.n_contour
+                if ctx.n_contour:
+                    grad_lmk = torch.cat([grad_lmk[:, n_static:], grad_lmk[:, :n_static]], 1)
+                args = (grad_lmk, bins, tris, lmk_faces_idx, lmk_bary_coords, dyn_faces,
+                        dyn_bary, ctx.num_vertices)
+                if torch.is_grad_enabled():  # create_graph: through its registered autograd
+                    grad_v = torch.ops.flame_ext.landmarks_backward(*args)
+                else:
+                    with torch._C._AutoDispatchBelowAutograd():
+                        grad_v = torch.ops.flame_ext.landmarks_backward.default(*args)
+            if need_transforms:  # the rows' adjoint; A_j's last row takes none
+                grad_rows = torch.bmm(grad_posed, homogeneous.view(batch * n_joints, 1, 4))
+                grad_transforms = torch.nn.functional.pad(
+                    grad_rows.view(batch, n_joints, 3, 4), (0, 0, 0, 1))
+            if need_joints:
+                grad_joints = torch.bmm(rows[:, :, :3].transpose(1, 2), grad_posed)
+                grad_joints = grad_joints.view(batch, n_joints, 3)
+            if need_transl:
+                grad_transl = _translate_grad(grad_joints_out, transl, ctx.blas[0])
+        if grad_v_out is not None:
+            if need_v:
+                grad_v = grad_v_out if grad_v is None else grad_v + grad_v_out
+            if need_transl:
+                from_v = _translate_grad(grad_v_out, transl, ctx.blas[1])
+                grad_transl = from_v if grad_transl is None else grad_transl + from_v
+        return (grad_v, grad_transforms, grad_joints, grad_transl) + (None,) * 7

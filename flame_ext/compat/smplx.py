@@ -449,13 +449,20 @@ class FLAME(DerivedTables, nn.Module):
             flat = all(given[n] is not None and given[n].shape[-1] == 9 for n in _POSE_PARTS)
             full_pose = rotations.flatten(2) if flat else rotations
 
-        joints = self.vertex_joint_selector(v, _layer.posed_joints(transforms, joints))
-        joints = torch.cat([joints, self._landmarks(k, v, contour_pose)], dim=1)
-        if self.joint_mapper is not None:
-            joints = self.joint_mapper(joints=joints, vertices=v)
-        if apply_trans:
-            joints = _layer.translate(joints, transl)
-            v = _layer.translate(v, transl)
+        fused = None
+        if self.joint_mapper is None and self.vertex_joint_selector.extra_joints_idxs.numel() == 0:
+            fused = _layer.posed_outputs(k, v, transforms, joints, transl if apply_trans else None,
+                                         *self._landmark_tables(v, contour_pose))
+        if fused is not None:
+            joints, v = fused
+        else:
+            joints = self.vertex_joint_selector(v, _layer.posed_joints(transforms, joints))
+            joints = torch.cat([joints, self._landmarks(k, v, contour_pose)], dim=1)
+            if self.joint_mapper is not None:
+                joints = self.joint_mapper(joints=joints, vertices=v)
+            if apply_trans:
+                joints = _layer.translate(joints, transl)
+                v = _layer.translate(v, transl)
         if betas.shape[0] == 1 and batch > 1:
             betas = betas.expand(batch, -1)  # smplx reports the betas expanded
         return FLAMEOutput(
@@ -473,23 +480,28 @@ class FLAME(DerivedTables, nn.Module):
         """What smplx's output holds for a pose part: the input, else the parameter."""
         return given[name] if given[name] is not None else getattr(self, name, None)
 
-    def _landmarks(self, k, v: torch.Tensor, contour_pose: torch.Tensor) -> torch.Tensor:
-        """The 51 static landmarks, then (use_face_contour) the 17 contour ones."""
+    def _landmark_tables(self, v: torch.Tensor, contour_pose: torch.Tensor) -> tuple:
+        """The landmark op's (poses, tris, lmk_faces_idx, lmk_bary_coords[, dynamic tables,
+        'deca']) for the 51 static landmarks and (use_face_contour) the 17 contour ones."""
+        static = (self.faces_tensor, self.lmk_faces_idx, self.lmk_bary_coords)
         if not self.use_face_contour:
-            return k.landmarks(v, None, self.faces_tensor, self.lmk_faces_idx,
-                               self.lmk_bary_coords)
+            return (None,) + static
         # The landmark op's 'deca' rule reads the yaw of R(global) @ R(neck) positively;
         # smplx's reads the negated yaw of R(global) alone. Conjugating by the reflection
         # M = diag(-1, 1, 1) negates the yaw (yaw(M R M) = -yaw(R)) and is itself a
         # rotation of the reflected axis: M R(w) M = R(w0, -w1, -w2). A zero neck is
-        # exactly the identity.
+        # exactly the identity (the op reads the global and neck poses only).
         reflected = contour_pose.detach() * contour_pose.new_tensor([1.0, -1.0, -1.0])
-        poses = torch.cat(
-            [reflected, reflected.new_zeros(v.shape[0], 3 * (self.NUM_JOINTS - 1))], dim=1
-        )
-        lmk = k.landmarks(v, poses, self.faces_tensor, self.lmk_faces_idx,
-                          self.lmk_bary_coords, self.dynamic_lmk_faces_idx,
-                          self.dynamic_lmk_bary_coords, "deca")
+        poses = torch.cat([reflected, reflected.new_zeros(v.shape[0], 3)], dim=1)
+        return (poses,) + static + (self.dynamic_lmk_faces_idx,
+                                    self.dynamic_lmk_bary_coords, "deca")
+
+    def _landmarks(self, k, v: torch.Tensor, contour_pose: torch.Tensor) -> torch.Tensor:
+        """The 51 static landmarks, then (use_face_contour) the 17 contour ones."""
+        poses, *tables = self._landmark_tables(v, contour_pose)
+        lmk = k.landmarks(v, poses, *tables)
+        if not self.use_face_contour:
+            return lmk
         n_contour = self.dynamic_lmk_faces_idx.shape[1]
         return torch.cat([lmk[:, n_contour:], lmk[:, :n_contour]], dim=1)
 
