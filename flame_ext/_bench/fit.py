@@ -36,6 +36,10 @@ from flame_ext import FlameLandmark, FlameShape, load_flame_model
 from . import timing
 from .._checks import count_option, device_option, positive_option
 
+# The largest batch or frame count the benchmark's options take (run.py's too): a
+# FlameShape forward at 2**24 would need ~1 TB.
+MAX_COUNT = 2**24
+
 # flame_ext_lmk: flame_ext.fitting.FlameShapeLandmark on the compiled ops, the decoder
 # that evaluates only the vertices the landmarks read.
 FIT_IMPLS = ("medusa", "reference", "compile", "flame_ext", "flame_ext_lmk")
@@ -228,7 +232,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default=flame_ext.DEVICE, type=device_option)
     parser.add_argument("--model-path", default="synthetic")
-    parser.add_argument("--frames", type=count_option(1, 2**24))
+    parser.add_argument("--frames", type=count_option(1, MAX_COUNT))
     parser.add_argument("--iterations", type=count_option(1, 10**7), default=100)
     parser.add_argument("--per-frame-identity", action="store_true",
                         help="one shape row per frame instead of one for all frames")

@@ -69,8 +69,6 @@ from .timing import format_time
 SCHEMA = "flame_ext-bench/1"
 DEFAULT_BATCHES = {"cpu": [1, 16, 64, 256], "cuda": [1, 4, 16, 64, 256, 1024, 4096]}
 QUICK_BATCHES = [1, 4]
-# The largest batch the options take (a FlameShape forward at 2**24 would need ~1 TB).
-MAX_BATCH = 2**24
 # what each row records of the rates its floor used ('measured': 'alongside' or 'start')
 FLOOR_RATE_KEYS = ("copy_bytes_per_s", "matmul_flops_per_s", "first_touch_bytes_per_s",
                    "measured")
@@ -95,7 +93,8 @@ def parse_args(argv=None, prog: str = "python bench/run.py") -> argparse.Namespa
                         help="cpu or cuda[:N]")
     parser.add_argument("--quick", action="store_true",
                         help="B=1,4, short timings, tiny fitting loop (CI smoke run)")
-    parser.add_argument("--batch-sizes", type=count_option(1, MAX_BATCH), nargs="+", metavar="B")
+    parser.add_argument("--batch-sizes", type=count_option(1, bench_fit.MAX_COUNT), nargs="+",
+                        metavar="B")
     parser.add_argument("--cases", nargs="+", metavar="NAME",
                         help="cases to run: full names, or parts of names ('lmk', 'fwdbwd'); "
                              "'fit' is the fitting loop")
@@ -105,8 +104,8 @@ def parse_args(argv=None, prog: str = "python bench/run.py") -> argparse.Namespa
     parser.add_argument("--compile", action="store_true", help="add torch.compile(reference)")
     parser.add_argument("--no-graphs", action="store_true",
                         help="on CUDA, do not add the flame_ext CUDA-graph line")
-    parser.add_argument("--graph-max-batch", type=count_option(0, MAX_BATCH), default=256,
-                        help="largest batch replayed from CUDA graphs")
+    parser.add_argument("--graph-max-batch", type=count_option(0, bench_fit.MAX_COUNT),
+                        default=256, help="largest batch replayed from CUDA graphs")
     parser.add_argument("--headline", default="flame_ext", choices=bench_cases.IMPLS,
                         help="the implementation of the GB/s, floor and speed-up columns")
     parser.add_argument("--model-path", default="synthetic",
@@ -123,7 +122,7 @@ def parse_args(argv=None, prog: str = "python bench/run.py") -> argparse.Namespa
                              "(default on the CPU) or once at the start (default on CUDA)")
     parser.add_argument("--threads", type=count_option(1, 4096),
                         help="torch.set_num_threads (default: torch's, all cores)")
-    parser.add_argument("--fit-frames", type=count_option(1, MAX_BATCH))
+    parser.add_argument("--fit-frames", type=count_option(1, bench_fit.MAX_COUNT))
     parser.add_argument("--fit-iterations", type=count_option(1, 10**7))
     parser.add_argument("--no-fit", action="store_true", help="skip the fitting loop")
     parser.add_argument("--no-plot", action="store_true")
