@@ -330,6 +330,27 @@ def test_posed_outputs_node_is_the_op_by_op_path(folder, monkeypatch, dtype, con
         assert torch.equal(a, b), name
 
 
+def test_posed_outputs_may_be_changed_in_place(folder, monkeypatch):
+    """Vertices and joints from the node take in-place edits, as the op-by-op path's do,
+    where the translation takes its BLAS form (B = 12 for the vertices) too: the same
+    values and gradients after recentring the mesh and scaling the joints in place."""
+    layer = FLAME(str(folder), num_betas=NUM_BETAS, num_expression_coeffs=NUM_EXPR,
+                  use_face_contour=True, dtype=torch.float64, backend="ext")
+    values = {k: v.requires_grad_() for k, v in _inputs(12, torch.float64, seed=23).items()}
+    wrt = list(values.values())
+    results = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(_layer, "posed_outputs", lambda *args: None)
+        out = layer(**values)
+        assert (type(out.joints.grad_fn).__name__ == "_PosedOutputsBackward") == fused
+        out.vertices -= out.vertices.mean(1, keepdim=True)
+        out.joints.mul_(2.0)
+        results.append((out.vertices, out.joints) + _grads(out, wrt))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("contour", [True, False], ids=["contour", "static"])
 @pytest.mark.parametrize("transl_batch", [2, 1, None], ids=["per-sample", "broadcast", "none"])
 def test_posed_outputs_gradients_and_double_backward(small, contour, transl_batch):

@@ -198,8 +198,15 @@ def translate(points: torch.Tensor, transl: torch.Tensor) -> torch.Tensor:
         return points + transl.unsqueeze(1)
     batch, num_points = points.shape[0], points.shape[1]
     selector = _coordinate_selector(num_points, points.dtype, points.device)
-    flat = torch.addmm(points.reshape(batch, 3 * num_points), transl.expand(batch, 3), selector)
-    return flat.view(batch, num_points, 3)
+    flat_points, rows = points.reshape(batch, 3 * num_points), transl.expand(batch, 3)
+    if torch.is_grad_enabled() and (points.requires_grad or transl.requires_grad):
+        return torch.addmm(flat_points, rows, selector).view(batch, num_points, 3)
+    # Without autograd the product is written into a fresh (B, n, 3) tensor rather than
+    # returned as a view of one: an autograd.Function returning this (posed_outputs)
+    # hands out tensors that may be changed in place, as the add's may.
+    out = points.new_empty(points.shape)
+    torch.addmm(flat_points, rows, selector, out=out.view(batch, 3 * num_points))
+    return out
 
 
 def _translate_by_blas(points: torch.Tensor, transl: torch.Tensor) -> bool:
@@ -243,7 +250,8 @@ def posed_outputs(
     ops: (joints, vertices) with joints = [posed_joints(transforms, joints) | static
     landmarks | contour landmarks] (B, J + L + Ld, 3), both translated by transl (1 or B,
     3) unless it is None. The landmarks are those of `k.landmarks` with the same tables
-    (poses (B, 3J) and the dynamic tables only with contour landmarks).
+    (poses (B, 3J), J >= 2, of which the op reads the global and neck poses, and the
+    dynamic tables only with contour landmarks).
 
     None where the caller must take the op-by-op path: steps that are not the compiled ops,
     torch.compile (which traces the ops' own registrations), torch.func transforms and
