@@ -455,11 +455,17 @@ def test_npz_model(folder):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_double_and_device_moves_keep_parity(folder, device):
-    """.to(device) / .double() convert the buffers and derive the kernels' tables again."""
+    """.to(device) / .double() convert the buffers and derive the kernels' tables again;
+    outputs and gradients against smplx there (on CUDA through the CUDA kernels and the
+    layer's fused nodes)."""
     theirs, ours = _pair(folder, "ext")
     theirs, ours = _copy_to(theirs, device), _copy_to(ours, device)
-    values = _inputs(3, torch.float64, seed=11, device=device)
-    _compare_outputs(ours(**values), theirs(**values), torch.float64)
+    values = {k: v.requires_grad_() for k, v in
+              _inputs(3, torch.float64, seed=11, device=device).items()}
+    out_ours, out_theirs = ours(**values), theirs(**values)
+    _compare_outputs(out_ours, out_theirs, torch.float64)
+    wrt = list(values.values())
+    _compare_grads(_grads(out_ours, wrt), _grads(out_theirs, wrt), list(values), torch.float64)
 
 
 def _copy_to(module, device):
