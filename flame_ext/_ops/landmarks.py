@@ -135,22 +135,22 @@ def landmarks_unchecked(
     """`landmarks` without the Python argument checks, for the decoders' hot path (their
     inputs are checked where they enter, the tables are their buffers; the C++ op checks
     shapes again)."""
+    poses, dyn_faces, dyn_bary, rule = contour_arguments(
+        v, poses, dynamic_lmk_faces_idx, dynamic_lmk_bary_coords, contour_rule
+    )
+    lmk, _ = _op(v, poses, tris, lmk_faces_idx, lmk_bary_coords, dyn_faces, dyn_bary, rule)
+    return lmk
+
+
+def contour_arguments(v, poses, dynamic_lmk_faces_idx, dynamic_lmk_bary_coords, contour_rule):
+    """(poses, dynamic faces, dynamic barycentrics, rule code) as `flame_ext::landmarks`
+    takes them. Without contour tables (None) the op reads neither the pose nor the
+    dynamic tables: empty placeholders and rule 0."""
     rule = CONTOUR_RULES[contour_rule]
     if dynamic_lmk_faces_idx is None:
-        # No contour: the op reads neither the pose nor the dynamic tables.
-        rule = 0
-        poses = dynamic_lmk_faces_idx = dynamic_lmk_bary_coords = v.new_empty(0)
-    lmk, _ = _op(
-        v,
-        poses,
-        tris,
-        lmk_faces_idx,
-        lmk_bary_coords,
-        dynamic_lmk_faces_idx,
-        dynamic_lmk_bary_coords,
-        rule,
-    )
-    return lmk
+        empty = v.new_empty(0)
+        return empty, empty, empty, 0
+    return poses, dynamic_lmk_faces_idx, dynamic_lmk_bary_coords, rule
 
 
 @torch.library.register_fake("flame_ext::landmarks")

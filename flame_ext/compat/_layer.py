@@ -194,7 +194,12 @@ def translate(points: torch.Tensor, transl: torch.Tensor) -> torch.Tensor:
     add, and so do traced and transformed calls (torch.compile, torch.func), where the
     finiteness test would be a data-dependent branch.
     """
-    if not _translate_by_blas(points, transl):
+    return _translate(points, transl, _translate_by_blas(points, transl))
+
+
+def _translate(points: torch.Tensor, transl: torch.Tensor, by_blas: bool) -> torch.Tensor:
+    """translate() in the form `by_blas` names (`_translate_by_blas`)."""
+    if not by_blas:
         return points + transl.unsqueeze(1)
     batch, num_points = points.shape[0], points.shape[1]
     selector = _coordinate_selector(num_points, points.dtype, points.device)
@@ -263,21 +268,13 @@ def posed_outputs(
     """
     if not k.compiled or torch.compiler.is_compiling() or _ops.ops_not_differentiable_here():
         return None
-    if dyn_faces is None:
-        # no contour: the op reads neither the pose nor the dynamic tables
-        rule, poses = 0, v.new_empty(0)
-        dyn_faces = dyn_bary = poses
-    else:
-        from .._ops.landmarks import CONTOUR_RULES  # the ops are loaded where k.compiled
+    from .._ops.landmarks import contour_arguments  # the ops are loaded where k.compiled
 
-        rule = CONTOUR_RULES[contour_rule]
-    if transl is None:
-        return _PosedOutputs.apply(v, transforms, joints, None, poses, tris, lmk_faces_idx,
-                                   lmk_bary_coords, dyn_faces, dyn_bary, rule), v
-    joints_out, v_out = _PosedOutputs.apply(v, transforms, joints, transl, poses, tris,
-                                            lmk_faces_idx, lmk_bary_coords, dyn_faces,
-                                            dyn_bary, rule)
-    return joints_out, v_out
+    poses, dyn_faces, dyn_bary, rule = contour_arguments(v, poses, dyn_faces, dyn_bary,
+                                                         contour_rule)
+    out = _PosedOutputs.apply(v, transforms, joints, transl, poses, tris, lmk_faces_idx,
+                              lmk_bary_coords, dyn_faces, dyn_bary, rule)
+    return (out, v) if transl is None else out
 
 
 def _rows_and_homogeneous(transforms: torch.Tensor, joints: torch.Tensor):
@@ -315,7 +312,8 @@ class _PosedOutputs(torch.autograd.Function):
         if transl is None:
             return joints_out
         ctx.blas = (_translate_by_blas(joints_out, transl), _translate_by_blas(v, transl))
-        return translate(joints_out, transl), translate(v, transl)
+        return (_translate(joints_out, transl, ctx.blas[0]),
+                _translate(v, transl, ctx.blas[1]))
 
     @staticmethod
     def backward(ctx, grad_joints_out, grad_v_out=None):
