@@ -172,8 +172,9 @@ def lbs(
     each row is blended once, in the same pass as the rest. Returns (v (B, V, 3),
     vertex_transforms (B, V, 4, 4) or None, transforms (B, J, 4, 4), the rest-pose joints
     (B, J, 3)). Gradients reach v_base, j_base, coeffs and pose; double backward is not
-    supported (nor is it through the skin op). None under torch.compile (which traces the ops' own registrations), under torch.func
-    transforms and forward-mode AD, and when a model table needs a gradient.
+    supported (nor is it through the skin op). None under torch.compile (which traces the
+    ops' own registrations), under torch.func transforms and forward-mode AD, and when a
+    model table needs a gradient.
     """
     # torch.func transforms accept only autograd.Functions with setup_context and a vmap
     # rule, and the node has no forward-mode derivative; the ops one by one run there
